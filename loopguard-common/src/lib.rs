@@ -1,0 +1,142 @@
+//! `#[repr(C)]` types and constants shared by the loopguard eBPF programs and
+//! the userspace loader. Every map key and value crosses the kernel boundary
+//! as raw bytes, so field order, widths and padding here are an ABI: change
+//! them only together with [`ABI_VERSION`].
+#![no_std]
+
+/// Bumped whenever a map layout below changes. A pinned instance with another
+/// ABI is not reused by `apply` (it asks for `remove` first).
+pub const ABI_VERSION: u32 = 1;
+
+/// Two policy slots: `apply` fills the inactive one, then flips
+/// [`Config::active_slot`]. Programs read the slot once per call, so each
+/// verdict comes from one whole policy.
+pub const SLOTS: u32 = 2;
+/// [`Config::active_slot`] value meaning "no policy": everything is allowed.
+/// Used while programs are attached for the first time and while removing.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// Most services a policy may hold.
+pub const MAX_SERVICES: u32 = 16_384;
+/// Counter bucket for traffic in scope that no service matches.
+pub const DEFAULT_BUCKET: u32 = MAX_SERVICES;
+/// Ports 0..=65535, one port-atom entry each, per slot.
+pub const PORT_SPACE: u32 = 65_536;
+/// Distinct address prefixes (CIDRs) a policy may name.
+pub const MAX_NETS: u32 = 4_096;
+/// (protocol, port atom, address atom) -> service entries per slot.
+pub const MAX_DECISIONS: u32 = 1 << 18;
+/// (uid set, uid) membership entries per slot.
+pub const MAX_UID_ENTRIES: u32 = 1 << 20;
+/// Addresses assigned to the host's interfaces.
+pub const MAX_HOST_ADDRS: u32 = 4_096;
+
+/// Counter kinds, per service bucket.
+pub const COUNT_ALLOWED: u32 = 0;
+pub const COUNT_DENIED: u32 = 1;
+pub const COUNT_WOULD_DENY: u32 = 2;
+pub const COUNT_KINDS: u32 = 3;
+/// Entries of the per-CPU counter array.
+pub const COUNTER_ENTRIES: u32 = SLOTS * (MAX_SERVICES + 1) * COUNT_KINDS;
+
+/// Index into the per-CPU counter array.
+#[inline(always)]
+pub const fn counter_index(slot: u32, bucket: u32, kind: u32) -> u32 {
+    (slot * (MAX_SERVICES + 1) + bucket) * COUNT_KINDS + kind
+}
+
+/// Transport protocols loopguard distinguishes; the value is the key field.
+pub const PROTO_TCP: u32 = 0;
+pub const PROTO_UDP: u32 = 1;
+
+pub const VERDICT_ALLOW: u8 = 0;
+pub const VERDICT_DENY: u8 = 1;
+pub const MODE_ENFORCE: u8 = 0;
+pub const MODE_AUDIT: u8 = 1;
+pub const LIST_ALLOW: u8 = 0;
+pub const LIST_DENY: u8 = 1;
+
+/// The one entry of the `LG_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Slot in force, or [`NO_SLOT`].
+    pub active_slot: u32,
+    pub abi_version: u32,
+    /// Network namespace the policy guards (`SO_NETNS_COOKIE` of the
+    /// applying process); 0 guards every namespace (kernels before 5.14).
+    pub netns_cookie: u64,
+}
+
+/// Per-slot globals of a policy, `LG_SLOT_CONFIG[slot]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    /// Verdict for traffic in scope that no service matches.
+    pub default_verdict: u8,
+    /// Mode of that default verdict.
+    pub default_mode: u8,
+    pub default_log_allowed: u8,
+    /// Whether any service names explicit addresses; when none does, the
+    /// address trie lookup is skipped.
+    pub has_nets: u8,
+    pub _pad: u32,
+}
+
+/// A compiled service, `LG_SERVICES[slot * MAX_SERVICES + id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// [`LIST_ALLOW`] or [`LIST_DENY`].
+    pub list_kind: u8,
+    pub mode: u8,
+    pub log_allowed: u8,
+    pub _pad: u8,
+    /// Interned uid set; services with equal sets share one.
+    pub uid_set: u32,
+}
+
+/// Key of `LG_DECISIONS`: the innermost service for one atom of the
+/// (protocol x port x address) space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecisionKey {
+    pub slot: u32,
+    pub proto: u32,
+    pub port_atom: u32,
+    pub addr_atom: u32,
+}
+
+/// Key of `LG_UIDS`: presence means `uid` is in `uid_set`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UidKey {
+    pub slot: u32,
+    pub uid_set: u32,
+    pub uid: u32,
+}
+
+/// Data of an `LG_ADDR_ATOMS` LPM-trie key. The prefix length counts the
+/// 32 slot bits plus the address bits. Addresses are IPv6, IPv4 as
+/// IPv4-mapped (`::ffff:a.b.c.d`), in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrKey {
+    pub slot: u32,
+    pub addr: [u8; 16],
+}
+
+/// Bits of [`AddrKey::slot`] in an LPM prefix length.
+pub const ADDR_KEY_SLOT_BITS: u32 = 32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)], Copy, made of integers, with explicit
+    // padding fields, so any bit pattern is valid.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SlotConfig {}
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::DecisionKey {}
+    unsafe impl aya::Pod for super::UidKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
+}

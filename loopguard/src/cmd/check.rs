@@ -1,0 +1,98 @@
+//! `loopguard check`: validate policy files without touching the kernel.
+
+use std::{io::Write as _, path::PathBuf};
+
+use loopguard::policy::SystemDirectory;
+use serde::Serialize;
+
+use super::{check_source, counts};
+use crate::{exit, Format};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  loopguard check policy.toml\n  loopguard check --offline --format json hosts/*.toml")]
+pub struct Args {
+    /// Do not resolve user and group names (for policies meant for other
+    /// hosts, e.g. in an ops repo's CI).
+    #[arg(long)]
+    offline: bool,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+    /// Policy files.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct FileReport {
+    file: String,
+    ok: bool,
+    errors: usize,
+    warnings: usize,
+    services: usize,
+    diagnostics: Vec<loopguard::diag::Record>,
+}
+
+#[derive(Serialize)]
+struct JsonReport {
+    ok: bool,
+    files: Vec<FileReport>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<u8> {
+    let mut out = std::io::stdout().lock();
+    let mut unreadable = false;
+    let mut problems = false;
+    let mut files = Vec::new();
+    for path in &args.files {
+        let source = match std::fs::read_to_string(path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("loopguard: failed to read {}: {e}", path.display());
+                unreadable = true;
+                continue;
+            }
+        };
+        let dir = SystemDirectory;
+        let checked = check_source(path, source, (!args.offline).then_some(&dir as _));
+        problems |= checked.errors() > 0;
+        match args.format {
+            Format::Human => {
+                out.write_all(checked.report().render_human().as_bytes())?;
+                let services = checked.policy.as_ref().map_or(0, |p| p.services.len());
+                if checked.errors() == 0 {
+                    writeln!(
+                        out,
+                        "{}: ok, {services} services ({})",
+                        checked.file,
+                        counts(0, checked.warnings())
+                    )?;
+                } else {
+                    writeln!(out, "{}: {}", checked.file, counts(checked.errors(), checked.warnings()))?;
+                }
+            }
+            Format::Json => files.push(FileReport {
+                file: checked.file.clone(),
+                ok: checked.errors() == 0,
+                errors: checked.errors(),
+                warnings: checked.warnings(),
+                services: checked.policy.as_ref().map_or(0, |p| p.services.len()),
+                diagnostics: checked.report().records(),
+            }),
+        }
+    }
+    if let Format::Json = args.format {
+        let report = JsonReport {
+            ok: !problems && !unreadable,
+            files,
+        };
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    }
+    Ok(if unreadable {
+        exit::FAILURE
+    } else if problems {
+        exit::PROBLEMS
+    } else {
+        exit::OK
+    })
+}

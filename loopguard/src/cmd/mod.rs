@@ -1,0 +1,72 @@
+//! One module per subcommand.
+
+pub mod apply;
+pub mod check;
+pub mod explain;
+pub mod remove;
+pub mod status;
+
+use std::path::Path;
+
+use loopguard::{
+    diag::{Diagnostic, Report},
+    policy::{self, Directory, Policy, Resolved},
+};
+
+/// Everything known about one policy file after checking it.
+pub struct Checked {
+    pub file: String,
+    pub source: String,
+    pub policy: Option<Policy>,
+    pub resolved: Option<Resolved>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Checked {
+    pub fn errors(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+    pub fn warnings(&self) -> usize {
+        self.diagnostics.len() - self.errors()
+    }
+    pub fn report(&self) -> Report<'_> {
+        Report {
+            file: &self.file,
+            source: &self.source,
+            diagnostics: &self.diagnostics,
+        }
+    }
+}
+
+/// Parse, validate, and (with a directory) resolve names and lint.
+pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) -> Checked {
+    let file = file.display().to_string();
+    let (policy, mut diagnostics) = policy::load(&file, &source);
+    let mut resolved = None;
+    if let Some(p) = &policy {
+        if !diagnostics.iter().any(Diagnostic::is_error) {
+            if let Some(dir) = dir {
+                match policy::resolve(p, dir) {
+                    Ok(r) => resolved = Some(r),
+                    Err(d) => diagnostics.extend(d),
+                }
+            }
+        }
+        if !diagnostics.iter().any(Diagnostic::is_error) {
+            diagnostics.extend(policy::lint(p, resolved.as_ref()));
+        }
+    }
+    Checked {
+        file,
+        source,
+        policy,
+        resolved,
+        diagnostics,
+    }
+}
+
+/// `3 errors, 1 warning`
+pub fn counts(errors: usize, warnings: usize) -> String {
+    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
+    format!("{}, {}", plural(errors, "error"), plural(warnings, "warning"))
+}

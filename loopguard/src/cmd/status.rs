@@ -1,0 +1,166 @@
+//! `loopguard status`: what the kernel enforces for this instance.
+
+use std::io::Write as _;
+
+use loopguard::{
+    ebpf::{self, Maps},
+    host,
+    paths::InstancePaths,
+    state::State,
+};
+use loopguard_common::{COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS};
+use serde::Serialize;
+
+use crate::{exit, Format};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+}
+
+#[derive(Serialize, Default, Clone, Copy)]
+struct Counts {
+    allowed: u64,
+    denied: u64,
+    would_deny: u64,
+}
+
+#[derive(Serialize)]
+struct ServiceStatus {
+    name: String,
+    location: String,
+    protocol: String,
+    ports: String,
+    addresses: String,
+    list: String,
+    mode: String,
+    uids: usize,
+    #[serde(flatten)]
+    counts: Counts,
+}
+
+#[derive(Serialize)]
+struct Status {
+    instance: String,
+    installed: bool,
+    /// `bpf` when the socket hooks are attached.
+    layers: Vec<String>,
+    policy_hash: Option<String>,
+    policy_path: Option<String>,
+    applied_at: Option<String>,
+    cgroup: Option<String>,
+    default: Option<String>,
+    mode: Option<String>,
+    default_counts: Counts,
+    services: Vec<ServiceStatus>,
+}
+
+fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
+    let get = |kind| maps.counter(slot, bucket, kind).unwrap_or(0);
+    Counts {
+        allowed: get(COUNT_ALLOWED),
+        denied: get(COUNT_DENIED),
+        would_deny: get(COUNT_WOULD_DENY),
+    }
+}
+
+pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
+    host::require_root("status")?;
+    let state = State::load(paths)?;
+    let installed = ebpf::is_installed(paths);
+    let maps = if installed { Some(Maps::open_pinned(paths)?) } else { None };
+    let active = maps.as_ref().and_then(|m| m.config().ok()).map(|c| c.active_slot);
+
+    let mut status = Status {
+        instance: paths.instance.clone(),
+        installed,
+        layers: if installed { vec!["bpf".into()] } else { vec![] },
+        policy_hash: None,
+        policy_path: None,
+        applied_at: None,
+        cgroup: None,
+        default: None,
+        mode: None,
+        default_counts: Counts::default(),
+        services: Vec::new(),
+    };
+    if let (Some(state), true) = (&state, installed) {
+        let plan = &state.plan;
+        status.policy_hash = Some(plan.hash.clone());
+        status.policy_path = Some(state.policy_path.display().to_string());
+        status.applied_at = Some(state.applied_at.clone());
+        status.cgroup = Some(state.cgroup.display().to_string());
+        status.default = Some(format!("{:?}", plan.default).to_lowercase());
+        status.mode = Some(format!("{:?}", plan.mode).to_lowercase());
+        let slot = active.filter(|s| *s < SLOTS);
+        if let (Some(maps), Some(slot)) = (&maps, slot) {
+            status.default_counts = counts(maps, slot, DEFAULT_BUCKET);
+        }
+        for (i, s) in plan.services.iter().enumerate() {
+            let c = match (&maps, slot) {
+                (Some(maps), Some(slot)) => counts(maps, slot, i as u32),
+                _ => Counts::default(),
+            };
+            status.services.push(ServiceStatus {
+                name: s.name.clone(),
+                location: s.location.clone(),
+                protocol: format!("{:?}", s.protocol).to_lowercase(),
+                ports: s.ports.to_string(),
+                addresses: s.addresses.to_string(),
+                list: format!("{:?}", s.list).to_lowercase(),
+                mode: format!("{:?}", s.mode).to_lowercase(),
+                uids: plan.uid_sets[s.uid_set as usize].len(),
+                counts: c,
+            });
+        }
+    }
+
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &status)?;
+            writeln!(out)?;
+        }
+        Format::Human => {
+            if !installed {
+                writeln!(out, "instance {}: not installed", status.instance)?;
+                return Ok(exit::OK);
+            }
+            writeln!(out, "instance:  {}", status.instance)?;
+            writeln!(out, "policy:    {} ({})", status.policy_path.as_deref().unwrap_or("?"), status.policy_hash.as_deref().unwrap_or("?"))?;
+            writeln!(out, "applied:   {}", status.applied_at.as_deref().unwrap_or("?"))?;
+            writeln!(out, "layers:    bpf (connect4, connect6, sendmsg4, sendmsg6 on {})", status.cgroup.as_deref().unwrap_or("?"))?;
+            writeln!(
+                out,
+                "default:   {} ({}), allowed {} denied {} would-deny {}",
+                status.default.as_deref().unwrap_or("?"),
+                status.mode.as_deref().unwrap_or("?"),
+                status.default_counts.allowed,
+                status.default_counts.denied,
+                status.default_counts.would_deny
+            )?;
+            writeln!(
+                out,
+                "{:<24} {:<8} {:<12} {:<20} {:<6} {:>5} {:>10} {:>10} {:>10}",
+                "SERVICE", "PROTO", "PORTS", "ADDRESSES", "LIST", "UIDS", "ALLOWED", "DENIED", "WOULD-DENY"
+            )?;
+            for s in &status.services {
+                writeln!(
+                    out,
+                    "{:<24} {:<8} {:<12} {:<20} {:<6} {:>5} {:>10} {:>10} {:>10}",
+                    s.name,
+                    s.protocol,
+                    s.ports,
+                    s.addresses,
+                    s.list,
+                    s.uids,
+                    s.counts.allowed,
+                    s.counts.denied,
+                    s.counts.would_deny
+                )?;
+            }
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,213 @@
+//! Diagnostics: every problem found in a policy file, with its location,
+//! rendered like a compiler's (codespan-reporting) or as JSON records.
+
+use std::ops::Range;
+
+use codespan_reporting::{
+    diagnostic::{Diagnostic as CsDiagnostic, Label as CsLabel, Severity as CsSeverity},
+    files::SimpleFile,
+    term,
+};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Label {
+    pub span: Range<usize>,
+    pub message: String,
+    pub primary: bool,
+}
+
+/// One problem in one policy file. Spans are byte ranges into its source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    /// Stable identifier, e.g. `unknown-key`, for scripts and docs.
+    pub code: &'static str,
+    pub message: String,
+    pub labels: Vec<Label>,
+    pub notes: Vec<String>,
+}
+
+impl Diagnostic {
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            labels: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    pub fn warning(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            severity: Severity::Warning,
+            ..Self::error(code, message)
+        }
+    }
+
+    pub fn primary(mut self, span: Range<usize>, message: impl Into<String>) -> Self {
+        self.labels.push(Label {
+            span,
+            message: message.into(),
+            primary: true,
+        });
+        self
+    }
+
+    pub fn secondary(mut self, span: Range<usize>, message: impl Into<String>) -> Self {
+        self.labels.push(Label {
+            span,
+            message: message.into(),
+            primary: false,
+        });
+        self
+    }
+
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.notes.push(note.into());
+        self
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+/// A source file and what was found in it.
+pub struct Report<'a> {
+    pub file: &'a str,
+    pub source: &'a str,
+    pub diagnostics: &'a [Diagnostic],
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(source.len());
+    let before = &source[..floor_char_boundary(source, offset)];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+impl Report<'_> {
+    /// Compiler-style text: `error[code]: message`, the `file:line:col`, the
+    /// source lines with underlined labels, then notes.
+    pub fn render_human(&self) -> String {
+        let file = SimpleFile::new(self.file, self.source);
+        let config = term::Config::default();
+        let mut out = String::new();
+        for d in self.diagnostics {
+            let severity = match d.severity {
+                Severity::Error => CsSeverity::Error,
+                Severity::Warning => CsSeverity::Warning,
+            };
+            let labels = d
+                .labels
+                .iter()
+                .map(|l| {
+                    let span = clamp(self.source, &l.span);
+                    if l.primary {
+                        CsLabel::primary((), span).with_message(&l.message)
+                    } else {
+                        CsLabel::secondary((), span).with_message(&l.message)
+                    }
+                })
+                .collect();
+            let cs = CsDiagnostic::new(severity)
+                .with_code(d.code)
+                .with_message(&d.message)
+                .with_labels(labels)
+                .with_notes(d.notes.clone());
+            if term::emit_to_string(&mut out, &config, &file, &cs).is_err() {
+                // A span outside the file is a bug; still say what is wrong.
+                out.push_str(&format!("{}: {}\n", self.file, d.message));
+            }
+        }
+        out
+    }
+
+    /// One record per diagnostic, locations resolved to line and column.
+    pub fn records(&self) -> Vec<Record> {
+        self.diagnostics
+            .iter()
+            .map(|d| {
+                let labels: Vec<RecordLabel> = d
+                    .labels
+                    .iter()
+                    .map(|l| {
+                        let (line, column) = line_col(self.source, l.span.start);
+                        let (end_line, end_column) = line_col(self.source, l.span.end);
+                        RecordLabel {
+                            line,
+                            column,
+                            end_line,
+                            end_column,
+                            message: l.message.clone(),
+                            primary: l.primary,
+                        }
+                    })
+                    .collect();
+                let (line, column) = labels
+                    .iter()
+                    .find(|l| l.primary)
+                    .or(labels.first())
+                    .map_or((1, 1), |l| (l.line, l.column));
+                Record {
+                    file: self.file.to_string(),
+                    line,
+                    column,
+                    severity: d.severity,
+                    code: d.code,
+                    message: d.message.clone(),
+                    labels,
+                    notes: d.notes.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn clamp(source: &str, span: &Range<usize>) -> Range<usize> {
+    let start = floor_char_boundary(source, span.start.min(source.len()));
+    let end = floor_char_boundary(source, span.end.min(source.len())).max(start);
+    start..end
+}
+
+/// The `--format json` form of a diagnostic (stable interface).
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub severity: Severity,
+    pub code: &'static str,
+    pub message: String,
+    pub labels: Vec<RecordLabel>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RecordLabel {
+    pub line: usize,
+    pub column: usize,
+    pub end_line: usize,
+    pub end_column: usize,
+    pub message: String,
+    pub primary: bool,
+}

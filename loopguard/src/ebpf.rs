@@ -1,0 +1,547 @@
+//! The eBPF layer: loads the socket address programs, attaches and pins
+//! them, and writes a [`Plan`] into their maps with one atomic flip.
+//!
+//! Layout under `/sys/fs/bpf/<instance>/`: `maps/LG_*`, `programs/<hook>`,
+//! `links/<hook>`. The pinned links keep the programs attached after every
+//! loopguard process has exited; the next `apply` reuses them and only
+//! rewrites map contents.
+//!
+//! Minimum kernel: 5.7 (bpf_link for cgroup programs, so attachments can be
+//! pinned).
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    fs,
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, ProgramError,
+    },
+    EbpfLoader,
+};
+use loopguard_common::{
+    counter_index, AddrKey, Config, DecisionKey, ServiceEntry, SlotConfig, UidKey, ABI_VERSION,
+    ADDR_KEY_SLOT_BITS, COUNT_KINDS, DEFAULT_BUCKET, LIST_ALLOW, LIST_DENY, MAX_SERVICES,
+    MODE_AUDIT, MODE_ENFORCE, NO_SLOT, PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_ALLOW,
+    VERDICT_DENY,
+};
+
+use crate::{
+    compile::Plan,
+    paths::InstancePaths,
+    policy::{ListKind, Mode, Transport, Verdict},
+};
+
+/// The object built by build.rs from loopguard-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopguard"));
+
+/// Program names in the object, in attach order.
+pub const PROGRAMS: [&str; 4] = [
+    "loopguard_connect4",
+    "loopguard_connect6",
+    "loopguard_sendmsg4",
+    "loopguard_sendmsg6",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("failed to load the eBPF object")]
+    Object(#[source] aya::EbpfError),
+    #[error("the kernel refused program {name} (run with --verbose for the verifier log)")]
+    Verifier {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map {0} is missing")]
+    MissingMap(&'static str),
+    #[error("failed to attach {name} to {cgroup}")]
+    Attach {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("{context}")]
+    Map {
+        context: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("{context}")]
+    Pin {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("instance {instance} was installed by a loopguard with another map layout (ABI {found}, this is {ABI_VERSION}); run `loopguard --instance {instance} remove` first")]
+    Abi { instance: String, found: u32 },
+}
+
+impl EbpfError {
+    /// The full chain, with the verifier log when there is one.
+    pub fn verifier_log(&self) -> Option<String> {
+        match self {
+            EbpfError::Verifier { source, .. } => Some(format!("{source:?}")),
+            _ => None,
+        }
+    }
+}
+
+fn map_err(context: impl Into<String>) -> impl FnOnce(MapError) -> EbpfError {
+    let context = context.into();
+    move |source| EbpfError::Map { context, source }
+}
+
+fn pin_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> EbpfError {
+    let context = context.into();
+    move |source| EbpfError::Pin { context, source }
+}
+
+/// Typed handles on the instance's maps.
+pub struct Maps {
+    pub config: Array<MapData, Config>,
+    pub slot_config: Array<MapData, SlotConfig>,
+    pub port_atoms: Array<MapData, u32>,
+    pub addr_atoms: LpmTrie<MapData, AddrKey, u32>,
+    pub decisions: HashMap<MapData, DecisionKey, u32>,
+    pub services: Array<MapData, ServiceEntry>,
+    pub uids: HashMap<MapData, UidKey, u8>,
+    pub host_addrs: HashMap<MapData, [u8; 16], u32>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+const MAP_NAMES: [&str; 9] = [
+    "LG_CONFIG",
+    "LG_SLOT_CONFIG",
+    "LG_PORT_ATOMS",
+    "LG_ADDR_ATOMS",
+    "LG_DECISIONS",
+    "LG_SERVICES",
+    "LG_UIDS",
+    "LG_HOST_ADDRS",
+    "LG_COUNTERS",
+];
+
+impl Maps {
+    fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map, EbpfError>) -> Result<Self, EbpfError> {
+        macro_rules! typed {
+            ($name:literal) => {
+                get($name)?
+                    .try_into()
+                    .map_err(map_err(concat!("map ", $name, " has an unexpected type")))?
+            };
+        }
+        Ok(Maps {
+            config: typed!("LG_CONFIG"),
+            slot_config: typed!("LG_SLOT_CONFIG"),
+            port_atoms: typed!("LG_PORT_ATOMS"),
+            addr_atoms: typed!("LG_ADDR_ATOMS"),
+            decisions: typed!("LG_DECISIONS"),
+            services: typed!("LG_SERVICES"),
+            uids: typed!("LG_UIDS"),
+            host_addrs: typed!("LG_HOST_ADDRS"),
+            counters: typed!("LG_COUNTERS"),
+        })
+    }
+
+    /// Opens the pinned maps of an installed instance.
+    pub fn open_pinned(paths: &InstancePaths) -> Result<Self, EbpfError> {
+        Self::from_maps(|name| {
+            let path = paths.maps_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(map_err(format!("failed to open pinned map {}", path.display())))?;
+            Map::from_map_data(data).map_err(map_err(format!("map {name}")))
+        })
+    }
+
+    pub fn config(&self) -> Result<Config, EbpfError> {
+        self.config.get(&0, 0).map_err(map_err("failed to read LG_CONFIG"))
+    }
+
+    /// Sum over CPUs of one counter.
+    pub fn counter(&self, slot: u32, bucket: u32, kind: u32) -> Result<u64, EbpfError> {
+        let values = self
+            .counters
+            .get(&counter_index(slot, bucket, kind), 0)
+            .map_err(map_err("failed to read LG_COUNTERS"))?;
+        Ok(values.iter().sum())
+    }
+}
+
+/// Whether the instance's programs are attached (all links pinned).
+pub fn is_installed(paths: &InstancePaths) -> bool {
+    PROGRAMS.iter().all(|p| paths.links_dir.join(p).exists())
+}
+
+/// What [`install`] did.
+pub struct Installed {
+    pub maps: Maps,
+    /// Programs were loaded and attached now (not reused from pins).
+    pub fresh: bool,
+}
+
+/// Reuses the instance's pinned programs and maps, or loads, pins and
+/// attaches them to `cgroup` with an empty policy (everything allowed).
+pub fn install(paths: &InstancePaths, cgroup: &Path, netns_cookie: u64) -> Result<Installed, EbpfError> {
+    if is_installed(paths) {
+        let maps = Maps::open_pinned(paths)?;
+        let config = maps.config()?;
+        if config.abi_version != ABI_VERSION {
+            return Err(EbpfError::Abi {
+                instance: paths.instance.clone(),
+                found: config.abi_version,
+            });
+        }
+        return Ok(Installed { maps, fresh: false });
+    }
+    // Pins without links enforce nothing (a crash between pinning and
+    // attaching, or a partial remove): start over.
+    remove_pins(paths)?;
+    match load_and_attach(paths, cgroup, netns_cookie) {
+        Ok(maps) => Ok(Installed { maps, fresh: true }),
+        Err(e) => {
+            // Detach whatever was attached; the error is the one to report.
+            let _ = remove_pins(paths);
+            Err(e)
+        }
+    }
+}
+
+fn load_and_attach(paths: &InstancePaths, cgroup: &Path, netns_cookie: u64) -> Result<Maps, EbpfError> {
+    for dir in [&paths.maps_dir, &paths.progs_dir, &paths.links_dir] {
+        fs::create_dir_all(dir).map_err(pin_err(format!("failed to create {}", dir.display())))?;
+    }
+    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(EbpfError::Object)?;
+
+    for name in MAP_NAMES {
+        let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
+        map.pin(paths.maps_dir.join(name))
+            .map_err(|e| EbpfError::Pin {
+                context: format!("failed to pin map {name}"),
+                source: io::Error::other(e),
+            })?;
+    }
+    let mut maps = Maps::from_maps(|name| ebpf.take_map(name).ok_or(EbpfError::MissingMap(name)))?;
+    maps.config
+        .set(
+            0,
+            Config {
+                active_slot: NO_SLOT,
+                abi_version: ABI_VERSION,
+                netns_cookie,
+            },
+            0,
+        )
+        .map_err(map_err("failed to write LG_CONFIG"))?;
+
+    let cgroup_dir = fs::File::open(cgroup).map_err(pin_err(format!("failed to open cgroup {}", cgroup.display())))?;
+    for name in PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| EbpfError::Verifier { name, source })?;
+        prog.load().map_err(|source| EbpfError::Verifier { name, source })?;
+        prog.pin(paths.progs_dir.join(name)).map_err(|e| EbpfError::Pin {
+            context: format!("failed to pin program {name}"),
+            source: io::Error::other(e),
+        })?;
+        // A bpf_link attachment always runs alongside other programs on the
+        // same hook (systemd, container runtimes, other instances): the
+        // kernel treats links as BPF_F_ALLOW_MULTI and rejects any flag, so
+        // the mode passed is the flagless default. Every program must allow
+        // for the syscall to proceed.
+        let id = prog
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|source| EbpfError::Attach {
+                name,
+                cgroup: cgroup.to_path_buf(),
+                source,
+            })?;
+        let link = prog.take_link(id).map_err(|source| EbpfError::Attach {
+            name,
+            cgroup: cgroup.to_path_buf(),
+            source,
+        })?;
+        let link = FdLink::try_from(link).map_err(|e| EbpfError::Pin {
+            context: format!("{name} was attached without a bpf_link (kernel older than 5.7?)"),
+            source: io::Error::other(e),
+        })?;
+        link.pin(paths.links_dir.join(name)).map_err(|e| EbpfError::Pin {
+            context: format!("failed to pin the link of {name}"),
+            source: io::Error::other(e),
+        })?;
+    }
+    Ok(maps)
+}
+
+/// Detaches and unpins everything of the instance. Returns whether there
+/// was anything.
+pub fn remove_pins(paths: &InstancePaths) -> Result<bool, EbpfError> {
+    if !paths.pin_dir.exists() {
+        return Ok(false);
+    }
+    // Stop enforcing first, so no hook runs a half-torn-down policy.
+    if let Ok(mut maps) = Maps::open_pinned(paths) {
+        if let Ok(mut config) = maps.config() {
+            config.active_slot = NO_SLOT;
+            let _ = maps.config.set(0, config, 0);
+        }
+    }
+    for name in PROGRAMS {
+        let path = paths.links_dir.join(name);
+        if path.exists() {
+            // Unpinning drops the last reference: the kernel detaches.
+            let link = PinnedLink::from_pin(&path).map_err(|e| EbpfError::Pin {
+                context: format!("failed to open pinned link {}", path.display()),
+                source: io::Error::other(e),
+            })?;
+            link.unpin()
+                .map_err(pin_err(format!("failed to unpin {}", path.display())))?;
+        }
+    }
+    fs::remove_dir_all(&paths.pin_dir)
+        .map_err(pin_err(format!("failed to remove {}", paths.pin_dir.display())))?;
+    Ok(true)
+}
+
+fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn proto_key(t: Transport) -> u32 {
+    match t {
+        Transport::Tcp => PROTO_TCP,
+        Transport::Udp => PROTO_UDP,
+    }
+}
+
+fn mode_byte(m: Mode) -> u8 {
+    match m {
+        Mode::Enforce => MODE_ENFORCE,
+        Mode::Audit => MODE_AUDIT,
+    }
+}
+
+/// Keeps `LG_HOST_ADDRS` equal to `addrs`.
+pub fn sync_host_addrs(maps: &mut Maps, addrs: &[IpAddr]) -> Result<(), EbpfError> {
+    let want: HashSet<[u8; 16]> = addrs.iter().map(|a| mapped(*a)).collect();
+    let have: Vec<[u8; 16]> = maps.host_addrs.keys().filter_map(Result::ok).collect();
+    for k in &have {
+        if !want.contains(k) {
+            maps.host_addrs
+                .remove(k)
+                .map_err(map_err("failed to update LG_HOST_ADDRS"))?;
+        }
+    }
+    for k in want {
+        maps.host_addrs
+            .insert(k, 0, 0)
+            .map_err(map_err("failed to update LG_HOST_ADDRS (too many host addresses?)"))?;
+    }
+    Ok(())
+}
+
+/// Writes `plan` into the inactive slot, then flips to it. Until the flip
+/// the previous policy is enforced whole; after it, the new one. `previous`
+/// (the plan in force) carries per-service counters over by name.
+pub fn write_plan(
+    maps: &mut Maps,
+    plan: &Plan,
+    previous: Option<&Plan>,
+    netns_cookie: u64,
+) -> Result<u32, EbpfError> {
+    let config = maps.config()?;
+    let slot = if config.active_slot == 0 { 1 } else { 0 };
+    clear_slot(maps, slot)?;
+
+    for (i, s) in plan.services.iter().enumerate() {
+        let entry = ServiceEntry {
+            list_kind: match s.list {
+                ListKind::Allow => LIST_ALLOW,
+                ListKind::Deny => LIST_DENY,
+            },
+            mode: mode_byte(s.mode),
+            log_allowed: u8::from(s.log_allowed),
+            _pad: 0,
+            uid_set: s.uid_set,
+        };
+        maps.services
+            .set(slot * MAX_SERVICES + i as u32, entry, 0)
+            .map_err(map_err("failed to write LG_SERVICES"))?;
+    }
+    for (set, uids) in plan.uid_sets.iter().enumerate() {
+        for &uid in uids {
+            let key = UidKey {
+                slot,
+                uid_set: set as u32,
+                uid,
+            };
+            maps.uids
+                .insert(key, 1, 0)
+                .map_err(map_err("failed to write LG_UIDS"))?;
+        }
+    }
+    for (i, net) in plan.nets.iter().enumerate() {
+        let (addr, bits) = match net {
+            ipnet::IpNet::V4(n) => (n.addr().to_ipv6_mapped().octets(), 96 + u32::from(n.prefix_len())),
+            ipnet::IpNet::V6(n) => (n.addr().octets(), u32::from(n.prefix_len())),
+        };
+        let key = Key::new(ADDR_KEY_SLOT_BITS + bits, AddrKey { slot, addr });
+        maps.addr_atoms
+            .insert(&key, i as u32 + 1, 0)
+            .map_err(map_err("failed to write LG_ADDR_ATOMS"))?;
+    }
+    for d in &plan.decisions {
+        let key = DecisionKey {
+            slot,
+            proto: proto_key(d.transport),
+            port_atom: d.port_atom,
+            addr_atom: d.addr_atom,
+        };
+        maps.decisions
+            .insert(key, d.service, 0)
+            .map_err(map_err("failed to write LG_DECISIONS"))?;
+    }
+    let mut atom_of_port = vec![0u32; PORT_SPACE as usize];
+    for (i, a) in plan.port_atoms.iter().enumerate() {
+        for p in a.first..=a.last {
+            atom_of_port[p as usize] = i as u32 + 1;
+        }
+    }
+    for (port, atom) in atom_of_port.iter().enumerate() {
+        maps.port_atoms
+            .set(slot * PORT_SPACE + port as u32, atom, 0)
+            .map_err(map_err("failed to write LG_PORT_ATOMS"))?;
+    }
+    write_counters(maps, slot, config.active_slot, plan, previous)?;
+    maps.slot_config
+        .set(
+            slot,
+            SlotConfig {
+                default_verdict: match plan.default {
+                    Verdict::Allow => VERDICT_ALLOW,
+                    Verdict::Deny => VERDICT_DENY,
+                },
+                default_mode: mode_byte(plan.mode),
+                default_log_allowed: u8::from(plan.log_allowed),
+                has_nets: u8::from(!plan.nets.is_empty()),
+                _pad: 0,
+            },
+            0,
+        )
+        .map_err(map_err("failed to write LG_SLOT_CONFIG"))?;
+
+    // The flip: one 16-byte array element, written by one syscall.
+    maps.config
+        .set(
+            0,
+            Config {
+                active_slot: slot,
+                abi_version: ABI_VERSION,
+                netns_cookie,
+            },
+            0,
+        )
+        .map_err(map_err("failed to write LG_CONFIG"))?;
+    Ok(slot)
+}
+
+/// Removes a slot's entries from the hash maps and trie (arrays are
+/// overwritten whole). The slot is inactive, so no program reads it; its
+/// contents are from the apply before the previous one.
+fn clear_slot(maps: &mut Maps, slot: u32) -> Result<(), EbpfError> {
+    let stale: Vec<DecisionKey> = maps
+        .decisions
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.slot == slot)
+        .collect();
+    for k in &stale {
+        maps.decisions
+            .remove(k)
+            .map_err(map_err("failed to clear LG_DECISIONS"))?;
+    }
+    let stale: Vec<UidKey> = maps
+        .uids
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.slot == slot)
+        .collect();
+    for k in &stale {
+        maps.uids.remove(k).map_err(map_err("failed to clear LG_UIDS"))?;
+    }
+    let stale: Vec<Key<AddrKey>> = maps
+        .addr_atoms
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.data().slot == slot)
+        .collect();
+    for k in &stale {
+        maps.addr_atoms
+            .remove(k)
+            .map_err(map_err("failed to clear LG_ADDR_ATOMS"))?;
+    }
+    Ok(())
+}
+
+/// Zeroes the new slot's counters, then carries over the counts of services
+/// kept by name (and of the default bucket) from the slot in force.
+fn write_counters(
+    maps: &mut Maps,
+    slot: u32,
+    active: u32,
+    plan: &Plan,
+    previous: Option<&Plan>,
+) -> Result<(), EbpfError> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, source)| EbpfError::Pin {
+        context: format!("failed to count CPUs ({what})"),
+        source,
+    })?;
+    let old_index: StdHashMap<&str, u32> = match (previous, active < SLOTS) {
+        (Some(prev), true) => prev
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i as u32))
+            .collect(),
+        _ => StdHashMap::new(),
+    };
+    let buckets = plan
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u32, old_index.get(s.name.as_str()).copied()))
+        .chain([(DEFAULT_BUCKET, (active < SLOTS).then_some(DEFAULT_BUCKET))]);
+    for (bucket, old) in buckets {
+        for kind in 0..COUNT_KINDS {
+            let mut values = vec![0u64; cpus];
+            if let Some(old) = old {
+                if let Ok(v) = maps.counters.get(&counter_index(active, old, kind), 0) {
+                    for (dst, src) in values.iter_mut().zip(v.iter()) {
+                        *dst = *src;
+                    }
+                }
+            }
+            let values = PerCpuValues::try_from(values).map_err(pin_err("per-CPU values"))?;
+            maps.counters
+                .set(counter_index(slot, bucket, kind), values, 0)
+                .map_err(map_err("failed to write LG_COUNTERS"))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Facts about the host loopguard runs on: privileges, cgroup v2, bpffs,
+//! the network namespace and its addresses.
+
+use std::{
+    fs,
+    io,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use nix::sys::statfs::statfs;
+
+/// Problems with the host rather than the policy; each has its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{0} needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
+    NotRoot(&'static str),
+    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/mounts); mount one or pass --cgroup")]
+    NoCgroup2,
+    #[error("{0} is not a cgroup v2 directory")]
+    NotCgroup2(PathBuf),
+    #[error("this kernel does not support cgroup socket address programs (needs Linux 5.7 or later with CONFIG_CGROUP_BPF)")]
+    NoBpf,
+    #[error("failed to mount bpffs at {path}")]
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+pub fn require_root(what: &'static str) -> Result<(), HostError> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(HostError::NotRoot(what))
+    }
+}
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    statfs(path).ok().map(|s| s.filesystem_type().0 as i64)
+}
+
+/// Mounts bpffs at `path` unless one is there already (a fresh host may
+/// have none).
+pub fn ensure_bpffs(path: &Path) -> Result<(), HostError> {
+    if fs_magic(path) == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    fs::create_dir_all(path).map_err(|source| HostError::Io {
+        context: format!("failed to create {}", path.display()),
+        source,
+    })?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| HostError::MountBpffs {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The cgroup v2 root: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_root() -> Result<PathBuf, HostError> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(|source| HostError::Io {
+        context: "failed to read /proc/mounts".into(),
+        source,
+    })?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount(dir)))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .ok_or(HostError::NoCgroup2)
+}
+
+/// /proc/mounts escapes space, tab, newline and backslash as octal.
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The cgroup to attach to: `--cgroup` (checked to be cgroup v2), else the
+/// root of the v2 hierarchy.
+pub fn attach_cgroup(requested: Option<&Path>) -> Result<PathBuf, HostError> {
+    match requested {
+        None => cgroup2_root(),
+        Some(p) => {
+            let p = fs::canonicalize(p).map_err(|source| HostError::Io {
+                context: format!("cgroup {}", p.display()),
+                source,
+            })?;
+            if fs_magic(&p) == Some(CGROUP2_SUPER_MAGIC) {
+                Ok(p)
+            } else {
+                Err(HostError::NotCgroup2(p))
+            }
+        }
+    }
+}
+
+/// `SO_NETNS_COOKIE` of the current network namespace; `None` before 5.14.
+pub fn netns_cookie() -> Option<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .ok()?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
+}
+
+/// Addresses of every interface in this network namespace, except the
+/// loopback range itself (always in scope).
+pub fn host_addresses() -> Result<Vec<IpAddr>, HostError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| HostError::Io {
+        context: "failed to list interface addresses".into(),
+        source: io::Error::from(e),
+    })?;
+    let mut out: Vec<IpAddr> = addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .map(crate::policy::normalize_ip)
+        .filter(|ip| !crate::policy::is_loopback_range(*ip))
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}

@@ -1,0 +1,164 @@
+//! The `loopguard` command. `main` only maps the outcome of [`run`] to an
+//! exit code; see the README for the codes, which are a stable interface.
+
+mod cmd;
+
+use std::{io, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use loopguard::{ebpf::EbpfError, host::HostError, paths};
+
+/// Exit codes (stable; documented in the README).
+pub mod exit {
+    /// Success; `check` found no errors.
+    pub const OK: u8 = 0;
+    /// The policy has problems (`check`), or `apply` refused it.
+    pub const PROBLEMS: u8 = 1;
+    /// Could not run: bad arguments, unreadable file, unexpected failure.
+    pub const FAILURE: u8 = 2;
+    /// Needs root.
+    pub const NOT_ROOT: u8 = 3;
+    /// The host lacks what loopguard needs (cgroup v2, BPF, bpffs).
+    pub const UNSUPPORTED: u8 = 4;
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  loopguard check --offline policies/*.toml     validate in CI, no name lookups
+  loopguard apply /etc/loopguard/policy.toml    enforce (root)
+  loopguard apply policy.toml --dry-run         show what would change
+  loopguard status                              what is enforced, with counters
+  loopguard explain --user app --to 127.0.0.1:5432
+  loopguard remove                              detach everything
+
+Exit codes: 0 ok, 1 policy problems, 2 could not run, 3 needs root,
+4 the host lacks cgroup v2 or BPF support.";
+
+#[derive(Parser)]
+#[command(
+    name = "loopguard",
+    version,
+    about = "Decide which local users may reach which services on loopback",
+    long_about = "Decide which local users may reach which services on this host's loopback \
+(127.0.0.0/8, ::1, and every other route to the host itself), enforced by eBPF programs on \
+the cgroup v2 socket hooks: a refused connect() or sendto() fails with EPERM.",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// Name of this installation: pins under /sys/fs/bpf/NAME, state under
+    /// /run/loopguard/NAME. Independent instances never touch each other.
+    #[arg(long, global = true, default_value = paths::DEFAULT_INSTANCE, value_name = "NAME")]
+    instance: String,
+
+    /// Log what happens, and print verifier logs on load failures.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum Format {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate policy files: every problem, with file:line:col.
+    #[command(after_help = "Exit codes: 0 no errors (warnings allowed), 1 problems found, 2 could not run.")]
+    Check(cmd::check::Args),
+    /// Enforce a policy (root). Atomic: the old policy stays in force until
+    /// the new one is complete, and stays if anything fails.
+    Apply(cmd::apply::Args),
+    /// Show what is enforced: policy, services, counters, layers (root).
+    Status(cmd::status::Args),
+    /// Show the verdict for one user and destination, and what decides it.
+    Explain(cmd::explain::Args),
+    /// Detach and delete every program, pin and file of this instance (root).
+    Remove,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(if cli.verbose {
+            log::LevelFilter::Debug
+        } else {
+            log::LevelFilter::Warn
+        })
+        .format_timestamp(None)
+        .init();
+    let verbose = cli.verbose;
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => report(&err, verbose),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    if !paths::valid_instance(&cli.instance) {
+        anyhow::bail!(
+            "invalid instance name {:?}: names match [a-z0-9][a-z0-9_-]{{0,31}}",
+            cli.instance
+        );
+    }
+    let paths = paths::InstancePaths::new(&cli.instance);
+    match cli.command {
+        Command::Check(args) => cmd::check::run(args),
+        Command::Apply(args) => cmd::apply::run(args, &paths),
+        Command::Status(args) => cmd::status::run(args, &paths),
+        Command::Explain(args) => cmd::explain::run(args, &paths),
+        Command::Remove => cmd::remove::run(&paths),
+    }
+}
+
+/// One line on stderr (the whole cause chain, `: `-joined) and the exit
+/// code for the kind of failure. A closed stdout is not an error.
+fn report(err: &anyhow::Error, verbose: bool) -> ExitCode {
+    if err
+        .chain()
+        .filter_map(|e| e.downcast_ref::<io::Error>())
+        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    {
+        return ExitCode::from(exit::OK);
+    }
+    let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+    eprintln!("loopguard: {}", chain.join(": "));
+    let mut code = exit::FAILURE;
+    for cause in err.chain() {
+        if let Some(h) = cause.downcast_ref::<HostError>() {
+            code = match h {
+                HostError::NotRoot(_) => exit::NOT_ROOT,
+                HostError::Io { .. } => exit::FAILURE,
+                _ => exit::UNSUPPORTED,
+            };
+            break;
+        }
+        if let Some(e) = cause.downcast_ref::<EbpfError>() {
+            if verbose {
+                if let Some(log) = e.verifier_log() {
+                    eprintln!("{log}");
+                }
+            }
+            if matches!(e, EbpfError::Verifier { .. } | EbpfError::Object(_)) {
+                code = exit::UNSUPPORTED;
+            }
+            break;
+        }
+    }
+    if let Some(p) = err.chain().find_map(|e| e.downcast_ref::<io::Error>()) {
+        if p.kind() == io::ErrorKind::PermissionDenied && !nix::unistd::geteuid().is_root() {
+            code = exit::NOT_ROOT;
+        }
+    }
+    ExitCode::from(code)
+}
+
+/// Reads a policy file with the path in the error.
+pub fn read_policy(path: &PathBuf) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))
+}

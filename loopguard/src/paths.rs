@@ -1,0 +1,51 @@
+//! Every path loopguard reads or writes, in one place.
+
+use std::path::{Path, PathBuf};
+
+/// Where bpffs is (or gets) mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Per-instance state that is not a kernel object: the applied plan.
+/// tmpfs, like bpffs: both are gone after a reboot.
+pub const STATE_ROOT: &str = "/run/loopguard";
+/// The default `--instance`.
+pub const DEFAULT_INSTANCE: &str = "loopguard";
+
+/// The pins and state of one instance.
+#[derive(Clone, Debug)]
+pub struct InstancePaths {
+    pub instance: String,
+    /// `/sys/fs/bpf/<instance>`
+    pub pin_dir: PathBuf,
+    pub maps_dir: PathBuf,
+    pub progs_dir: PathBuf,
+    pub links_dir: PathBuf,
+    /// `/run/loopguard/<instance>`
+    pub state_dir: PathBuf,
+    /// The applied plan and its metadata, JSON.
+    pub state_file: PathBuf,
+}
+
+impl InstancePaths {
+    pub fn new(instance: &str) -> Self {
+        Self::with_roots(instance, Path::new(BPFFS), Path::new(STATE_ROOT))
+    }
+
+    pub fn with_roots(instance: &str, bpffs: &Path, state_root: &Path) -> Self {
+        let pin_dir = bpffs.join(instance);
+        let state_dir = state_root.join(instance);
+        Self {
+            instance: instance.to_string(),
+            maps_dir: pin_dir.join("maps"),
+            progs_dir: pin_dir.join("programs"),
+            links_dir: pin_dir.join("links"),
+            pin_dir,
+            state_file: state_dir.join("state.json"),
+            state_dir,
+        }
+    }
+}
+
+/// Instance names become a directory and an nftables table name.
+pub fn valid_instance(name: &str) -> bool {
+    crate::policy::valid_name(name)
+}

@@ -1,0 +1,347 @@
+//! The policy file: its model, parser, validator and name resolution.
+//!
+//! Data flows one way: [`parse`] (TOML with spans) -> [`validate`]
+//! (semantic checks across services) -> [`resolve`] (names to uids, at apply)
+//! -> `compile` (the plan the kernel layers are built from).
+
+mod parse;
+mod resolve;
+mod validate;
+
+use std::{net::IpAddr, ops::Range};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use parse::parse;
+pub use resolve::{resolve, Directory, Resolved, SystemDirectory};
+pub use parse::valid_name;
+pub use validate::{lint, validate, ESSENTIAL_SERVICES};
+
+use crate::diag::Diagnostic;
+
+pub type Span = Range<usize>;
+
+/// The only policy format version this build reads.
+pub const POLICY_VERSION: i64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+/// The `protocol` of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Any,
+}
+
+/// The transport of one connection attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::Tcp, Transport::Udp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+impl Protocol {
+    pub fn includes(self, t: Transport) -> bool {
+        matches!(
+            (self, t),
+            (Protocol::Any, _) | (Protocol::Tcp, Transport::Tcp) | (Protocol::Udp, Transport::Udp)
+        )
+    }
+
+    fn contains(self, other: Protocol) -> bool {
+        self == other || self == Protocol::Any
+    }
+
+    fn intersects(self, other: Protocol) -> bool {
+        Transport::ALL
+            .iter()
+            .any(|&t| self.includes(t) && other.includes(t))
+    }
+}
+
+/// An inclusive port range; a single port has `first == last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains_port(self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+    fn contains(self, other: PortRange) -> bool {
+        self.first <= other.first && other.last <= self.last
+    }
+    fn intersects(self, other: PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// The destinations a service covers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AddrSet {
+    /// Every route to this host (SPEC §1): 127.0.0.0/8, ::1, IPv4-mapped
+    /// forms, the unspecified addresses and the host's own addresses.
+    Loopback,
+    /// Prefixes inside 127.0.0.0/8 and ::1, aggregated (no two overlap).
+    /// `0.0.0.0` reaches 127.0.0.1 and `::` reaches ::1, so those are
+    /// covered by whichever prefix holds 127.0.0.1 or ::1.
+    Nets(Vec<IpNet>),
+}
+
+impl AddrSet {
+    pub fn contains_addr(&self, addr: &Destination) -> bool {
+        match (self, addr) {
+            (AddrSet::Loopback, _) => true,
+            (AddrSet::Nets(nets), Destination::Loopback(ip)) => nets.iter().any(|n| n.contains(ip)),
+            (AddrSet::Nets(_), Destination::Host(_)) => false,
+        }
+    }
+
+    fn contains(&self, other: &AddrSet) -> bool {
+        match (self, other) {
+            (AddrSet::Loopback, _) => true,
+            (AddrSet::Nets(_), AddrSet::Loopback) => false,
+            (AddrSet::Nets(outer), AddrSet::Nets(inner)) => inner
+                .iter()
+                .all(|i| outer.iter().any(|o| o.contains(i))),
+        }
+    }
+
+    fn intersects(&self, other: &AddrSet) -> bool {
+        match (self, other) {
+            (AddrSet::Loopback, _) | (_, AddrSet::Loopback) => true,
+            (AddrSet::Nets(a), AddrSet::Nets(b)) => a
+                .iter()
+                .any(|x| b.iter().any(|y| x.contains(y) || y.contains(x))),
+        }
+    }
+}
+
+impl std::fmt::Display for AddrSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AddrSet::Loopback => f.write_str("loopback"),
+            AddrSet::Nets(nets) => {
+                let parts: Vec<String> = nets.iter().map(ToString::to_string).collect();
+                f.write_str(&parts.join(", "))
+            }
+        }
+    }
+}
+
+/// A destination already known to be in loopguard's scope, normalized the
+/// way the eBPF programs normalize it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Inside 127.0.0.0/8 or ::1 (after mapping 0.0.0.0 -> 127.0.0.1,
+    /// :: -> ::1 and ::ffff:a.b.c.d -> a.b.c.d).
+    Loopback(IpAddr),
+    /// An address assigned to one of the host's interfaces.
+    Host(IpAddr),
+}
+
+/// Maps an address as a program sees it to the address loopguard decides
+/// on: IPv4-mapped to IPv4, unspecified to the loopback address the kernel
+/// delivers it to.
+pub fn normalize_ip(ip: IpAddr) -> IpAddr {
+    let ip = match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        other => other,
+    }
+}
+
+/// Whether `ip` (normalized) is a loopback-range address.
+pub fn is_loopback_range(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 127,
+        IpAddr::V6(v6) => v6 == std::net::Ipv6Addr::LOCALHOST,
+    }
+}
+
+/// Classifies a destination: `None` when it is outside loopguard's scope.
+pub fn classify(ip: IpAddr, host_addrs: &[IpAddr]) -> Option<Destination> {
+    let ip = normalize_ip(ip);
+    if is_loopback_range(ip) {
+        Some(Destination::Loopback(ip))
+    } else if host_addrs.contains(&ip) {
+        Some(Destination::Host(ip))
+    } else {
+        None
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListKind {
+    /// `allow_users` / `allow_groups`: only the listed uids pass.
+    Allow,
+    /// `deny_users` / `deny_groups`: the listed uids are refused.
+    Deny,
+}
+
+/// A user or group as written: a name or a numeric id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdRef {
+    Name(String),
+    Id(u32),
+}
+
+impl std::fmt::Display for IdRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdRef::Name(n) => f.write_str(n),
+            IdRef::Id(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spanned<T> {
+    pub value: T,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub name_span: Span,
+    pub ports: PortRange,
+    pub protocol: Protocol,
+    pub addresses: AddrSet,
+    pub list: ListKind,
+    pub users: Vec<Spanned<IdRef>>,
+    pub groups: Vec<Spanned<IdRef>>,
+    /// Effective mode: the service's own, else the policy's.
+    pub mode: Mode,
+    /// Effective: the service's own, else the policy's.
+    pub log_allowed: bool,
+}
+
+impl Service {
+    pub fn matches(&self, transport: Transport, dest: &Destination, port: u16) -> bool {
+        self.protocol.includes(transport)
+            && self.ports.contains_port(port)
+            && self.addresses.contains_addr(dest)
+    }
+
+    /// Everything `other` matches, `self` matches too.
+    pub fn contains(&self, other: &Service) -> bool {
+        self.protocol.contains(other.protocol)
+            && self.ports.contains(other.ports)
+            && self.addresses.contains(&other.addresses)
+    }
+
+    pub fn intersects(&self, other: &Service) -> bool {
+        self.protocol.intersects(other.protocol)
+            && self.ports.intersects(other.ports)
+            && self.addresses.intersects(&other.addresses)
+    }
+
+    /// `tcp/5432 on loopback`: what the service matches, for messages.
+    pub fn describe(&self) -> String {
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Any => "tcp+udp",
+        };
+        format!("{proto}/{} on {}", self.ports, self.addresses)
+    }
+}
+
+/// A parsed policy file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// The file as named on the command line.
+    pub file: String,
+    pub source: String,
+    pub default: Verdict,
+    pub mode: Mode,
+    pub log_allowed: bool,
+    pub services: Vec<Service>,
+}
+
+impl Policy {
+    /// The service that decides for one attempt (the innermost match), if
+    /// any. Linear: used by `check` and as the reference the compiled plan
+    /// is tested against, never on the connect path.
+    pub fn deciding_service(
+        &self,
+        transport: Transport,
+        dest: &Destination,
+        port: u16,
+    ) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        for (i, s) in self.services.iter().enumerate() {
+            if !s.matches(transport, dest, port) {
+                continue;
+            }
+            best = match best {
+                Some(b) if !self.services[b].contains(s) => Some(b),
+                _ => Some(i),
+            };
+        }
+        best
+    }
+
+    /// `file:line:col` of a span, for messages outside a rendered report.
+    pub fn location(&self, span: &Span) -> String {
+        let (line, col) = crate::diag::line_col(&self.source, span.start);
+        format!("{}:{line}:{col}", self.file)
+    }
+}
+
+/// Parse, then validate: every problem in the file, errors and warnings.
+pub fn load(file: &str, source: &str) -> (Option<Policy>, Vec<Diagnostic>) {
+    let (policy, mut diags) = parse(file, source);
+    if let Some(p) = &policy {
+        diags.extend(validate(p));
+    }
+    (policy, diags)
+}

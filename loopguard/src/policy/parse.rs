@@ -1,0 +1,522 @@
+//! TOML -> [`Policy`], keeping spans, collecting every problem.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use toml_span::{
+    value::{Table, ValueInner},
+    Value,
+};
+
+use super::{
+    AddrSet, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span, Spanned, Verdict,
+    POLICY_VERSION,
+};
+use crate::diag::Diagnostic;
+
+const ROOT_KEYS: &[&str] = &["version", "default", "mode", "log_allowed", "service"];
+const SERVICE_KEYS: &[&str] = &[
+    "name",
+    "port",
+    "protocol",
+    "addresses",
+    "allow_users",
+    "allow_groups",
+    "deny_users",
+    "deny_groups",
+    "mode",
+    "log_allowed",
+];
+
+/// Parses a policy file. Returns the policy built from everything that was
+/// valid (services with errors are left out) and every problem found. The
+/// policy is usable only when no diagnostic is an error.
+pub fn parse(file: &str, source: &str) -> (Option<Policy>, Vec<Diagnostic>) {
+    let mut p = Parser { diags: Vec::new() };
+    let root = match toml_span::parse(source) {
+        Ok(v) => v,
+        Err(e) => {
+            let span = e.span.start..e.span.end.max(e.span.start);
+            let d = Diagnostic::error("syntax", format!("invalid TOML: {}", e.kind))
+                .primary(span, "here");
+            return (None, vec![d]);
+        }
+    };
+    let policy = p.policy(file, source, &root);
+    (policy, p.diags)
+}
+
+struct Parser {
+    diags: Vec<Diagnostic>,
+}
+
+fn span(v: &Value<'_>) -> Span {
+    v.span.start..v.span.end
+}
+
+fn type_name(v: &Value<'_>) -> &'static str {
+    match v.as_ref() {
+        ValueInner::String(_) => "a string",
+        ValueInner::Integer(_) => "an integer",
+        ValueInner::Float(_) => "a float",
+        ValueInner::Boolean(_) => "a boolean",
+        ValueInner::Array(_) => "an array",
+        ValueInner::Table(_) => "a table",
+    }
+}
+
+impl Parser {
+    fn error(&mut self, code: &'static str, span: Span, message: String, label: &str) {
+        self.diags
+            .push(Diagnostic::error(code, message).primary(span, label));
+    }
+
+    fn wrong_type(&mut self, key: &str, v: &Value<'_>, expected: &str) {
+        self.error(
+            "type",
+            span(v),
+            format!("`{key}` must be {expected}, found {}", type_name(v)),
+            &format!("expected {expected}"),
+        );
+    }
+
+    fn unknown_keys(&mut self, table: &Table<'_>, known: &[&str], what: &str) {
+        for key in table.keys() {
+            if !known.contains(&key.name.as_ref()) {
+                let d = Diagnostic::error("unknown-key", format!("unknown key `{}` in {what}", key.name))
+                    .primary(key.span.start..key.span.end, "not a policy key")
+                    .note(format!("expected one of: {}", known.join(", ")));
+                self.diags.push(d);
+            }
+        }
+    }
+
+    fn policy(&mut self, file: &str, source: &str, root: &Value<'_>) -> Option<Policy> {
+        let Some(table) = root.as_table() else {
+            self.wrong_type("the policy", root, "a table");
+            return None;
+        };
+        self.unknown_keys(table, ROOT_KEYS, "the policy");
+
+        match table.get("version") {
+            None => self.diags.push(
+                Diagnostic::error("missing-key", "missing `version`")
+                    .primary(0..0, "the policy starts here")
+                    .note(format!("add `version = {POLICY_VERSION}` at the top")),
+            ),
+            Some(v) => match v.as_integer() {
+                Some(POLICY_VERSION) => {}
+                Some(n) => self.error(
+                    "version",
+                    span(v),
+                    format!("unsupported policy version {n}"),
+                    &format!("this loopguard reads version {POLICY_VERSION}"),
+                ),
+                None => self.wrong_type("version", v, "an integer"),
+            },
+        }
+        let default = self
+            .keyword(table, "default", &[("allow", Verdict::Allow), ("deny", Verdict::Deny)])
+            .unwrap_or(Verdict::Allow);
+        let mode = self
+            .keyword(table, "mode", &[("enforce", Mode::Enforce), ("audit", Mode::Audit)])
+            .unwrap_or(Mode::Enforce);
+        let log_allowed = self.boolean(table, "log_allowed").unwrap_or(false);
+
+        let mut services = Vec::new();
+        if let Some(v) = table.get("service") {
+            match v.as_array() {
+                Some(items) => {
+                    for item in items {
+                        if let Some(s) = self.service(item, mode, log_allowed) {
+                            services.push(s);
+                        }
+                    }
+                }
+                None => self.wrong_type("service", v, "an array of tables (`[[service]]`)"),
+            }
+        }
+        Some(Policy {
+            file: file.to_string(),
+            source: source.to_string(),
+            default,
+            mode,
+            log_allowed,
+            services,
+        })
+    }
+
+    fn keyword<T: Copy>(&mut self, table: &Table<'_>, key: &str, choices: &[(&str, T)]) -> Option<T> {
+        let v = table.get(key)?;
+        let Some(s) = v.as_str() else {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            self.wrong_type(key, v, &format!("one of {}", names.join(", ")));
+            return None;
+        };
+        match choices.iter().find(|(n, _)| *n == s) {
+            Some((_, t)) => Some(*t),
+            None => {
+                let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+                self.error(
+                    "value",
+                    span(v),
+                    format!("`{key}` must be one of {}, found \"{s}\"", names.join(", ")),
+                    "unknown value",
+                );
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, table: &Table<'_>, key: &str) -> Option<bool> {
+        let v = table.get(key)?;
+        match v.as_bool() {
+            Some(b) => Some(b),
+            None => {
+                self.wrong_type(key, v, "true or false");
+                None
+            }
+        }
+    }
+
+    fn service(&mut self, item: &Value<'_>, global_mode: Mode, global_log: bool) -> Option<Service> {
+        let Some(table) = item.as_table() else {
+            self.wrong_type("service", item, "a table");
+            return None;
+        };
+        let errors_before = self.diags.len();
+        self.unknown_keys(table, SERVICE_KEYS, "a service");
+
+        let name = match table.get("name") {
+            None => {
+                let at = table
+                    .keys()
+                    .map(|k| k.span.start..k.span.end)
+                    .min_by_key(|s| s.start)
+                    .unwrap_or_else(|| span(item));
+                self.error("missing-key", at, "service without a `name`".into(), "in this service");
+                None
+            }
+            Some(v) => match v.as_str() {
+                None => {
+                    self.wrong_type("name", v, "a string");
+                    None
+                }
+                Some(n) if !valid_name(n) => {
+                    self.diags.push(
+                        Diagnostic::error("name", format!("invalid service name \"{n}\""))
+                            .primary(span(v), "not a valid name")
+                            .note("names match [a-z0-9][a-z0-9_-]{0,31}"),
+                    );
+                    None
+                }
+                Some(n) => Some((n.to_string(), span(v))),
+            },
+        };
+        let here = name
+            .as_ref()
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| span(item));
+
+        let ports = match table.get("port") {
+            None => {
+                self.error("missing-key", here.clone(), "service without a `port`".into(), "this service");
+                None
+            }
+            Some(v) => self.ports(v),
+        };
+        let protocol = self
+            .keyword(
+                table,
+                "protocol",
+                &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp), ("any", Protocol::Any)],
+            )
+            .unwrap_or(Protocol::Tcp);
+        let addresses = match table.get("addresses") {
+            None => Some(AddrSet::Loopback),
+            Some(v) => self.addresses(v),
+        };
+
+        let lists: Vec<(&str, Option<&Value<'_>>)> = ["allow_users", "allow_groups", "deny_users", "deny_groups"]
+            .iter()
+            .map(|k| (*k, table.get(*k)))
+            .collect();
+        let has_allow = lists[0].1.is_some() || lists[1].1.is_some();
+        let has_deny = lists[2].1.is_some() || lists[3].1.is_some();
+        let list = match (has_allow, has_deny) {
+            (true, false) => Some(ListKind::Allow),
+            (false, true) => Some(ListKind::Deny),
+            (false, false) => {
+                self.diags.push(
+                    Diagnostic::error("no-list", "service has neither an allow-list nor a deny-list")
+                        .primary(here.clone(), "this service")
+                        .note("add `allow_users`/`allow_groups` (only they may connect) or `deny_users`/`deny_groups` (they may not)"),
+                );
+                None
+            }
+            (true, true) => {
+                let mut d = Diagnostic::error("both-lists", "service has both an allow-list and a deny-list")
+                    .primary(here.clone(), "this service")
+                    .note("a service is either an allow-list or a deny-list; split it into two services");
+                for (k, v) in &lists {
+                    if let Some(v) = v {
+                        d = d.secondary(span(v), format!("`{k}`"));
+                    }
+                }
+                self.diags.push(d);
+                None
+            }
+        };
+        let (users_key, groups_key) = match list {
+            Some(ListKind::Deny) => (lists[2].1, lists[3].1),
+            _ => (lists[0].1, lists[1].1),
+        };
+        let users = users_key.map(|v| self.ids(v, "users")).unwrap_or_default();
+        let groups = groups_key.map(|v| self.ids(v, "groups")).unwrap_or_default();
+
+        let mode = self
+            .keyword(table, "mode", &[("enforce", Mode::Enforce), ("audit", Mode::Audit)])
+            .unwrap_or(global_mode);
+        let log_allowed = self.boolean(table, "log_allowed").unwrap_or(global_log);
+
+        if self.diags[errors_before..].iter().any(Diagnostic::is_error) {
+            return None;
+        }
+        let (name, name_span) = name?;
+        Some(Service {
+            name,
+            name_span,
+            ports: ports?,
+            protocol,
+            addresses: addresses?,
+            list: list?,
+            users,
+            groups,
+            mode,
+            log_allowed,
+        })
+    }
+
+    fn ports(&mut self, v: &Value<'_>) -> Option<PortRange> {
+        let one = |n: i64| u16::try_from(n).ok().filter(|p| *p != 0);
+        match v.as_ref() {
+            ValueInner::Integer(n) => match one(*n) {
+                Some(p) => Some(PortRange { first: p, last: p }),
+                None => {
+                    self.error("port", span(v), format!("port {n} is out of range"), "ports are 1-65535");
+                    None
+                }
+            },
+            ValueInner::String(s) => {
+                let parsed = match s.split_once('-') {
+                    None => s.trim().parse::<i64>().ok().map(|a| (a, a)),
+                    Some((a, b)) => a.trim().parse::<i64>().ok().zip(b.trim().parse::<i64>().ok()),
+                };
+                match parsed {
+                    None => {
+                        self.error(
+                            "port",
+                            span(v),
+                            format!("invalid port range \"{s}\""),
+                            "expected \"PORT\" or \"FIRST-LAST\"",
+                        );
+                        None
+                    }
+                    Some((a, b)) => match (one(a), one(b)) {
+                        (Some(first), Some(last)) if first <= last => Some(PortRange { first, last }),
+                        (Some(_), Some(_)) => {
+                            self.error(
+                                "port",
+                                span(v),
+                                format!("port range \"{s}\" is reversed"),
+                                &format!("did you mean \"{b}-{a}\"?"),
+                            );
+                            None
+                        }
+                        _ => {
+                            self.error(
+                                "port",
+                                span(v),
+                                format!("port range \"{s}\" is out of range"),
+                                "ports are 1-65535",
+                            );
+                            None
+                        }
+                    },
+                }
+            }
+            _ => {
+                self.wrong_type("port", v, "a port number or a range string like \"8000-8099\"");
+                None
+            }
+        }
+    }
+
+    fn addresses(&mut self, v: &Value<'_>) -> Option<AddrSet> {
+        let Some(items) = v.as_array() else {
+            self.wrong_type("addresses", v, "an array of strings");
+            return None;
+        };
+        if items.is_empty() {
+            self.error(
+                "addresses",
+                span(v),
+                "`addresses` is empty".into(),
+                "list addresses, or leave the key out for every loopback route",
+            );
+            return None;
+        }
+        let mut ok = true;
+        let mut loopback: Option<Span> = None;
+        let mut nets = Vec::new();
+        for item in items {
+            let Some(s) = item.as_str() else {
+                self.wrong_type("an address", item, "a string");
+                ok = false;
+                continue;
+            };
+            if s == "loopback" {
+                loopback = Some(span(item));
+                continue;
+            }
+            match parse_net(s) {
+                Err(msg) => {
+                    self.error("address", span(item), format!("invalid address \"{s}\""), &msg);
+                    ok = false;
+                }
+                Ok(net) => nets.push((net, span(item))),
+            }
+        }
+        if let (Some(l), false) = (&loopback, nets.is_empty()) {
+            let mut d = Diagnostic::error("addresses", "`loopback` already covers every other address listed")
+                .primary(l.clone(), "every route to this host");
+            for (_, s) in &nets {
+                d = d.secondary(s.clone(), "covered by `loopback`");
+            }
+            self.diags.push(d);
+            return None;
+        }
+        if !ok {
+            return None;
+        }
+        if loopback.is_some() {
+            return Some(AddrSet::Loopback);
+        }
+        let nets: Vec<IpNet> = nets.into_iter().map(|(n, _)| n).collect();
+        Some(AddrSet::Nets(IpNet::aggregate(&nets)))
+    }
+
+    fn ids(&mut self, v: &Value<'_>, what: &str) -> Vec<Spanned<IdRef>> {
+        let Some(items) = v.as_array() else {
+            self.wrong_type(what, v, "an array of names and numeric ids");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let id = match item.as_ref() {
+                ValueInner::Integer(n) => match u32::try_from(*n) {
+                    // (uid_t)-1 means "no id" to the kernel.
+                    Ok(id) if id != u32::MAX => Some(IdRef::Id(id)),
+                    _ => {
+                        self.error("id", span(item), format!("{n} is not a valid id"), "ids are 0-4294967294");
+                        None
+                    }
+                },
+                ValueInner::String(s) => {
+                    if let Ok(id) = s.parse::<u32>() {
+                        Some(IdRef::Id(id))
+                    } else if valid_account_name(s) {
+                        Some(IdRef::Name(s.to_string()))
+                    } else {
+                        self.error("id", span(item), format!("\"{s}\" is not a valid {what} name"), "invalid name");
+                        None
+                    }
+                }
+                _ => {
+                    self.wrong_type(what, item, "a name or a numeric id");
+                    None
+                }
+            };
+            if let Some(value) = id {
+                out.push(Spanned { value, span: span(item) });
+            }
+        }
+        out
+    }
+}
+
+/// `[a-z0-9][a-z0-9_-]{0,31}`
+pub fn valid_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// Names as useradd/groupadd and NSS accept them, loosely.
+fn valid_account_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 256
+        && !n.starts_with('-')
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.' | b'$' | b'@'))
+}
+
+/// An address or prefix inside the loopback scope; IPv4-mapped prefixes
+/// become IPv4.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let net = if s.contains('/') {
+        let net: IpNet = s.parse().map_err(|_| "expected an IP address or a CIDR prefix".to_string())?;
+        if net.trunc() != net {
+            return Err(format!("host bits are set; did you mean {}?", net.trunc()));
+        }
+        net
+    } else {
+        let ip: IpAddr = s.parse().map_err(|_| "expected an IP address or a CIDR prefix".to_string())?;
+        IpNet::from(ip)
+    };
+    let net = match net {
+        IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+            Some(v4) if v6.prefix_len() >= 96 => IpNet::V4(
+                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_err(|e| e.to_string())?,
+            ),
+            _ => IpNet::V6(v6),
+        },
+        v4 => v4,
+    };
+    let loop4: IpNet = IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).map_err(|e| e.to_string())?);
+    let in_scope = match net {
+        IpNet::V4(_) => loop4.contains(&net),
+        IpNet::V6(v6) => v6.prefix_len() == 128 && v6.addr() == std::net::Ipv6Addr::LOCALHOST,
+    };
+    if !in_scope {
+        return Err("outside the loopback scope (127.0.0.0/8, ::1); use \"loopback\" for every route to this host".into());
+    }
+    Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("postgres"));
+        assert!(valid_name("0-a_b"));
+        assert!(!valid_name("-a"));
+        assert!(!valid_name("Postgres"));
+        assert!(!valid_name(&"a".repeat(33)));
+    }
+
+    #[test]
+    fn nets() {
+        assert_eq!(parse_net("127.0.0.2").unwrap().to_string(), "127.0.0.2/32");
+        assert_eq!(parse_net("::ffff:127.0.1.0/120").unwrap().to_string(), "127.0.1.0/24");
+        assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
+        assert!(parse_net("10.0.0.1").is_err());
+        assert!(parse_net("127.0.0.5/24").unwrap_err().contains("127.0.0.0/24"));
+        assert!(parse_net("::2").is_err());
+    }
+}

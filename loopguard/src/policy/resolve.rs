@@ -1,0 +1,104 @@
+//! Users and groups to uids, at apply time (or at `check` unless
+//! `--offline`). Groups expand to every member: those with it as their
+//! primary group and those listed as supplementary members.
+
+use std::collections::BTreeSet;
+
+use uzers::os::unix::GroupExt as _;
+
+use super::{IdRef, Policy, Spanned};
+use crate::diag::Diagnostic;
+
+/// Where account names come from: NSS on the host, a fixed table in tests.
+pub trait Directory {
+    fn uid_of(&self, name: &str) -> Option<u32>;
+    fn user_name(&self, uid: u32) -> Option<String>;
+    /// Every member of the group, or `None` when the group does not exist.
+    fn group_members(&self, group: &IdRef) -> Option<Vec<u32>>;
+}
+
+/// The host's users and groups through NSS (`getpwnam`, `getgrnam`,
+/// `getpwent`), via the uzers crate.
+pub struct SystemDirectory;
+
+impl Directory for SystemDirectory {
+    fn uid_of(&self, name: &str) -> Option<u32> {
+        uzers::get_user_by_name(name).map(|u| u.uid())
+    }
+
+    fn user_name(&self, uid: u32) -> Option<String> {
+        uzers::get_user_by_uid(uid).map(|u| u.name().to_string_lossy().into_owned())
+    }
+
+    fn group_members(&self, group: &IdRef) -> Option<Vec<u32>> {
+        let g = match group {
+            IdRef::Name(n) => uzers::get_group_by_name(n.as_str())?,
+            IdRef::Id(id) => uzers::get_group_by_gid(*id)?,
+        };
+        let mut uids: Vec<u32> = g
+            .members()
+            .iter()
+            .filter_map(|m| uzers::get_user_by_name(m).map(|u| u.uid()))
+            .collect();
+        // SAFETY: getpwent is not thread-safe; loopguard resolves names on
+        // one thread before starting any other.
+        let all = unsafe { uzers::all_users() };
+        uids.extend(all.filter(|u| u.primary_group_id() == g.gid()).map(|u| u.uid()));
+        Some(uids)
+    }
+}
+
+/// The uids of each service, in policy order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub services: Vec<ResolvedService>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResolvedService {
+    /// Sorted, without duplicates.
+    pub uids: Vec<u32>,
+}
+
+/// Resolves every name; every unknown name is a diagnostic.
+pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let mut services = Vec::new();
+    for s in &policy.services {
+        let mut uids = BTreeSet::new();
+        for Spanned { value, span } in &s.users {
+            match value {
+                IdRef::Id(id) => {
+                    uids.insert(*id);
+                }
+                IdRef::Name(n) => match dir.uid_of(n) {
+                    Some(uid) => {
+                        uids.insert(uid);
+                    }
+                    None => diags.push(
+                        Diagnostic::error("unknown-user", format!("unknown user \"{n}\""))
+                            .primary(span.clone(), "no such user on this host")
+                            .note("use a numeric uid, or `check --offline` for a policy meant for another host"),
+                    ),
+                },
+            }
+        }
+        for Spanned { value, span } in &s.groups {
+            match dir.group_members(value) {
+                Some(members) => uids.extend(members),
+                None => diags.push(
+                    Diagnostic::error("unknown-group", format!("unknown group \"{value}\""))
+                        .primary(span.clone(), "no such group on this host"),
+                ),
+            }
+        }
+        services.push(ResolvedService {
+            uids: uids.into_iter().collect(),
+        });
+    }
+    if diags.is_empty() {
+        Ok(Resolved { services })
+    } else {
+        Err(diags)
+    }
+}
