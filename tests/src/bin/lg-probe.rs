@@ -1,0 +1,192 @@
+//! The probe the integration tests run as a test user: it enters a network
+//! namespace and a cgroup as root, drops to the given uid/gid, then makes one
+//! real connection attempt and prints what the user saw, e.g.
+//! `connect=ok`, `connect=EPERM`, `send=EPERM recv=no`.
+//!
+//! ```text
+//! lg-probe [--netns PATH] [--cgroup DIR] [--uid N] [--gid N] ACTION
+//!   tcp ADDR:PORT         listen on [::]:PORT (dual stack) as root, then connect
+//!   tcp-to ADDR:PORT      connect to an existing listener
+//!   tfo ADDR:PORT         listen, then sendto(MSG_FASTOPEN) (TCP Fast Open)
+//!   udp ADDR:PORT         bind [::]:PORT as root, then sendto() a datagram
+//!   udp-connected ADDR:PORT  same, with connect() + send()
+//!   loop tcp-to ADDR:PORT N  N connects, prints counts ok=.. eperm=.. other=..
+//!   exec CMD ARGS...      run a command as the user
+//! ```
+
+use std::{
+    ffi::CString,
+    fs,
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::exit,
+    time::Duration,
+};
+
+use nix::{
+    sched::{setns, CloneFlags},
+    unistd::{setgid, setgroups, setuid, Gid, Uid},
+};
+
+fn die(msg: &str) -> ! {
+    eprintln!("lg-probe: {msg}");
+    exit(2)
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
+        Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::EACCES) => "EACCES".into(),
+        Some(n) => format!("errno{n}"),
+        None => format!("{e}"),
+    }
+}
+
+fn dual_stack_listener(port: u16) -> TcpListener {
+    // std binds [::] dual-stack (bindv6only is 0 by default).
+    TcpListener::bind(("::", port)).unwrap_or_else(|e| die(&format!("listen [::]:{port}: {e}")))
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut netns = None;
+    let mut cgroup = None;
+    let mut uid = None;
+    let mut gid = None;
+    while args.first().is_some_and(|a| a.starts_with("--")) {
+        let flag = args.remove(0);
+        if args.is_empty() {
+            die(&format!("{flag} needs a value"));
+        }
+        let value = args.remove(0);
+        match flag.as_str() {
+            "--netns" => netns = Some(value),
+            "--cgroup" => cgroup = Some(value),
+            "--uid" => uid = Some(value.parse::<u32>().unwrap_or_else(|_| die("bad uid"))),
+            "--gid" => gid = Some(value.parse::<u32>().unwrap_or_else(|_| die("bad gid"))),
+            _ => die(&format!("unknown flag {flag}")),
+        }
+    }
+    if let Some(ns) = &netns {
+        let f = fs::File::open(ns).unwrap_or_else(|e| die(&format!("open {ns}: {e}")));
+        setns(f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| die(&format!("setns {ns}: {e}")));
+    }
+    let action = args.first().cloned().unwrap_or_else(|| die("no action"));
+    let target = || -> SocketAddr {
+        args.get(1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| die("expected ADDR:PORT"))
+    };
+
+    // Sockets that must exist before the switch (listeners) are made here,
+    // as root and outside the cgroup.
+    let mut listener = None;
+    let mut receiver = None;
+    match action.as_str() {
+        "tcp" | "tfo" => listener = Some(dual_stack_listener(target().port())),
+        "udp" | "udp-connected" => {
+            let r = UdpSocket::bind(("::", target().port()))
+                .unwrap_or_else(|e| die(&format!("bind udp: {e}")));
+            r.set_read_timeout(Some(Duration::from_millis(300))).ok();
+            receiver = Some(r);
+        }
+        _ => {}
+    }
+
+    if let Some(cg) = &cgroup {
+        let procs = format!("{cg}/cgroup.procs");
+        fs::write(&procs, std::process::id().to_string())
+            .unwrap_or_else(|e| die(&format!("join {procs}: {e}")));
+    }
+    if let Some(gid) = gid.or(uid) {
+        setgroups(&[]).unwrap_or_else(|e| die(&format!("setgroups: {e}")));
+        setgid(Gid::from_raw(gid)).unwrap_or_else(|e| die(&format!("setgid: {e}")));
+    }
+    if let Some(uid) = uid {
+        setuid(Uid::from_raw(uid)).unwrap_or_else(|e| die(&format!("setuid: {e}")));
+    }
+
+    match action.as_str() {
+        "tcp" | "tcp-to" => {
+            let res = TcpStream::connect_timeout(&target(), Duration::from_secs(2));
+            println!("connect={}", res.map_or_else(|e| errno_name(&e), |_| "ok".into()));
+        }
+        "tfo" => {
+            let to = target();
+            let fam = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+            // SAFETY: plain socket(2).
+            let fd = unsafe { libc::socket(fam, libc::SOCK_STREAM, 0) };
+            if fd < 0 {
+                die("socket");
+            }
+            let addr = nix::sys::socket::SockaddrStorage::from(to);
+            let data = b"hello";
+            // SAFETY: valid fd, buffer and sockaddr of the stated length.
+            let rc = unsafe {
+                libc::sendto(
+                    fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_FASTOPEN,
+                    nix::sys::socket::SockaddrLike::as_ptr(&addr),
+                    nix::sys::socket::SockaddrLike::len(&addr),
+                )
+            };
+            if rc < 0 {
+                println!("connect={}", errno_name(&std::io::Error::last_os_error()));
+            } else {
+                println!("connect=ok");
+            }
+        }
+        "udp" | "udp-connected" => {
+            let to = target();
+            let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap_or_else(|_| die("addr")) } else { "[::]:0".parse().unwrap_or_else(|_| die("addr")) };
+            let s = UdpSocket::bind(bind).unwrap_or_else(|e| die(&format!("bind sender: {e}")));
+            let payload = format!("probe-{}", std::process::id());
+            let sent = if action == "udp" {
+                s.send_to(payload.as_bytes(), to).map(|_| ())
+            } else {
+                s.connect(to).and_then(|()| s.send(payload.as_bytes()).map(|_| ()))
+            };
+            let mut buf = [0u8; 128];
+            let got = receiver
+                .as_ref()
+                .and_then(|r| r.recv_from(&mut buf).ok())
+                .is_some_and(|(n, _)| &buf[..n] == payload.as_bytes());
+            println!(
+                "send={} recv={}",
+                sent.map_or_else(|e| errno_name(&e), |()| "ok".into()),
+                if got { "yes" } else { "no" }
+            );
+        }
+        "loop" => {
+            let to: SocketAddr = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| die("loop tcp-to ADDR:PORT N"));
+            let n: u32 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or_else(|| die("loop tcp-to ADDR:PORT N"));
+            let (mut ok, mut eperm, mut other) = (0, 0, 0);
+            for _ in 0..n {
+                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    Ok(_) => ok += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    Err(_) => other += 1,
+                }
+            }
+            println!("ok={ok} eperm={eperm} other={other}");
+        }
+        "exec" => {
+            let argv: Vec<CString> = args[1..]
+                .iter()
+                .map(|a| CString::new(a.as_bytes()).unwrap_or_else(|_| die("NUL in argument")))
+                .collect();
+            if argv.is_empty() {
+                die("exec needs a command");
+            }
+            let e = nix::unistd::execvp(&argv[0], &argv).unwrap_err();
+            die(&format!("exec {}: {e}", args[1]));
+        }
+        other => die(&format!("unknown action {other}")),
+    }
+    // Listeners live until the attempt is over.
+    drop((receiver, listener));
+}

@@ -1,0 +1,398 @@
+//! Harness for loopguard's real-kernel integration tests.
+//!
+//! Every test gets a [`Sandbox`]: its own network namespace (with `lo` up and
+//! a dummy interface carrying host addresses), its own child cgroup v2
+//! directory, and its own `--instance`, so tests run side by side and never
+//! touch the host's cgroup root, namespace or another test's pins. Dropping
+//! the sandbox removes all of it, also when the test panicked.
+//!
+//! Tests need root and a kernel with cgroup BPF; without them they fail
+//! loudly, never pass silently.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    thread,
+    time::{Duration, Instant},
+};
+
+/// IPv4 address of the sandbox's dummy interface (TEST-NET-1, inside the
+/// sandbox's own namespace only).
+pub const HOST_V4: &str = "192.0.2.1";
+/// IPv6 address of the sandbox's dummy interface (documentation prefix).
+pub const HOST_V6: &str = "2001:db8::1";
+
+/// A local account made for the tests.
+#[derive(Clone, Debug)]
+pub struct TestUser {
+    pub name: &'static str,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub struct Users {
+    pub alice: TestUser,
+    pub bob: TestUser,
+    /// Member of `lgt-devs` as a supplementary group.
+    pub carol: TestUser,
+    /// Member of `lgt-devs` as the primary group.
+    pub dave: TestUser,
+}
+
+pub const DEVS_GROUP: &str = "lgt-devs";
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
+    out
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn id_of(flag: &str, name: &str) -> Option<u32> {
+    let out = run(Command::new("id").args([flag, name]));
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .flatten()
+}
+
+/// Creates the test accounts once per machine (useradd is serialized with a
+/// file lock: test binaries run in parallel).
+pub fn users() -> &'static Users {
+    static USERS: OnceLock<Users> = OnceLock::new();
+    USERS.get_or_init(|| {
+        require_root();
+        let lock = fs::File::create("/tmp/loopguard-test-users.lock").expect("lock file");
+        let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .expect("lock /tmp/loopguard-test-users.lock");
+        if !run(Command::new("getent").args(["group", DEVS_GROUP])).status.success() {
+            run_ok(Command::new("groupadd").args(["--system", DEVS_GROUP]));
+        }
+        let mk = |name: &'static str, extra: &[&str]| {
+            if id_of("-u", name).is_none() {
+                run_ok(
+                    Command::new("useradd")
+                        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin"])
+                        .args(extra)
+                        .arg(name),
+                );
+            }
+            TestUser {
+                name,
+                uid: id_of("-u", name).expect("uid"),
+                gid: id_of("-g", name).expect("gid"),
+            }
+        };
+        Users {
+            alice: mk("lgt-alice", &["--user-group"]),
+            bob: mk("lgt-bob", &["--user-group"]),
+            carol: mk("lgt-carol", &["--user-group", "--groups", DEVS_GROUP]),
+            dave: mk("lgt-dave", &["--no-user-group", "--gid", DEVS_GROUP]),
+        }
+    })
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "loopguard's integration tests must run as root: they attach eBPF programs under a child \
+         cgroup and create network namespaces and users. Run `cargo xtask test` as root."
+    );
+}
+
+/// Root of the cgroup v2 hierarchy.
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .expect("NO CGROUP V2 HIERARCHY MOUNTED: loopguard's tests need one (cgroup2 in /proc/mounts)")
+}
+
+fn target_dir_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary under target/<profile>/deps");
+    dir.join(name)
+}
+
+/// The loopguard binary under test: `$LOOPGUARD_BIN`, else next to the
+/// test binary's profile directory.
+pub fn loopguard_bin() -> PathBuf {
+    let p = std::env::var_os("LOOPGUARD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir_bin("loopguard"));
+    assert!(
+        p.exists(),
+        "loopguard binary not found at {} (build it first: `cargo build -p loopguard`; `cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+pub fn probe_bin() -> PathBuf {
+    // Cargo builds the package's binaries before its integration tests.
+    target_dir_bin("lg-probe")
+}
+
+/// The output of one command, for assertions.
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    fn from(out: Output) -> Self {
+        Ran {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "expected success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// One test's namespace, cgroup, instance and files.
+pub struct Sandbox {
+    pub instance: String,
+    pub netns: String,
+    pub netns_path: PathBuf,
+    pub cgroup: PathBuf,
+    pub dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Sandbox {
+    /// `name`: short, [a-z0-9-], unique among the tests.
+    pub fn new(name: &str) -> Sandbox {
+        require_root();
+        users();
+        let instance = format!("lgt-{name}");
+        assert!(instance.len() <= 32, "sandbox name too long");
+        let netns = instance.clone();
+        let cgroup = cgroup2_root().join(format!("{instance}.test"));
+        let dir = std::env::temp_dir().join(format!("{instance}.test"));
+        let mut sb = Sandbox {
+            netns_path: PathBuf::from("/run/netns").join(&netns),
+            instance,
+            netns,
+            cgroup,
+            dir,
+            children: Vec::new(),
+        };
+        // Leftovers of a run that was killed.
+        sb.teardown();
+        run_ok(Command::new("ip").args(["netns", "add", &sb.netns]));
+        let ip = |args: &[&str]| {
+            run_ok(Command::new("ip").arg("-n").arg(&sb.netns).args(args));
+        };
+        ip(&["link", "set", "lo", "up"]);
+        // A portless bridge stands in for a LAN interface (this kernel has
+        // no dummy driver); its addresses are local all the same.
+        ip(&["link", "add", "lg0", "type", "bridge"]);
+        ip(&["link", "set", "lg0", "up"]);
+        ip(&["addr", "add", &format!("{HOST_V4}/24"), "dev", "lg0"]);
+        ip(&["addr", "add", &format!("{HOST_V6}/64"), "dev", "lg0", "nodad"]);
+        fs::create_dir_all(&sb.cgroup).unwrap_or_else(|e| panic!("create cgroup {}: {e}", sb.cgroup.display()));
+        fs::create_dir_all(&sb.dir).expect("sandbox dir");
+        // Test users read policy files for `check` and `explain --policy`.
+        fs::set_permissions(&sb.dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        sb
+    }
+
+    /// Writes a policy file into the sandbox directory.
+    pub fn policy(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        fs::write(&p, text).expect("write policy");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
+        p
+    }
+
+    /// `loopguard --instance <ours> ARGS` inside the sandbox's namespace.
+    pub fn lg(&self, args: &[&str]) -> Ran {
+        Ran::from(run(Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path.display()))
+            .arg(loopguard_bin())
+            .arg("--instance")
+            .arg(&self.instance)
+            .args(args)))
+    }
+
+    /// `apply FILE --cgroup <ours> EXTRA...`
+    pub fn apply(&self, file: &Path, extra: &[&str]) -> Ran {
+        let mut args = vec![
+            "apply",
+            file.to_str().expect("utf-8 path"),
+            "--cgroup",
+            self.cgroup.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        self.lg(&args)
+    }
+
+    /// Writes and applies a policy; panics if apply fails.
+    pub fn apply_text(&self, text: &str) -> Ran {
+        let p = self.policy("policy.toml", text);
+        self.apply(&p, &[]).ok()
+    }
+
+    fn probe_cmd(&self, user: Option<&TestUser>, args: &[&str]) -> Command {
+        let mut cmd = Command::new(probe_bin());
+        cmd.arg("--netns").arg(&self.netns_path).arg("--cgroup").arg(&self.cgroup);
+        if let Some(u) = user {
+            cmd.args(["--uid", &u.uid.to_string(), "--gid", &u.gid.to_string()]);
+        }
+        cmd.args(args);
+        cmd
+    }
+
+    /// Runs the probe as `user` (root when `None`) inside our namespace and
+    /// cgroup; returns what it printed, e.g. `connect=EPERM`.
+    pub fn probe(&self, user: Option<&TestUser>, args: &[&str]) -> String {
+        let out = run(&mut self.probe_cmd(user, args));
+        assert!(
+            out.status.success(),
+            "probe {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Runs a command as `user` inside our namespace and cgroup.
+    pub fn exec_as(&self, user: Option<&TestUser>, argv: &[&str]) -> Ran {
+        let mut args = vec!["exec"];
+        args.extend_from_slice(argv);
+        Ran::from(run(&mut self.probe_cmd(user, &args)))
+    }
+
+    /// Starts a long-running process as root in our namespace (outside the
+    /// cgroup); killed when the sandbox drops.
+    pub fn spawn_in_netns(&mut self, argv: &[&str]) {
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path.display()))
+            .args(argv)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
+        self.children.push(child);
+    }
+
+    /// Waits until something accepts TCP connections on `addr` in our
+    /// namespace (probed as root, which no test policy denies... unless it
+    /// does: call before applying).
+    pub fn wait_listening(&self, addr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = run(Command::new(probe_bin())
+                .arg("--netns")
+                .arg(&self.netns_path)
+                .args(["tcp-to", addr]));
+            if String::from_utf8_lossy(&out.stdout).contains("connect=ok") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nothing listens on {addr} after 10 s");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything of this instance the kernel and filesystem hold.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let pins = Path::new("/sys/fs/bpf").join(&self.instance);
+        if pins.exists() {
+            found.push(format!("pins at {}", pins.display()));
+        }
+        let state = Path::new("/run/loopguard").join(&self.instance);
+        if state.exists() {
+            found.push(format!("state at {}", state.display()));
+        }
+        let attached = attached_programs(&self.cgroup);
+        if !attached.is_empty() {
+            found.push(format!("programs attached to {}: {attached:?}", self.cgroup.display()));
+        }
+        found
+    }
+
+    fn teardown(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        if self.netns_path.exists() {
+            let _ = run(Command::new("nsenter")
+                .arg(format!("--net={}", self.netns_path.display()))
+                .arg(loopguard_bin())
+                .args(["--instance", &self.instance, "remove"]));
+        } else if Path::new("/sys/fs/bpf").join(&self.instance).exists() {
+            let _ = run(Command::new(loopguard_bin()).args(["--instance", &self.instance, "remove"]));
+        }
+        if self.cgroup.exists() {
+            if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+                for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                }
+            }
+            for _ in 0..50 {
+                if fs::remove_dir(&self.cgroup).is_ok() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if self.netns_path.exists() {
+            let _ = run(Command::new("ip").args(["netns", "del", &self.netns]));
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Programs attached to a cgroup, as `bpftool cgroup show` lists them.
+pub fn attached_programs(cgroup: &Path) -> Vec<String> {
+    if !cgroup.exists() {
+        return Vec::new();
+    }
+    let out = run(Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.get("name").and_then(|n| n.as_str()).map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
