@@ -305,6 +305,28 @@ impl Sandbox {
         self.children.push(child);
     }
 
+    /// Starts the probe as `user` in our namespace and cgroup, in the
+    /// background; its stdout is returned by [`Sandbox::wait_probe`].
+    pub fn spawn_probe(&self, user: Option<&TestUser>, args: &[&str]) -> Child {
+        self.probe_cmd(user, args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn probe {args:?}: {e}"))
+    }
+
+    /// Starts the probe as root in our namespace, outside the cgroup
+    /// (listeners); killed when the sandbox drops.
+    pub fn spawn_listener(&mut self, port: u16) {
+        let child = Command::new(probe_bin())
+            .arg("--netns")
+            .arg(&self.netns_path)
+            .args(["listen", &port.to_string()])
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn listener: {e}"));
+        self.children.push(child);
+        self.wait_listening(&format!("127.0.0.1:{port}"));
+    }
+
     /// Waits until something accepts TCP connections on `addr` in our
     /// namespace (probed as root, which no test policy denies... unless it
     /// does: call before applying).
@@ -379,6 +401,22 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Waits for a background probe and returns what it printed.
+pub fn wait_probe(child: Child) -> String {
+    let out = child.wait_with_output().expect("wait probe");
+    assert!(out.status.success(), "probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Ids of the programs attached to a cgroup.
+pub fn attached_program_ids(cgroup: &Path) -> Vec<u64> {
+    let out = run(Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    v.as_array()
+        .map(|a| a.iter().filter_map(|p| p.get("id").and_then(serde_json::Value::as_u64)).collect())
+        .unwrap_or_default()
 }
 
 /// Programs attached to a cgroup, as `bpftool cgroup show` lists them.

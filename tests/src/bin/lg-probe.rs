@@ -10,7 +10,9 @@
 //!   tfo ADDR:PORT         listen, then sendto(MSG_FASTOPEN) (TCP Fast Open)
 //!   udp ADDR:PORT         bind [::]:PORT as root, then sendto() a datagram
 //!   udp-connected ADDR:PORT  same, with connect() + send()
-//!   loop tcp-to ADDR:PORT N  N connects, prints counts ok=.. eperm=.. other=..
+//!   listen PORT           accept TCP on [::]:PORT until killed
+//!   loop ADDR:PORT STOPFILE  connect until STOPFILE exists; prints
+//!                         `ok=N eperm=N other=N`
 //!   exec CMD ARGS...      run a command as the user
 //! ```
 
@@ -161,11 +163,18 @@ fn main() {
                 if got { "yes" } else { "no" }
             );
         }
+        "listen" => {
+            let port: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| die("listen PORT"));
+            let l = dual_stack_listener(port);
+            for conn in l.incoming() {
+                drop(conn);
+            }
+        }
         "loop" => {
-            let to: SocketAddr = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| die("loop tcp-to ADDR:PORT N"));
-            let n: u32 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or_else(|| die("loop tcp-to ADDR:PORT N"));
+            let to = target();
+            let stop = args.get(2).cloned().unwrap_or_else(|| die("loop ADDR:PORT STOPFILE"));
             let (mut ok, mut eperm, mut other) = (0, 0, 0);
-            for _ in 0..n {
+            while !std::path::Path::new(&stop).exists() {
                 match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
                     Ok(_) => ok += 1,
                     Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
