@@ -170,10 +170,7 @@ mod programs {
         if port_atom != 0 {
             let mut addr_atom = 0;
             if slot_config.has_nets != 0 {
-                let key = Key::new(
-                    ADDR_KEY_SLOT_BITS + 128,
-                    AddrKey { slot, addr },
-                );
+                let key = Key::new(ADDR_KEY_SLOT_BITS + 128, AddrKey { slot, addr });
                 if let Some(atom) = ADDR_ATOMS.get(&key) {
                     addr_atom = *atom;
                 }

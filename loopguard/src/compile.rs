@@ -322,7 +322,9 @@ impl Plan {
             ),
             Some(i) => {
                 let s = &self.services[i];
-                let listed = self.uid_sets[s.uid_set as usize].binary_search(&uid).is_ok();
+                let listed = self.uid_sets[s.uid_set as usize]
+                    .binary_search(&uid)
+                    .is_ok();
                 let deny = listed != (s.list == ListKind::Allow);
                 let why = match (s.list, listed) {
                     (ListKind::Allow, true) => "uid allowed",
@@ -351,5 +353,198 @@ impl Plan {
         all.sort_unstable();
         all.dedup();
         all.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{self, Directory, IdRef};
+
+    /// Numeric ids only; no group has members.
+    struct NoNames;
+    impl Directory for NoNames {
+        fn uid_of(&self, _: &str) -> Option<u32> {
+            None
+        }
+        fn user_name(&self, _: u32) -> Option<String> {
+            None
+        }
+        fn group_members(&self, g: &IdRef) -> Option<Vec<u32>> {
+            match g {
+                IdRef::Id(7) => Some(vec![2, 3]),
+                _ => None,
+            }
+        }
+    }
+
+    fn plan_of(text: &str) -> (Policy, Plan) {
+        let (p, diags) = policy::load("t.toml", text);
+        assert!(diags.is_empty(), "{diags:?}");
+        let p = p.expect("policy");
+        let r = policy::resolve(&p, &NoNames).expect("resolve");
+        let plan = compile(&p, &r).expect("compile");
+        (p, plan)
+    }
+
+    /// The reference semantics, straight from SPEC §2, without atoms.
+    fn reference(
+        p: &Policy,
+        plan: &Plan,
+        uid: u32,
+        t: Transport,
+        ip: IpAddr,
+        port: u16,
+        host: &[IpAddr],
+    ) -> Action {
+        let Some(dest) = classify(ip, host) else {
+            return Action::Allow;
+        };
+        let (deny, mode) = match p.deciding_service(t, &dest, port) {
+            None => (p.default == Verdict::Deny, p.mode),
+            Some(i) => {
+                let s = &p.services[i];
+                let listed = plan.uid_sets[plan.services[i].uid_set as usize].contains(&uid);
+                (listed != (s.list == ListKind::Allow), s.mode)
+            }
+        };
+        match (deny, mode) {
+            (false, _) => Action::Allow,
+            (true, Mode::Audit) => Action::WouldDeny,
+            (true, Mode::Enforce) => Action::Deny,
+        }
+    }
+
+    const POLICIES: &[&str] = &[
+        r#"version = 1
+[[service]]
+name = "pg"
+port = 5432
+allow_users = [1, 0]
+"#,
+        r#"version = 1
+default = "deny"
+mode = "audit"
+[[service]]
+name = "all"
+port = "1-65535"
+protocol = "any"
+deny_users = [4]
+[[service]]
+name = "web"
+port = "8000-8099"
+allow_users = [1]
+mode = "enforce"
+[[service]]
+name = "web-one"
+port = 8080
+addresses = ["127.0.0.2", "::1"]
+allow_groups = [7]
+[[service]]
+name = "dns"
+port = 53
+protocol = "udp"
+addresses = ["127.0.0.53"]
+allow_users = [0]
+"#,
+        r#"version = 1
+[[service]]
+name = "net16"
+port = "9000-9100"
+addresses = ["127.0.0.0/16"]
+allow_users = [1]
+[[service]]
+name = "net24"
+port = "9050-9060"
+addresses = ["127.0.0.0/24", "::ffff:127.0.1.0/120"]
+deny_users = [2]
+[[service]]
+name = "host"
+port = 9055
+addresses = ["127.0.0.1"]
+protocol = "udp"
+allow_users = [3]
+[[service]]
+name = "udp-wide"
+port = "9000-9200"
+protocol = "udp"
+deny_users = [1]
+"#,
+    ];
+
+    #[test]
+    fn plan_agrees_with_the_reference_semantics() {
+        let host: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let ips: Vec<IpAddr> = [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.0.0.53",
+            "127.0.1.5",
+            "127.1.0.1",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "::ffff:127.0.0.2",
+            "::ffff:0.0.0.0",
+            "192.0.2.1",
+            "2001:db8::1",
+            "::ffff:192.0.2.1",
+            "10.0.0.1",
+            "::2",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let ports = [
+            1, 52, 53, 54, 5431, 5432, 5433, 7999, 8000, 8080, 8099, 8100, 8999, 9000, 9049, 9050,
+            9055, 9060, 9061, 9100, 9101, 9200, 9201, 65535,
+        ];
+        let mut checked = 0;
+        for text in POLICIES {
+            let (p, plan) = plan_of(text);
+            for &ip in &ips {
+                for &port in &ports {
+                    for t in Transport::ALL {
+                        for uid in 0..5 {
+                            let got = plan.evaluate(uid, t, ip, port, &host).action;
+                            let want = reference(&p, &plan, uid, t, ip, port, &host);
+                            assert_eq!(got, want, "uid {uid} {ip} {port}/{t:?} in\n{text}");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000);
+    }
+
+    #[test]
+    fn atoms_and_interning() {
+        let (_, plan) = plan_of(POLICIES[1]);
+        // "all" covers everything, so the atoms tile 1..=65535.
+        assert_eq!(plan.port_atoms.first().map(|a| a.first), Some(1));
+        assert_eq!(plan.port_atoms.last().map(|a| a.last), Some(65535));
+        assert!(plan
+            .port_atoms
+            .windows(2)
+            .all(|w| w[0].last + 1 == w[1].first));
+        assert_eq!(plan.port_atom(0), 0);
+        assert_eq!(plan.nets.len(), 3, "127.0.0.2, 127.0.0.53, ::1");
+        let (_, plan) = plan_of(
+            "version = 1\n[[service]]\nname = \"a\"\nport = 1\nallow_users = [1, 2]\n[[service]]\nname = \"b\"\nport = 2\nallow_users = [2, 1, 2]\n",
+        );
+        assert_eq!(
+            plan.uid_sets,
+            vec![vec![1, 2]],
+            "equal uid lists share one set"
+        );
+        assert_eq!(plan.port_atom(3), 0, "unguarded port");
+    }
+
+    #[test]
+    fn hash_is_of_the_file() {
+        let (_, plan) = plan_of(POLICIES[0]);
+        assert_eq!(plan.hash, source_hash(POLICIES[0]));
+        assert!(plan.hash.starts_with("sha256:") && plan.hash.len() == 7 + 64);
     }
 }

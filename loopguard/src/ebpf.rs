@@ -11,8 +11,7 @@
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
-    fs,
-    io,
+    fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -134,12 +133,16 @@ const MAP_NAMES: [&str; 9] = [
 ];
 
 impl Maps {
-    fn from_maps(mut get: impl FnMut(&'static str) -> Result<Map, EbpfError>) -> Result<Self, EbpfError> {
+    fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Map, EbpfError>,
+    ) -> Result<Self, EbpfError> {
         macro_rules! typed {
             ($name:literal) => {
-                get($name)?
-                    .try_into()
-                    .map_err(map_err(concat!("map ", $name, " has an unexpected type")))?
+                get($name)?.try_into().map_err(map_err(concat!(
+                    "map ",
+                    $name,
+                    " has an unexpected type"
+                )))?
             };
         }
         Ok(Maps {
@@ -159,14 +162,18 @@ impl Maps {
     pub fn open_pinned(paths: &InstancePaths) -> Result<Self, EbpfError> {
         Self::from_maps(|name| {
             let path = paths.maps_dir.join(name);
-            let data = MapData::from_pin(&path)
-                .map_err(map_err(format!("failed to open pinned map {}", path.display())))?;
+            let data = MapData::from_pin(&path).map_err(map_err(format!(
+                "failed to open pinned map {}",
+                path.display()
+            )))?;
             Map::from_map_data(data).map_err(map_err(format!("map {name}")))
         })
     }
 
     pub fn config(&self) -> Result<Config, EbpfError> {
-        self.config.get(&0, 0).map_err(map_err("failed to read LG_CONFIG"))
+        self.config
+            .get(&0, 0)
+            .map_err(map_err("failed to read LG_CONFIG"))
     }
 
     /// Sum over CPUs of one counter.
@@ -193,7 +200,11 @@ pub struct Installed {
 
 /// Reuses the instance's pinned programs and maps, or loads, pins and
 /// attaches them to `cgroup` with an empty policy (everything allowed).
-pub fn install(paths: &InstancePaths, cgroup: &Path, netns_cookie: u64) -> Result<Installed, EbpfError> {
+pub fn install(
+    paths: &InstancePaths,
+    cgroup: &Path,
+    netns_cookie: u64,
+) -> Result<Installed, EbpfError> {
     if is_installed(paths) {
         let maps = Maps::open_pinned(paths)?;
         let config = maps.config()?;
@@ -218,11 +229,17 @@ pub fn install(paths: &InstancePaths, cgroup: &Path, netns_cookie: u64) -> Resul
     }
 }
 
-fn load_and_attach(paths: &InstancePaths, cgroup: &Path, netns_cookie: u64) -> Result<Maps, EbpfError> {
+fn load_and_attach(
+    paths: &InstancePaths,
+    cgroup: &Path,
+    netns_cookie: u64,
+) -> Result<Maps, EbpfError> {
     for dir in [&paths.maps_dir, &paths.progs_dir, &paths.links_dir] {
         fs::create_dir_all(dir).map_err(pin_err(format!("failed to create {}", dir.display())))?;
     }
-    let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(EbpfError::Object)?;
+    let mut ebpf = EbpfLoader::new()
+        .load(EBPF_OBJECT)
+        .map_err(EbpfError::Object)?;
 
     for name in MAP_NAMES {
         let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
@@ -245,18 +262,23 @@ fn load_and_attach(paths: &InstancePaths, cgroup: &Path, netns_cookie: u64) -> R
         )
         .map_err(map_err("failed to write LG_CONFIG"))?;
 
-    let cgroup_dir = fs::File::open(cgroup).map_err(pin_err(format!("failed to open cgroup {}", cgroup.display())))?;
+    let cgroup_dir = fs::File::open(cgroup).map_err(pin_err(format!(
+        "failed to open cgroup {}",
+        cgroup.display()
+    )))?;
     for name in PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or(EbpfError::MissingProgram(name))?
             .try_into()
             .map_err(|source| EbpfError::Verifier { name, source })?;
-        prog.load().map_err(|source| EbpfError::Verifier { name, source })?;
-        prog.pin(paths.progs_dir.join(name)).map_err(|e| EbpfError::Pin {
-            context: format!("failed to pin program {name}"),
-            source: io::Error::other(e),
-        })?;
+        prog.load()
+            .map_err(|source| EbpfError::Verifier { name, source })?;
+        prog.pin(paths.progs_dir.join(name))
+            .map_err(|e| EbpfError::Pin {
+                context: format!("failed to pin program {name}"),
+                source: io::Error::other(e),
+            })?;
         // A bpf_link attachment always runs alongside other programs on the
         // same hook (systemd, container runtimes, other instances): the
         // kernel treats links as BPF_F_ALLOW_MULTI and rejects any flag, so
@@ -278,10 +300,11 @@ fn load_and_attach(paths: &InstancePaths, cgroup: &Path, netns_cookie: u64) -> R
             context: format!("{name} was attached without a bpf_link (kernel older than 5.7?)"),
             source: io::Error::other(e),
         })?;
-        link.pin(paths.links_dir.join(name)).map_err(|e| EbpfError::Pin {
-            context: format!("failed to pin the link of {name}"),
-            source: io::Error::other(e),
-        })?;
+        link.pin(paths.links_dir.join(name))
+            .map_err(|e| EbpfError::Pin {
+                context: format!("failed to pin the link of {name}"),
+                source: io::Error::other(e),
+            })?;
     }
     Ok(maps)
 }
@@ -311,8 +334,10 @@ pub fn remove_pins(paths: &InstancePaths) -> Result<bool, EbpfError> {
                 .map_err(pin_err(format!("failed to unpin {}", path.display())))?;
         }
     }
-    fs::remove_dir_all(&paths.pin_dir)
-        .map_err(pin_err(format!("failed to remove {}", paths.pin_dir.display())))?;
+    fs::remove_dir_all(&paths.pin_dir).map_err(pin_err(format!(
+        "failed to remove {}",
+        paths.pin_dir.display()
+    )))?;
     Ok(true)
 }
 
@@ -349,9 +374,9 @@ pub fn sync_host_addrs(maps: &mut Maps, addrs: &[IpAddr]) -> Result<(), EbpfErro
         }
     }
     for k in want {
-        maps.host_addrs
-            .insert(k, 0, 0)
-            .map_err(map_err("failed to update LG_HOST_ADDRS (too many host addresses?)"))?;
+        maps.host_addrs.insert(k, 0, 0).map_err(map_err(
+            "failed to update LG_HOST_ADDRS (too many host addresses?)",
+        ))?;
     }
     Ok(())
 }
@@ -398,7 +423,10 @@ pub fn write_plan(
     }
     for (i, net) in plan.nets.iter().enumerate() {
         let (addr, bits) = match net {
-            ipnet::IpNet::V4(n) => (n.addr().to_ipv6_mapped().octets(), 96 + u32::from(n.prefix_len())),
+            ipnet::IpNet::V4(n) => (
+                n.addr().to_ipv6_mapped().octets(),
+                96 + u32::from(n.prefix_len()),
+            ),
             ipnet::IpNet::V6(n) => (n.addr().octets(), u32::from(n.prefix_len())),
         };
         let key = Key::new(ADDR_KEY_SLOT_BITS + bits, AddrKey { slot, addr });
@@ -483,7 +511,9 @@ fn clear_slot(maps: &mut Maps, slot: u32) -> Result<(), EbpfError> {
         .filter(|k| k.slot == slot)
         .collect();
     for k in &stale {
-        maps.uids.remove(k).map_err(map_err("failed to clear LG_UIDS"))?;
+        maps.uids
+            .remove(k)
+            .map_err(map_err("failed to clear LG_UIDS"))?;
     }
     let stale: Vec<Key<AddrKey>> = maps
         .addr_atoms

@@ -2,8 +2,7 @@
 //! the network namespace and its addresses.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -16,7 +15,9 @@ use nix::sys::statfs::statfs;
 pub enum HostError {
     #[error("{0} needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
     NotRoot(&'static str),
-    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/mounts); mount one or pass --cgroup")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted (looked in /proc/mounts); mount one or pass --cgroup"
+    )]
     NoCgroup2,
     #[error("{0} is not a cgroup v2 directory")]
     NotCgroup2(PathBuf),
@@ -48,7 +49,7 @@ pub fn require_root(what: &'static str) -> Result<(), HostError> {
 }
 
 fn fs_magic(path: &Path) -> Option<i64> {
-    statfs(path).ok().map(|s| s.filesystem_type().0 as i64)
+    statfs(path).ok().map(|s| s.filesystem_type().0)
 }
 
 /// Mounts bpffs at `path` unless one is there already (a fresh host may

@@ -68,7 +68,9 @@ pub enum Format {
 #[derive(Subcommand)]
 enum Command {
     /// Validate policy files: every problem, with file:line:col.
-    #[command(after_help = "Exit codes: 0 no errors (warnings allowed), 1 problems found, 2 could not run.")]
+    #[command(
+        after_help = "Exit codes: 0 no errors (warnings allowed), 1 problems found, 2 could not run."
+    )]
     Check(cmd::check::Args),
     /// Enforce a policy (root). Atomic: the old policy stays in force until
     /// the new one is complete, and stays if anything fails.

@@ -49,11 +49,19 @@ impl State {
         let text = match fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Read { path: path.clone(), source }),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: path.clone(),
+                    source,
+                })
+            }
         };
         serde_json::from_str(&text)
             .map(Some)
-            .map_err(|source| StateError::Parse { path: path.clone(), source })
+            .map_err(|source| StateError::Parse {
+                path: path.clone(),
+                source,
+            })
     }
 
     /// Written to a temporary file and renamed, so readers never see half.

@@ -80,14 +80,22 @@ pub fn users() -> &'static Users {
         let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| e)
             .expect("lock /tmp/loopguard-test-users.lock");
-        if !run(Command::new("getent").args(["group", DEVS_GROUP])).status.success() {
+        if !run(Command::new("getent").args(["group", DEVS_GROUP]))
+            .status
+            .success()
+        {
             run_ok(Command::new("groupadd").args(["--system", DEVS_GROUP]));
         }
         let mk = |name: &'static str, extra: &[&str]| {
             if id_of("-u", name).is_none() {
                 run_ok(
                     Command::new("useradd")
-                        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin"])
+                        .args([
+                            "--system",
+                            "--no-create-home",
+                            "--shell",
+                            "/usr/sbin/nologin",
+                        ])
                         .args(extra)
                         .arg(name),
                 );
@@ -125,7 +133,9 @@ pub fn cgroup2_root() -> PathBuf {
             (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
         })
         .min_by_key(|p| p.as_os_str().len())
-        .expect("NO CGROUP V2 HIERARCHY MOUNTED: loopguard's tests need one (cgroup2 in /proc/mounts)")
+        .expect(
+            "NO CGROUP V2 HIERARCHY MOUNTED: loopguard's tests need one (cgroup2 in /proc/mounts)",
+        )
 }
 
 fn target_dir_bin(name: &str) -> PathBuf {
@@ -174,7 +184,11 @@ impl Ran {
     }
 
     pub fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "expected success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 }
@@ -219,8 +233,16 @@ impl Sandbox {
         ip(&["link", "add", "lg0", "type", "bridge"]);
         ip(&["link", "set", "lg0", "up"]);
         ip(&["addr", "add", &format!("{HOST_V4}/24"), "dev", "lg0"]);
-        ip(&["addr", "add", &format!("{HOST_V6}/64"), "dev", "lg0", "nodad"]);
-        fs::create_dir_all(&sb.cgroup).unwrap_or_else(|e| panic!("create cgroup {}: {e}", sb.cgroup.display()));
+        ip(&[
+            "addr",
+            "add",
+            &format!("{HOST_V6}/64"),
+            "dev",
+            "lg0",
+            "nodad",
+        ]);
+        fs::create_dir_all(&sb.cgroup)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", sb.cgroup.display()));
         fs::create_dir_all(&sb.dir).expect("sandbox dir");
         // Test users read policy files for `check` and `explain --policy`.
         fs::set_permissions(&sb.dir, fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -265,7 +287,10 @@ impl Sandbox {
 
     fn probe_cmd(&self, user: Option<&TestUser>, args: &[&str]) -> Command {
         let mut cmd = Command::new(probe_bin());
-        cmd.arg("--netns").arg(&self.netns_path).arg("--cgroup").arg(&self.cgroup);
+        cmd.arg("--netns")
+            .arg(&self.netns_path)
+            .arg("--cgroup")
+            .arg(&self.cgroup);
         if let Some(u) = user {
             cmd.args(["--uid", &u.uid.to_string(), "--gid", &u.gid.to_string()]);
         }
@@ -340,7 +365,10 @@ impl Sandbox {
             if String::from_utf8_lossy(&out.stdout).contains("connect=ok") {
                 return;
             }
-            assert!(Instant::now() < deadline, "nothing listens on {addr} after 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {addr} after 10 s"
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -358,7 +386,10 @@ impl Sandbox {
         }
         let attached = attached_programs(&self.cgroup);
         if !attached.is_empty() {
-            found.push(format!("programs attached to {}: {attached:?}", self.cgroup.display()));
+            found.push(format!(
+                "programs attached to {}: {attached:?}",
+                self.cgroup.display()
+            ));
         }
         found
     }
@@ -375,12 +406,19 @@ impl Sandbox {
                 .arg(loopguard_bin())
                 .args(["--instance", &self.instance, "remove"]));
         } else if Path::new("/sys/fs/bpf").join(&self.instance).exists() {
-            let _ = run(Command::new(loopguard_bin()).args(["--instance", &self.instance, "remove"]));
+            let _ =
+                run(Command::new(loopguard_bin()).args(["--instance", &self.instance, "remove"]));
         }
         if self.cgroup.exists() {
             if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-                for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                for pid in procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::SIGKILL,
+                    );
                 }
             }
             for _ in 0..50 {
@@ -406,16 +444,27 @@ impl Drop for Sandbox {
 /// Waits for a background probe and returns what it printed.
 pub fn wait_probe(child: Child) -> String {
     let out = child.wait_with_output().expect("wait probe");
-    assert!(out.status.success(), "probe failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Ids of the programs attached to a cgroup.
 pub fn attached_program_ids(cgroup: &Path) -> Vec<u64> {
-    let out = run(Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    let out = run(Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     v.as_array()
-        .map(|a| a.iter().filter_map(|p| p.get("id").and_then(serde_json::Value::as_u64)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.get("id").and_then(serde_json::Value::as_u64))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -424,8 +473,11 @@ pub fn attached_programs(cgroup: &Path) -> Vec<String> {
     if !cgroup.exists() {
         return Vec::new();
     }
-    let out = run(Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    let out = run(Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     v.as_array()
         .map(|a| {
             a.iter()

@@ -36,19 +36,40 @@ allow_users = ["{}", 0]
         u.alice.name
     ));
     for to in routes(8080) {
-        assert_eq!(sb.probe(Some(&u.alice), &["tcp", &to]), "connect=ok", "alice -> {to}");
+        assert_eq!(
+            sb.probe(Some(&u.alice), &["tcp", &to]),
+            "connect=ok",
+            "alice -> {to}"
+        );
         assert_eq!(sb.probe(None, &["tcp", &to]), "connect=ok", "root -> {to}");
-        assert_eq!(sb.probe(Some(&u.bob), &["tcp", &to]), "connect=EPERM", "bob -> {to}");
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", &to]),
+            "connect=EPERM",
+            "bob -> {to}"
+        );
     }
     // TCP Fast Open goes through the same hook.
-    assert_eq!(sb.probe(Some(&u.bob), &["tfo", "127.0.0.1:8080"]), "connect=EPERM");
-    assert_eq!(sb.probe(Some(&u.alice), &["tfo", "127.0.0.1:8080"]), "connect=ok");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tfo", "127.0.0.1:8080"]),
+        "connect=EPERM"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tfo", "127.0.0.1:8080"]),
+        "connect=ok"
+    );
     // Unmatched ports behave exactly as before.
     for to in routes(8081) {
-        assert_eq!(sb.probe(Some(&u.bob), &["tcp", &to]), "connect=ok", "bob -> {to} (unguarded port)");
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", &to]),
+            "connect=ok",
+            "bob -> {to} (unguarded port)"
+        );
     }
     // UDP on the TCP service's port is not the service.
-    assert_eq!(sb.probe(Some(&u.bob), &["udp", "127.0.0.1:8080"]), "send=ok recv=yes");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["udp", "127.0.0.1:8080"]),
+        "send=ok recv=yes"
+    );
 
     let status = sb.lg(&["status", "--format", "json"]).ok();
     let v: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
@@ -75,17 +96,31 @@ allow_users = ["{}"]
         u.alice.name
     ));
     for to in routes(8125) {
-        assert_eq!(sb.probe(Some(&u.alice), &["udp", &to]), "send=ok recv=yes", "alice -> {to}");
-        assert_eq!(sb.probe(Some(&u.bob), &["udp", &to]), "send=EPERM recv=no", "bob -> {to}");
+        assert_eq!(
+            sb.probe(Some(&u.alice), &["udp", &to]),
+            "send=ok recv=yes",
+            "alice -> {to}"
+        );
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["udp", &to]),
+            "send=EPERM recv=no",
+            "bob -> {to}"
+        );
         assert_eq!(
             sb.probe(Some(&u.bob), &["udp-connected", &to]),
             "send=EPERM recv=no",
             "bob connected -> {to}"
         );
     }
-    assert_eq!(sb.probe(Some(&u.alice), &["udp-connected", "[::1]:8125"]), "send=ok recv=yes");
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["udp-connected", "[::1]:8125"]),
+        "send=ok recv=yes"
+    );
     // TCP to the UDP service's port is unmatched.
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8125"]), "connect=ok");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8125"]),
+        "connect=ok"
+    );
 }
 
 #[test]
@@ -103,9 +138,21 @@ deny_users = ["{}"]
         u.bob.name
     ));
     for to in ["127.0.0.1:22", "[::1]:9000", &format!("{HOST_V4}:5000")] {
-        assert_eq!(sb.probe(Some(&u.bob), &["tcp", to]), "connect=EPERM", "bob -> {to}");
-        assert_eq!(sb.probe(Some(&u.bob), &["udp", to]), "send=EPERM recv=no", "bob udp -> {to}");
-        assert_eq!(sb.probe(Some(&u.alice), &["tcp", to]), "connect=ok", "alice -> {to}");
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", to]),
+            "connect=EPERM",
+            "bob -> {to}"
+        );
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["udp", to]),
+            "send=EPERM recv=no",
+            "bob udp -> {to}"
+        );
+        assert_eq!(
+            sb.probe(Some(&u.alice), &["tcp", to]),
+            "connect=ok",
+            "alice -> {to}"
+        );
         assert_eq!(sb.probe(None, &["tcp", to]), "connect=ok", "root -> {to}");
     }
 }
@@ -129,14 +176,31 @@ allow_users = ["{}"]
     );
     let refused = sb.apply(&p, &[]);
     assert_eq!(refused.code, 1, "{}", refused.stderr);
-    assert!(refused.stderr.contains("cuts-off-root"), "{}", refused.stderr);
-    assert!(sb.leftovers().is_empty(), "a refused apply installed something: {:?}", sb.leftovers());
+    assert!(
+        refused.stderr.contains("cuts-off-root"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        sb.leftovers().is_empty(),
+        "a refused apply installed something: {:?}",
+        sb.leftovers()
+    );
 
     sb.apply(&p, &["--force"]).ok();
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:3000"]), "connect=ok");
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:3000"]), "connect=EPERM");
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:3000"]),
+        "connect=ok"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:3000"]),
+        "connect=EPERM"
+    );
     // Unmatched traffic gets the default, for everyone, root included.
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:3001"]), "connect=EPERM");
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:3001"]),
+        "connect=EPERM"
+    );
     assert_eq!(sb.probe(None, &["udp", "[::1]:53"]), "send=EPERM recv=no");
     // Traffic to other machines is not loopguard's: 198.51.100.1 is not an
     // address of this namespace (it fails for lack of a route, not EPERM).
@@ -158,10 +222,17 @@ allow_users = ["{}"]
 "#,
         u.alice.name
     ));
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:6379"]), "connect=ok");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:6379"]),
+        "connect=ok"
+    );
     assert_eq!(sb.probe(Some(&u.bob), &["tcp", "[::1]:6379"]), "connect=ok");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "[::1]:6379"]), "connect=ok");
-    let v: serde_json::Value = serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "[::1]:6379"]),
+        "connect=ok"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
     assert_eq!(v["services"][0]["would_deny"], 2);
     assert_eq!(v["services"][0]["denied"], 0);
     assert_eq!(v["services"][0]["allowed"], 1);
@@ -186,8 +257,14 @@ mode = "audit"
 "#,
         a = u.alice.name
     ));
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]), "connect=EPERM");
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7001"]), "connect=ok");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]),
+        "connect=EPERM"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7001"]),
+        "connect=ok"
+    );
 }
 
 #[test]
@@ -202,9 +279,20 @@ port = 8888
 allow_groups = ["lgt-devs"]
 "#,
     );
-    assert_eq!(sb.probe(Some(&u.carol), &["tcp", "127.0.0.1:8888"]), "connect=ok", "supplementary member");
-    assert_eq!(sb.probe(Some(&u.dave), &["tcp", "127.0.0.1:8888"]), "connect=ok", "primary member");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:8888"]), "connect=EPERM");
+    assert_eq!(
+        sb.probe(Some(&u.carol), &["tcp", "127.0.0.1:8888"]),
+        "connect=ok",
+        "supplementary member"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.dave), &["tcp", "127.0.0.1:8888"]),
+        "connect=ok",
+        "primary member"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:8888"]),
+        "connect=EPERM"
+    );
 }
 
 #[test]
@@ -235,19 +323,55 @@ deny_users = ["{b}"]
         a = u.alice.name,
         b = u.bob.name
     ));
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "127.0.0.2:5432"]), "connect=ok");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "[::ffff:127.0.0.2]:5432"]), "connect=ok");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "[::1]:5432"]), "connect=ok");
-    assert_eq!(sb.probe(None, &["tcp", "127.0.0.2:5432"]), "connect=EPERM", "root is not in pg-alice");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:5432"]), "connect=EPERM");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "0.0.0.0:5432"]), "connect=EPERM", "0.0.0.0 reaches 127.0.0.1");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "[::]:5432"]), "connect=ok", ":: reaches ::1");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", &format!("{HOST_V4}:5432")]), "connect=EPERM");
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.2:5432"]),
+        "connect=ok"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "[::ffff:127.0.0.2]:5432"]),
+        "connect=ok"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "[::1]:5432"]),
+        "connect=ok"
+    );
+    assert_eq!(
+        sb.probe(None, &["tcp", "127.0.0.2:5432"]),
+        "connect=EPERM",
+        "root is not in pg-alice"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:5432"]),
+        "connect=EPERM"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "0.0.0.0:5432"]),
+        "connect=EPERM",
+        "0.0.0.0 reaches 127.0.0.1"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "[::]:5432"]),
+        "connect=ok",
+        ":: reaches ::1"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", &format!("{HOST_V4}:5432")]),
+        "connect=EPERM"
+    );
     assert_eq!(sb.probe(None, &["tcp", "127.0.0.1:5432"]), "connect=ok");
 
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.1.9:9050"]), "connect=EPERM");
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.2.9:9050"]), "connect=ok");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "127.0.1.9:9050"]), "connect=ok");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.1.9:9050"]),
+        "connect=EPERM"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.2.9:9050"]),
+        "connect=ok"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.1.9:9050"]),
+        "connect=ok"
+    );
 }
 
 #[test]

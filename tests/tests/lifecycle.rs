@@ -72,11 +72,22 @@ fn reapply_under_load_is_atomic_and_reuses_pins() {
             .and_then(|n| n.parse().ok())
             .expect("count")
     };
-    assert!(count(&alice, "ok") > 50, "alice's loop ran during the applies: {alice}");
-    assert_eq!(count(&alice, "eperm") + count(&alice, "other"), 0, "alice: {alice}");
+    assert!(
+        count(&alice, "ok") > 50,
+        "alice's loop ran during the applies: {alice}"
+    );
+    assert_eq!(
+        count(&alice, "eperm") + count(&alice, "other"),
+        0,
+        "alice: {alice}"
+    );
     assert!(count(&bob, "eperm") > 50, "bob: {bob}");
     assert_eq!(count(&bob, "ok") + count(&bob, "other"), 0, "bob: {bob}");
-    assert_eq!(attached_program_ids(&sb.cgroup), ids, "re-apply reused the pinned programs");
+    assert_eq!(
+        attached_program_ids(&sb.cgroup),
+        ids,
+        "re-apply reused the pinned programs"
+    );
     eprintln!("during {applies} applies: alice {alice}; bob {bob}");
 }
 
@@ -95,8 +106,16 @@ fn failed_apply_keeps_the_policy_in_force() {
     );
     let r = sb.apply(&bad, &[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(r.stderr.contains("unknown user \"no-such-user-lg\""), "{}", r.stderr);
-    assert!(r.stderr.contains("bad.toml:5:17"), "location in: {}", r.stderr);
+    assert!(
+        r.stderr.contains("unknown user \"no-such-user-lg\""),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("bad.toml:5:17"),
+        "location in: {}",
+        r.stderr
+    );
 
     // Syntax error.
     let broken = sb.policy("broken.toml", "version = 1\n[[service]\n");
@@ -107,10 +126,18 @@ fn failed_apply_keeps_the_policy_in_force() {
     assert_eq!(r.code, 4, "{}", r.stderr);
     assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
 
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]), "connect=EPERM");
-    assert_eq!(sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:7000"]), "connect=ok");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]),
+        "connect=EPERM"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:7000"]),
+        "connect=ok"
+    );
     let after = sb.lg(&["status", "--format", "json"]).ok().stdout;
-    let hash = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json")["policy_hash"].clone();
+    let hash = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).expect("json")["policy_hash"].clone()
+    };
     assert_eq!(hash(&before), hash(&after));
 }
 
@@ -120,13 +147,23 @@ fn remove_leaves_nothing_behind() {
     let sb = Sandbox::new("remove");
     sb.apply_text(&policy_a(u.alice.name));
     assert!(!sb.leftovers().is_empty());
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]), "connect=EPERM");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]),
+        "connect=EPERM"
+    );
     let r = sb.lg(&["remove"]).ok();
     assert!(r.stdout.contains("removed instance"), "{}", r.stdout);
     assert_eq!(sb.leftovers(), Vec::<String>::new());
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]), "connect=ok");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]),
+        "connect=ok"
+    );
     let again = sb.lg(&["remove"]).ok();
-    assert!(again.stdout.contains("nothing installed"), "{}", again.stdout);
+    assert!(
+        again.stdout.contains("nothing installed"),
+        "{}",
+        again.stdout
+    );
     let status = sb.lg(&["status"]).ok();
     assert!(status.stdout.contains("not installed"), "{}", status.stdout);
 }
@@ -148,7 +185,9 @@ fn explain_agrees_with_the_kernel() {
     for (user, to) in cases {
         let uid = user.uid.to_string();
         // From the applied state (root) and from the file (as the user).
-        let applied = sb.lg(&["explain", "--uid", &uid, "--to", to, "--format", "json"]).ok();
+        let applied = sb
+            .lg(&["explain", "--uid", &uid, "--to", to, "--format", "json"])
+            .ok();
         let v: serde_json::Value = serde_json::from_str(&applied.stdout).expect("explain json");
         let from_file = sb.exec_as(
             Some(user),
@@ -170,12 +209,22 @@ fn explain_agrees_with_the_kernel() {
         assert_eq!(v["action"], w["action"], "{to}");
         assert_eq!(v["service"], w["service"], "{to}");
         let seen = sb.probe(Some(user), &["tcp", to]);
-        let expected = if v["action"] == "deny" { "connect=EPERM" } else { "connect=ok" };
+        let expected = if v["action"] == "deny" {
+            "connect=EPERM"
+        } else {
+            "connect=ok"
+        };
         assert_eq!(seen, expected, "{} -> {to}: explain said {}", user.name, v);
     }
-    let human = sb.lg(&["explain", "--user", u.bob.name, "--to", "127.0.0.1:7000"]).ok();
+    let human = sb
+        .lg(&["explain", "--user", u.bob.name, "--to", "127.0.0.1:7000"])
+        .ok();
     assert!(human.stdout.starts_with("deny: uid"), "{}", human.stdout);
-    assert!(human.stdout.contains("service app-renamed at"), "{}", human.stdout);
+    assert!(
+        human.stdout.contains("service app-renamed ("),
+        "{}",
+        human.stdout
+    );
     assert!(human.stdout.contains("EPERM"), "{}", human.stdout);
 }
 
@@ -192,7 +241,16 @@ fn check_runs_without_root_and_reports_everything() {
     let lg = lg.to_str().expect("utf-8");
     let ok = sb.exec_as(Some(&u.bob), &[lg, "check", good.to_str().expect("utf-8")]);
     assert_eq!(ok.code, 0, "{}{}", ok.stdout, ok.stderr);
-    let r = sb.exec_as(Some(&u.bob), &[lg, "check", "--format", "json", bad.to_str().expect("utf-8")]);
+    let r = sb.exec_as(
+        Some(&u.bob),
+        &[
+            lg,
+            "check",
+            "--format",
+            "json",
+            bad.to_str().expect("utf-8"),
+        ],
+    );
     assert_eq!(r.code, 1, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
     let codes: Vec<&str> = v["files"][0]["diagnostics"]
@@ -205,11 +263,29 @@ fn check_runs_without_root_and_reports_everything() {
     assert_eq!(v["files"][0]["diagnostics"][1]["line"], 5);
     assert_eq!(v["files"][0]["diagnostics"][1]["column"], 8);
     // Unknown names are errors unless --offline.
-    let fixed = sb.policy("names.toml", "version = 1\n[[service]]\nname = \"x\"\nport = 1\nallow_users = [\"nobody-lg\"]\n");
-    assert_eq!(sb.exec_as(Some(&u.bob), &[lg, "check", fixed.to_str().expect("utf-8")]).code, 1);
-    assert_eq!(sb.exec_as(Some(&u.bob), &[lg, "check", "--offline", fixed.to_str().expect("utf-8")]).code, 0);
+    let fixed = sb.policy(
+        "names.toml",
+        "version = 1\n[[service]]\nname = \"x\"\nport = 1\nallow_users = [\"nobody-lg\"]\n",
+    );
+    assert_eq!(
+        sb.exec_as(Some(&u.bob), &[lg, "check", fixed.to_str().expect("utf-8")])
+            .code,
+        1
+    );
+    assert_eq!(
+        sb.exec_as(
+            Some(&u.bob),
+            &[lg, "check", "--offline", fixed.to_str().expect("utf-8")]
+        )
+        .code,
+        0
+    );
     // Unreadable: could not run.
-    assert_eq!(sb.exec_as(Some(&u.bob), &[lg, "check", "/nonexistent.toml"]).code, 2);
+    assert_eq!(
+        sb.exec_as(Some(&u.bob), &[lg, "check", "/nonexistent.toml"])
+            .code,
+        2
+    );
 }
 
 #[test]
@@ -247,5 +323,8 @@ fn dry_run_changes_nothing_and_shows_the_diff() {
     let r = sb.apply(&b, &["--dry-run"]).ok();
     assert!(r.stdout.contains("- service app "), "{}", r.stdout);
     assert!(r.stdout.contains("+ service app-renamed"), "{}", r.stdout);
-    assert_eq!(sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]), "connect=EPERM");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7000"]),
+        "connect=EPERM"
+    );
 }

@@ -1,1 +1,446 @@
-fn main(){}
+//! `cargo xtask`: what a fresh Debian 12 root machine needs to build, test
+//! and demonstrate loopguard. Every step is idempotent: it checks first and
+//! installs only what is missing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+/// Debian packages: LLVM 22 for bpf-linker (same major as nightly's LLVM),
+/// nft, bpftool (tests inspect attachments), iproute2 and util-linux
+/// (namespaces), passwd (test users), redis (the end-to-end test and demo).
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "nftables",
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "passwd",
+    "redis-server",
+    "redis-tools",
+];
+
+/// Accounts the integration tests create; removed after `test`.
+const TEST_USERS: &[&str] = &["lgt-alice", "lgt-bob", "lgt-carol", "lgt-dave"];
+const TEST_GROUPS: &[&str] = &["lgt-alice", "lgt-bob", "lgt-carol", "lgt-devs"];
+
+#[derive(Parser)]
+#[command(about = "loopguard's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, rust-src for
+    /// nightly, bpf-linker against LLVM 22). Idempotent.
+    Setup,
+    /// Setup, then build and run the whole test suite (unit, snapshot and
+    /// real-kernel integration tests). Needs root.
+    Test {
+        /// Extra arguments for the test binaries, e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Setup, then show loopguard refusing and allowing real connections to
+    /// a real Redis, inside a network namespace and child cgroup it creates
+    /// and removes. Needs root.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Test { args } => {
+            setup()?;
+            test(&args)
+        }
+        Task::Demo => {
+            setup()?;
+            demo()
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let s = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed with {s}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}; run as root to install them");
+        }
+        status(Command::new("apt-get").args(["update", "-q"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    let has_rust_src = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        });
+    if !has_rust_src {
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        status(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "--locked",
+                    "bpf-linker",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+    eprintln!("xtask: setup complete (apt packages, rust-src for nightly, bpf-linker)");
+    Ok(())
+}
+
+const TEST_PACKAGES: &[&str] = &[
+    "-p",
+    "loopguard",
+    "-p",
+    "loopguard-common",
+    "-p",
+    "loopguard-tests",
+];
+
+fn test(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the integration tests need root: they attach eBPF programs under child cgroups and create namespaces and users");
+    }
+    let root = workspace_root();
+    status(
+        Command::new("cargo")
+            .current_dir(&root)
+            .arg("build")
+            .args(TEST_PACKAGES)
+            .arg("--bins"),
+    )?;
+    // Two cores: two tests at a time.
+    let result = status(
+        Command::new("cargo")
+            .current_dir(&root)
+            .arg("test")
+            .args(TEST_PACKAGES)
+            .arg("--")
+            .arg("--test-threads=2")
+            .args(args),
+    );
+    remove_test_accounts();
+    result
+}
+
+fn remove_test_accounts() {
+    for u in TEST_USERS {
+        if succeeds(Command::new("id").arg("-u").arg(u)) {
+            let _ = succeeds(Command::new("userdel").arg(u));
+        }
+    }
+    for g in TEST_GROUPS {
+        if succeeds(Command::new("getent").args(["group", g])) {
+            let _ = succeeds(Command::new("groupdel").arg(g));
+        }
+    }
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the demo needs root: it loads eBPF programs into a child cgroup");
+    }
+    let root = workspace_root();
+    status(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "-p",
+        "loopguard",
+        "-p",
+        "loopguard-tests",
+        "--bins",
+    ]))?;
+    // Dropping the demo removes what it made, whether or not a step failed.
+    Demo::new(&root)?.run()
+}
+
+/// A network namespace, child cgroup, instance and two users, removed on
+/// drop (also when a step failed).
+struct Demo {
+    loopguard: PathBuf,
+    probe: PathBuf,
+    netns: &'static str,
+    cgroup: PathBuf,
+    dir: PathBuf,
+    redis: Option<std::process::Child>,
+}
+
+const DEMO_INSTANCE: &str = "lg-demo";
+const DEMO_USERS: [&str; 2] = ["lg-demo-app", "lg-demo-guest"];
+
+impl Demo {
+    fn new(root: &Path) -> Result<Demo> {
+        let cgroup_root = std::fs::read_to_string("/proc/mounts")?
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+            })
+            .min_by_key(|p| p.as_os_str().len())
+            .context("no cgroup v2 hierarchy is mounted")?;
+        let demo = Demo {
+            loopguard: root.join("target/debug/loopguard"),
+            probe: root.join("target/debug/lg-probe"),
+            netns: DEMO_INSTANCE,
+            cgroup: cgroup_root.join("lg-demo.scope"),
+            dir: std::env::temp_dir().join("lg-demo"),
+            redis: None,
+        };
+        demo.cleanup();
+        for u in DEMO_USERS {
+            if !succeeds(Command::new("id").arg("-u").arg(u)) {
+                status(Command::new("useradd").args([
+                    "--system",
+                    "--user-group",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    u,
+                ]))?;
+            }
+        }
+        status(Command::new("ip").args(["netns", "add", demo.netns]))?;
+        status(Command::new("ip").args(["-n", demo.netns, "link", "set", "lo", "up"]))?;
+        std::fs::create_dir_all(&demo.cgroup)
+            .with_context(|| format!("create {}", demo.cgroup.display()))?;
+        std::fs::create_dir_all(&demo.dir)?;
+        Ok(demo)
+    }
+
+    fn in_netns(&self, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(program);
+        c
+    }
+
+    fn loopguard(&self, args: &[&str]) -> Result<()> {
+        let mut c = self.in_netns(&self.loopguard);
+        c.args(["--instance", DEMO_INSTANCE]).args(args);
+        println!("\n$ loopguard {}", args.join(" "));
+        let s = c.status()?;
+        if !s.success() {
+            bail!("loopguard {args:?} failed with {s}");
+        }
+        Ok(())
+    }
+
+    /// redis-cli as `user`, from inside the guarded cgroup.
+    fn redis_cli(&self, user: &str, host: &str) -> Result<()> {
+        let uid = id(user, "-u")?;
+        let gid = id(user, "-g")?;
+        println!("\n$ sudo -u {user} redis-cli -h {host} -p 6379 PING");
+        let out = Command::new(&self.probe)
+            .args(["--netns", &format!("/run/netns/{}", self.netns)])
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .args([
+                "--uid",
+                &uid,
+                "--gid",
+                &gid,
+                "exec",
+                "redis-cli",
+                "-h",
+                host,
+                "-p",
+                "6379",
+                "PING",
+            ])
+            .output()?;
+        print!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<()> {
+        println!("== loopguard demo: a Redis on 127.0.0.1:6379 that only lg-demo-app may reach");
+        println!(
+            "   (network namespace {}, cgroup {})",
+            self.netns,
+            self.cgroup.display()
+        );
+        let redis = self
+            .in_netns(Path::new("redis-server"))
+            .args([
+                "--bind",
+                "127.0.0.1 ::1",
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("start redis-server")?;
+        self.redis = Some(redis);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+
+        println!("\nBefore: \"bound to localhost\" is no access control; both users get in.");
+        self.redis_cli("lg-demo-app", "127.0.0.1")?;
+        self.redis_cli("lg-demo-guest", "127.0.0.1")?;
+
+        let policy = self.dir.join("policy.toml");
+        std::fs::write(
+            &policy,
+            "version = 1\n\n[[service]]\nname = \"redis\"\nport = 6379\nallow_users = [\"lg-demo-app\"]\n",
+        )?;
+        println!("\n$ cat {}", policy.display());
+        print!("{}", std::fs::read_to_string(&policy)?);
+        let policy = policy.to_string_lossy().into_owned();
+        let cgroup = self.cgroup.to_string_lossy().into_owned();
+        self.loopguard(&["check", &policy])?;
+        self.loopguard(&["apply", &policy, "--cgroup", &cgroup])?;
+
+        println!(
+            "\nAfter: the guest gets EPERM on every route to the service; the app still gets in."
+        );
+        self.redis_cli("lg-demo-app", "127.0.0.1")?;
+        self.redis_cli("lg-demo-guest", "127.0.0.1")?;
+        self.redis_cli("lg-demo-guest", "::1")?;
+        self.redis_cli("lg-demo-guest", "127.0.0.2")?;
+        self.loopguard(&[
+            "explain",
+            "--user",
+            "lg-demo-guest",
+            "--to",
+            "127.0.0.1:6379",
+        ])?;
+        self.loopguard(&["status"])?;
+        self.loopguard(&["remove"])?;
+        println!(
+            "\nRemoved: nothing of loopguard is left; the demo namespace, cgroup and users go too."
+        );
+        Ok(())
+    }
+
+    fn cleanup(&self) {
+        if Path::new("/run/netns").join(self.netns).exists() {
+            let mut c = self.in_netns(&self.loopguard);
+            let _ = succeeds(c.args(["--instance", DEMO_INSTANCE, "remove"]));
+            let _ = succeeds(Command::new("ip").args(["netns", "del", self.netns]));
+        }
+        if let Ok(procs) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                let _ = succeeds(Command::new("kill").args(["-9", pid]));
+            }
+        }
+        for _ in 0..50 {
+            if !self.cgroup.exists() || std::fs::remove_dir(&self.cgroup).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.redis.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+        self.cleanup();
+        for u in DEMO_USERS {
+            let _ = succeeds(Command::new("userdel").arg(u));
+        }
+    }
+}
+
+fn id(user: &str, flag: &str) -> Result<String> {
+    let o = Command::new("id").arg(flag).arg(user).output()?;
+    if !o.status.success() {
+        bail!("no user {user}");
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}

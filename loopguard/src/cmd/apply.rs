@@ -21,7 +21,9 @@ use super::{check_source, counts};
 use crate::{exit, read_policy};
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  loopguard apply /etc/loopguard/policy.toml\n  loopguard apply policy.toml --dry-run\n  loopguard --instance ci apply policy.toml --cgroup /sys/fs/cgroup/ci.slice")]
+#[command(
+    after_help = "Examples:\n  loopguard apply /etc/loopguard/policy.toml\n  loopguard apply policy.toml --dry-run\n  loopguard --instance ci apply policy.toml --cgroup /sys/fs/cgroup/ci.slice"
+)]
 pub struct Args {
     /// The policy file.
     #[arg(value_name = "FILE")]
@@ -125,7 +127,8 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let cookie = host::netns_cookie().unwrap_or(0);
     let host_addrs = host::host_addresses()?;
 
-    let mut installed = ebpf::install(paths, &cgroup, cookie).context("failed to install the eBPF layer")?;
+    let mut installed =
+        ebpf::install(paths, &cgroup, cookie).context("failed to install the eBPF layer")?;
     let result = ebpf::sync_host_addrs(&mut installed.maps, &host_addrs).and_then(|()| {
         ebpf::write_plan(
             &mut installed.maps,
@@ -141,7 +144,8 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 // Nothing was enforced before: leave nothing attached.
                 let _ = ebpf::remove_pins(paths);
             }
-            return Err(anyhow::Error::new(e).context("failed to write the policy; the policy in force is unchanged"));
+            return Err(anyhow::Error::new(e)
+                .context("failed to write the policy; the policy in force is unchanged"));
         }
     };
     let state = State {
@@ -155,15 +159,19 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     state.save(paths)?;
     let hash = state.plan.hash.trim_start_matches("sha256:");
     println!(
-        "applied {} ({}): {} services, {} uids, layers bpf on {}, {} ms",
+        "applied {} ({}): {}, {}, layers bpf on {}, {} ms",
         &hash[..12.min(hash.len())],
         state.policy_path.display(),
-        state.plan.services.len(),
-        state.plan.uid_count(),
+        plural(state.plan.services.len(), "service"),
+        plural(state.plan.uid_count(), "uid"),
         cgroup.display(),
         started.elapsed().as_millis()
     );
     Ok(exit::OK)
+}
+
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// What changes from `old` to `new`, one line each.
@@ -187,7 +195,7 @@ fn diff(old: Option<&Plan>, new: &Plan) -> Vec<String> {
         .to_lowercase()
     };
     let Some(old) = old else {
-        lines.push(format!("install: no policy is applied to this instance yet"));
+        lines.push("install: no policy is applied to this instance yet".into());
         for s in &new.services {
             lines.push(format!("+ service {}", summary(new, s)));
         }
@@ -226,8 +234,16 @@ fn diff(old: Option<&Plan>, new: &Plan) -> Vec<String> {
                     && o.log_allowed == s.log_allowed
                     && old_uids == new_uids;
                 if !same {
-                    let added: Vec<String> = new_uids.iter().filter(|u| !old_uids.contains(u)).map(u32::to_string).collect();
-                    let removed: Vec<String> = old_uids.iter().filter(|u| !new_uids.contains(u)).map(u32::to_string).collect();
+                    let added: Vec<String> = new_uids
+                        .iter()
+                        .filter(|u| !old_uids.contains(u))
+                        .map(u32::to_string)
+                        .collect();
+                    let removed: Vec<String> = old_uids
+                        .iter()
+                        .filter(|u| !new_uids.contains(u))
+                        .map(u32::to_string)
+                        .collect();
                     let mut line = format!("~ service {}", summary(new, s));
                     if !added.is_empty() {
                         line.push_str(&format!(" +uids {}", added.join(",")));
@@ -241,7 +257,9 @@ fn diff(old: Option<&Plan>, new: &Plan) -> Vec<String> {
         }
     }
     if lines.is_empty() {
-        lines.push("no change in enforcement (the file changed, the compiled policy did not)".into());
+        lines.push(
+            "no change in enforcement (the file changed, the compiled policy did not)".into(),
+        );
     }
     lines
 }

@@ -9,7 +9,9 @@ use super::{check_source, counts};
 use crate::{exit, Format};
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  loopguard check policy.toml\n  loopguard check --offline --format json hosts/*.toml")]
+#[command(
+    after_help = "Examples:\n  loopguard check policy.toml\n  loopguard check --offline --format json hosts/*.toml"
+)]
 pub struct Args {
     /// Do not resolve user and group names (for policies meant for other
     /// hosts, e.g. in an ops repo's CI).
@@ -62,12 +64,18 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
                 if checked.errors() == 0 {
                     writeln!(
                         out,
-                        "{}: ok, {services} services ({})",
+                        "{}: ok, {services} service{} ({})",
                         checked.file,
+                        if services == 1 { "" } else { "s" },
                         counts(0, checked.warnings())
                     )?;
                 } else {
-                    writeln!(out, "{}: {}", checked.file, counts(checked.errors(), checked.warnings()))?;
+                    writeln!(
+                        out,
+                        "{}: {}",
+                        checked.file,
+                        counts(checked.errors(), checked.warnings())
+                    )?;
                 }
             }
             Format::Json => files.push(FileReport {

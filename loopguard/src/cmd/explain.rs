@@ -65,7 +65,9 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let dir = SystemDirectory;
     let uid = match (&args.user, args.uid) {
         (_, Some(uid)) => uid,
-        (Some(name), None) => dir.uid_of(name).ok_or_else(|| anyhow!("unknown user {name:?}"))?,
+        (Some(name), None) => dir
+            .uid_of(name)
+            .ok_or_else(|| anyhow!("unknown user {name:?}"))?,
         (None, None) => unreachable!("clap requires --user or --uid"),
     };
     let plan: Plan = match &args.policy {
@@ -83,7 +85,12 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         None => {
             host::require_root("explain without --policy")?;
             State::load(paths)?
-                .ok_or_else(|| anyhow!("instance {} has no applied policy; pass --policy FILE", paths.instance))?
+                .ok_or_else(|| {
+                    anyhow!(
+                        "instance {} has no applied policy; pass --policy FILE",
+                        paths.instance
+                    )
+                })?
                 .plan
         }
     };
@@ -117,15 +124,31 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 Some(n) => format!("uid {uid} ({n})"),
                 None => format!("uid {uid}"),
             };
-            writeln!(out, "{}: {who} -> {}/{}", explanation.action, explanation.destination, explanation.protocol)?;
+            writeln!(
+                out,
+                "{}: {who} -> {}/{}",
+                explanation.action, explanation.destination, explanation.protocol
+            )?;
             match service {
-                Some(s) => writeln!(out, "  decided by service {} at {}: {}", s.name, s.location, explanation.reason)?,
+                Some(s) => {
+                    let why = explanation
+                        .reason
+                        .split_once(": ")
+                        .map_or(explanation.reason.as_str(), |(_, w)| w);
+                    writeln!(
+                        out,
+                        "  decided by service {} ({}): {why}",
+                        s.name, s.location
+                    )?;
+                }
                 None => writeln!(out, "  {}", explanation.reason)?,
             }
             let effect = match eval.action {
                 compile::Action::Allow => "the connection proceeds",
                 compile::Action::Deny => "connect()/sendto() fails with EPERM",
-                compile::Action::WouldDeny => "audit mode: the connection proceeds and is recorded as would-deny",
+                compile::Action::WouldDeny => {
+                    "audit mode: the connection proceeds and is recorded as would-deny"
+                }
             };
             writeln!(out, "  {effect}")?;
         }

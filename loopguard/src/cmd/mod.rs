@@ -68,5 +68,9 @@ pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) ->
 /// `3 errors, 1 warning`
 pub fn counts(errors: usize, warnings: usize) -> String {
     let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
-    format!("{}, {}", plural(errors, "error"), plural(warnings, "warning"))
+    format!(
+        "{}, {}",
+        plural(errors, "error"),
+        plural(warnings, "warning")
+    )
 }

@@ -69,13 +69,24 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("status")?;
     let state = State::load(paths)?;
     let installed = ebpf::is_installed(paths);
-    let maps = if installed { Some(Maps::open_pinned(paths)?) } else { None };
-    let active = maps.as_ref().and_then(|m| m.config().ok()).map(|c| c.active_slot);
+    let maps = if installed {
+        Some(Maps::open_pinned(paths)?)
+    } else {
+        None
+    };
+    let active = maps
+        .as_ref()
+        .and_then(|m| m.config().ok())
+        .map(|c| c.active_slot);
 
     let mut status = Status {
         instance: paths.instance.clone(),
         installed,
-        layers: if installed { vec!["bpf".into()] } else { vec![] },
+        layers: if installed {
+            vec!["bpf".into()]
+        } else {
+            vec![]
+        },
         policy_hash: None,
         policy_path: None,
         applied_at: None,
@@ -128,9 +139,22 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 return Ok(exit::OK);
             }
             writeln!(out, "instance:  {}", status.instance)?;
-            writeln!(out, "policy:    {} ({})", status.policy_path.as_deref().unwrap_or("?"), status.policy_hash.as_deref().unwrap_or("?"))?;
-            writeln!(out, "applied:   {}", status.applied_at.as_deref().unwrap_or("?"))?;
-            writeln!(out, "layers:    bpf (connect4, connect6, sendmsg4, sendmsg6 on {})", status.cgroup.as_deref().unwrap_or("?"))?;
+            writeln!(
+                out,
+                "policy:    {} ({})",
+                status.policy_path.as_deref().unwrap_or("?"),
+                status.policy_hash.as_deref().unwrap_or("?")
+            )?;
+            writeln!(
+                out,
+                "applied:   {}",
+                status.applied_at.as_deref().unwrap_or("?")
+            )?;
+            writeln!(
+                out,
+                "layers:    bpf (connect4, connect6, sendmsg4, sendmsg6 on {})",
+                status.cgroup.as_deref().unwrap_or("?")
+            )?;
             writeln!(
                 out,
                 "default:   {} ({}), allowed {} denied {} would-deny {}",
@@ -143,7 +167,15 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             writeln!(
                 out,
                 "{:<24} {:<8} {:<12} {:<20} {:<6} {:>5} {:>10} {:>10} {:>10}",
-                "SERVICE", "PROTO", "PORTS", "ADDRESSES", "LIST", "UIDS", "ALLOWED", "DENIED", "WOULD-DENY"
+                "SERVICE",
+                "PROTO",
+                "PORTS",
+                "ADDRESSES",
+                "LIST",
+                "UIDS",
+                "ALLOWED",
+                "DENIED",
+                "WOULD-DENY"
             )?;
             for s in &status.services {
                 writeln!(

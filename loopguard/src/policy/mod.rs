@@ -14,8 +14,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use parse::parse;
-pub use resolve::{resolve, Directory, Resolved, SystemDirectory};
 pub use parse::valid_name;
+pub use resolve::{resolve, Directory, Resolved, SystemDirectory};
 pub use validate::{lint, validate, ESSENTIAL_SERVICES};
 
 use crate::diag::Diagnostic;
@@ -140,9 +140,9 @@ impl AddrSet {
         match (self, other) {
             (AddrSet::Loopback, _) => true,
             (AddrSet::Nets(_), AddrSet::Loopback) => false,
-            (AddrSet::Nets(outer), AddrSet::Nets(inner)) => inner
-                .iter()
-                .all(|i| outer.iter().any(|o| o.contains(i))),
+            (AddrSet::Nets(outer), AddrSet::Nets(inner)) => {
+                inner.iter().all(|i| outer.iter().any(|o| o.contains(i)))
+            }
         }
     }
 
@@ -302,6 +302,8 @@ pub struct Policy {
     pub file: String,
     pub source: String,
     pub default: Verdict,
+    /// Where `default` is set, when it is.
+    pub default_span: Option<Span>,
     pub mode: Mode,
     pub log_allowed: bool,
     pub services: Vec<Service>,

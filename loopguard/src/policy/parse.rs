@@ -36,9 +36,16 @@ pub fn parse(file: &str, source: &str) -> (Option<Policy>, Vec<Diagnostic>) {
     let root = match toml_span::parse(source) {
         Ok(v) => v,
         Err(e) => {
-            let span = e.span.start..e.span.end.max(e.span.start);
-            let d = Diagnostic::error("syntax", format!("invalid TOML: {}", e.kind))
-                .primary(span, "here");
+            let span = e.span.start..e.span.start + 1;
+            let mut d =
+                Diagnostic::error("syntax", format!("invalid TOML: {e}")).primary(span, "here");
+            match &e.kind {
+                toml_span::ErrorKind::DuplicateKey { first, .. }
+                | toml_span::ErrorKind::DuplicateTable { first, .. } => {
+                    d = d.secondary(first.start..first.end, "first defined here");
+                }
+                _ => {}
+            }
             return (None, vec![d]);
         }
     };
@@ -83,9 +90,12 @@ impl Parser {
     fn unknown_keys(&mut self, table: &Table<'_>, known: &[&str], what: &str) {
         for key in table.keys() {
             if !known.contains(&key.name.as_ref()) {
-                let d = Diagnostic::error("unknown-key", format!("unknown key `{}` in {what}", key.name))
-                    .primary(key.span.start..key.span.end, "not a policy key")
-                    .note(format!("expected one of: {}", known.join(", ")));
+                let d = Diagnostic::error(
+                    "unknown-key",
+                    format!("unknown key `{}` in {what}", key.name),
+                )
+                .primary(key.span.start..key.span.end, "not a policy key")
+                .note(format!("expected one of: {}", known.join(", ")));
                 self.diags.push(d);
             }
         }
@@ -116,10 +126,18 @@ impl Parser {
             },
         }
         let default = self
-            .keyword(table, "default", &[("allow", Verdict::Allow), ("deny", Verdict::Deny)])
+            .keyword(
+                table,
+                "default",
+                &[("allow", Verdict::Allow), ("deny", Verdict::Deny)],
+            )
             .unwrap_or(Verdict::Allow);
         let mode = self
-            .keyword(table, "mode", &[("enforce", Mode::Enforce), ("audit", Mode::Audit)])
+            .keyword(
+                table,
+                "mode",
+                &[("enforce", Mode::Enforce), ("audit", Mode::Audit)],
+            )
             .unwrap_or(Mode::Enforce);
         let log_allowed = self.boolean(table, "log_allowed").unwrap_or(false);
 
@@ -140,13 +158,19 @@ impl Parser {
             file: file.to_string(),
             source: source.to_string(),
             default,
+            default_span: table.get("default").map(span),
             mode,
             log_allowed,
             services,
         })
     }
 
-    fn keyword<T: Copy>(&mut self, table: &Table<'_>, key: &str, choices: &[(&str, T)]) -> Option<T> {
+    fn keyword<T: Copy>(
+        &mut self,
+        table: &Table<'_>,
+        key: &str,
+        choices: &[(&str, T)],
+    ) -> Option<T> {
         let v = table.get(key)?;
         let Some(s) = v.as_str() else {
             let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
@@ -179,7 +203,12 @@ impl Parser {
         }
     }
 
-    fn service(&mut self, item: &Value<'_>, global_mode: Mode, global_log: bool) -> Option<Service> {
+    fn service(
+        &mut self,
+        item: &Value<'_>,
+        global_mode: Mode,
+        global_log: bool,
+    ) -> Option<Service> {
         let Some(table) = item.as_table() else {
             self.wrong_type("service", item, "a table");
             return None;
@@ -194,7 +223,12 @@ impl Parser {
                     .map(|k| k.span.start..k.span.end)
                     .min_by_key(|s| s.start)
                     .unwrap_or_else(|| span(item));
-                self.error("missing-key", at, "service without a `name`".into(), "in this service");
+                self.error(
+                    "missing-key",
+                    at,
+                    "service without a `name`".into(),
+                    "in this service",
+                );
                 None
             }
             Some(v) => match v.as_str() {
@@ -220,7 +254,12 @@ impl Parser {
 
         let ports = match table.get("port") {
             None => {
-                self.error("missing-key", here.clone(), "service without a `port`".into(), "this service");
+                self.error(
+                    "missing-key",
+                    here.clone(),
+                    "service without a `port`".into(),
+                    "this service",
+                );
                 None
             }
             Some(v) => self.ports(v),
@@ -229,7 +268,11 @@ impl Parser {
             .keyword(
                 table,
                 "protocol",
-                &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp), ("any", Protocol::Any)],
+                &[
+                    ("tcp", Protocol::Tcp),
+                    ("udp", Protocol::Udp),
+                    ("any", Protocol::Any),
+                ],
             )
             .unwrap_or(Protocol::Tcp);
         let addresses = match table.get("addresses") {
@@ -237,10 +280,11 @@ impl Parser {
             Some(v) => self.addresses(v),
         };
 
-        let lists: Vec<(&str, Option<&Value<'_>>)> = ["allow_users", "allow_groups", "deny_users", "deny_groups"]
-            .iter()
-            .map(|k| (*k, table.get(*k)))
-            .collect();
+        let lists: Vec<(&str, Option<&Value<'_>>)> =
+            ["allow_users", "allow_groups", "deny_users", "deny_groups"]
+                .iter()
+                .map(|k| (*k, table.get(*k)))
+                .collect();
         let has_allow = lists[0].1.is_some() || lists[1].1.is_some();
         let has_deny = lists[2].1.is_some() || lists[3].1.is_some();
         let list = match (has_allow, has_deny) {
@@ -255,9 +299,14 @@ impl Parser {
                 None
             }
             (true, true) => {
-                let mut d = Diagnostic::error("both-lists", "service has both an allow-list and a deny-list")
-                    .primary(here.clone(), "this service")
-                    .note("a service is either an allow-list or a deny-list; split it into two services");
+                let mut d = Diagnostic::error(
+                    "both-lists",
+                    "service has both an allow-list and a deny-list",
+                )
+                .primary(here.clone(), "this service")
+                .note(
+                    "a service is either an allow-list or a deny-list; split it into two services",
+                );
                 for (k, v) in &lists {
                     if let Some(v) = v {
                         d = d.secondary(span(v), format!("`{k}`"));
@@ -271,11 +320,15 @@ impl Parser {
             Some(ListKind::Deny) => (lists[2].1, lists[3].1),
             _ => (lists[0].1, lists[1].1),
         };
-        let users = users_key.map(|v| self.ids(v, "users")).unwrap_or_default();
-        let groups = groups_key.map(|v| self.ids(v, "groups")).unwrap_or_default();
+        let users = users_key.map(|v| self.ids(v, "user")).unwrap_or_default();
+        let groups = groups_key.map(|v| self.ids(v, "group")).unwrap_or_default();
 
         let mode = self
-            .keyword(table, "mode", &[("enforce", Mode::Enforce), ("audit", Mode::Audit)])
+            .keyword(
+                table,
+                "mode",
+                &[("enforce", Mode::Enforce), ("audit", Mode::Audit)],
+            )
             .unwrap_or(global_mode);
         let log_allowed = self.boolean(table, "log_allowed").unwrap_or(global_log);
 
@@ -303,14 +356,23 @@ impl Parser {
             ValueInner::Integer(n) => match one(*n) {
                 Some(p) => Some(PortRange { first: p, last: p }),
                 None => {
-                    self.error("port", span(v), format!("port {n} is out of range"), "ports are 1-65535");
+                    self.error(
+                        "port",
+                        span(v),
+                        format!("port {n} is out of range"),
+                        "ports are 1-65535",
+                    );
                     None
                 }
             },
             ValueInner::String(s) => {
                 let parsed = match s.split_once('-') {
                     None => s.trim().parse::<i64>().ok().map(|a| (a, a)),
-                    Some((a, b)) => a.trim().parse::<i64>().ok().zip(b.trim().parse::<i64>().ok()),
+                    Some((a, b)) => a
+                        .trim()
+                        .parse::<i64>()
+                        .ok()
+                        .zip(b.trim().parse::<i64>().ok()),
                 };
                 match parsed {
                     None => {
@@ -323,7 +385,9 @@ impl Parser {
                         None
                     }
                     Some((a, b)) => match (one(a), one(b)) {
-                        (Some(first), Some(last)) if first <= last => Some(PortRange { first, last }),
+                        (Some(first), Some(last)) if first <= last => {
+                            Some(PortRange { first, last })
+                        }
                         (Some(_), Some(_)) => {
                             self.error(
                                 "port",
@@ -346,7 +410,11 @@ impl Parser {
                 }
             }
             _ => {
-                self.wrong_type("port", v, "a port number or a range string like \"8000-8099\"");
+                self.wrong_type(
+                    "port",
+                    v,
+                    "a port number or a range string like \"8000-8099\"",
+                );
                 None
             }
         }
@@ -381,15 +449,23 @@ impl Parser {
             }
             match parse_net(s) {
                 Err(msg) => {
-                    self.error("address", span(item), format!("invalid address \"{s}\""), &msg);
+                    self.error(
+                        "address",
+                        span(item),
+                        format!("invalid address \"{s}\""),
+                        &msg,
+                    );
                     ok = false;
                 }
                 Ok(net) => nets.push((net, span(item))),
             }
         }
         if let (Some(l), false) = (&loopback, nets.is_empty()) {
-            let mut d = Diagnostic::error("addresses", "`loopback` already covers every other address listed")
-                .primary(l.clone(), "every route to this host");
+            let mut d = Diagnostic::error(
+                "addresses",
+                "`loopback` already covers every other address listed",
+            )
+            .primary(l.clone(), "every route to this host");
             for (_, s) in &nets {
                 d = d.secondary(s.clone(), "covered by `loopback`");
             }
@@ -408,7 +484,7 @@ impl Parser {
 
     fn ids(&mut self, v: &Value<'_>, what: &str) -> Vec<Spanned<IdRef>> {
         let Some(items) = v.as_array() else {
-            self.wrong_type(what, v, "an array of names and numeric ids");
+            self.wrong_type(&format!("{what}s"), v, "an array of names and numeric ids");
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -418,7 +494,12 @@ impl Parser {
                     // (uid_t)-1 means "no id" to the kernel.
                     Ok(id) if id != u32::MAX => Some(IdRef::Id(id)),
                     _ => {
-                        self.error("id", span(item), format!("{n} is not a valid id"), "ids are 0-4294967294");
+                        self.error(
+                            "id",
+                            span(item),
+                            format!("{n} is not a valid id"),
+                            "ids are 0-4294967294",
+                        );
                         None
                     }
                 },
@@ -428,17 +509,25 @@ impl Parser {
                     } else if valid_account_name(s) {
                         Some(IdRef::Name(s.to_string()))
                     } else {
-                        self.error("id", span(item), format!("\"{s}\" is not a valid {what} name"), "invalid name");
+                        self.error(
+                            "id",
+                            span(item),
+                            format!("\"{s}\" is not a valid {what} name"),
+                            "invalid name",
+                        );
                         None
                     }
                 }
                 _ => {
-                    self.wrong_type(what, item, "a name or a numeric id");
+                    self.wrong_type(&format!("a {what}"), item, "a name or a numeric id");
                     None
                 }
             };
             if let Some(value) = id {
-                out.push(Spanned { value, span: span(item) });
+                out.push(Spanned {
+                    value,
+                    span: span(item),
+                });
             }
         }
         out
@@ -468,25 +557,31 @@ fn valid_account_name(n: &str) -> bool {
 /// become IPv4.
 fn parse_net(s: &str) -> Result<IpNet, String> {
     let net = if s.contains('/') {
-        let net: IpNet = s.parse().map_err(|_| "expected an IP address or a CIDR prefix".to_string())?;
+        let net: IpNet = s
+            .parse()
+            .map_err(|_| "expected an IP address or a CIDR prefix".to_string())?;
         if net.trunc() != net {
             return Err(format!("host bits are set; did you mean {}?", net.trunc()));
         }
         net
     } else {
-        let ip: IpAddr = s.parse().map_err(|_| "expected an IP address or a CIDR prefix".to_string())?;
+        let ip: IpAddr = s
+            .parse()
+            .map_err(|_| "expected an IP address or a CIDR prefix".to_string())?;
         IpNet::from(ip)
     };
     let net = match net {
         IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
-            Some(v4) if v6.prefix_len() >= 96 => IpNet::V4(
-                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_err(|e| e.to_string())?,
-            ),
+            Some(v4) if v6.prefix_len() >= 96 => {
+                IpNet::V4(ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_err(|e| e.to_string())?)
+            }
             _ => IpNet::V6(v6),
         },
         v4 => v4,
     };
-    let loop4: IpNet = IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).map_err(|e| e.to_string())?);
+    let loop4: IpNet = IpNet::V4(
+        ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).map_err(|e| e.to_string())?,
+    );
     let in_scope = match net {
         IpNet::V4(_) => loop4.contains(&net),
         IpNet::V6(v6) => v6.prefix_len() == 128 && v6.addr() == std::net::Ipv6Addr::LOCALHOST,
@@ -513,10 +608,15 @@ mod tests {
     #[test]
     fn nets() {
         assert_eq!(parse_net("127.0.0.2").unwrap().to_string(), "127.0.0.2/32");
-        assert_eq!(parse_net("::ffff:127.0.1.0/120").unwrap().to_string(), "127.0.1.0/24");
+        assert_eq!(
+            parse_net("::ffff:127.0.1.0/120").unwrap().to_string(),
+            "127.0.1.0/24"
+        );
         assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
         assert!(parse_net("10.0.0.1").is_err());
-        assert!(parse_net("127.0.0.5/24").unwrap_err().contains("127.0.0.0/24"));
+        assert!(parse_net("127.0.0.5/24")
+            .unwrap_err()
+            .contains("127.0.0.0/24"));
         assert!(parse_net("::2").is_err());
     }
 }

@@ -43,7 +43,10 @@ impl Directory for SystemDirectory {
         // SAFETY: getpwent is not thread-safe; loopguard resolves names on
         // one thread before starting any other.
         let all = unsafe { uzers::all_users() };
-        uids.extend(all.filter(|u| u.primary_group_id() == g.gid()).map(|u| u.uid()));
+        uids.extend(
+            all.filter(|u| u.primary_group_id() == g.gid())
+                .map(|u| u.uid()),
+        );
         Some(uids)
     }
 }

@@ -12,9 +12,24 @@ use crate::diag::Diagnostic;
 /// Local services a host needs; a `default = "deny"` policy that cuts root
 /// off from them breaks name resolution and more.
 pub const ESSENTIAL_SERVICES: &[(Transport, IpAddr, u16, &str)] = &[
-    (Transport::Udp, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)), 53, "the systemd-resolved DNS stub"),
-    (Transport::Tcp, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)), 53, "the systemd-resolved DNS stub"),
-    (Transport::Udp, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 54)), 53, "the systemd-resolved DNS proxy"),
+    (
+        Transport::Udp,
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)),
+        53,
+        "the systemd-resolved DNS stub",
+    ),
+    (
+        Transport::Tcp,
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)),
+        53,
+        "the systemd-resolved DNS stub",
+    ),
+    (
+        Transport::Udp,
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 54)),
+        53,
+        "the systemd-resolved DNS proxy",
+    ),
 ];
 
 /// Errors that need the whole policy: duplicate names and overlapping
@@ -25,9 +40,12 @@ pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
     for s in &policy.services {
         if let Some(first) = seen.get(s.name.as_str()) {
             diags.push(
-                Diagnostic::error("duplicate-name", format!("duplicate service name \"{}\"", s.name))
-                    .primary(s.name_span.clone(), "second use")
-                    .secondary(first.name_span.clone(), "first defined here"),
+                Diagnostic::error(
+                    "duplicate-name",
+                    format!("duplicate service name \"{}\"", s.name),
+                )
+                .primary(s.name_span.clone(), "second use")
+                .secondary(first.name_span.clone(), "first defined here"),
             );
         } else {
             seen.insert(&s.name, s);
@@ -45,7 +63,11 @@ pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
             if !a.intersects(b) {
                 continue;
             }
-            let (first, second) = if a.name_span.start < b.name_span.start { (a, b) } else { (b, a) };
+            let (first, second) = if a.name_span.start < b.name_span.start {
+                (a, b)
+            } else {
+                (b, a)
+            };
             match (a.contains(b), b.contains(a)) {
                 (true, true) => diags.push(
                     Diagnostic::error(
@@ -80,19 +102,24 @@ pub fn lint(policy: &Policy, resolved: Option<&Resolved>) -> Vec<Diagnostic> {
     if policy.default != Verdict::Deny {
         return diags;
     }
-    let default_span = policy
-        .source
-        .find("default")
-        .map_or(0..0, |i| i..i + "default".len());
+    let default_span = policy.default_span.clone().unwrap_or(0..0);
     for (transport, ip, port, what) in ESSENTIAL_SERVICES {
         let dest = Destination::Loopback(*ip);
-        let (allowed, why) = match policy.deciding_service(*transport, &dest, *port) {
-            None => (false, "no service matches it, so `default = \"deny\"` decides".to_string()),
+        let (allowed, span, label) = match policy.deciding_service(*transport, &dest, *port) {
+            None => (
+                false,
+                default_span.clone(),
+                "no service matches it, so the default denies it".to_string(),
+            ),
             Some(i) => {
                 let s = &policy.services[i];
                 let listed = root_listed(s, resolved.map(|r| &r.services[i].uids[..]));
                 let allowed = listed == (s.list == ListKind::Allow);
-                (allowed, format!("service \"{}\" does not let root through", s.name))
+                (
+                    allowed,
+                    s.name_span.clone(),
+                    "this service decides and does not let root through".to_string(),
+                )
             }
         };
         if !allowed {
@@ -101,8 +128,7 @@ pub fn lint(policy: &Policy, resolved: Option<&Resolved>) -> Vec<Diagnostic> {
                     "cuts-off-root",
                     format!("root could not reach {what} on {ip}:{port}/{}", transport.as_str()),
                 )
-                .primary(default_span.clone(), "every unmatched attempt is denied")
-                .note(why)
+                .primary(span, label)
                 .note(format!(
                     "add a service for {ip}:{port}/{} that allows root (uid 0) and the system users that resolve names; `apply` refuses this policy without --force",
                     transport.as_str()
@@ -117,6 +143,7 @@ fn root_listed(s: &Service, uids: Option<&[u32]>) -> bool {
     if let Some(uids) = uids {
         return uids.contains(&0);
     }
-    let is_root = |id: &IdRef| matches!(id, IdRef::Id(0)) || matches!(id, IdRef::Name(n) if n == "root");
+    let is_root =
+        |id: &IdRef| matches!(id, IdRef::Id(0)) || matches!(id, IdRef::Name(n) if n == "root");
     s.users.iter().any(|u| is_root(&u.value)) || s.groups.iter().any(|g| is_root(&g.value))
 }

@@ -113,11 +113,18 @@ fn main() {
     match action.as_str() {
         "tcp" | "tcp-to" => {
             let res = TcpStream::connect_timeout(&target(), Duration::from_secs(2));
-            println!("connect={}", res.map_or_else(|e| errno_name(&e), |_| "ok".into()));
+            println!(
+                "connect={}",
+                res.map_or_else(|e| errno_name(&e), |_| "ok".into())
+            );
         }
         "tfo" => {
             let to = target();
-            let fam = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+            let fam = if to.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
             // SAFETY: plain socket(2).
             let fd = unsafe { libc::socket(fam, libc::SOCK_STREAM, 0) };
             if fd < 0 {
@@ -144,13 +151,18 @@ fn main() {
         }
         "udp" | "udp-connected" => {
             let to = target();
-            let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse().unwrap_or_else(|_| die("addr")) } else { "[::]:0".parse().unwrap_or_else(|_| die("addr")) };
+            let bind: SocketAddr = if to.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap_or_else(|_| die("addr"))
+            } else {
+                "[::]:0".parse().unwrap_or_else(|_| die("addr"))
+            };
             let s = UdpSocket::bind(bind).unwrap_or_else(|e| die(&format!("bind sender: {e}")));
             let payload = format!("probe-{}", std::process::id());
             let sent = if action == "udp" {
                 s.send_to(payload.as_bytes(), to).map(|_| ())
             } else {
-                s.connect(to).and_then(|()| s.send(payload.as_bytes()).map(|_| ()))
+                s.connect(to)
+                    .and_then(|()| s.send(payload.as_bytes()).map(|_| ()))
             };
             let mut buf = [0u8; 128];
             let got = receiver
@@ -164,7 +176,10 @@ fn main() {
             );
         }
         "listen" => {
-            let port: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| die("listen PORT"));
+            let port: u16 = args
+                .get(1)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| die("listen PORT"));
             let l = dual_stack_listener(port);
             for conn in l.incoming() {
                 drop(conn);
@@ -172,7 +187,10 @@ fn main() {
         }
         "loop" => {
             let to = target();
-            let stop = args.get(2).cloned().unwrap_or_else(|| die("loop ADDR:PORT STOPFILE"));
+            let stop = args
+                .get(2)
+                .cloned()
+                .unwrap_or_else(|| die("loop ADDR:PORT STOPFILE"));
             let (mut ok, mut eperm, mut other) = (0, 0, 0);
             while !std::path::Path::new(&stop).exists() {
                 match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
