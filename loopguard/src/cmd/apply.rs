@@ -60,8 +60,10 @@ fn lock_path(paths: &InstancePaths) -> PathBuf {
     Path::new(STATE_ROOT).join(format!("{}.lock", paths.instance))
 }
 
+/// Deletes the lock file, and the state root if no instance is left.
 pub fn remove_lock(paths: &InstancePaths) {
     let _ = fs::remove_file(lock_path(paths));
+    let _ = fs::remove_dir(STATE_ROOT);
 }
 
 pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
