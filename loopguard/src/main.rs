@@ -127,7 +127,18 @@ fn report(err: &anyhow::Error, verbose: bool) -> ExitCode {
     {
         return ExitCode::from(exit::OK);
     }
-    let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
+    // One line: stop at a verifier failure, whose source carries the whole
+    // verifier log (printed below with --verbose).
+    let mut chain: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        chain.push(cause.to_string());
+        if matches!(
+            cause.downcast_ref::<EbpfError>(),
+            Some(EbpfError::Verifier { .. })
+        ) {
+            break;
+        }
+    }
     eprintln!("loopguard: {}", chain.join(": "));
     let mut code = exit::FAILURE;
     for cause in err.chain() {

@@ -30,6 +30,9 @@ fn example_policies_check_clean() {
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(stdout.matches(": ok,").count(), files.len(), "{stdout}");
-        assert!(stdout.matches("(0 errors, 0 warnings)").count() == files.len(), "{stdout}");
+        assert!(
+            stdout.matches("(0 errors, 0 warnings)").count() == files.len(),
+            "{stdout}"
+        );
     }
 }

@@ -328,3 +328,46 @@ fn dry_run_changes_nothing_and_shows_the_diff() {
         "connect=EPERM"
     );
 }
+
+#[test]
+fn apply_mounts_bpffs_when_missing() {
+    let u = users();
+    let sb = Sandbox::new("bpffs");
+    let p = sb.policy("p.toml", &policy_a(u.alice.name));
+    // A private mount namespace without bpffs: apply must mount its own.
+    // When the namespace ends, its bpffs and every pin in it go away, and
+    // with the last reference the kernel detaches the programs.
+    let script = format!(
+        "umount /sys/fs/bpf 2>/dev/null; \
+         if grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts; then echo still-mounted; exit 1; fi; \
+         nsenter --net={ns} {lg} --instance {inst} apply {p} --cgroup {cg} >/dev/null || exit 1; \
+         grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && echo mounted; \
+         {probe} --netns {ns} --cgroup {cg} --uid {bob} tcp 127.0.0.1:7000",
+        ns = sb.netns_path.display(),
+        lg = loopguard_bin().display(),
+        inst = sb.instance,
+        p = p.display(),
+        cg = sb.cgroup.display(),
+        probe = loopguard_tests::probe_bin().display(),
+        bob = u.bob.uid,
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim(),
+        "mounted\nconnect=EPERM",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The private bpffs is gone, and so is the attachment.
+    for _ in 0..100 {
+        if attached_program_ids(&sb.cgroup).is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(attached_program_ids(&sb.cgroup), Vec::<u64>::new());
+}
