@@ -21,8 +21,10 @@ pub enum HostError {
     NoCgroup2,
     #[error("{0} is not a cgroup v2 directory")]
     NotCgroup2(PathBuf),
-    #[error("this kernel does not support cgroup socket address programs (needs Linux 5.7 or later with CONFIG_CGROUP_BPF)")]
+    #[error("this kernel does not support cgroup socket address programs (needs Linux 5.7 or later with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF)")]
     NoBpf,
+    #[error("Linux {found} is too old: loopguard needs 5.7 or later (pinned bpf_link attachments of cgroup programs)")]
+    KernelTooOld { found: String },
     #[error("failed to mount bpffs at {path}")]
     MountBpffs {
         path: PathBuf,
@@ -120,6 +122,46 @@ pub fn attach_cgroup(requested: Option<&Path>) -> Result<PathBuf, HostError> {
     }
 }
 
+/// The running kernel's release and (major, minor).
+pub fn kernel_version() -> (String, (u32, u32)) {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let version = parse_release(&release);
+    (release, version)
+}
+
+/// `6.1.0-57-cloud-amd64` -> (6, 1)
+fn parse_release(release: &str) -> (u32, u32) {
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
+}
+
+/// Refuses kernels without what the eBPF layer needs, and warns about
+/// what only narrows the guarantee. Minimums: 5.7 (bpf_link for cgroup
+/// programs, `bpf_get_netns_cookie` in sock_addr programs); 5.14
+/// (`SO_NETNS_COOKIE`, to guard one network namespace only).
+pub fn check_kernel() -> Result<(), HostError> {
+    let (release, version) = kernel_version();
+    if version < (5, 7) {
+        return Err(HostError::KernelTooOld { found: release });
+    }
+    match aya::sys::is_program_supported(aya::programs::ProgramType::CgroupSockAddr) {
+        Ok(true) => {}
+        Ok(false) => return Err(HostError::NoBpf),
+        // The probe itself failed (e.g. seccomp): let loading report it.
+        Err(e) => log::debug!("cgroup sock_addr probe failed: {e}"),
+    }
+    if version < (5, 14) {
+        log::warn!(
+            "Linux {release} cannot tell network namespaces apart (SO_NETNS_COOKIE needs 5.14): the policy applies to loopback connections in every namespace"
+        );
+    }
+    Ok(())
+}
+
 /// `SO_NETNS_COOKIE` of the current network namespace; `None` before 5.14.
 pub fn netns_cookie() -> Option<u64> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -162,4 +204,18 @@ pub fn host_addresses() -> Result<Vec<IpAddr>, HostError> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases() {
+        assert_eq!(parse_release("6.1.0-57-cloud-amd64"), (6, 1));
+        assert_eq!(parse_release("6.12.117+deb12-cloud-amd64"), (6, 12));
+        assert_eq!(parse_release("5.4.0"), (5, 4));
+        assert!(parse_release("5.4.0") < (5, 7) && parse_release("5.10.1") >= (5, 7));
+        assert_eq!(unescape_mount("/a\\040b"), "/a b");
+    }
 }

@@ -10,6 +10,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 /// Debian packages: LLVM 22 for bpf-linker (same major as nightly's LLVM),
 /// nft, bpftool (tests inspect attachments), iproute2 and util-linux
 /// (namespaces), passwd (test users), redis (the end-to-end test and demo).
@@ -23,6 +25,14 @@ const APT_PACKAGES: &[&str] = &[
     "passwd",
     "redis-server",
     "redis-tools",
+    // vm-test: Debian kernels booted under qemu from a busybox initramfs.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "xz-utils",
+    "zstd",
+    "binutils",
 ];
 
 /// Accounts the integration tests create; removed after `test`.
@@ -48,6 +58,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Setup, then run the real-kernel integration tests on Debian 12's
+    /// kernels booted in qemu (software emulation), and/or on the host.
+    VmTest {
+        /// 6.1, 6.12, host, all, or a comma-separated list (6.1,6.12).
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+    },
     /// Setup, then show loopguard refusing and allowing real connections to
     /// a real Redis, inside a network namespace and child cgroup it creates
     /// and removes. Needs root.
@@ -71,6 +88,10 @@ fn run() -> Result<()> {
         Task::Test { args } => {
             setup()?;
             test(&args)
+        }
+        Task::VmTest { kernel } => {
+            setup()?;
+            vm::vm_test(&kernel)
         }
         Task::Demo => {
             setup()?;

@@ -125,6 +125,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             );
         }
     }
+    host::check_kernel()?;
     host::ensure_bpffs(Path::new(loopguard::paths::BPFFS))?;
     let cookie = host::netns_cookie().unwrap_or(0);
     let host_addrs = host::host_addresses()?;
