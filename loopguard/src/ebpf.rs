@@ -381,15 +381,10 @@ pub fn sync_host_addrs(maps: &mut Maps, addrs: &[IpAddr]) -> Result<(), EbpfErro
     Ok(())
 }
 
-/// Writes `plan` into the inactive slot, then flips to it. Until the flip
-/// the previous policy is enforced whole; after it, the new one. `previous`
-/// (the plan in force) carries per-service counters over by name.
-pub fn write_plan(
-    maps: &mut Maps,
-    plan: &Plan,
-    previous: Option<&Plan>,
-    netns_cookie: u64,
-) -> Result<u32, EbpfError> {
+/// Writes `plan` into the inactive slot and returns it; [`flip`] then puts
+/// it in force. Until the flip the previous policy is enforced whole.
+/// `previous` (the plan in force) carries per-service counters over by name.
+pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u32, EbpfError> {
     let config = maps.config()?;
     let slot = if config.active_slot == 0 { 1 } else { 0 };
     clear_slot(maps, slot)?;
@@ -473,8 +468,12 @@ pub fn write_plan(
             0,
         )
         .map_err(map_err("failed to write LG_SLOT_CONFIG"))?;
+    Ok(slot)
+}
 
-    // The flip: one 16-byte array element, written by one syscall.
+/// Puts a staged slot in force: one 16-byte array element, written by one
+/// syscall, read once by every program run.
+pub fn flip(maps: &mut Maps, slot: u32, netns_cookie: u64) -> Result<(), EbpfError> {
     maps.config
         .set(
             0,
@@ -485,8 +484,7 @@ pub fn write_plan(
             },
             0,
         )
-        .map_err(map_err("failed to write LG_CONFIG"))?;
-    Ok(slot)
+        .map_err(map_err("failed to write LG_CONFIG"))
 }
 
 /// Removes a slot's entries from the hash maps and trie (arrays are

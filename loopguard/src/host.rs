@@ -60,6 +60,22 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), HostError> {
     if fs_magic(path) == Some(BPF_FS_MAGIC) {
         return Ok(());
     }
+    // Two first applies at once must not stack two mounts: serialize on
+    // /run (a directory lock, so no file is left behind) and look again.
+    let run = fs::File::open("/run").map_err(|source| HostError::Io {
+        context: "failed to open /run".into(),
+        source,
+    })?;
+    let _guard =
+        nix::fcntl::Flock::lock(run, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| {
+            HostError::Io {
+                context: "failed to lock /run".into(),
+                source: io::Error::from(e),
+            }
+        })?;
+    if fs_magic(path) == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
     fs::create_dir_all(path).map_err(|source| HostError::Io {
         context: format!("failed to create {}", path.display()),
         source,

@@ -9,6 +9,7 @@ pub mod compile;
 pub mod diag;
 pub mod ebpf;
 pub mod host;
+pub mod nft;
 pub mod paths;
 pub mod policy;
 pub mod state;

@@ -6,7 +6,7 @@ mod cmd;
 use std::{io, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use loopguard::{ebpf::EbpfError, host::HostError, paths};
+use loopguard::{ebpf::EbpfError, host::HostError, nft::NftError, paths};
 
 /// Exit codes (stable; documented in the README).
 pub mod exit {
@@ -148,6 +148,20 @@ fn report(err: &anyhow::Error, verbose: bool) -> ExitCode {
                 HostError::Io { .. } => exit::FAILURE,
                 _ => exit::UNSUPPORTED,
             };
+            break;
+        }
+        if let Some(e) = cause.downcast_ref::<NftError>() {
+            if verbose {
+                if let Some(detail) = e.detail() {
+                    eprintln!("{detail}");
+                }
+            }
+            if matches!(
+                e,
+                NftError::Rejected(nftables::helper::NftablesError::NftExecution { .. })
+            ) {
+                code = exit::UNSUPPORTED;
+            }
             break;
         }
         if let Some(e) = cause.downcast_ref::<EbpfError>() {

@@ -267,6 +267,34 @@ impl Sandbox {
             .args(args)))
     }
 
+    /// `loopguard ARGS` with extra environment (e.g. a PATH with a fake nft).
+    pub fn lg_env(&self, env: &[(&str, &str)], args: &[&str]) -> Ran {
+        Ran::from(run(Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path.display()))
+            .arg(loopguard_bin())
+            .arg("--instance")
+            .arg(&self.instance)
+            .args(args)
+            .envs(env.iter().copied())))
+    }
+
+    /// The nftables table of our instance, as `nft -j` lists it.
+    pub fn nft_table(&self) -> Option<serde_json::Value> {
+        let out = run(Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path.display()))
+            .args(["nft", "-j", "list", "table", "inet", &self.instance]));
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("nft json"))
+    }
+
+    /// Runs a command as root in our namespace (nft, ip).
+    pub fn in_netns(&self, argv: &[&str]) -> Ran {
+        Ran::from(run(Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path.display()))
+            .args(argv)))
+    }
+
     /// `apply FILE --cgroup <ours> EXTRA...`
     pub fn apply(&self, file: &Path, extra: &[&str]) -> Ran {
         let mut args = vec![
@@ -305,6 +333,22 @@ impl Sandbox {
         assert!(
             out.status.success(),
             "probe {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Runs the probe as `user` in our namespace but outside our cgroup.
+    pub fn probe_outside(&self, user: Option<&TestUser>, args: &[&str]) -> String {
+        let mut cmd = Command::new(probe_bin());
+        cmd.arg("--netns").arg(&self.netns_path);
+        if let Some(u) = user {
+            cmd.args(["--uid", &u.uid.to_string(), "--gid", &u.gid.to_string()]);
+        }
+        let out = run(cmd.args(args));
+        assert!(
+            out.status.success(),
+            "probe {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -383,6 +427,14 @@ impl Sandbox {
         let state = Path::new("/run/loopguard").join(&self.instance);
         if state.exists() {
             found.push(format!("state at {}", state.display()));
+        }
+        if self.netns_path.exists() {
+            let table = run(Command::new("nsenter")
+                .arg(format!("--net={}", self.netns_path.display()))
+                .args(["nft", "list", "table", "inet", &self.instance]));
+            if table.status.success() {
+                found.push(format!("nftables table inet {}", self.instance));
+            }
         }
         let attached = attached_programs(&self.cgroup);
         if !attached.is_empty() {

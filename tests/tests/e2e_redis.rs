@@ -40,7 +40,7 @@ fn redis_cli_allowed_and_denied() {
 [[service]]
 name = "redis"
 port = 6390
-allow_users = ["{}"]
+allow_users = ["{}", "root"]
 "#,
         u.alice.name
     ));

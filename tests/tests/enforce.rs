@@ -375,22 +375,24 @@ deny_users = ["{b}"]
 }
 
 #[test]
-fn processes_outside_the_cgroup_are_not_guarded() {
+fn ebpf_alone_guards_only_the_cgroup_subtree() {
     let u = users();
     let sb = Sandbox::new("outside");
-    sb.apply_text(&format!(
-        "version = 1\n[[service]]\nname = \"web\"\nport = 8080\nallow_users = [\"{}\"]\n",
-        u.alice.name
-    ));
+    let p = sb.policy(
+        "p.toml",
+        &format!(
+            "version = 1\n[[service]]\nname = \"web\"\nport = 8080\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        ),
+    );
+    sb.apply(&p, &["--layers", "bpf"]).ok();
     let inside = sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]);
     assert_eq!(inside, "connect=EPERM");
-    // Same namespace, no --cgroup: the root cgroup is not attached (the
-    // nftables layer is what guards processes outside the subtree).
-    let out = std::process::Command::new(loopguard_tests::probe_bin())
-        .arg("--netns")
-        .arg(&sb.netns_path)
-        .args(["--uid", &u.bob.uid.to_string(), "tcp", "127.0.0.1:8080"])
-        .output()
-        .expect("probe");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connect=ok");
+    // Same namespace, outside the cgroup: the eBPF layer does not see it
+    // (the nftables layer is what guards processes outside the subtree).
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ok"
+    );
+    assert!(sb.nft_table().is_none(), "--layers bpf installs no table");
 }

@@ -338,7 +338,7 @@ fn apply_mounts_bpffs_when_missing() {
     // When the namespace ends, its bpffs and every pin in it go away, and
     // with the last reference the kernel detaches the programs.
     let script = format!(
-        "umount /sys/fs/bpf 2>/dev/null; \
+        "while grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts; do umount /sys/fs/bpf || break; done; \
          if grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts; then echo still-mounted; exit 1; fi; \
          nsenter --net={ns} {lg} --instance {inst} apply {p} --cgroup {cg} >/dev/null || exit 1; \
          grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && echo mounted; \

@@ -26,7 +26,7 @@ use crate::{status, workspace_root};
 /// Integration test binaries (of the loopguard-tests package) run in the
 /// guest. The Redis end-to-end test stays on the host: it needs a full
 /// Debian service.
-const GUEST_TESTS: &[&str] = &["enforce", "lifecycle"];
+const GUEST_TESTS: &[&str] = &["enforce", "lifecycle", "nft"];
 
 /// Host programs the tests call, copied into the guest with their libraries.
 const GUEST_PROGRAMS: &[&str] = &[
@@ -39,17 +39,20 @@ const GUEST_PROGRAMS: &[&str] = &[
     "/usr/bin/id",
     "/usr/sbin/bpftool",
     "/usr/sbin/nft",
+    "/usr/bin/kmod",
 ];
 
-/// Kernel modules the tests need (dependencies are resolved from
+/// Kernel modules loaded at boot (dependencies are resolved from
 /// modules.dep).
-const GUEST_MODULES: &[&str] = &[
-    "bridge",
-    "nf_tables",
-    "nft_reject_inet",
-    "nft_log",
-    "nfnetlink_log",
-    "veth",
+const GUEST_MODULES: &[&str] = &["bridge", "nf_tables", "nft_reject_inet", "veth"];
+
+/// Module directories copied whole, so the kernel can autoload whatever
+/// expression a ruleset uses.
+const GUEST_MODULE_DIRS: &[&str] = &[
+    "kernel/net/netfilter/",
+    "kernel/net/ipv4/netfilter/",
+    "kernel/net/ipv6/netfilter/",
+    "kernel/net/bridge/",
 ];
 
 const RESULT_MARKER: &str = "LOOPGUARD-VM-RESULT rc=";
@@ -414,6 +417,10 @@ fn build_initramfs(
         let real = fs::canonicalize(&lib)?;
         install(&real, &dir.join(lib.strip_prefix("/")?))?;
     }
+    // Scripts (the tests' fake nft) expect /bin/sh.
+    std::os::unix::fs::symlink("/bb/busybox", dir.join("bin/sh"))?;
+    // Debian's modprobe is kmod under another name.
+    std::os::unix::fs::symlink("/usr/bin/kmod", dir.join("usr/sbin/modprobe"))?;
     for f in [
         "passwd",
         "group",
@@ -446,6 +453,13 @@ fn build_initramfs(
     )?;
     let dep = fs::read_to_string(modules.join("modules.dep"))?;
     let mut wanted = BTreeSet::new();
+    for line in dep.lines() {
+        if GUEST_MODULE_DIRS.iter().any(|d| line.starts_with(d)) {
+            for p in line.split([':', ' ']).filter(|p| !p.is_empty()) {
+                wanted.insert(p.to_string());
+            }
+        }
+    }
     for m in GUEST_MODULES {
         let line = dep
             .lines()
@@ -460,35 +474,40 @@ fn build_initramfs(
             wanted.insert(p.to_string());
         }
     }
-    let mut new_dep = String::new();
-    for line in dep.lines() {
-        let Some((m, rest)) = line.split_once(':') else {
-            continue;
-        };
-        if !wanted.contains(m) {
-            continue;
-        }
-        let plain = |p: &str| {
-            p.trim_end_matches(".xz")
-                .trim_end_matches(".zst")
-                .to_string()
-        };
+    for m in &wanted {
+        let plain = m.trim_end_matches(".xz").trim_end_matches(".zst");
         let src = modules.join(m);
-        let dst = mods_dst.join(plain(m));
+        let dst = mods_dst.join(plain);
         fs::create_dir_all(dst.parent().context("module dir")?)?;
-        if m.ends_with(".xz") {
-            let data = Command::new("xz").arg("-dc").arg(&src).output()?.stdout;
-            fs::write(&dst, data)?;
+        let tool = if m.ends_with(".xz") {
+            Some("xz")
         } else if m.ends_with(".zst") {
-            let data = Command::new("zstd").arg("-dc").arg(&src).output()?.stdout;
-            fs::write(&dst, data)?;
+            Some("zstd")
         } else {
-            fs::copy(&src, &dst)?;
+            None
+        };
+        match tool {
+            Some(tool) => fs::write(
+                &dst,
+                Command::new(tool).arg("-dc").arg(&src).output()?.stdout,
+            )?,
+            None => {
+                fs::copy(&src, &dst)?;
+            }
         }
-        let deps: Vec<String> = rest.split_whitespace().map(plain).collect();
-        new_dep.push_str(&format!("{}: {}\n", plain(m), deps.join(" ")));
     }
-    fs::write(mods_dst.join("modules.dep"), new_dep)?;
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
+        if modules.join(f).exists() {
+            fs::copy(modules.join(f), mods_dst.join(f))?;
+        }
+    }
+    // Index the subset, aliases included, so the guest kernel can autoload
+    // nft expressions through kmod's modprobe.
+    status(Command::new("depmod").arg("-b").arg(dir).arg(release))?;
 
     let tests: Vec<String> = b
         .tests
@@ -504,9 +523,15 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/bb
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+ln -sf /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
 mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# Let the kernel autoload modules (nft expressions) through kmod.
+echo /usr/sbin/modprobe > /proc/sys/kernel/modprobe
 for m in {modules}; do modprobe $m || echo "modprobe $m failed"; done
 echo "LOOPGUARD-VM-KERNEL $(uname -r)"
 rc=0

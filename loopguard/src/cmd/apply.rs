@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use loopguard::{
     compile::{self, Plan},
-    ebpf, host,
+    ebpf, host, nft,
     paths::{InstancePaths, STATE_ROOT},
     policy::SystemDirectory,
     state::State,
@@ -39,6 +39,17 @@ pub struct Args {
     /// services (see `check`'s warnings).
     #[arg(long)]
     force: bool,
+    /// Enforcement layers: eBPF socket hooks, the nftables table on lo, or
+    /// both (with both, a layer the host lacks is skipped with a warning).
+    #[arg(long, value_enum, default_value_t = Layers::Both)]
+    layers: Layers,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layers {
+    Bpf,
+    Nft,
+    Both,
 }
 
 /// Serializes apply and remove of one instance.
@@ -112,10 +123,61 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         return Ok(exit::OK);
     }
 
-    let cgroup = host::attach_cgroup(args.cgroup.as_deref())?;
     let _lock = lock(paths)?;
-    if let Some(prev) = &previous {
-        if ebpf::is_installed(paths) && prev.cgroup != cgroup {
+    // Re-read under the lock: another apply may have finished meanwhile.
+    let previous = State::load(paths).ok().flatten();
+    let outcome = enforce(&args, paths, &plan, previous.as_ref())?;
+    let state = State {
+        policy_path,
+        cgroup: outcome.cgroup.clone(),
+        applied_at: jiff::Timestamp::now().to_string(),
+        slot: outcome.slot.unwrap_or(0),
+        layers: outcome.layers.clone(),
+        plan,
+    };
+    state.save(paths)?;
+    let hash = state.plan.hash.trim_start_matches("sha256:");
+    let layers = match outcome.layers.iter().any(|l| l == "bpf") {
+        true => format!(
+            "layers {} (bpf on {})",
+            outcome.layers.join("+"),
+            outcome.cgroup.display()
+        ),
+        false => format!("layers {}", outcome.layers.join("+")),
+    };
+    println!(
+        "applied {} ({}): {}, {}, {layers}, {} ms",
+        &hash[..12.min(hash.len())],
+        state.policy_path.display(),
+        plural(state.plan.services.len(), "service"),
+        plural(state.plan.uid_count(), "uid"),
+        started.elapsed().as_millis()
+    );
+    Ok(exit::OK)
+}
+
+/// What [`enforce`] put in force.
+struct Enforced {
+    layers: Vec<String>,
+    cgroup: PathBuf,
+    slot: Option<u32>,
+}
+
+/// Puts `plan` in force on the requested layers as one unit: the nft batch
+/// is checked and the eBPF slot staged first; then the nft transaction
+/// commits and the eBPF slot flips. A failure before the commit changes
+/// nothing; a failed flip restores the previous nft table.
+fn enforce(
+    args: &Args,
+    paths: &InstancePaths,
+    plan: &Plan,
+    previous: Option<&State>,
+) -> anyhow::Result<Enforced> {
+    let cgroup = host::attach_cgroup(args.cgroup.as_deref())?;
+    let mut want_bpf = args.layers != Layers::Nft;
+    let mut want_nft = args.layers != Layers::Bpf;
+    if let Some(prev) = previous {
+        if want_bpf && ebpf::is_installed(paths) && prev.cgroup != cgroup {
             anyhow::bail!(
                 "instance {} is attached to {}, not {}; run `loopguard --instance {} remove` first or use another --instance",
                 paths.instance,
@@ -125,52 +187,130 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             );
         }
     }
-    host::check_kernel()?;
-    host::ensure_bpffs(Path::new(loopguard::paths::BPFFS))?;
+    if want_bpf {
+        if let Err(e) = host::check_kernel()
+            .and_then(|()| host::ensure_bpffs(Path::new(loopguard::paths::BPFFS)))
+        {
+            if args.layers == Layers::Both {
+                log::warn!("eBPF layer unavailable ({e}); enforcing with nftables only");
+                want_bpf = false;
+            } else {
+                return Err(e.into());
+            }
+        }
+    }
     let cookie = host::netns_cookie().unwrap_or(0);
     let host_addrs = host::host_addresses()?;
+    let table = &paths.instance;
 
-    let mut installed =
-        ebpf::install(paths, &cgroup, cookie).context("failed to install the eBPF layer")?;
-    let result = ebpf::sync_host_addrs(&mut installed.maps, &host_addrs).and_then(|()| {
-        ebpf::write_plan(
-            &mut installed.maps,
-            &plan,
-            previous.as_ref().map(|s| &s.plan),
-            cookie,
-        )
-    });
-    let slot = match result {
-        Ok(slot) => slot,
-        Err(e) => {
-            if installed.fresh {
-                // Nothing was enforced before: leave nothing attached.
-                let _ = ebpf::remove_pins(paths);
+    let batch = if want_nft {
+        let current = nft::counters(table).unwrap_or_default();
+        let counts = nft::carried_counts(&current, previous.map(|s| &s.plan), plan);
+        let batch = nft::ruleset(table, plan, &host_addrs, &counts);
+        match nft::check(&batch) {
+            Ok(()) => Some(batch),
+            Err(e) if args.layers == Layers::Both && want_bpf => {
+                log::warn!(
+                    "nftables layer unavailable ({e}{}); enforcing with eBPF only",
+                    e.detail()
+                        .map(|d| format!(": {}", d.trim()))
+                        .unwrap_or_default()
+                );
+                want_nft = false;
+                None
             }
-            return Err(anyhow::Error::new(e)
-                .context("failed to write the policy; the policy in force is unchanged"));
+            Err(e) => return Err(nft_error(e)),
         }
+    } else {
+        None
     };
-    let state = State {
-        policy_path,
-        cgroup: cgroup.clone(),
-        applied_at: jiff::Timestamp::now().to_string(),
+
+    // Stage the eBPF side: attach if needed (with no policy in force), fill
+    // the inactive slot.
+    let mut staged = None;
+    if want_bpf {
+        let mut installed =
+            ebpf::install(paths, &cgroup, cookie).context("failed to install the eBPF layer")?;
+        let result = ebpf::sync_host_addrs(&mut installed.maps, &host_addrs)
+            .and_then(|()| ebpf::stage(&mut installed.maps, plan, previous.map(|s| &s.plan)));
+        match result {
+            Ok(slot) => staged = Some((installed, slot)),
+            Err(e) => {
+                if installed.fresh {
+                    let _ = ebpf::remove_pins(paths);
+                }
+                return Err(anyhow::Error::new(e)
+                    .context("failed to write the policy; the policy in force is unchanged"));
+            }
+        }
+    }
+
+    if let Some(batch) = &batch {
+        if let Err(e) = nft::commit(batch) {
+            if let Some((installed, _)) = &staged {
+                if installed.fresh {
+                    let _ = ebpf::remove_pins(paths);
+                }
+            }
+            return Err(nft_error(e)
+                .context("the nftables transaction failed; the policy in force is unchanged"));
+        }
+    }
+
+    let mut slot = None;
+    if let Some((mut installed, s)) = staged {
+        if let Err(e) = ebpf::flip(&mut installed.maps, s, cookie) {
+            // Put the previous nftables table back, so both layers agree.
+            if batch.is_some() {
+                let restored = match previous.filter(|p| p.layers.iter().any(|l| l == "nft")) {
+                    Some(prev) => nft::commit(&nft::ruleset(
+                        table,
+                        &prev.plan,
+                        &host_addrs,
+                        &Default::default(),
+                    ))
+                    .is_ok(),
+                    None => nft::remove(table).is_ok(),
+                };
+                if !restored {
+                    log::error!("could not restore the previous nftables table {table}");
+                }
+            }
+            return Err(anyhow::Error::new(e).context("failed to switch the eBPF layer to the new policy; the previous policy is in force"));
+        }
+        slot = Some(s);
+    }
+
+    // Layers no longer wanted go, after the new ones are in force.
+    if !want_nft {
+        nft::remove(table).map_err(nft_error)?;
+    }
+    if !want_bpf {
+        ebpf::remove_pins(paths).context("failed to remove the eBPF layer")?;
+    }
+    let mut layers = Vec::new();
+    if want_bpf {
+        layers.push("bpf".to_string());
+    }
+    if want_nft {
+        layers.push("nft".to_string());
+    }
+    Ok(Enforced {
+        layers,
+        cgroup,
         slot,
-        layers: vec!["bpf".into()],
-        plan,
-    };
-    state.save(paths)?;
-    let hash = state.plan.hash.trim_start_matches("sha256:");
-    println!(
-        "applied {} ({}): {}, {}, layers bpf on {}, {} ms",
-        &hash[..12.min(hash.len())],
-        state.policy_path.display(),
-        plural(state.plan.services.len(), "service"),
-        plural(state.plan.uid_count(), "uid"),
-        cgroup.display(),
-        started.elapsed().as_millis()
-    );
-    Ok(exit::OK)
+    })
+}
+
+/// An nft failure with nft's own message in the chain.
+fn nft_error(e: nft::NftError) -> anyhow::Error {
+    match e.detail() {
+        Some(d) if !d.trim().is_empty() => anyhow::Error::new(e).context(format!(
+            "nft: {}",
+            d.trim().lines().next().unwrap_or_default()
+        )),
+        _ => anyhow::Error::new(e),
+    }
 }
 
 fn plural(n: usize, what: &str) -> String {

@@ -4,7 +4,7 @@ use std::io::Write as _;
 
 use loopguard::{
     ebpf::{self, Maps},
-    host,
+    host, nft,
     paths::InstancePaths,
     state::State,
 };
@@ -19,11 +19,16 @@ pub struct Args {
     format: Format,
 }
 
+/// Attempts counted by the eBPF layer, and packets by the nftables layer
+/// (a denied TCP attempt is one SYN; audit mode counts would-deny packets
+/// as denied).
 #[derive(Serialize, Default, Clone, Copy)]
 struct Counts {
     allowed: u64,
     denied: u64,
     would_deny: u64,
+    packets_allowed: u64,
+    packets_denied: u64,
 }
 
 #[derive(Serialize)]
@@ -62,14 +67,17 @@ fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
         allowed: get(COUNT_ALLOWED),
         denied: get(COUNT_DENIED),
         would_deny: get(COUNT_WOULD_DENY),
+        ..Counts::default()
     }
 }
 
 pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("status")?;
     let state = State::load(paths)?;
-    let installed = ebpf::is_installed(paths);
-    let maps = if installed {
+    let bpf = ebpf::is_installed(paths);
+    let packet_counts = nft::counters(&paths.instance).ok();
+    let installed = bpf || packet_counts.is_some();
+    let maps = if bpf {
         Some(Maps::open_pinned(paths)?)
     } else {
         None
@@ -82,11 +90,11 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let mut status = Status {
         instance: paths.instance.clone(),
         installed,
-        layers: if installed {
-            vec!["bpf".into()]
-        } else {
-            vec![]
-        },
+        layers: [("bpf", bpf), ("nft", packet_counts.is_some())]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(l, _)| l.to_string())
+            .collect(),
         policy_hash: None,
         policy_path: None,
         applied_at: None,
@@ -105,14 +113,27 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         status.default = Some(format!("{:?}", plan.default).to_lowercase());
         status.mode = Some(format!("{:?}", plan.mode).to_lowercase());
         let slot = active.filter(|s| *s < SLOTS);
+        let packets = packet_counts
+            .as_ref()
+            .map(|c| nft::service_counts(c, plan.services.len()))
+            .unwrap_or_default();
+        let with_packets = |mut c: Counts, i: usize| {
+            if let Some((a, d)) = packets.get(i) {
+                c.packets_allowed = *a;
+                c.packets_denied = *d;
+            }
+            c
+        };
         if let (Some(maps), Some(slot)) = (&maps, slot) {
             status.default_counts = counts(maps, slot, DEFAULT_BUCKET);
         }
+        status.default_counts = with_packets(status.default_counts, plan.services.len());
         for (i, s) in plan.services.iter().enumerate() {
             let c = match (&maps, slot) {
                 (Some(maps), Some(slot)) => counts(maps, slot, i as u32),
                 _ => Counts::default(),
             };
+            let c = with_packets(c, i);
             status.services.push(ServiceStatus {
                 name: s.name.clone(),
                 location: s.location.clone(),
@@ -150,46 +171,88 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 "applied:   {}",
                 status.applied_at.as_deref().unwrap_or("?")
             )?;
+            let mut layers = Vec::new();
+            if bpf {
+                layers.push(format!(
+                    "bpf (connect4, connect6, sendmsg4, sendmsg6 on {})",
+                    status.cgroup.as_deref().unwrap_or("?")
+                ));
+            }
+            if packet_counts.is_some() {
+                layers.push(format!("nft (table inet {} on lo)", status.instance));
+            }
+            writeln!(out, "layers:    {}", layers.join(", "))?;
+            let c = &status.default_counts;
             writeln!(
                 out,
-                "layers:    bpf (connect4, connect6, sendmsg4, sendmsg6 on {})",
-                status.cgroup.as_deref().unwrap_or("?")
-            )?;
-            writeln!(
-                out,
-                "default:   {} ({}), allowed {} denied {} would-deny {}",
+                "default:   {} ({}): allowed {} denied {} would-deny {}; packets allowed {} denied {}",
                 status.default.as_deref().unwrap_or("?"),
                 status.mode.as_deref().unwrap_or("?"),
-                status.default_counts.allowed,
-                status.default_counts.denied,
-                status.default_counts.would_deny
+                c.allowed,
+                c.denied,
+                c.would_deny,
+                c.packets_allowed,
+                c.packets_denied
             )?;
+            let row = |cols: [&str; 11]| {
+                format!(
+                    "{:<24} {:<6} {:<11} {:<18} {:<5} {:>5} {:>8} {:>8} {:>10} {:>9} {:>8}",
+                    cols[0],
+                    cols[1],
+                    cols[2],
+                    cols[3],
+                    cols[4],
+                    cols[5],
+                    cols[6],
+                    cols[7],
+                    cols[8],
+                    cols[9],
+                    cols[10]
+                )
+            };
             writeln!(
                 out,
-                "{:<24} {:<8} {:<12} {:<20} {:<6} {:>5} {:>10} {:>10} {:>10}",
-                "SERVICE",
-                "PROTO",
-                "PORTS",
-                "ADDRESSES",
-                "LIST",
-                "UIDS",
-                "ALLOWED",
-                "DENIED",
-                "WOULD-DENY"
+                "{}",
+                row([
+                    "SERVICE",
+                    "PROTO",
+                    "PORTS",
+                    "ADDRESSES",
+                    "LIST",
+                    "UIDS",
+                    "ALLOWED",
+                    "DENIED",
+                    "WOULD-DENY",
+                    "PKT-ALLOW",
+                    "PKT-DENY"
+                ])
             )?;
             for s in &status.services {
-                writeln!(
-                    out,
-                    "{:<24} {:<8} {:<12} {:<20} {:<6} {:>5} {:>10} {:>10} {:>10}",
-                    s.name,
-                    s.protocol,
-                    s.ports,
-                    s.addresses,
-                    s.list,
-                    s.uids,
+                let n = [
+                    s.uids as u64,
                     s.counts.allowed,
                     s.counts.denied,
-                    s.counts.would_deny
+                    s.counts.would_deny,
+                    s.counts.packets_allowed,
+                    s.counts.packets_denied,
+                ]
+                .map(|v| v.to_string());
+                writeln!(
+                    out,
+                    "{}",
+                    row([
+                        &s.name,
+                        &s.protocol,
+                        &s.ports,
+                        &s.addresses,
+                        &s.list,
+                        &n[0],
+                        &n[1],
+                        &n[2],
+                        &n[3],
+                        &n[4],
+                        &n[5]
+                    ])
                 )?;
             }
         }

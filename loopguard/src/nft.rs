@@ -1,0 +1,515 @@
+//! The nftables layer: the same compiled plan, enforced per packet on `lo`.
+//!
+//! One table `inet <instance>` in the applying network namespace, replaced
+//! whole in one `nft -j -f -` transaction (add, delete, add: atomic in the
+//! kernel). Its base chain hooks `output` and judges only packets that
+//! leave on `lo`, only TCP SYNs (new connections) and UDP datagrams, and
+//! only destinations in the loopback scope:
+//!
+//! ```text
+//! meta oif != "lo" accept                       # never touches other traffic
+//! meta l4proto != { tcp, udp } accept
+//! tcp flags & (syn | ack) != syn accept         # established: no cost, no conntrack
+//! oif "lo" meta l4proto tcp ip daddr 127.0.0.0/8 ip daddr . th dport vmap @dec4_tcp
+//! oif "lo" meta l4proto tcp ip6 daddr ::1 ip6 daddr . th dport vmap @dec6_tcp
+//! oif "lo" meta l4proto tcp ip daddr @host4 th dport vmap @dechost_tcp
+//! ... the same for ip6 @host6, and for udp
+//! (default rules)
+//! ```
+//!
+//! The verdict maps are interval maps keyed on disjoint (protocol, address
+//! range, port range) atoms, so one lookup finds the deciding service
+//! whatever the policy size; each service's chain checks `meta skuid`
+//! against a uid set. A refused TCP SYN is answered with a reset (the client
+//! fails fast with ECONNREFUSED); a refused datagram is dropped (sendto
+//! fails with EPERM). Connection tracking is never used.
+//!
+//! The `nftables` crate runs `nft` with the JSON batch. Its typed schema has
+//! no `uid` set type, so the batch is built as JSON values.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use serde_json::{json, Value};
+
+use crate::{
+    compile::Plan,
+    policy::{ListKind, Mode, Transport, Verdict},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("nft refused the ruleset")]
+    Rejected(#[source] nftables::helper::NftablesError),
+    #[error("failed to read table inet {table}")]
+    List {
+        table: String,
+        #[source]
+        source: nftables::helper::NftablesError,
+    },
+    #[error("nft printed JSON loopguard cannot read")]
+    Json(#[source] serde_json::Error),
+}
+
+impl NftError {
+    /// nft's own words, for `--verbose`.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            NftError::Rejected(nftables::helper::NftablesError::NftFailed { stderr, .. })
+            | NftError::List {
+                source: nftables::helper::NftablesError::NftFailed { stderr, .. },
+                ..
+            } => Some(stderr.clone()),
+            _ => None,
+        }
+    }
+}
+
+const NO_ARGS: &[&str] = &[];
+
+fn nft(payload: &str, extra: &[&str]) -> Result<String, nftables::helper::NftablesError> {
+    nftables::helper::apply_ruleset_raw(
+        payload,
+        nftables::helper::DEFAULT_NFT,
+        extra.iter().copied(),
+    )
+}
+
+fn service_chain(i: usize) -> String {
+    format!("s{i}")
+}
+
+fn uid_set(i: u32) -> String {
+    format!("u{i}")
+}
+
+/// Counter names: `s<i>_allow`, `s<i>_deny`, `default_allow`, `default_deny`.
+fn counter_names(bucket: &str) -> (String, String) {
+    (format!("{bucket}_allow"), format!("{bucket}_deny"))
+}
+
+fn proto(t: Transport) -> &'static str {
+    t.as_str()
+}
+
+/// The IPv4 and IPv6 ranges of one address atom.
+type Region = (Vec<(Ipv4Addr, Ipv4Addr)>, Vec<(Ipv6Addr, Ipv6Addr)>);
+
+/// Disjoint address ranges of every address atom: atom 0 is the loopback
+/// range outside every named prefix; atom `i + 1` is `plan.nets[i]` minus
+/// the named prefixes inside it.
+fn address_regions(nets: &[IpNet]) -> BTreeMap<u32, Region> {
+    let mut regions: BTreeMap<u32, Region> = BTreeMap::new();
+    // IPv4: cut 127.0.0.0/8 at every prefix boundary.
+    let lo = u32::from(Ipv4Addr::new(127, 0, 0, 0));
+    let hi = u32::from(Ipv4Addr::new(127, 255, 255, 255));
+    let v4: Vec<(usize, u32, u32)> = nets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match n {
+            IpNet::V4(n) => Some((i, u32::from(n.network()), u32::from(n.broadcast()))),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    let mut cuts: Vec<u64> = vec![u64::from(lo), u64::from(hi) + 1];
+    for (_, a, b) in &v4 {
+        cuts.push(u64::from(*a));
+        cuts.push(u64::from(*b) + 1);
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    for w in cuts.windows(2) {
+        let (start, end) = (w[0] as u32, (w[1] - 1) as u32);
+        // The most specific prefix holding this piece decides its atom.
+        let atom = v4
+            .iter()
+            .filter(|(_, a, b)| *a <= start && end <= *b)
+            .max_by_key(|(_, a, b)| std::cmp::Reverse(b - a))
+            .map_or(0, |(i, _, _)| *i as u32 + 1);
+        let list = &mut regions.entry(atom).or_default().0;
+        match list.last_mut() {
+            Some(last) if u32::from(last.1) + 1 == start => last.1 = Ipv4Addr::from(end),
+            _ => list.push((Ipv4Addr::from(start), Ipv4Addr::from(end))),
+        }
+    }
+    // IPv6: only ::1 is in the loopback range.
+    let v6_atom = nets
+        .iter()
+        .position(|n| matches!(n, IpNet::V6(_)))
+        .map_or(0, |i| i as u32 + 1);
+    regions
+        .entry(v6_atom)
+        .or_default()
+        .1
+        .push((Ipv6Addr::LOCALHOST, Ipv6Addr::LOCALHOST));
+    regions
+}
+
+/// The whole table as one JSON batch: create-if-missing, delete, create
+/// with every set, map, counter, chain and rule. `counts` carries counter
+/// values over (by counter name in the new table).
+pub fn ruleset(
+    table: &str,
+    plan: &Plan,
+    host_addrs: &[IpAddr],
+    counts: &HashMap<String, u64>,
+) -> Value {
+    let t = json!({"family": "inet", "name": table});
+    let mut cmds = vec![
+        json!({"add": {"table": t}}),
+        json!({"delete": {"table": t}}),
+        json!({"add": {"table": t}}),
+    ];
+    let add = |kind: &str, mut obj: Value| {
+        obj["family"] = json!("inet");
+        obj["table"] = json!(table);
+        json!({"add": {kind: obj}})
+    };
+    let counter = |name: &str| {
+        add(
+            "counter",
+            json!({"name": name, "packets": counts.get(name).copied().unwrap_or(0), "bytes": 0}),
+        )
+    };
+
+    for (i, uids) in plan.uid_sets.iter().enumerate() {
+        let mut set = json!({"name": uid_set(i as u32), "type": "uid"});
+        if !uids.is_empty() {
+            set["elem"] = json!(uids);
+        }
+        cmds.push(add("set", set));
+    }
+
+    // Deny action: reset for TCP, drop for UDP; audit mode counts only.
+    let deny_exprs = |mode: Mode, counter_name: &str| -> Vec<Vec<Value>> {
+        match mode {
+            Mode::Audit => vec![vec![
+                json!({"counter": counter_name}),
+                json!({"accept": null}),
+            ]],
+            Mode::Enforce => vec![
+                vec![
+                    json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
+                    json!({"counter": counter_name}),
+                    json!({"reject": {"type": "tcp reset"}}),
+                ],
+                vec![json!({"counter": counter_name}), json!({"drop": null})],
+            ],
+        }
+    };
+    let rule = |chain: &str, expr: Vec<Value>| add("rule", json!({"chain": chain, "expr": expr}));
+
+    let mut chains_and_rules = Vec::new();
+    for (i, s) in plan.services.iter().enumerate() {
+        let chain = service_chain(i);
+        let (allow, deny) = counter_names(&chain);
+        chains_and_rules.push(counter(&allow));
+        chains_and_rules.push(counter(&deny));
+        chains_and_rules.push(add("chain", json!({"name": chain})));
+        let member = json!({"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": format!("@{}", uid_set(s.uid_set))}});
+        match s.list {
+            ListKind::Allow => {
+                chains_and_rules.push(rule(
+                    &chain,
+                    vec![member, json!({"counter": allow}), json!({"accept": null})],
+                ));
+                for e in deny_exprs(s.mode, &deny) {
+                    chains_and_rules.push(rule(&chain, e));
+                }
+            }
+            ListKind::Deny => {
+                for mut e in deny_exprs(s.mode, &deny) {
+                    e.insert(0, member.clone());
+                    chains_and_rules.push(rule(&chain, e));
+                }
+                chains_and_rules.push(rule(
+                    &chain,
+                    vec![json!({"counter": allow}), json!({"accept": null})],
+                ));
+            }
+        }
+    }
+
+    let (d_allow, d_deny) = counter_names("default");
+    chains_and_rules.push(counter(&d_allow));
+    chains_and_rules.push(counter(&d_deny));
+    // Chains before the verdict maps that jump to them.
+    cmds.extend(chains_and_rules);
+
+    // Verdict maps, one per transport and address family: a concatenated
+    // interval key that includes `meta l4proto` is refused by some kernels
+    // with Debian 12's nft (6.12: EOPNOTSUPP), so the protocol is matched
+    // by the rule instead.
+    let regions = address_regions(&plan.nets);
+    let mut elems: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for t in Transport::ALL {
+        for family in ["4", "6", "host"] {
+            elems.insert(format!("dec{family}_{}", proto(t)), Vec::new());
+        }
+    }
+    for d in &plan.decisions {
+        let Some(ports) = plan.port_atoms.get(d.port_atom as usize - 1) else {
+            continue;
+        };
+        let port_range = json!({"range": [ports.first, ports.last]});
+        let verdict = json!({"jump": {"target": service_chain(d.service as usize)}});
+        let t = proto(d.transport);
+        if let Some((v4, v6)) = regions.get(&d.addr_atom) {
+            for (a, b) in v4 {
+                let e = json!([{"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}, verdict]);
+                elems.entry(format!("dec4_{t}")).or_default().push(e);
+            }
+            for (a, b) in v6 {
+                let e = json!([{"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}, verdict]);
+                elems.entry(format!("dec6_{t}")).or_default().push(e);
+            }
+        }
+        if d.addr_atom == 0 {
+            elems
+                .entry(format!("dechost_{t}"))
+                .or_default()
+                .push(json!([port_range, verdict]));
+        }
+    }
+    for (name, elems) in elems {
+        let key = if name.starts_with("dec4") {
+            json!(["ipv4_addr", "inet_service"])
+        } else if name.starts_with("dec6") {
+            json!(["ipv6_addr", "inet_service"])
+        } else {
+            json!("inet_service")
+        };
+        let mut m = json!({"name": name, "type": key, "map": "verdict", "flags": ["interval"]});
+        if !elems.is_empty() {
+            m["elem"] = Value::Array(elems);
+        }
+        cmds.push(add("map", m));
+    }
+    let hosts4: Vec<String> = host_addrs
+        .iter()
+        .filter(|a| a.is_ipv4())
+        .map(ToString::to_string)
+        .collect();
+    let hosts6: Vec<String> = host_addrs
+        .iter()
+        .filter(|a| a.is_ipv6())
+        .map(ToString::to_string)
+        .collect();
+    let mut host4 = json!({"name": "host4", "type": "ipv4_addr"});
+    if !hosts4.is_empty() {
+        host4["elem"] = json!(hosts4);
+    }
+    let mut host6 = json!({"name": "host6", "type": "ipv6_addr"});
+    if !hosts6.is_empty() {
+        host6["elem"] = json!(hosts6);
+    }
+    cmds.push(add("set", host4));
+    cmds.push(add("set", host6));
+
+    // The base chain.
+    let out = "output";
+    cmds.push(add(
+        "chain",
+        json!({"name": out, "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}),
+    ));
+    let oif_lo = json!({"match": {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}});
+    let daddr = |family: &str, right: Value| json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}});
+    let scopes = [
+        (
+            "ip",
+            json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
+            "dec4",
+        ),
+        ("ip6", json!("::1"), "dec6"),
+        ("ip", json!("@host4"), "dechost"),
+        ("ip6", json!("@host6"), "dechost"),
+    ];
+    let rule = |expr: Vec<Value>| add("rule", json!({"chain": out, "expr": expr}));
+    cmds.push(rule(vec![
+        json!({"match": {"op": "!=", "left": {"meta": {"key": "oif"}}, "right": "lo"}}),
+        json!({"accept": null}),
+    ]));
+    cmds.push(rule(vec![
+        json!({"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}}),
+        json!({"accept": null}),
+    ]));
+    cmds.push(rule(vec![
+        json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
+        json!({"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "right": "syn"}}),
+        json!({"accept": null}),
+    ]));
+    for t in Transport::ALL {
+        for (family, right, map) in &scopes {
+            let key = if *map == "dechost" {
+                json!({"payload": {"protocol": "th", "field": "dport"}})
+            } else {
+                json!({"concat": [{"payload": {"protocol": family, "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]})
+            };
+            cmds.push(rule(vec![
+                oif_lo.clone(),
+                json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto(t)}}),
+                daddr(family, right.clone()),
+                json!({"vmap": {"key": key, "data": format!("@{map}_{}", proto(t))}}),
+            ]));
+        }
+    }
+    // Unmatched traffic in scope: the default.
+    for (family, right, _) in &scopes {
+        let head = vec![oif_lo.clone(), daddr(family, right.clone())];
+        match plan.default {
+            Verdict::Allow => {
+                let mut e = head.clone();
+                e.extend([json!({"counter": d_allow}), json!({"accept": null})]);
+                cmds.push(rule(e));
+            }
+            Verdict::Deny => {
+                for tail in deny_exprs(plan.mode, &d_deny) {
+                    let mut e = head.clone();
+                    e.extend(tail);
+                    cmds.push(rule(e));
+                }
+            }
+        }
+    }
+    json!({"nftables": cmds})
+}
+
+/// Checks a batch against the kernel without committing it (`nft -c`).
+pub fn check(batch: &Value) -> Result<(), NftError> {
+    nft(&batch.to_string(), &["-c"])
+        .map(drop)
+        .map_err(NftError::Rejected)
+}
+
+/// Commits a batch: one transaction.
+pub fn commit(batch: &Value) -> Result<(), NftError> {
+    nft(&batch.to_string(), NO_ARGS)
+        .map(drop)
+        .map_err(NftError::Rejected)
+}
+
+/// Deletes the instance's table, and nothing else. Returns whether it
+/// existed.
+pub fn remove(table: &str) -> Result<bool, NftError> {
+    if !table_exists(table) {
+        return Ok(false);
+    }
+    let batch = json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]});
+    nft(&batch.to_string(), NO_ARGS).map_err(NftError::Rejected)?;
+    Ok(true)
+}
+
+fn list_table(table: &str) -> Result<Value, NftError> {
+    let out = nftables::helper::get_current_ruleset_raw(
+        nftables::helper::DEFAULT_NFT,
+        ["list", "table", "inet", table],
+    )
+    .map_err(|source| NftError::List {
+        table: table.to_string(),
+        source,
+    })?;
+    serde_json::from_str(&out).map_err(NftError::Json)
+}
+
+pub fn table_exists(table: &str) -> bool {
+    list_table(table).is_ok()
+}
+
+/// Packet counts of the table's named counters.
+pub fn counters(table: &str) -> Result<HashMap<String, u64>, NftError> {
+    let doc = list_table(table)?;
+    let mut out = HashMap::new();
+    for obj in doc["nftables"].as_array().into_iter().flatten() {
+        if let Some(c) = obj.get("counter") {
+            if let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64()) {
+                out.insert(name.to_string(), packets);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Counter values of the table in force, renamed for `plan` (services
+/// matched by name), so counts survive a re-apply.
+pub fn carried_counts(
+    current: &HashMap<String, u64>,
+    previous: Option<&Plan>,
+    plan: &Plan,
+) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for suffix in ["allow", "deny"] {
+        let name = format!("default_{suffix}");
+        if let Some(v) = current.get(&name) {
+            out.insert(name, *v);
+        }
+    }
+    let Some(previous) = previous else { return out };
+    for (i, s) in plan.services.iter().enumerate() {
+        if let Some(j) = previous.services.iter().position(|p| p.name == s.name) {
+            for suffix in ["allow", "deny"] {
+                if let Some(v) = current.get(&format!("s{j}_{suffix}")) {
+                    out.insert(format!("s{i}_{suffix}"), *v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Per-service (allowed, denied) packet counts; index `services.len()` is
+/// the default.
+pub fn service_counts(counts: &HashMap<String, u64>, services: usize) -> Vec<(u64, u64)> {
+    (0..=services)
+        .map(|i| {
+            let bucket = if i == services {
+                "default".to_string()
+            } else {
+                service_chain(i)
+            };
+            let (a, d) = counter_names(&bucket);
+            (
+                counts.get(&a).copied().unwrap_or(0),
+                counts.get(&d).copied().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_are_disjoint_and_cover_127_8() {
+        let nets: Vec<IpNet> = ["127.0.0.0/16", "127.0.0.0/24", "127.0.0.53/32", "::1/128"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let r = address_regions(&nets);
+        let mut all: Vec<(u32, u32)> = r
+            .values()
+            .flat_map(|(v4, _)| v4.iter().map(|(a, b)| (u32::from(*a), u32::from(*b))))
+            .collect();
+        all.sort_unstable();
+        assert_eq!(
+            all.first().map(|x| x.0),
+            Some(u32::from(Ipv4Addr::new(127, 0, 0, 0)))
+        );
+        assert_eq!(
+            all.last().map(|x| x.1),
+            Some(u32::from(Ipv4Addr::new(127, 255, 255, 255)))
+        );
+        assert!(all.windows(2).all(|w| w[0].1 + 1 == w[1].0), "{all:?}");
+        // 127.0.0.53 is its own atom (3), inside /24 (atom 2) inside /16 (1).
+        assert_eq!(
+            r[&3].0,
+            vec![(Ipv4Addr::new(127, 0, 0, 53), Ipv4Addr::new(127, 0, 0, 53))]
+        );
+        assert_eq!(r[&2].0.len(), 2, "/24 minus .53: {:?}", r[&2].0);
+        assert_eq!(r[&4].1, vec![(Ipv6Addr::LOCALHOST, Ipv6Addr::LOCALHOST)]);
+        assert!(r[&0].1.is_empty());
+    }
+}

@@ -1,0 +1,298 @@
+//! The nftables layer on `lo`, alone and with the eBPF layer: what a test
+//! user sees, coexistence with other tables, and all-or-nothing apply.
+
+use std::os::unix::fs::PermissionsExt as _;
+
+use loopguard_tests::{users, Sandbox, HOST_V4, HOST_V6};
+
+fn routes(port: u16) -> Vec<String> {
+    [
+        "127.0.0.1",
+        "127.45.6.7",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "0.0.0.0",
+        "[::]",
+        HOST_V4,
+        &format!("[{HOST_V6}]"),
+        &format!("[::ffff:{HOST_V4}]"),
+    ]
+    .iter()
+    .map(|a| format!("{a}:{port}"))
+    .collect()
+}
+
+fn policy(alice: &str) -> String {
+    format!(
+        r#"version = 1
+[[service]]
+name = "web"
+port = 8080
+allow_users = ["{alice}", 0]
+
+[[service]]
+name = "statsd"
+port = 8125
+protocol = "udp"
+allow_users = ["{alice}"]
+"#
+    )
+}
+
+#[test]
+fn nft_layer_alone_refuses_every_route() {
+    let u = users();
+    let sb = Sandbox::new("nft-only");
+    let p = sb.policy("p.toml", &policy(u.alice.name));
+    let r = sb.apply(&p, &["--layers", "nft"]).ok();
+    assert!(r.stdout.contains("layers nft"), "{}", r.stdout);
+    for to in routes(8080) {
+        // A refused SYN is answered with a reset: the client fails fast.
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", &to]),
+            "connect=ECONNREFUSED",
+            "bob -> {to}"
+        );
+        assert_eq!(
+            sb.probe(Some(&u.alice), &["tcp", &to]),
+            "connect=ok",
+            "alice -> {to}"
+        );
+        assert_eq!(sb.probe(None, &["tcp", &to]), "connect=ok", "root -> {to}");
+    }
+    for to in routes(8125) {
+        // A refused datagram is dropped: sendto fails, nothing arrives.
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["udp", &to]),
+            "send=EPERM recv=no",
+            "bob -> {to}"
+        );
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["udp-connected", &to]),
+            "send=EPERM recv=no",
+            "bob -> {to}"
+        );
+        assert_eq!(
+            sb.probe(Some(&u.alice), &["udp", &to]),
+            "send=ok recv=yes",
+            "alice -> {to}"
+        );
+    }
+    // Unmatched ports are untouched.
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8081"]),
+        "connect=ok"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["udp", "[::1]:8126"]),
+        "send=ok recv=yes"
+    );
+
+    let v: serde_json::Value =
+        serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
+    assert_eq!(v["layers"], serde_json::json!(["nft"]));
+    assert_eq!(v["services"][0]["packets_denied"], 9, "{v}");
+    assert_eq!(v["services"][1]["packets_denied"], 18, "{v}");
+    assert_eq!(v["services"][0]["denied"], 0, "no eBPF layer");
+}
+
+#[test]
+fn ruleset_matches_only_lo_and_never_uses_conntrack() {
+    let u = users();
+    let sb = Sandbox::new("nft-shape");
+    sb.apply_text(&policy(u.alice.name));
+    let table = sb.nft_table().expect("table exists");
+    let text = table.to_string();
+    assert!(!text.contains("\"ct\""), "no conntrack expression: {text}");
+    // Every rule of the base chain that can drop or jump requires oif lo;
+    // the first rule lets everything else go.
+    let rules: Vec<&serde_json::Value> = table["nftables"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .filter(|r| r["chain"] == "output")
+        .collect();
+    assert_eq!(rules[0]["expr"][0]["match"]["op"], "!=");
+    assert_eq!(rules[0]["expr"][0]["match"]["right"], "lo");
+    for r in &rules[3..] {
+        assert_eq!(
+            r["expr"][0]["match"]["right"], "lo",
+            "rule without oif lo: {r}"
+        );
+    }
+}
+
+#[test]
+fn both_layers_catch_processes_outside_the_cgroup() {
+    let u = users();
+    let sb = Sandbox::new("nft-both");
+    let r = sb.apply_text(&policy(u.alice.name));
+    assert!(r.stdout.contains("layers bpf+nft"), "{}", r.stdout);
+    // Inside the cgroup the socket hook refuses first, with EPERM.
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=EPERM"
+    );
+    // Outside it, the packet layer still refuses.
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ECONNREFUSED"
+    );
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["udp", "[::1]:8125"]),
+        "send=EPERM recv=no"
+    );
+    assert_eq!(
+        sb.probe_outside(Some(&u.alice), &["tcp", "[::1]:8080"]),
+        "connect=ok"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
+    assert_eq!(v["layers"], serde_json::json!(["bpf", "nft"]));
+}
+
+#[test]
+fn another_tables_accept_does_not_open_a_hole_and_remove_leaves_it() {
+    let u = users();
+    let sb = Sandbox::new("nft-coexist");
+    let other = "table inet other {\n\
+        chain early { type filter hook output priority -300; policy accept; oif \"lo\" accept; }\n\
+        chain late { type filter hook output priority 300; policy accept; oif \"lo\" accept; }\n\
+        }\n";
+    let f = sb.policy("other.nft", other);
+    sb.in_netns(&["nft", "-f", f.to_str().expect("utf-8")]).ok();
+    let p = sb.policy("p.toml", &policy(u.alice.name));
+    sb.apply(&p, &["--layers", "nft"]).ok();
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ECONNREFUSED"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["udp", "127.0.0.1:8125"]),
+        "send=EPERM recv=no"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:8080"]),
+        "connect=ok"
+    );
+
+    sb.lg(&["remove"]).ok();
+    assert!(sb.nft_table().is_none(), "our table is gone");
+    let tables = sb.in_netns(&["nft", "list", "tables"]).ok().stdout;
+    assert_eq!(
+        tables.trim(),
+        "table inet other",
+        "the other table is untouched"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ok"
+    );
+}
+
+#[test]
+fn failed_nft_transaction_leaves_both_layers_at_the_previous_policy() {
+    let u = users();
+    let sb = Sandbox::new("nft-fail");
+    let a = sb.policy("a.toml", &policy(u.alice.name));
+    sb.apply(&a, &[]).ok();
+    let before = sb.lg(&["status", "--format", "json"]).ok().stdout;
+
+    // An nft that checks (-c) and lists fine but fails to commit, the way a
+    // transaction fails when the kernel refuses it at commit time.
+    let fake_dir = sb.dir.join("fake-bin");
+    std::fs::create_dir_all(&fake_dir).expect("dir");
+    let real = String::from_utf8_lossy(
+        &std::process::Command::new("sh")
+            .args(["-c", "command -v nft"])
+            .output()
+            .expect("which")
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let fake = fake_dir.join("nft");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in -c|list) exec {real} \"$@\";; esac; done\necho 'Error: simulated commit failure' >&2\nexit 1\n"),
+    )
+    .expect("fake nft");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!(
+        "{}:{}",
+        fake_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    // B lets bob in; it must not take effect on either layer.
+    let b = sb.policy(
+        "b.toml",
+        &format!("version = 1\n[[service]]\nname = \"web\"\nport = 8080\nallow_users = [\"{}\", \"{}\"]\n", u.alice.name, u.bob.name),
+    );
+    let cgroup = sb.cgroup.to_str().expect("utf-8");
+    let r = sb.lg_env(
+        &[("PATH", &path)],
+        &["apply", b.to_str().expect("utf-8"), "--cgroup", cgroup],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("simulated commit failure"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("unchanged"), "{}", r.stderr);
+
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=EPERM",
+        "eBPF still at A"
+    );
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ECONNREFUSED",
+        "nft still at A"
+    );
+    let after = sb.lg(&["status", "--format", "json"]).ok().stdout;
+    let hash = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).expect("json")["policy_hash"].clone()
+    };
+    assert_eq!(hash(&before), hash(&after));
+
+    // With the real nft, B applies to both.
+    sb.apply(&b, &[]).ok();
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ok"
+    );
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ok"
+    );
+}
+
+#[test]
+fn changing_layers_removes_the_one_no_longer_wanted() {
+    let u = users();
+    let sb = Sandbox::new("nft-switch");
+    let p = sb.policy("p.toml", &policy(u.alice.name));
+    sb.apply(&p, &[]).ok();
+    assert!(sb.nft_table().is_some());
+    sb.apply(&p, &["--layers", "bpf"]).ok();
+    assert!(sb.nft_table().is_none(), "table removed");
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ok"
+    );
+    sb.apply(&p, &["--layers", "nft"]).ok();
+    assert!(
+        loopguard_tests::attached_program_ids(&sb.cgroup).is_empty(),
+        "eBPF detached"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ECONNREFUSED"
+    );
+    sb.lg(&["remove"]).ok();
+    assert_eq!(sb.leftovers(), Vec::<String>::new());
+}
