@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout below changes. A pinned instance with another
 /// ABI is not reused by `apply` (it asks for `remove` first).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Two policy slots: `apply` fills the inactive one, then flips
 /// [`Config::active_slot`]. Programs read the slot once per call, so each
@@ -129,6 +129,43 @@ pub struct AddrKey {
 /// Bits of [`AddrKey::slot`] in an LPM prefix length.
 pub const ADDR_KEY_SLOT_BITS: u32 = 32;
 
+/// Bytes of the `LG_EVENTS` ring buffer (a power of two, a multiple of the
+/// page size): about 14,000 events before the reader must catch up.
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+/// Which hook saw an attempt ([`Event::hook`]).
+pub const HOOK_CONNECT4: u8 = 0;
+pub const HOOK_CONNECT6: u8 = 1;
+pub const HOOK_SENDMSG4: u8 = 2;
+pub const HOOK_SENDMSG6: u8 = 3;
+
+/// One audit record from the eBPF layer, written to the `LG_EVENTS` ring
+/// buffer. `action` is a `COUNT_*` kind (allowed, denied, would-deny).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub ktime_ns: u64,
+    /// Thread group id (the process id users see).
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Service index in the slot's plan, or [`DEFAULT_BUCKET`].
+    pub bucket: u32,
+    pub slot: u32,
+    /// Destination port, host byte order.
+    pub port: u16,
+    pub action: u8,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    pub hook: u8,
+    pub _pad: [u8; 7],
+    /// Destination as the process gave it (IPv4 as IPv4-mapped IPv6).
+    pub addr: [u8; 16],
+    /// `comm` of the calling thread, NUL-padded.
+    pub comm: [u8; 16],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are #[repr(C)], Copy, made of integers, with explicit
@@ -139,4 +176,5 @@ mod pod {
     unsafe impl aya::Pod for super::DecisionKey {}
     unsafe impl aya::Pod for super::UidKey {}
     unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::Event {}
 }

@@ -19,16 +19,20 @@
 mod programs {
     use aya_ebpf::{
         bindings::bpf_sock_addr,
-        helpers::{bpf_get_current_uid_gid, generated::bpf_get_netns_cookie},
+        helpers::{
+            bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+            generated::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+        },
         macros::{cgroup_sock_addr, map},
-        maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+        maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
         programs::SockAddrContext,
         EbpfContext as _,
     };
     use loopguard_common::{
-        counter_index, AddrKey, Config, DecisionKey, ServiceEntry, SlotConfig, UidKey,
+        counter_index, AddrKey, Config, DecisionKey, Event, ServiceEntry, SlotConfig, UidKey,
         ADDR_KEY_SLOT_BITS, COUNTER_ENTRIES, COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY,
-        DEFAULT_BUCKET, LIST_ALLOW, MAX_DECISIONS, MAX_HOST_ADDRS, MAX_NETS, MAX_SERVICES,
+        DEFAULT_BUCKET, EVENTS_RING_BYTES, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
+        HOOK_SENDMSG6, LIST_ALLOW, MAX_DECISIONS, MAX_HOST_ADDRS, MAX_NETS, MAX_SERVICES,
         MAX_UID_ENTRIES, MODE_AUDIT, PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_DENY,
     };
 
@@ -57,6 +61,18 @@ mod programs {
     static HOST_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
     #[map(name = "LG_COUNTERS")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
+    /// Audit events. A full ring never blocks a connection: the event is
+    /// counted in LG_DROPPED instead.
+    #[map(name = "LG_EVENTS")]
+    static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+    #[map(name = "LG_DROPPED")]
+    static DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    /// Set to 1 at load time when the kernel lets socket address programs
+    /// read pid and comm (6.0+); at 0 the verifier never sees the event code,
+    /// so the policy programs still load on 5.7.
+    #[no_mangle]
+    static LG_EVENTS_ENABLED: u8 = 0;
 
     const ALLOW: i32 = 1;
     const DENY: i32 = 0;
@@ -67,37 +83,37 @@ mod programs {
 
     #[cgroup_sock_addr(connect4)]
     pub fn loopguard_connect4(ctx: SockAddrContext) -> i32 {
-        check_v4(&ctx)
+        check_v4(&ctx, HOOK_CONNECT4)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn loopguard_sendmsg4(ctx: SockAddrContext) -> i32 {
-        check_v4(&ctx)
+        check_v4(&ctx, HOOK_SENDMSG4)
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn loopguard_connect6(ctx: SockAddrContext) -> i32 {
-        check_v6(&ctx)
+        check_v6(&ctx, HOOK_CONNECT6)
     }
 
     #[cgroup_sock_addr(sendmsg6)]
     pub fn loopguard_sendmsg6(ctx: SockAddrContext) -> i32 {
-        check_v6(&ctx)
+        check_v6(&ctx, HOOK_SENDMSG6)
     }
 
     #[inline(always)]
-    fn check_v4(ctx: &SockAddrContext) -> i32 {
+    fn check_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
         // SAFETY: the kernel hands every sock_addr program a valid context.
         let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
         let mut addr = [0u8; 16];
         addr[10] = 0xff;
         addr[11] = 0xff;
         addr[12..16].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-        decide(ctx, sa, addr)
+        decide(ctx, sa, addr, hook)
     }
 
     #[inline(always)]
-    fn check_v6(ctx: &SockAddrContext) -> i32 {
+    fn check_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
         // SAFETY: as in check_v4.
         let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
         let mut addr = [0u8; 16];
@@ -106,7 +122,7 @@ mod programs {
         addr[4..8].copy_from_slice(&sa.user_ip6[1].to_ne_bytes());
         addr[8..12].copy_from_slice(&sa.user_ip6[2].to_ne_bytes());
         addr[12..16].copy_from_slice(&sa.user_ip6[3].to_ne_bytes());
-        decide(ctx, sa, addr)
+        decide(ctx, sa, addr, hook)
     }
 
     /// Where loopguard looks an address up, and whether it is in scope.
@@ -131,7 +147,8 @@ mod programs {
     }
 
     #[inline(always)]
-    fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, mut addr: [u8; 16]) -> i32 {
+    fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, mut addr: [u8; 16], hook: u8) -> i32 {
+        let requested = addr;
         let Some(config) = CONFIG.get(0) else {
             return ALLOW;
         };
@@ -167,6 +184,8 @@ mod programs {
         let mut bucket = DEFAULT_BUCKET;
         let mut deny_verdict = slot_config.default_verdict == VERDICT_DENY;
         let mut mode = slot_config.default_mode;
+        let mut log_allowed = slot_config.default_log_allowed;
+        let uid_gid = bpf_get_current_uid_gid();
         if port_atom != 0 {
             let mut addr_atom = 0;
             if slot_config.has_nets != 0 {
@@ -190,7 +209,7 @@ mod programs {
                 let Some(entry) = SERVICES.get(slot * MAX_SERVICES + service) else {
                     return ALLOW;
                 };
-                let uid = bpf_get_current_uid_gid() as u32;
+                let uid = uid_gid as u32;
                 let member = UIDS
                     .get_ptr(UidKey {
                         slot,
@@ -201,6 +220,7 @@ mod programs {
                 bucket = service;
                 deny_verdict = member != (entry.list_kind == LIST_ALLOW);
                 mode = entry.mode;
+                log_allowed = entry.log_allowed;
             }
         }
 
@@ -215,7 +235,55 @@ mod programs {
             // SAFETY: per-CPU slot; programs do not migrate CPUs mid-run.
             unsafe { *counter += 1 };
         }
+        // SAFETY: a read-only global the loader may set.
+        let events = unsafe { core::ptr::read_volatile(&LG_EVENTS_ENABLED) };
+        if events != 0 && (kind != COUNT_ALLOWED || log_allowed != 0) {
+            record(uid_gid, slot, bucket, kind, proto, hook, port, requested);
+        }
         verdict
+    }
+
+    /// Writes one event, or counts it as dropped when the ring is full.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        uid_gid: u64,
+        slot: u32,
+        bucket: u32,
+        kind: u32,
+        proto: u32,
+        hook: u8,
+        port: u32,
+        addr: [u8; 16],
+    ) {
+        match EVENTS.reserve::<Event>(0) {
+            Some(mut entry) => {
+                let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+                entry.write(Event {
+                    // SAFETY: plain helper calls.
+                    ktime_ns: unsafe { bpf_ktime_get_ns() },
+                    pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+                    uid: uid_gid as u32,
+                    gid: (uid_gid >> 32) as u32,
+                    bucket,
+                    slot,
+                    port: port as u16,
+                    action: kind as u8,
+                    proto: proto as u8,
+                    hook,
+                    _pad: [0; 7],
+                    addr,
+                    comm,
+                });
+                entry.submit(0);
+            }
+            None => {
+                if let Some(dropped) = DROPPED.get_ptr_mut(0) {
+                    // SAFETY: per-CPU slot.
+                    unsafe { *dropped += 1 };
+                }
+            }
+        }
     }
 
     #[panic_handler]

@@ -118,9 +118,12 @@ pub struct Maps {
     pub uids: HashMap<MapData, UidKey, u8>,
     pub host_addrs: HashMap<MapData, [u8; 16], u32>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Events lost to a full ring.
+    pub dropped: PerCpuArray<MapData, u64>,
 }
 
-const MAP_NAMES: [&str; 9] = [
+/// Pinned under `maps/`. LG_EVENTS is opened by `loopguard run`.
+pub const MAP_NAMES: [&str; 11] = [
     "LG_CONFIG",
     "LG_SLOT_CONFIG",
     "LG_PORT_ATOMS",
@@ -130,6 +133,8 @@ const MAP_NAMES: [&str; 9] = [
     "LG_UIDS",
     "LG_HOST_ADDRS",
     "LG_COUNTERS",
+    "LG_EVENTS",
+    "LG_DROPPED",
 ];
 
 impl Maps {
@@ -155,6 +160,7 @@ impl Maps {
             uids: typed!("LG_UIDS"),
             host_addrs: typed!("LG_HOST_ADDRS"),
             counters: typed!("LG_COUNTERS"),
+            dropped: typed!("LG_DROPPED"),
         })
     }
 
@@ -177,6 +183,15 @@ impl Maps {
     }
 
     /// Sum over CPUs of one counter.
+    /// Events lost to a full ring, summed over CPUs.
+    pub fn dropped(&self) -> Result<u64, EbpfError> {
+        let values = self
+            .dropped
+            .get(&0, 0)
+            .map_err(map_err("failed to read LG_DROPPED"))?;
+        Ok(values.iter().sum())
+    }
+
     pub fn counter(&self, slot: u32, bucket: u32, kind: u32) -> Result<u64, EbpfError> {
         let values = self
             .counters
@@ -237,7 +252,11 @@ fn load_and_attach(
     for dir in [&paths.maps_dir, &paths.progs_dir, &paths.links_dir] {
         fs::create_dir_all(dir).map_err(pin_err(format!("failed to create {}", dir.display())))?;
     }
+    // Audit events read pid and comm, which socket address programs may
+    // only from 6.0 on; older kernels load the programs without them.
+    let events: u8 = u8::from(crate::host::kernel_version().1 >= (6, 0));
     let mut ebpf = EbpfLoader::new()
+        .override_global("LG_EVENTS_ENABLED", &events, true)
         .load(EBPF_OBJECT)
         .map_err(EbpfError::Object)?;
 

@@ -5,6 +5,7 @@
 //! Data flows one way: policy file -> [`policy`] (parse, validate, resolve)
 //! -> [`compile`] (a [`compile::Plan`]) -> [`ebpf`] (maps in the kernel).
 
+pub mod audit;
 pub mod compile;
 pub mod diag;
 pub mod ebpf;

@@ -29,6 +29,8 @@ Examples:
   loopguard apply policy.toml --dry-run         show what would change
   loopguard status                              what is enforced, with counters
   loopguard explain --user app --to 127.0.0.1:5432
+  loopguard run /etc/loopguard/policy.toml      daemon: enforce, stream audit events
+  loopguard audit --follow --action deny        watch refusals
   loopguard remove                              detach everything
 
 Exit codes: 0 ok, 1 policy problems, 2 could not run, 3 needs root,
@@ -79,15 +81,24 @@ enum Command {
     Status(cmd::status::Args),
     /// Show the verdict for one user and destination, and what decides it.
     Explain(cmd::explain::Args),
+    /// Foreground daemon for systemd: apply, stream audit events, keep host
+    /// addresses current, reload on SIGHUP and file change (root).
+    Run(cmd::run::Args),
+    /// Show audit events from the audit log (root or the loopguard-audit group).
+    Audit(cmd::audit::Args),
     /// Detach and delete every program, pin and file of this instance (root).
     Remove,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon reports what it does (to journald); commands stay quiet.
+    let daemon = matches!(cli.command, Command::Run(_));
     env_logger::Builder::new()
         .filter_level(if cli.verbose {
             log::LevelFilter::Debug
+        } else if daemon {
+            log::LevelFilter::Info
         } else {
             log::LevelFilter::Warn
         })
@@ -113,6 +124,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Apply(args) => cmd::apply::run(args, &paths),
         Command::Status(args) => cmd::status::run(args, &paths),
         Command::Explain(args) => cmd::explain::run(args, &paths),
+        Command::Run(args) => cmd::run::run(args, &paths),
+        Command::Audit(args) => cmd::audit::run(args, &paths),
         Command::Remove => cmd::remove::run(&paths),
     }
 }

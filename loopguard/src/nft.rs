@@ -391,6 +391,28 @@ pub fn commit(batch: &Value) -> Result<(), NftError> {
         .map_err(NftError::Rejected)
 }
 
+/// Replaces the host address sets, in one transaction (the daemon calls
+/// this when rtnetlink reports an address change).
+pub fn sync_host_addrs(table: &str, host_addrs: &[IpAddr]) -> Result<(), NftError> {
+    let mut cmds = Vec::new();
+    for (set, v4) in [("host4", true), ("host6", false)] {
+        let set_ref = json!({"family": "inet", "table": table, "name": set});
+        cmds.push(json!({"flush": {"set": set_ref}}));
+        let elems: Vec<String> = host_addrs
+            .iter()
+            .filter(|a| a.is_ipv4() == v4)
+            .map(ToString::to_string)
+            .collect();
+        if !elems.is_empty() {
+            cmds.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": elems}}}));
+        }
+    }
+    let batch = json!({"nftables": cmds});
+    nft(&batch.to_string(), NO_ARGS)
+        .map(drop)
+        .map_err(NftError::Rejected)
+}
+
 /// Deletes the instance's table, and nothing else. Returns whether it
 /// existed.
 pub fn remove(table: &str) -> Result<bool, NftError> {

@@ -396,6 +396,69 @@ impl Sandbox {
         self.wait_listening(&format!("127.0.0.1:{port}"));
     }
 
+    /// Starts `loopguard run POLICY --cgroup <ours> --audit-log <dir>/audit.jsonl
+    /// EXTRA...` in our namespace and waits for its sd_notify READY=1.
+    /// Killed when the sandbox drops.
+    pub fn start_daemon(&mut self, policy: &Path, extra: &[&str]) -> Daemon {
+        let notify = self.dir.join("notify.sock");
+        let _ = fs::remove_file(&notify);
+        let sock = std::os::unix::net::UnixDatagram::bind(&notify).expect("notify socket");
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let audit_log = self.dir.join("audit.jsonl");
+        let stderr = self.dir.join("daemon.err");
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path.display()))
+            .arg(loopguard_bin())
+            .args(["--instance", &self.instance, "run"])
+            .arg(policy)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--audit-log")
+            .arg(&audit_log)
+            .args(extra)
+            .env("NOTIFY_SOCKET", &notify)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawn loopguard run");
+        let pid = child.id();
+        self.children.push(child);
+        let mut buf = [0u8; 256];
+        loop {
+            let n = sock.recv(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "loopguard run never said READY=1 ({e}): {}",
+                    fs::read_to_string(&stderr).unwrap_or_default()
+                )
+            });
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break;
+            }
+        }
+        Daemon {
+            pid,
+            audit_log,
+            stderr,
+        }
+    }
+
+    /// Runs the probe as `user` in our namespace and cgroup; returns what it
+    /// printed and its pid.
+    pub fn probe_with_pid(&self, user: Option<&TestUser>, args: &[&str]) -> (String, u32) {
+        let out = run(&mut self.probe_cmd(user, args));
+        assert!(
+            out.status.success(),
+            "probe {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .find_map(|l| l.strip_prefix("pid=").and_then(|p| p.trim().parse().ok()))
+            .expect("probe prints its pid");
+        (String::from_utf8_lossy(&out.stdout).trim().to_string(), pid)
+    }
+
     /// Waits until something accepts TCP connections on `addr` in our
     /// namespace (probed as root, which no test policy denies... unless it
     /// does: call before applying).
@@ -490,6 +553,65 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// A `loopguard run` started by [`Sandbox::start_daemon`].
+pub struct Daemon {
+    pub pid: u32,
+    pub audit_log: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Daemon {
+    /// Every JSON record in the audit log so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(&self.audit_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Polls the audit log until `pred` holds for the events (or panics
+    /// after `secs` seconds).
+    pub fn wait_events(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let events = self.events();
+            if pred(&events) {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not seen in {secs} s; events: {events:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig)
+            .expect("signal daemon");
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+            .unwrap_or(0)
     }
 }
 

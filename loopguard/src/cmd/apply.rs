@@ -74,7 +74,106 @@ fn lock_path(paths: &InstancePaths) -> PathBuf {
 /// Deletes the lock file, and the state root if no instance is left.
 pub fn remove_lock(paths: &InstancePaths) {
     let _ = fs::remove_file(lock_path(paths));
+    let _ = fs::remove_file(Path::new(STATE_ROOT).join(format!("{}.run", paths.instance)));
     let _ = fs::remove_dir(STATE_ROOT);
+}
+
+/// What `apply` and `run` need to enforce a file.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub cgroup: Option<PathBuf>,
+    pub layers: Layers,
+    pub force: bool,
+}
+
+/// A checked and compiled policy, ready to enforce.
+pub struct Prepared {
+    pub plan: Plan,
+    pub policy_path: PathBuf,
+    /// Rendered warnings, if any.
+    pub warnings: String,
+}
+
+/// Reads, checks, resolves and compiles a policy file. `Ok(Err(text))` is a
+/// refusal: the rendered diagnostics and a last line saying why.
+pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, String>> {
+    let source = read_policy(&file.to_path_buf())?;
+    let checked = check_source(file, source, Some(&SystemDirectory));
+    let errors = checked.errors();
+    let refused_warnings = checked
+        .diagnostics
+        .iter()
+        .any(|d| d.code == "cuts-off-root");
+    if errors > 0 || (refused_warnings && !force) {
+        let mut text = checked.report().render_human();
+        if errors > 0 {
+            text.push_str(&format!(
+                "loopguard: not applied: {} ({}); the policy in force is unchanged\n",
+                checked.file,
+                counts(errors, checked.warnings())
+            ));
+        } else {
+            text.push_str("loopguard: not applied: the policy would cut root off from essential local services; fix it or pass --force\n");
+        }
+        return Ok(Err(text));
+    }
+    let warnings = if checked.warnings() > 0 {
+        checked.report().render_human()
+    } else {
+        String::new()
+    };
+    let (Some(policy), Some(resolved)) = (&checked.policy, &checked.resolved) else {
+        anyhow::bail!("internal error: a checked policy without errors has no resolution");
+    };
+    let mut plan = compile::compile(policy, resolved).context("failed to compile the policy")?;
+    let policy_path =
+        fs::canonicalize(file).with_context(|| format!("failed to resolve {}", file.display()))?;
+    plan.file = policy_path.display().to_string();
+    Ok(Ok(Prepared {
+        plan,
+        policy_path,
+        warnings,
+    }))
+}
+
+/// Enforces a prepared policy and records it; returns the new state.
+pub fn commit(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyhow::Result<State> {
+    let _lock = lock(paths)?;
+    // Read under the lock: another apply may have finished meanwhile.
+    let previous = State::load(paths).ok().flatten();
+    let outcome = enforce(opts, paths, &prepared.plan, previous.as_ref())?;
+    let state = State {
+        policy_path: prepared.policy_path,
+        cgroup: outcome.cgroup.clone(),
+        applied_at: jiff::Timestamp::now().to_string(),
+        slot: outcome.slot.unwrap_or(0),
+        layers: outcome.layers.clone(),
+        plan: prepared.plan,
+    };
+    state.save(paths)?;
+    Ok(state)
+}
+
+/// `applied 1a2b3c4d5e6f (/etc/loopguard/policy.toml): 3 services, ...`
+pub fn summary(state: &State, took: std::time::Duration) -> String {
+    let hash = state.plan.hash.trim_start_matches("sha256:");
+    let layers = if state.layers.iter().any(|l| l == "bpf") {
+        format!(
+            "layers {} (bpf on {})",
+            state.layers.join("+"),
+            state.cgroup.display()
+        )
+    } else {
+        format!("layers {}", state.layers.join("+"))
+    };
+    format!(
+        "applied {} ({}): {}, {}, {layers}, {} ms",
+        &hash[..12.min(hash.len())],
+        state.policy_path.display(),
+        plural(state.plan.services.len(), "service"),
+        plural(state.plan.uid_count(), "uid"),
+        took.as_millis()
+    )
 }
 
 pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
@@ -82,77 +181,30 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     if !args.dry_run {
         host::require_root("apply")?;
     }
-    let source = read_policy(&args.file)?;
-    let checked = check_source(&args.file, source, Some(&SystemDirectory));
-    let errors = checked.errors();
-    let refused_warnings = checked
-        .diagnostics
-        .iter()
-        .any(|d| d.code == "cuts-off-root");
-    if errors > 0 || (refused_warnings && !args.force) {
-        eprint!("{}", checked.report().render_human());
-        if errors > 0 {
-            eprintln!(
-                "loopguard: not applied: {} ({}); the policy in force is unchanged",
-                checked.file,
-                counts(errors, checked.warnings())
-            );
-        } else {
-            eprintln!("loopguard: not applied: the policy would cut root off from essential local services; fix it or pass --force");
+    let prepared = match prepare(&args.file, args.force)? {
+        Ok(p) => p,
+        Err(refusal) => {
+            eprint!("{refusal}");
+            return Ok(exit::PROBLEMS);
         }
-        return Ok(exit::PROBLEMS);
-    }
-    if checked.warnings() > 0 {
-        eprint!("{}", checked.report().render_human());
-    }
-    let (Some(policy), Some(resolved)) = (&checked.policy, &checked.resolved) else {
-        anyhow::bail!("internal error: a checked policy without errors has no resolution");
     };
-    let mut plan = compile::compile(policy, resolved).context("failed to compile the policy")?;
-    let policy_path = fs::canonicalize(&args.file)
-        .with_context(|| format!("failed to resolve {}", args.file.display()))?;
-    plan.file = policy_path.display().to_string();
-    let previous = State::load(paths).ok().flatten();
-
+    eprint!("{}", prepared.warnings);
     if args.dry_run {
+        let previous = State::load(paths).ok().flatten();
         let mut out = std::io::stdout().lock();
-        for line in diff(previous.as_ref().map(|s| &s.plan), &plan) {
+        for line in diff(previous.as_ref().map(|s| &s.plan), &prepared.plan) {
             writeln!(out, "{line}")?;
         }
         writeln!(out, "dry run: nothing changed")?;
         return Ok(exit::OK);
     }
-
-    let _lock = lock(paths)?;
-    // Re-read under the lock: another apply may have finished meanwhile.
-    let previous = State::load(paths).ok().flatten();
-    let outcome = enforce(&args, paths, &plan, previous.as_ref())?;
-    let state = State {
-        policy_path,
-        cgroup: outcome.cgroup.clone(),
-        applied_at: jiff::Timestamp::now().to_string(),
-        slot: outcome.slot.unwrap_or(0),
-        layers: outcome.layers.clone(),
-        plan,
+    let opts = Options {
+        cgroup: args.cgroup.clone(),
+        layers: args.layers,
+        force: args.force,
     };
-    state.save(paths)?;
-    let hash = state.plan.hash.trim_start_matches("sha256:");
-    let layers = match outcome.layers.iter().any(|l| l == "bpf") {
-        true => format!(
-            "layers {} (bpf on {})",
-            outcome.layers.join("+"),
-            outcome.cgroup.display()
-        ),
-        false => format!("layers {}", outcome.layers.join("+")),
-    };
-    println!(
-        "applied {} ({}): {}, {}, {layers}, {} ms",
-        &hash[..12.min(hash.len())],
-        state.policy_path.display(),
-        plural(state.plan.services.len(), "service"),
-        plural(state.plan.uid_count(), "uid"),
-        started.elapsed().as_millis()
-    );
+    let state = commit(&opts, paths, prepared)?;
+    println!("{}", summary(&state, started.elapsed()));
     Ok(exit::OK)
 }
 
@@ -168,7 +220,7 @@ struct Enforced {
 /// commits and the eBPF slot flips. A failure before the commit changes
 /// nothing; a failed flip restores the previous nft table.
 fn enforce(
-    args: &Args,
+    args: &Options,
     paths: &InstancePaths,
     plan: &Plan,
     previous: Option<&State>,

@@ -1,9 +1,11 @@
 //! One module per subcommand.
 
 pub mod apply;
+pub mod audit;
 pub mod check;
 pub mod explain;
 pub mod remove;
+pub mod run;
 pub mod status;
 
 use std::path::Path;

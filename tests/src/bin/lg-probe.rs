@@ -13,7 +13,11 @@
 //!   listen PORT           accept TCP on [::]:PORT until killed
 //!   loop ADDR:PORT STOPFILE  connect until STOPFILE exists; prints
 //!                         `ok=N eperm=N other=N`
+//!   burst ADDR:PORT N     N connects as fast as possible; prints counts
+//!   http ADDR:PORT PATH   GET over plain HTTP/1.0; prints the body
 //!   exec CMD ARGS...      run a command as the user
+//!
+//! The probe's pid goes to stderr as `pid=N` (audit events name it).
 //! ```
 
 use std::{
@@ -110,7 +114,39 @@ fn main() {
         setuid(Uid::from_raw(uid)).unwrap_or_else(|e| die(&format!("setuid: {e}")));
     }
 
+    eprintln!("pid={}", std::process::id());
     match action.as_str() {
+        "burst" => {
+            let to = target();
+            let n: u64 = args
+                .get(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| die("burst ADDR:PORT N"));
+            let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+            for _ in 0..n {
+                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    Ok(_) => ok += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    Err(_) => other += 1,
+                }
+            }
+            println!("ok={ok} eperm={eperm} other={other}");
+        }
+        "http" => {
+            use std::io::{Read as _, Write as _};
+            let to = target();
+            let path = args.get(2).cloned().unwrap_or_else(|| "/".into());
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                .unwrap_or_else(|e| die(&format!("connect: {e}")));
+            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            print!(
+                "{}",
+                body.split_once("\r\n\r\n")
+                    .map_or(body.as_str(), |(_, b)| b)
+            );
+        }
         "tcp" | "tcp-to" => {
             let res = TcpStream::connect_timeout(&target(), Duration::from_secs(2));
             println!(

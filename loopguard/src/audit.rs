@@ -1,0 +1,262 @@
+//! Audit events: kernel records -> SPEC §5 JSON lines, and the bounded log
+//! file they are written to.
+//!
+//! Field names follow the Elastic Common Schema so the stream drops into
+//! Elastic, Loki or any JSON pipeline.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Write as _},
+    net::{IpAddr, Ipv6Addr},
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use loopguard_common::{
+    Event, COUNT_ALLOWED, COUNT_DENIED, DEFAULT_BUCKET, HOOK_CONNECT4, HOOK_CONNECT6, PROTO_TCP,
+};
+use serde_json::{json, Map, Value};
+
+use crate::{
+    compile::Plan,
+    policy::{ListKind, Mode, Verdict},
+};
+
+/// Where `run` writes events and `audit` reads them, unless told otherwise.
+pub fn default_log_path(instance: &str) -> PathBuf {
+    Path::new("/var/log/loopguard").join(format!("{instance}.jsonl"))
+}
+
+/// Group that may read the audit log, when it exists.
+pub const AUDIT_GROUP: &str = "loopguard-audit";
+
+/// CLOCK_MONOTONIC -> wall clock, fixed when the reader starts.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    offset_ns: i128,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+            .unwrap_or(0);
+        let real = jiff::Timestamp::now().as_nanosecond();
+        Clock {
+            offset_ns: real - mono,
+        }
+    }
+
+    pub fn timestamp(&self, ktime_ns: u64) -> String {
+        let ns = i128::from(ktime_ns) + self.offset_ns;
+        match jiff::Timestamp::from_nanosecond(ns) {
+            Ok(t) => format!("{t:.9}"),
+            Err(_) => jiff::Timestamp::now().to_string(),
+        }
+    }
+}
+
+/// uid -> user name, bounded.
+#[derive(Default)]
+pub struct UserNames {
+    cache: HashMap<u32, Option<String>>,
+}
+
+impl UserNames {
+    pub fn get(&mut self, uid: u32) -> Option<String> {
+        if self.cache.len() > 4096 {
+            self.cache.clear();
+        }
+        self.cache
+            .entry(uid)
+            .or_insert_with(|| {
+                uzers::get_user_by_uid(uid).map(|u| u.name().to_string_lossy().into_owned())
+            })
+            .clone()
+    }
+}
+
+fn action_name(kind: u32) -> &'static str {
+    match kind {
+        COUNT_ALLOWED => "allow",
+        COUNT_DENIED => "deny",
+        _ => "would-deny",
+    }
+}
+
+/// Why the plan decided so, as `event.reason`.
+fn reason(plan: Option<&Plan>, bucket: u32, kind: u32) -> (Option<String>, String, &'static str) {
+    let Some(plan) = plan else {
+        return (None, "policy no longer loaded".into(), "enforce");
+    };
+    let mode_name = |m: Mode| match m {
+        Mode::Enforce => "enforce",
+        Mode::Audit => "audit",
+    };
+    if bucket == DEFAULT_BUCKET {
+        let default = match plan.default {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        };
+        return (
+            None,
+            format!("no service matches; default is {default}"),
+            mode_name(plan.mode),
+        );
+    }
+    match plan.services.get(bucket as usize) {
+        None => (None, "unknown service".into(), "enforce"),
+        Some(s) => {
+            let why = match (s.list, kind == COUNT_ALLOWED) {
+                (ListKind::Allow, true) => "uid allowed",
+                (ListKind::Allow, false) => "uid not allowed",
+                (ListKind::Deny, true) => "uid not denied",
+                (ListKind::Deny, false) => "uid denied",
+            };
+            (
+                Some(s.name.clone()),
+                format!("service {}: {why}", s.name),
+                mode_name(s.mode),
+            )
+        }
+    }
+}
+
+/// One event of the eBPF layer as a SPEC §5 record (fields in SPEC order).
+pub fn record(ev: &Event, plan: Option<&Plan>, clock: &Clock, names: &mut UserNames) -> Value {
+    let (service, reason, mode) = reason(plan, ev.bucket, u32::from(ev.action));
+    let ip = normalize_display(ev.addr);
+    let comm_len = ev
+        .comm
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(ev.comm.len());
+    let mut m = Map::new();
+    m.insert("@timestamp".into(), json!(clock.timestamp(ev.ktime_ns)));
+    m.insert(
+        "event.action".into(),
+        json!(action_name(u32::from(ev.action))),
+    );
+    m.insert("event.reason".into(), json!(reason));
+    m.insert("loopguard.service".into(), json!(service));
+    m.insert("loopguard.mode".into(), json!(mode));
+    let layer = if ev.hook == HOOK_CONNECT4 || ev.hook == HOOK_CONNECT6 {
+        "connect"
+    } else {
+        "sendmsg"
+    };
+    m.insert("loopguard.layer".into(), json!(layer));
+    m.insert("user.id".into(), json!(ev.uid));
+    m.insert("user.name".into(), json!(names.get(ev.uid)));
+    m.insert("group.id".into(), json!(ev.gid));
+    m.insert("process.pid".into(), json!(ev.pid));
+    m.insert(
+        "process.name".into(),
+        json!(String::from_utf8_lossy(&ev.comm[..comm_len])),
+    );
+    m.insert(
+        "network.transport".into(),
+        json!(if u32::from(ev.proto) == PROTO_TCP {
+            "tcp"
+        } else {
+            "udp"
+        }),
+    );
+    m.insert(
+        "network.type".into(),
+        json!(if ip.is_ipv4() { "ipv4" } else { "ipv6" }),
+    );
+    m.insert("destination.ip".into(), json!(ip.to_string()));
+    m.insert("destination.port".into(), json!(ev.port));
+    Value::Object(m)
+}
+
+/// The destination as the process gave it; IPv4 (and IPv4-mapped) shown
+/// as IPv4.
+fn normalize_display(addr: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// `event.action = "dropped"`: events lost since the last report.
+pub fn dropped_record(count: u64, layer: &str) -> Value {
+    let mut m = Map::new();
+    m.insert(
+        "@timestamp".into(),
+        json!(format!("{:.9}", jiff::Timestamp::now())),
+    );
+    m.insert("event.action".into(), json!("dropped"));
+    m.insert(
+        "event.reason".into(),
+        json!(format!("{count} events lost: the event buffer was full")),
+    );
+    m.insert("loopguard.layer".into(), json!(layer));
+    m.insert("loopguard.dropped".into(), json!(count));
+    Value::Object(m)
+}
+
+/// An append-only JSON-lines file that never grows past `max_bytes`: at
+/// the limit it is renamed to `<path>.1` (replacing the previous one) and a
+/// new file is started.
+pub struct AuditLog {
+    path: PathBuf,
+    file: fs::File,
+    written: u64,
+    max_bytes: u64,
+}
+
+impl AuditLog {
+    pub fn open(path: &Path, max_bytes: u64) -> io::Result<AuditLog> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let file = Self::open_file(path)?;
+        let written = file.metadata()?.len();
+        Ok(AuditLog {
+            path: path.to_path_buf(),
+            file,
+            written,
+            max_bytes,
+        })
+    }
+
+    fn open_file(path: &Path) -> io::Result<fs::File> {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)?;
+        // Readable by the audit group when there is one.
+        if let Some(g) = uzers::get_group_by_name(AUDIT_GROUP) {
+            let _ = nix::unistd::fchown(&file, None, Some(nix::unistd::Gid::from_raw(g.gid())));
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o640));
+        }
+        Ok(file)
+    }
+
+    /// Appends lines with one write (rotating first when needed).
+    pub fn write_lines(&mut self, lines: &[String]) -> io::Result<()> {
+        let mut text = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+        for l in lines {
+            if self.written + (text.len() + l.len() + 1) as u64 > self.max_bytes
+                && self.written + text.len() as u64 > 0
+            {
+                self.file.write_all(text.as_bytes())?;
+                text.clear();
+                let rotated = self.path.with_extension("jsonl.1");
+                fs::rename(&self.path, &rotated)?;
+                self.file = Self::open_file(&self.path)?;
+                self.written = 0;
+            }
+            text.push_str(l);
+            text.push('\n');
+        }
+        self.file.write_all(text.as_bytes())?;
+        self.written += text.len() as u64;
+        Ok(())
+    }
+}

@@ -1,0 +1,637 @@
+//! `loopguard run`: the foreground daemon for systemd.
+//!
+//! Applies the policy, then on one tokio thread: streams audit events from
+//! the eBPF ring buffer to stdout (journald) and the audit log, reports
+//! events lost to a full buffer, reloads on SIGHUP and when the file changes
+//! (a broken edit is logged and the running policy stays), keeps the host
+//! address sets current from rtnetlink, serves Prometheus metrics, and tells
+//! systemd it is ready. SIGTERM stops it; enforcement stays pinned.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Write as _},
+    net::SocketAddr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Map, MapData, RingBuf};
+use loopguard::{
+    audit::{self, AuditLog, Clock, UserNames},
+    compile::Plan,
+    ebpf::{self, Maps},
+    host, nft,
+    paths::{InstancePaths, STATE_ROOT},
+};
+use loopguard_common::{
+    Event, COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS,
+};
+use nix::fcntl::{Flock, FlockArg};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{unix::AsyncFd, AsyncReadExt as _, AsyncWriteExt as _},
+    signal::unix::{signal, SignalKind},
+};
+
+use super::apply::{self, Layers, Options};
+use crate::exit;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  loopguard run /etc/loopguard/policy.toml\n  loopguard run policy.toml --audit-log /var/log/loopguard/audit.jsonl --metrics 127.0.0.1:9477"
+)]
+pub struct Args {
+    /// The policy file (watched for changes).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Layers::Both)]
+    layers: Layers,
+    #[arg(long)]
+    force: bool,
+    /// Also append events here [default: /var/log/loopguard/INSTANCE.jsonl].
+    #[arg(long, value_name = "PATH")]
+    audit_log: Option<PathBuf>,
+    /// Rotate the audit log to PATH.1 at this size.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    audit_log_max_bytes: u64,
+    /// Serve Prometheus metrics on this address (keep it on loopback).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    service: String,
+    layer: String,
+    action: String,
+}
+
+/// Metrics, refreshed from the kernel counters at each scrape.
+struct Metrics {
+    registry: Registry,
+    attempts: Family<AttemptLabels, Counter>,
+    dropped: Counter,
+    generation: Gauge,
+    last_apply: Gauge,
+    seen: HashMap<AttemptLabels, u64>,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("loopguard");
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        let dropped = Counter::default();
+        let generation = Gauge::default();
+        let last_apply = Gauge::default();
+        registry.register(
+            "attempts",
+            "Connection attempts (bpf) and packets (nft) per service, layer and action",
+            attempts.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Audit events lost to a full buffer",
+            dropped.clone(),
+        );
+        registry.register(
+            "policy_generation",
+            "Policies applied by this process",
+            generation.clone(),
+        );
+        registry.register(
+            "last_apply_timestamp_seconds",
+            "Unix time of the last successful apply",
+            last_apply.clone(),
+        );
+        Metrics {
+            registry,
+            attempts,
+            dropped,
+            generation,
+            last_apply,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Brings the counters up to the kernel's (which only grow while a
+    /// policy is in force; a re-apply carries them over by service name).
+    fn refresh(&mut self, paths: &InstancePaths, plan: &Plan) {
+        let mut current: Vec<(AttemptLabels, u64)> = Vec::new();
+        let name = |i: usize| {
+            plan.services
+                .get(i)
+                .map_or("default".to_string(), |s| s.name.clone())
+        };
+        if let Ok(maps) = Maps::open_pinned(paths) {
+            if let Ok(slot) = maps.config().map(|c| c.active_slot) {
+                if slot < SLOTS {
+                    for i in 0..=plan.services.len() {
+                        let bucket = if i == plan.services.len() {
+                            DEFAULT_BUCKET
+                        } else {
+                            i as u32
+                        };
+                        for (kind, action) in [
+                            (COUNT_ALLOWED, "allowed"),
+                            (COUNT_DENIED, "denied"),
+                            (COUNT_WOULD_DENY, "would_deny"),
+                        ] {
+                            let v = maps.counter(slot, bucket, kind).unwrap_or(0);
+                            current.push((
+                                AttemptLabels {
+                                    service: name(i),
+                                    layer: "bpf".into(),
+                                    action: action.into(),
+                                },
+                                v,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if let Ok(counts) = nft::counters(&paths.instance) {
+            for (i, (a, d)) in nft::service_counts(&counts, plan.services.len())
+                .into_iter()
+                .enumerate()
+            {
+                current.push((
+                    AttemptLabels {
+                        service: name(i),
+                        layer: "nft".into(),
+                        action: "allowed".into(),
+                    },
+                    a,
+                ));
+                current.push((
+                    AttemptLabels {
+                        service: name(i),
+                        layer: "nft".into(),
+                        action: "denied".into(),
+                    },
+                    d,
+                ));
+            }
+        }
+        for (labels, value) in current {
+            let last = self.seen.insert(labels.clone(), value).unwrap_or(0);
+            if value > last {
+                self.attempts.get_or_create(&labels).inc_by(value - last);
+            } else {
+                // Create the series, so it shows at zero.
+                let _ = self.attempts.get_or_create(&labels);
+            }
+        }
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Shared between the tasks (one thread: the mutex is never contended).
+struct Daemon {
+    paths: InstancePaths,
+    opts: Options,
+    file: PathBuf,
+    /// Plans by kernel slot, so events from either slot name their service.
+    plans: HashMap<u32, Plan>,
+    current: Option<Plan>,
+    log: Option<AuditLog>,
+    names: UserNames,
+    clock: Clock,
+    metrics: Metrics,
+}
+
+impl Daemon {
+    /// Applies the file; a refusal or failure is logged and the running
+    /// policy stays.
+    fn reload(&mut self, why: &str) -> bool {
+        let started = Instant::now();
+        let prepared = match apply::prepare(&self.file, self.opts.force) {
+            Ok(Ok(p)) => p,
+            Ok(Err(refusal)) => {
+                log::error!("{why}: policy not applied; the running policy stays\n{refusal}");
+                return false;
+            }
+            Err(e) => {
+                log::error!("{why}: {e:#}; the running policy stays");
+                return false;
+            }
+        };
+        if !prepared.warnings.is_empty() {
+            log::warn!("{}", prepared.warnings);
+        }
+        match apply::commit(&self.opts, &self.paths, prepared) {
+            Ok(state) => {
+                log::info!("{why}: {}", apply::summary(&state, started.elapsed()));
+                self.plans.insert(state.slot, state.plan.clone());
+                self.current = Some(state.plan);
+                self.metrics.generation.inc();
+                self.metrics
+                    .last_apply
+                    .set(jiff::Timestamp::now().as_second());
+                true
+            }
+            Err(e) => {
+                log::error!("{why}: {e:#}; the running policy stays");
+                false
+            }
+        }
+    }
+
+    /// Writes records to stdout and the audit log, one write each per batch.
+    fn emit_all(&mut self, lines: &[String]) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+        if let Some(log) = &mut self.log {
+            if let Err(e) = log.write_lines(lines) {
+                log::error!("audit log: {e}");
+            }
+        }
+    }
+
+    fn emit(&mut self, value: &serde_json::Value) {
+        self.emit_all(&[value.to_string()]);
+    }
+
+    fn event(&mut self, ev: &Event) -> String {
+        let plan = self.plans.get(&ev.slot).or(self.current.as_ref());
+        audit::record(ev, plan, &self.clock, &mut self.names).to_string()
+    }
+}
+
+pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
+    host::require_root("run")?;
+    fs::create_dir_all(STATE_ROOT).with_context(|| format!("failed to create {STATE_ROOT}"))?;
+    let run_lock = Path::new(STATE_ROOT).join(format!("{}.run", paths.instance));
+    let lock_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .read(true)
+        .open(&run_lock)
+        .with_context(|| format!("failed to open {}", run_lock.display()))?;
+    let mut lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = fs::read_to_string(&run_lock).unwrap_or_default();
+            anyhow::bail!(
+                "another `loopguard run` is running for instance {} (pid {}); stop it first",
+                paths.instance,
+                pid.trim()
+            );
+        }
+        Err((_, e)) => {
+            return Err(e).with_context(|| format!("failed to lock {}", run_lock.display()))
+        }
+    };
+    lock.set_len(0).ok();
+    let _ = write!(lock, "{}", std::process::id());
+
+    let log_path = args
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| audit::default_log_path(&paths.instance));
+    let log = AuditLog::open(&log_path, args.audit_log_max_bytes)
+        .with_context(|| format!("failed to open the audit log {}", log_path.display()))?;
+    let mut daemon = Daemon {
+        paths: paths.clone(),
+        opts: Options {
+            cgroup: args.cgroup.clone(),
+            layers: args.layers,
+            force: args.force,
+        },
+        file: args.file.clone(),
+        plans: HashMap::new(),
+        current: None,
+        log: Some(log),
+        names: UserNames::default(),
+        clock: Clock::now(),
+        metrics: Metrics::new(),
+    };
+    if !daemon.reload("start") {
+        return Ok(exit::PROBLEMS);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    let daemon = Arc::new(Mutex::new(daemon));
+    runtime.block_on(serve(daemon, args))?;
+    Ok(exit::OK)
+}
+
+fn lock(d: &Arc<Mutex<Daemon>>) -> std::sync::MutexGuard<'_, Daemon> {
+    d.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
+    let paths = lock(&daemon).paths.clone();
+
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen on {addr} for metrics"))?;
+        tokio::spawn(metrics_server(listener, daemon.clone()));
+    }
+    if ebpf::is_installed(&paths) {
+        let data = MapData::from_pin(paths.maps_dir.join("LG_EVENTS"))
+            .context("failed to open LG_EVENTS")?;
+        let ring =
+            RingBuf::try_from(Map::RingBuf(data)).context("LG_EVENTS is not a ring buffer")?;
+        tokio::spawn(read_events(ring, daemon.clone()));
+        tokio::spawn(report_dropped(paths.clone(), daemon.clone()));
+    }
+    tokio::spawn(watch_addresses(daemon.clone()));
+    tokio::spawn(watch_file(args.file.clone(), daemon.clone()));
+
+    notify_systemd("READY=1\nSTATUS=enforcing");
+    log::info!("ready");
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                notify_systemd("RELOADING=1");
+                lock(&daemon).reload("SIGHUP");
+                notify_systemd("READY=1");
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    notify_systemd("STOPPING=1");
+    log::info!("stopping; enforcement stays in force (pinned)");
+    Ok(())
+}
+
+async fn read_events(ring: RingBuf<MapData>, daemon: Arc<Mutex<Daemon>>) {
+    // SAFETY: the ring owns its fd and lives inside the AsyncFd.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::error!("cannot poll the event ring: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        let mut d = lock(&daemon);
+        // Drain in bounded batches: memory stays flat however long the
+        // flood, and the writes are large.
+        let mut lines = Vec::with_capacity(1024);
+        while let Some(item) = ring.next() {
+            if item.len() >= size_of::<Event>() {
+                // SAFETY: the kernel wrote an Event (repr(C), any bits valid).
+                let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                lines.push(d.event(&ev));
+            }
+            if lines.len() == 1024 {
+                d.emit_all(&lines);
+                lines.clear();
+            }
+        }
+        d.emit_all(&lines);
+        drop(d);
+        guard.clear_ready();
+    }
+}
+
+/// Reports events lost to a full ring, at most once a second.
+async fn report_dropped(paths: InstancePaths, daemon: Arc<Mutex<Daemon>>) {
+    let Ok(maps) = Maps::open_pinned(&paths) else {
+        return;
+    };
+    let mut last = maps.dropped().unwrap_or(0);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = maps.dropped().unwrap_or(last);
+        if now > last {
+            let mut d = lock(&daemon);
+            d.metrics.dropped.inc_by(now - last);
+            d.emit(&audit::dropped_record(now - last, "connect"));
+            last = now;
+        }
+    }
+}
+
+/// Re-reads the host's addresses whenever rtnetlink announces a change.
+async fn watch_addresses(daemon: Arc<Mutex<Daemon>>) {
+    let sock = match rtnetlink_socket() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot watch address changes: {e}");
+            return;
+        }
+    };
+    // SAFETY: the OwnedFd lives inside the AsyncFd.
+    let Ok(fd) = (unsafe { AsyncFd::register(sock) }) else {
+        return;
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            return;
+        };
+        // Drain every pending message; the content does not matter.
+        loop {
+            // SAFETY: recv into our buffer.
+            let n = unsafe {
+                libc::recv(
+                    guard.get_inner().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+        }
+        guard.clear_ready();
+        let d = lock(&daemon);
+        sync_addresses(&d);
+    }
+}
+
+fn sync_addresses(d: &Daemon) {
+    let addrs = match host::host_addresses() {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("{e}");
+            return;
+        }
+    };
+    if ebpf::is_installed(&d.paths) {
+        match Maps::open_pinned(&d.paths) {
+            Ok(mut maps) => {
+                if let Err(e) = ebpf::sync_host_addrs(&mut maps, &addrs) {
+                    log::error!("host addresses (eBPF): {e}");
+                }
+            }
+            Err(e) => log::error!("host addresses (eBPF): {e}"),
+        }
+    }
+    if nft::table_exists(&d.paths.instance) {
+        if let Err(e) = nft::sync_host_addrs(&d.paths.instance, &addrs) {
+            log::error!("host addresses (nft): {e}");
+        }
+    }
+    log::debug!("host addresses: {addrs:?}");
+}
+
+fn rtnetlink_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2)/bind(2) on a zeroed sockaddr_nl.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+        sa.nl_family = libc::AF_NETLINK as u16;
+        sa.nl_groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+        if libc::bind(
+            fd,
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
+}
+
+/// Reloads when the file's identity or contents change, after it has been
+/// quiet for 300 ms (editors write in several steps).
+async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
+    let stamp = |p: &Path| -> Option<(SystemTime, u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(p).ok().map(|m| {
+            (
+                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                m.len(),
+                m.ino(),
+            )
+        })
+    };
+    let mut seen = stamp(&file);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let now = stamp(&file);
+        if now == seen || now.is_none() {
+            continue;
+        }
+        // Debounce: wait until the file stops changing.
+        let mut settled = now;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let again = stamp(&file);
+            if again == settled {
+                break;
+            }
+            settled = again;
+        }
+        seen = settled;
+        notify_systemd("RELOADING=1");
+        lock(&daemon).reload("file changed");
+        notify_systemd("READY=1");
+    }
+}
+
+async fn metrics_server(listener: tokio::net::TcpListener, daemon: Arc<Mutex<Daemon>>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            while len < buf.len() {
+                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[len..])).await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => {
+                        len += n;
+                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                }
+            }
+            let request = String::from_utf8_lossy(&buf[..len]);
+            let response = if request.starts_with("GET /metrics") {
+                let body = {
+                    let mut d = lock(&daemon);
+                    let paths = d.paths.clone();
+                    if let Some(plan) = d.current.clone() {
+                        d.metrics.refresh(&paths, &plan);
+                    }
+                    d.metrics.encode()
+                };
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
+            };
+            let _ = conn.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// `sd_notify(3)`: a datagram to $NOTIFY_SOCKET, when systemd set one.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = result {
+        log::debug!("sd_notify: {e}");
+    }
+}

@@ -1,0 +1,308 @@
+//! `loopguard run`: audit events, floods, live host addresses, reloads,
+//! metrics, and the guarantees of a daemon under systemd.
+
+use std::time::{Duration, Instant};
+
+use loopguard_tests::{users, Sandbox};
+use nix::sys::signal::Signal;
+
+fn policy(alice: &str, extra: &str) -> String {
+    format!(
+        r#"version = 1
+{extra}
+[[service]]
+name = "web"
+port = 8080
+allow_users = ["{alice}"]
+"#
+    )
+}
+
+#[test]
+fn a_denied_attempt_is_one_event_with_who_and_where() {
+    let u = users();
+    let mut sb = Sandbox::new("run-event");
+    let p = sb.policy("p.toml", &policy(u.alice.name, ""));
+    let d = sb.start_daemon(&p, &[]);
+    let (seen, pid) = sb.probe_with_pid(Some(&u.bob), &["tcp", "[::1]:8080"]);
+    assert_eq!(seen, "connect=EPERM");
+    let events = d.wait_events(5, "bob's deny", |e| {
+        e.iter().any(|v| v["process.pid"] == pid)
+    });
+    let mine: Vec<_> = events.iter().filter(|v| v["process.pid"] == pid).collect();
+    assert_eq!(mine.len(), 1, "exactly one event: {mine:?}");
+    let e = mine[0];
+    assert_eq!(e["event.action"], "deny");
+    assert_eq!(e["event.reason"], "service web: uid not allowed");
+    assert_eq!(e["loopguard.service"], "web");
+    assert_eq!(e["loopguard.mode"], "enforce");
+    assert_eq!(e["loopguard.layer"], "connect");
+    assert_eq!(e["user.id"], u.bob.uid);
+    assert_eq!(e["user.name"], u.bob.name);
+    assert_eq!(e["group.id"], u.bob.gid);
+    assert_eq!(e["process.name"], "lg-probe");
+    assert_eq!(e["network.transport"], "tcp");
+    assert_eq!(e["network.type"], "ipv6");
+    assert_eq!(e["destination.ip"], "::1");
+    assert_eq!(e["destination.port"], 8080);
+    let ts = e["@timestamp"].as_str().expect("timestamp");
+    assert!(
+        ts.ends_with('Z') && ts.len() == 30,
+        "RFC 3339 with ns: {ts}"
+    );
+    // Allowed attempts are not logged by default.
+    let (_, alice_pid) = sb.probe_with_pid(Some(&u.alice), &["tcp", "127.0.0.1:8080"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!d.events().iter().any(|v| v["process.pid"] == alice_pid));
+
+    // The audit command shows it, filtered.
+    let r = sb
+        .lg(&[
+            "audit",
+            "--file",
+            d.audit_log.to_str().expect("utf-8"),
+            "--uid",
+            &u.bob.uid.to_string(),
+            "--format",
+            "json",
+        ])
+        .ok();
+    assert_eq!(r.stdout.lines().count(), 1, "{}", r.stdout);
+    let human = sb
+        .lg(&[
+            "audit",
+            "--file",
+            d.audit_log.to_str().expect("utf-8"),
+            "--action",
+            "deny",
+        ])
+        .ok();
+    assert!(
+        human
+            .stdout
+            .contains("lg-probe -> ::1:8080/tcp [connect] service web: uid not allowed"),
+        "{}",
+        human.stdout
+    );
+}
+
+#[test]
+fn audit_mode_and_log_allowed_events() {
+    let u = users();
+    let mut sb = Sandbox::new("run-audit");
+    let p = sb.policy(
+        "p.toml",
+        &policy(u.alice.name, "mode = \"audit\"\nlog_allowed = true"),
+    );
+    let d = sb.start_daemon(&p, &[]);
+    let (seen, bob_pid) = sb.probe_with_pid(Some(&u.bob), &["udp", "127.0.0.1:8080"]);
+    assert_eq!(
+        seen, "send=ok recv=yes",
+        "UDP to a TCP service is unmatched"
+    );
+    let (seen, bob_tcp) = sb.probe_with_pid(Some(&u.bob), &["tcp", "127.0.0.1:8080"]);
+    assert_eq!(seen, "connect=ok", "audit mode lets it through");
+    let (_, alice_pid) = sb.probe_with_pid(Some(&u.alice), &["tcp", "127.0.0.1:8080"]);
+    let events = d.wait_events(5, "would-deny and allow", |e| {
+        e.iter().any(|v| v["process.pid"] == bob_tcp)
+            && e.iter().any(|v| v["process.pid"] == alice_pid)
+    });
+    let of = |pid: u32| {
+        events
+            .iter()
+            .find(|v| v["process.pid"] == pid)
+            .expect("event")
+    };
+    assert_eq!(of(bob_tcp)["event.action"], "would-deny");
+    assert_eq!(of(bob_tcp)["loopguard.mode"], "audit");
+    assert_eq!(of(alice_pid)["event.action"], "allow");
+    assert_eq!(
+        of(bob_pid)["event.action"],
+        "allow",
+        "log_allowed covers unmatched traffic too"
+    );
+    assert_eq!(of(bob_pid)["loopguard.layer"], "sendmsg");
+    assert_eq!(
+        of(bob_pid)["event.reason"],
+        "no service matches; default is allow"
+    );
+}
+
+#[test]
+fn a_flood_is_accounted_for_and_memory_stays_bounded() {
+    let u = users();
+    let mut sb = Sandbox::new("run-flood");
+    let p = sb.policy("p.toml", &policy(u.alice.name, ""));
+    let d = sb.start_daemon(&p, &[]);
+    let attempts = 100_000u64;
+    let out = sb.probe(
+        Some(&u.bob),
+        &["burst", "127.0.0.1:8080", &attempts.to_string()],
+    );
+    assert_eq!(out, format!("ok=0 eperm={attempts} other=0"));
+    let total = |events: &[serde_json::Value]| -> u64 {
+        let delivered = events.iter().filter(|v| v["user.id"] == u.bob.uid).count() as u64;
+        let dropped: u64 = events
+            .iter()
+            .filter_map(|v| v["loopguard.dropped"].as_u64())
+            .sum();
+        delivered + dropped
+    };
+    let events = d.wait_events(30, "every attempt delivered or counted as dropped", |e| {
+        total(e) >= attempts
+    });
+    assert_eq!(total(&events), attempts, "delivered + dropped == attempts");
+    let dropped: u64 = events
+        .iter()
+        .filter_map(|v| v["loopguard.dropped"].as_u64())
+        .sum();
+    eprintln!(
+        "flood of {attempts}: {} delivered, {dropped} dropped, daemon peak RSS {} KiB",
+        attempts - dropped,
+        d.peak_rss_kib()
+    );
+    assert!(
+        d.peak_rss_kib() < 64 * 1024,
+        "peak RSS {} KiB",
+        d.peak_rss_kib()
+    );
+}
+
+#[test]
+fn a_new_host_address_is_guarded_within_a_second() {
+    let u = users();
+    let mut sb = Sandbox::new("run-addr");
+    let p = sb.policy("p.toml", &policy(u.alice.name, ""));
+    let _d = sb.start_daemon(&p, &[]);
+    let addr = "198.18.0.7";
+    assert_ne!(
+        sb.probe(Some(&u.bob), &["tcp", &format!("{addr}:8080")]),
+        "connect=EPERM",
+        "not an address yet"
+    );
+    sb.in_netns(&["ip", "addr", "add", &format!("{addr}/32"), "dev", "lg0"])
+        .ok();
+    let added = Instant::now();
+    loop {
+        if sb.probe(Some(&u.bob), &["tcp", &format!("{addr}:8080")]) == "connect=EPERM"
+            && sb.probe_outside(Some(&u.bob), &["tcp", &format!("{addr}:8080")])
+                == "connect=ECONNREFUSED"
+        {
+            break;
+        }
+        assert!(
+            added.elapsed() < Duration::from_secs(1),
+            "not guarded a second after being added"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_with_a_broken_policy_keeps_the_old_one_then_picks_up_the_fix() {
+    let u = users();
+    let mut sb = Sandbox::new("run-reload");
+    let p = sb.policy("p.toml", &policy(u.alice.name, ""));
+    let d = sb.start_daemon(&p, &[]);
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=EPERM"
+    );
+    std::fs::write(
+        &p,
+        "version = 1\n[[service]]\nname = \"web\"\nport = 99999\nallow_users = [0]\n",
+    )
+    .expect("write");
+    d.signal(Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !d.log().contains("port 99999 is out of range") {
+        assert!(
+            Instant::now() < deadline,
+            "diagnostics not logged: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("p.toml:4:8"), "{}", d.log());
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=EPERM",
+        "old policy stays"
+    );
+    // Fixed: bob is now allowed; the file watcher picks it up.
+    std::fs::write(
+        &p,
+        policy(&format!("{}\", \"{}", u.alice.name, u.bob.name), ""),
+    )
+    .expect("write");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]) != "connect=ok" {
+        assert!(
+            Instant::now() < deadline,
+            "fixed policy not picked up: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn metrics_move_one_run_per_instance_and_sigterm_keeps_enforcement() {
+    let u = users();
+    let mut sb = Sandbox::new("run-metrics");
+    let p = sb.policy("p.toml", &policy(u.alice.name, ""));
+    let d = sb.start_daemon(&p, &["--metrics", "127.0.0.1:9477"]);
+    let scrape = || sb.probe(None, &["http", "127.0.0.1:9477", "/metrics"]);
+    let denied = |text: &str| -> u64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with(
+                    "loopguard_attempts_total{service=\"web\",layer=\"bpf\",action=\"denied\"}",
+                )
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = denied(&scrape());
+    for _ in 0..3 {
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+            "connect=EPERM"
+        );
+    }
+    let text = scrape();
+    assert_eq!(denied(&text), before + 3, "{text}");
+    assert!(text.contains("loopguard_policy_generation 1"), "{text}");
+    assert!(text.contains("loopguard_events_dropped_total 0"), "{text}");
+    assert!(
+        text.contains("loopguard_last_apply_timestamp_seconds"),
+        "{text}"
+    );
+
+    // A second run for the same instance is refused, clearly.
+    let second = sb.lg(&[
+        "run",
+        p.to_str().expect("utf-8"),
+        "--cgroup",
+        sb.cgroup.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(second.code, 2, "{}", second.stderr);
+    assert!(
+        second.stderr.contains("another `loopguard run` is running"),
+        "{}",
+        second.stderr
+    );
+
+    // SIGTERM: the daemon goes, enforcement stays.
+    d.signal(Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{}", d.pid)).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("enforcement stays"), "{}", d.log());
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=EPERM"
+    );
+}
