@@ -114,7 +114,9 @@ fn main() {
         setuid(Uid::from_raw(uid)).unwrap_or_else(|e| die(&format!("setuid: {e}")));
     }
 
-    eprintln!("pid={}", std::process::id());
+    if action != "exec" {
+        eprintln!("pid={}", std::process::id());
+    }
     match action.as_str() {
         "burst" => {
             let to = target();
