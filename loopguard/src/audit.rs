@@ -182,6 +182,71 @@ fn normalize_display(addr: [u8; 16]) -> IpAddr {
     }
 }
 
+/// One refusal of the nftables layer as a SPEC §5 record; `None` when the
+/// log prefix is not this instance's.
+pub fn packet_record(
+    ev: &crate::nflog::PacketEvent,
+    table: &str,
+    plan: Option<&Plan>,
+    names: &mut UserNames,
+) -> Option<Value> {
+    let rest = ev.prefix.strip_prefix(crate::nft::LOG_PREFIX)?;
+    let (t, rest) = rest.split_once('/')?;
+    if t != table {
+        return None;
+    }
+    let (bucket, action) = rest.split_once('/')?;
+    let bucket = if bucket == "default" {
+        DEFAULT_BUCKET
+    } else {
+        bucket.parse().ok()?
+    };
+    let kind = if action == "w" {
+        loopguard_common::COUNT_WOULD_DENY
+    } else {
+        COUNT_DENIED
+    };
+    let (service, reason, mode) = reason(plan, bucket, kind);
+    let mut m = Map::new();
+    m.insert(
+        "@timestamp".into(),
+        json!(format!("{:.9}", jiff::Timestamp::now())),
+    );
+    m.insert("event.action".into(), json!(action_name(kind)));
+    m.insert("event.reason".into(), json!(reason));
+    m.insert("loopguard.service".into(), json!(service));
+    m.insert("loopguard.mode".into(), json!(mode));
+    m.insert("loopguard.layer".into(), json!("packet"));
+    m.insert("user.id".into(), json!(ev.uid));
+    m.insert("user.name".into(), json!(ev.uid.and_then(|u| names.get(u))));
+    m.insert("group.id".into(), json!(ev.gid));
+    // A packet no longer knows its process.
+    m.insert("process.pid".into(), Value::Null);
+    m.insert("process.name".into(), Value::Null);
+    m.insert(
+        "network.transport".into(),
+        json!(match ev.protocol {
+            Some(6) => "tcp",
+            Some(17) => "udp",
+            _ => "unknown",
+        }),
+    );
+    m.insert(
+        "network.type".into(),
+        json!(if ev.destination.is_some_and(|d| d.is_ipv6()) {
+            "ipv6"
+        } else {
+            "ipv4"
+        }),
+    );
+    m.insert(
+        "destination.ip".into(),
+        json!(ev.destination.map(|d| d.to_string())),
+    );
+    m.insert("destination.port".into(), json!(ev.port));
+    Some(Value::Object(m))
+}
+
 /// `event.action = "dropped"`: events lost since the last report.
 pub fn dropped_record(count: u64, layer: &str) -> Value {
     let mut m = Map::new();

@@ -10,6 +10,7 @@ pub mod compile;
 pub mod diag;
 pub mod ebpf;
 pub mod host;
+pub mod nflog;
 pub mod nft;
 pub mod paths;
 pub mod policy;

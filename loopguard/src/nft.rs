@@ -78,6 +78,21 @@ fn nft(payload: &str, extra: &[&str]) -> Result<String, nftables::helper::Nftabl
     )
 }
 
+/// Start of the NFLOG prefix: `lg/<table>/<service index|default>/<d|w>`.
+pub const LOG_PREFIX: &str = "lg/";
+
+/// The NFLOG group of an instance: stable, in 20000..60000, derived from
+/// its name (FNV-1a) so instances side by side rarely share one (and the
+/// prefix tells them apart when they do).
+pub fn log_group(table: &str) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in table.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    20_000 + (h % 40_000) as u16
+}
+
 fn service_chain(i: usize) -> String {
     format!("s{i}")
 }
@@ -184,19 +199,30 @@ pub fn ruleset(
     }
 
     // Deny action: reset for TCP, drop for UDP; audit mode counts only.
-    let deny_exprs = |mode: Mode, counter_name: &str| -> Vec<Vec<Value>> {
+    // Every refusal (and would-deny) is also sent to the instance's NFLOG
+    // group, where `loopguard run` turns it into an audit event; with no
+    // listener the kernel discards it.
+    let group = log_group(table);
+    let deny_exprs = |mode: Mode, counter_name: &str, bucket: &str| -> Vec<Vec<Value>> {
+        let log = |a: &str| json!({"log": {"prefix": format!("{LOG_PREFIX}{table}/{bucket}/{a}"), "group": group}});
         match mode {
             Mode::Audit => vec![vec![
+                log("w"),
                 json!({"counter": counter_name}),
                 json!({"accept": null}),
             ]],
             Mode::Enforce => vec![
                 vec![
                     json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
+                    log("d"),
                     json!({"counter": counter_name}),
                     json!({"reject": {"type": "tcp reset"}}),
                 ],
-                vec![json!({"counter": counter_name}), json!({"drop": null})],
+                vec![
+                    log("d"),
+                    json!({"counter": counter_name}),
+                    json!({"drop": null}),
+                ],
             ],
         }
     };
@@ -216,12 +242,12 @@ pub fn ruleset(
                     &chain,
                     vec![member, json!({"counter": allow}), json!({"accept": null})],
                 ));
-                for e in deny_exprs(s.mode, &deny) {
+                for e in deny_exprs(s.mode, &deny, &i.to_string()) {
                     chains_and_rules.push(rule(&chain, e));
                 }
             }
             ListKind::Deny => {
-                for mut e in deny_exprs(s.mode, &deny) {
+                for mut e in deny_exprs(s.mode, &deny, &i.to_string()) {
                     e.insert(0, member.clone());
                     chains_and_rules.push(rule(&chain, e));
                 }
@@ -366,7 +392,7 @@ pub fn ruleset(
                 cmds.push(rule(e));
             }
             Verdict::Deny => {
-                for tail in deny_exprs(plan.mode, &d_deny) {
+                for tail in deny_exprs(plan.mode, &d_deny, "default") {
                     let mut e = head.clone();
                     e.extend(tail);
                     cmds.push(rule(e));

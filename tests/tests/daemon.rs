@@ -306,3 +306,55 @@ fn metrics_move_one_run_per_instance_and_sigterm_keeps_enforcement() {
         "connect=EPERM"
     );
 }
+
+#[test]
+fn packet_layer_refusals_reach_the_stream() {
+    let u = users();
+    let mut sb = Sandbox::new("run-packet");
+    let p = sb.policy(
+        "p.toml",
+        &format!(
+            "version = 1\n[[service]]\nname = \"web\"\nport = 8080\nprotocol = \"any\"\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        ),
+    );
+    let d = sb.start_daemon(&p, &[]);
+    // Outside the cgroup only the nftables layer sees bob.
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+        "connect=ECONNREFUSED"
+    );
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["udp", "[::1]:8080"]),
+        "send=EPERM recv=no"
+    );
+    let events = d.wait_events(5, "two packet-layer refusals", |e| {
+        e.iter()
+            .filter(|v| v["loopguard.layer"] == "packet")
+            .count()
+            >= 2
+    });
+    let packets: Vec<_> = events
+        .iter()
+        .filter(|v| v["loopguard.layer"] == "packet")
+        .collect();
+    assert_eq!(packets.len(), 2, "{packets:?}");
+    let tcp = packets
+        .iter()
+        .find(|v| v["network.transport"] == "tcp")
+        .expect("tcp event");
+    assert_eq!(tcp["event.action"], "deny");
+    assert_eq!(tcp["loopguard.service"], "web");
+    assert_eq!(tcp["user.id"], u.bob.uid);
+    assert_eq!(tcp["user.name"], u.bob.name);
+    assert_eq!(tcp["destination.ip"], "127.0.0.1");
+    assert_eq!(tcp["destination.port"], 8080);
+    assert_eq!(tcp["process.pid"], serde_json::Value::Null);
+    let udp = packets
+        .iter()
+        .find(|v| v["network.transport"] == "udp")
+        .expect("udp event");
+    assert_eq!(udp["network.type"], "ipv6");
+    assert_eq!(udp["destination.ip"], "::1");
+    assert_eq!(udp["event.reason"], "service web: uid not allowed");
+}

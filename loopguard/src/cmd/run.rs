@@ -363,6 +363,14 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
         tokio::spawn(read_events(ring, daemon.clone()));
         tokio::spawn(report_dropped(paths.clone(), daemon.clone()));
     }
+    if nft::table_exists(&paths.instance) {
+        match loopguard::nflog::bind(nft::log_group(&paths.instance)) {
+            Ok(sock) => {
+                tokio::spawn(read_packets(sock, daemon.clone()));
+            }
+            Err(e) => log::warn!("packet-layer events unavailable (nfnetlink_log): {e}"),
+        }
+    }
     tokio::spawn(watch_addresses(daemon.clone()));
     tokio::spawn(watch_file(args.file.clone(), daemon.clone()));
 
@@ -419,6 +427,66 @@ async fn read_events(ring: RingBuf<MapData>, daemon: Arc<Mutex<Daemon>>) {
         d.emit_all(&lines);
         drop(d);
         guard.clear_ready();
+    }
+}
+
+/// Refusals of the nftables layer, from NFLOG; gaps in the kernel's
+/// sequence numbers are reported as dropped.
+async fn read_packets(sock: OwnedFd, daemon: Arc<Mutex<Daemon>>) {
+    // SAFETY: the OwnedFd lives inside the AsyncFd.
+    let Ok(fd) = (unsafe { AsyncFd::register(sock) }) else {
+        return;
+    };
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut next_seq: Option<u32> = None;
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            return;
+        };
+        let mut lines = Vec::new();
+        let mut lost = 0u64;
+        loop {
+            // SAFETY: recv into our buffer.
+            let n = unsafe {
+                libc::recv(
+                    guard.get_inner().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                if io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                    // Overflow: the sequence gap says how much.
+                    continue;
+                }
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            let mut d = lock(&daemon);
+            let table = d.paths.instance.clone();
+            for ev in loopguard::nflog::parse(&buf[..n as usize]) {
+                if let Some(seq) = ev.seq {
+                    if let Some(expected) = next_seq {
+                        lost += u64::from(seq.wrapping_sub(expected));
+                    }
+                    next_seq = Some(seq.wrapping_add(1));
+                }
+                let plan = d.current.clone();
+                if let Some(v) = audit::packet_record(&ev, &table, plan.as_ref(), &mut d.names) {
+                    lines.push(v.to_string());
+                }
+            }
+        }
+        guard.clear_ready();
+        let mut d = lock(&daemon);
+        d.emit_all(&lines);
+        if lost > 0 {
+            d.metrics.dropped.inc_by(lost);
+            d.emit(&audit::dropped_record(lost, "packet"));
+        }
     }
 }
 
