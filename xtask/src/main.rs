@@ -10,6 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod vm;
 
 /// Debian packages: LLVM 22 for bpf-linker (same major as nightly's LLVM),
@@ -65,6 +66,13 @@ enum Task {
         #[arg(long, default_value = "6.1")]
         kernel: String,
     },
+    /// Measure loopguard against no filter and hand-written nftables rules
+    /// (root; minutes, or under one with --quick).
+    Bench {
+        /// Smallest size, fewer rounds: checks the harness, under a minute.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Setup, then show loopguard refusing and allowing real connections to
     /// a real Redis, inside a network namespace and child cgroup it creates
     /// and removes. Needs root.
@@ -92,6 +100,10 @@ fn run() -> Result<()> {
         Task::VmTest { kernel } => {
             setup()?;
             vm::vm_test(&kernel)
+        }
+        Task::Bench { quick } => {
+            setup()?;
+            bench::bench(quick)
         }
         Task::Demo => {
             setup()?;

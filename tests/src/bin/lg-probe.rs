@@ -15,6 +15,11 @@
 //!                         `ok=N eperm=N other=N`
 //!   burst ADDR:PORT N     N connects as fast as possible; prints counts
 //!   http ADDR:PORT PATH   GET over plain HTTP/1.0; prints the body
+//!   sink PORT             accept TCP on [::]:PORT, read each stream to EOF
+//!   udp-sink PORT         receive UDP on [::]:PORT until killed
+//!   rate ADDR:PORT N      N connect+close (against `listen`); prints `ns=.. ok=.. err=..`
+//!   stream ADDR:PORT MB   one connection, MB MiB written; prints `ns=..`
+//!   udp-rate ADDR:PORT N  N datagrams; prints `ns=.. ok=.. err=..`
 //!   exec CMD ARGS...      run a command as the user
 //!
 //! The probe's pid goes to stderr as `pid=N` (audit events name it).
@@ -212,6 +217,87 @@ fn main() {
                 sent.map_or_else(|e| errno_name(&e), |()| "ok".into()),
                 if got { "yes" } else { "no" }
             );
+        }
+        "sink" => {
+            use std::io::Read as _;
+            let port: u16 = args
+                .get(1)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| die("sink PORT"));
+            let l = dual_stack_listener(port);
+            for conn in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut conn = conn;
+                    let mut buf = vec![0u8; 1 << 20];
+                    while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+                });
+            }
+        }
+        "udp-sink" => {
+            let port: u16 = args
+                .get(1)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| die("udp-sink PORT"));
+            let s = UdpSocket::bind(("::", port)).unwrap_or_else(|e| die(&format!("bind: {e}")));
+            let mut buf = [0u8; 2048];
+            while s.recv(&mut buf).is_ok() {}
+        }
+        "rate" => {
+            let to = target();
+            let n: u64 = args
+                .get(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| die("rate ADDR:PORT N"));
+            let (mut ok, mut err) = (0u64, 0u64);
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                match TcpStream::connect(to) {
+                    Ok(mut s) => {
+                        // The server (`listen`) closes first, so TIME_WAIT
+                        // stays on its side and client ports never run out.
+                        use std::io::Read as _;
+                        let _ = s.read(&mut [0u8; 1]);
+                        ok += 1;
+                    }
+                    Err(_) => err += 1,
+                }
+            }
+            println!("ns={} ok={ok} err={err}", start.elapsed().as_nanos());
+        }
+        "stream" => {
+            use std::io::Write as _;
+            let to = target();
+            let mb: u64 = args
+                .get(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| die("stream ADDR:PORT MB"));
+            let mut s = TcpStream::connect(to).unwrap_or_else(|e| die(&format!("connect: {e}")));
+            let chunk = vec![7u8; 1 << 20];
+            let start = std::time::Instant::now();
+            for _ in 0..mb {
+                s.write_all(&chunk)
+                    .unwrap_or_else(|e| die(&format!("write: {e}")));
+            }
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            println!("ns={}", start.elapsed().as_nanos());
+        }
+        "udp-rate" => {
+            let to = target();
+            let n: u64 = args
+                .get(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| die("udp-rate ADDR:PORT N"));
+            let bind = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let s = UdpSocket::bind(bind).unwrap_or_else(|e| die(&format!("bind: {e}")));
+            let (mut ok, mut err) = (0u64, 0u64);
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                match s.send_to(b"0123456789abcdef", to) {
+                    Ok(_) => ok += 1,
+                    Err(_) => err += 1,
+                }
+            }
+            println!("ns={} ok={ok} err={err}", start.elapsed().as_nanos());
         }
         "listen" => {
             let port: u16 = args
