@@ -125,6 +125,7 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     let mut uid_sets: Vec<Vec<u32>> = Vec::new();
     let mut interned: HashMap<&[u32], u32> = HashMap::new();
     let mut services = Vec::with_capacity(policy.services.len());
+    let lines = crate::diag::LineIndex::new(&policy.source);
     for (s, r) in policy.services.iter().zip(&resolved.services) {
         let uid_set = *interned.entry(&r.uids[..]).or_insert_with(|| {
             uid_sets.push(r.uids.clone());
@@ -132,7 +133,10 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
         });
         services.push(PlanService {
             name: s.name.clone(),
-            location: policy.location(&s.name_span),
+            location: {
+                let (line, col) = lines.line_col(s.name_span.start);
+                format!("{}:{line}:{col}", policy.file)
+            },
             ports: s.ports,
             protocol: s.protocol,
             addresses: s.addresses.clone(),

@@ -283,7 +283,7 @@ pub fn ruleset(
         let port_range = json!({"range": [ports.first, ports.last]});
         let verdict = json!({"jump": {"target": service_chain(d.service as usize)}});
         let t = proto(d.transport);
-        if let Some((v4, v6)) = regions.get(&d.addr_atom) {
+        if let Some((v4, v6)) = regions.get(&d.addr_atom).filter(|_| !plan.nets.is_empty()) {
             for (a, b) in v4 {
                 let e = json!([{"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}, verdict]);
                 elems.entry(format!("dec4_{t}")).or_default().push(e);
@@ -343,13 +343,22 @@ pub fn ruleset(
     ));
     let oif_lo = json!({"match": {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}});
     let daddr = |family: &str, right: Value| json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}});
+    // Without named addresses every in-scope destination is address atom
+    // 0, so the port alone decides: the one-field maps (an rbtree lookup)
+    // serve the loopback range too, instead of the concatenated ones
+    // (pipapo, whose cost grows with the number of elements).
+    let (lo4, lo6) = if plan.nets.is_empty() {
+        ("dechost", "dechost")
+    } else {
+        ("dec4", "dec6")
+    };
     let scopes = [
         (
             "ip",
             json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
-            "dec4",
+            lo4,
         ),
-        ("ip6", json!("::1"), "dec6"),
+        ("ip6", json!("::1"), lo6),
         ("ip", json!("@host4"), "dechost"),
         ("ip6", json!("@host6"), "dechost"),
     ];
@@ -403,9 +412,9 @@ pub fn ruleset(
     json!({"nftables": cmds})
 }
 
-/// Checks a batch against the kernel without committing it (`nft -c`).
-pub fn check(batch: &Value) -> Result<(), NftError> {
-    nft(&batch.to_string(), &["-c"])
+/// Whether `nft` runs and the kernel has nf_tables (lists the tables).
+pub fn available() -> Result<(), NftError> {
+    nftables::helper::get_current_ruleset_raw(nftables::helper::DEFAULT_NFT, ["list", "tables"])
         .map(drop)
         .map_err(NftError::Rejected)
 }
@@ -468,7 +477,15 @@ pub fn table_exists(table: &str) -> bool {
 
 /// Packet counts of the table's named counters.
 pub fn counters(table: &str) -> Result<HashMap<String, u64>, NftError> {
-    let doc = list_table(table)?;
+    let out = nftables::helper::get_current_ruleset_raw(
+        nftables::helper::DEFAULT_NFT,
+        ["list", "counters", "table", "inet", table],
+    )
+    .map_err(|source| NftError::List {
+        table: table.to_string(),
+        source,
+    })?;
+    let doc: Value = serde_json::from_str(&out).map_err(NftError::Json)?;
     let mut out = HashMap::new();
     for obj in doc["nftables"].as_array().into_iter().flatten() {
         if let Some(c) = obj.get("counter") {

@@ -258,9 +258,12 @@ fn enforce(
     let batch = if want_nft {
         let current = nft::counters(table).unwrap_or_default();
         let counts = nft::carried_counts(&current, previous.map(|s| &s.plan), plan);
-        let batch = nft::ruleset(table, plan, &host_addrs, &counts);
-        match nft::check(&batch) {
-            Ok(()) => Some(batch),
+        // A cheap probe, not `nft -c` of the whole batch: that would parse
+        // and check a 10,000-service ruleset twice. A batch the kernel
+        // refuses still changes nothing: the eBPF slot flips only after the
+        // commit.
+        match nft::available() {
+            Ok(()) => Some(nft::ruleset(table, plan, &host_addrs, &counts)),
             Err(e) if args.layers == Layers::Both && want_bpf => {
                 log::warn!(
                     "nftables layer unavailable ({e}{}); enforcing with eBPF only",
