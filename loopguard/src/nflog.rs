@@ -7,7 +7,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
 };
 
 const NETLINK_NETFILTER: i32 = 12;
@@ -44,38 +44,19 @@ pub struct PacketEvent {
 
 /// Binds `group` and returns the non-blocking socket.
 pub fn bind(group: u16) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) and bind(2) with a zeroed sockaddr_nl.
-    let fd = unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            NETLINK_NETFILTER,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-        sa.nl_family = libc::AF_NETLINK as u16;
-        if libc::bind(
-            fd,
-            (&raw const sa).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        // A large receive buffer rides out bursts.
-        let size: libc::c_int = 4 << 20;
+    let fd = crate::host::netlink_socket(NETLINK_NETFILTER, 0)?;
+    // A large receive buffer rides out bursts.
+    let size: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt with a c_int.
+    unsafe {
         libc::setsockopt(
-            fd,
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             (&raw const size).cast(),
             size_of::<libc::c_int>() as u32,
         );
-        owned
-    };
+    }
     let mut cmd = Vec::new();
     attr(&mut cmd, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
     config(&fd, group, &cmd)?;

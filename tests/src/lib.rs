@@ -25,6 +25,27 @@ pub const HOST_V4: &str = "192.0.2.1";
 /// IPv6 address of the sandbox's dummy interface (documentation prefix).
 pub const HOST_V6: &str = "2001:db8::1";
 
+/// Every route to a local listener on `port` that SPEC §1 lists: the
+/// loopback range, ::1, IPv4-mapped, the unspecified addresses and the
+/// sandbox's own interface addresses.
+pub fn routes(port: u16) -> Vec<String> {
+    [
+        "127.0.0.1",
+        "127.45.6.7",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "0.0.0.0",
+        "[::]",
+        "[::ffff:0.0.0.0]",
+        HOST_V4,
+        &format!("[{HOST_V6}]"),
+        &format!("[::ffff:{HOST_V4}]"),
+    ]
+    .iter()
+    .map(|a| format!("{a}:{port}"))
+    .collect()
+}
+
 /// A local account made for the tests.
 #[derive(Clone, Debug)]
 pub struct TestUser {

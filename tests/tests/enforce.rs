@@ -1,26 +1,9 @@
 //! The eBPF layer against the real kernel: what a test user sees when it
 //! connects or sends to a guarded loopback service by every route.
 
-use loopguard_tests::{users, Sandbox, HOST_V4, HOST_V6};
+use loopguard_tests::{routes, users, Sandbox, HOST_V4};
 
 /// Every route to a local listener on port 8080 that SPEC §1 lists.
-fn routes(port: u16) -> Vec<String> {
-    [
-        "127.0.0.1",
-        "127.45.6.7",
-        "[::1]",
-        "[::ffff:127.0.0.1]",
-        "0.0.0.0",
-        "[::]",
-        "[::ffff:0.0.0.0]",
-        HOST_V4,
-        &format!("[{HOST_V6}]"),
-        &format!("[::ffff:{HOST_V4}]"),
-    ]
-    .iter()
-    .map(|a| format!("{a}:{port}"))
-    .collect()
-}
 
 #[test]
 fn allow_list_tcp_every_route() {

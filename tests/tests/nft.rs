@@ -3,24 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 
-use loopguard_tests::{users, Sandbox, HOST_V4, HOST_V6};
-
-fn routes(port: u16) -> Vec<String> {
-    [
-        "127.0.0.1",
-        "127.45.6.7",
-        "[::1]",
-        "[::ffff:127.0.0.1]",
-        "0.0.0.0",
-        "[::]",
-        HOST_V4,
-        &format!("[{HOST_V6}]"),
-        &format!("[::ffff:{HOST_V4}]"),
-    ]
-    .iter()
-    .map(|a| format!("{a}:{port}"))
-    .collect()
-}
+use loopguard_tests::{routes, users, Sandbox};
 
 fn policy(alice: &str) -> String {
     format!(
@@ -91,8 +74,8 @@ fn nft_layer_alone_refuses_every_route() {
     let v: serde_json::Value =
         serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
     assert_eq!(v["layers"], serde_json::json!(["nft"]));
-    assert_eq!(v["services"][0]["packets_denied"], 9, "{v}");
-    assert_eq!(v["services"][1]["packets_denied"], 18, "{v}");
+    assert_eq!(v["services"][0]["packets_denied"], 10, "{v}");
+    assert_eq!(v["services"][1]["packets_denied"], 20, "{v}");
     assert_eq!(v["services"][0]["denied"], 0, "no eBPF layer");
 }
 

@@ -92,14 +92,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 impl Bench {
     fn new(root: &Path) -> Result<Bench> {
-        let cgroup_root = fs::read_to_string("/proc/mounts")?
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-            })
-            .min_by_key(|p| p.as_os_str().len())
-            .context("no cgroup v2 hierarchy")?;
+        let cgroup_root = crate::cgroup2_root()?;
         for u in [OK_USER, NO_USER] {
             if !succeeds(Command::new("id").arg("-u").arg(u)) {
                 status(Command::new("useradd").args([
@@ -278,17 +271,7 @@ impl Bench {
             .args(["--instance", INSTANCE, "remove"])
             .output();
         let _ = succeeds(Command::new("ip").args(["netns", "del", NETNS]));
-        if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-            for pid in procs.split_whitespace() {
-                let _ = succeeds(Command::new("kill").args(["-9", pid]));
-            }
-        }
-        for _ in 0..50 {
-            if !self.cgroup.exists() || fs::remove_dir(&self.cgroup).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::remove_cgroup(&self.cgroup);
     }
 }
 
@@ -307,15 +290,7 @@ impl Drop for Bench {
 
 pub fn bench(quick: bool) -> Result<()> {
     let root = workspace_root();
-    status(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "loopguard",
-        "-p",
-        "loopguard-tests",
-        "--bins",
-    ]))?;
+    crate::build_bins(&root, true)?;
     let s = if quick {
         Sizes {
             connects: 500,

@@ -112,6 +112,43 @@ fn run() -> Result<()> {
     }
 }
 
+/// Builds the loopguard and lg-probe binaries (debug or release).
+fn build_bins(root: &Path, release: bool) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root).arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    status(cmd.args(["-p", "loopguard", "-p", "loopguard-tests", "--bins"]))
+}
+
+/// Root of the cgroup v2 hierarchy.
+fn cgroup2_root() -> Result<PathBuf> {
+    std::fs::read_to_string("/proc/mounts")?
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .min_by_key(|p| p.as_os_str().len())
+        .context("no cgroup v2 hierarchy is mounted")
+}
+
+/// Kills what is left in a child cgroup and removes it.
+fn remove_cgroup(cgroup: &Path) {
+    if let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+        for pid in procs.split_whitespace() {
+            let _ = succeeds(Command::new("kill").args(["-9", pid]));
+        }
+    }
+    for _ in 0..50 {
+        if !cgroup.exists() || std::fs::remove_dir(cgroup).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -257,14 +294,7 @@ fn demo() -> Result<()> {
         bail!("the demo needs root: it loads eBPF programs into a child cgroup");
     }
     let root = workspace_root();
-    status(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "-p",
-        "loopguard",
-        "-p",
-        "loopguard-tests",
-        "--bins",
-    ]))?;
+    build_bins(&root, false)?;
     // Dropping the demo removes what it made, whether or not a step failed.
     Demo::new(&root)?.run()
 }
@@ -285,14 +315,7 @@ const DEMO_USERS: [&str; 2] = ["lg-demo-app", "lg-demo-guest"];
 
 impl Demo {
     fn new(root: &Path) -> Result<Demo> {
-        let cgroup_root = std::fs::read_to_string("/proc/mounts")?
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-            })
-            .min_by_key(|p| p.as_os_str().len())
-            .context("no cgroup v2 hierarchy is mounted")?;
+        let cgroup_root = cgroup2_root()?;
         let demo = Demo {
             loopguard: root.join("target/debug/loopguard"),
             probe: root.join("target/debug/lg-probe"),
@@ -442,17 +465,7 @@ impl Demo {
             let _ = succeeds(c.args(["--instance", DEMO_INSTANCE, "remove"]));
             let _ = succeeds(Command::new("ip").args(["netns", "del", self.netns]));
         }
-        if let Ok(procs) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-            for pid in procs.split_whitespace() {
-                let _ = succeeds(Command::new("kill").args(["-9", pid]));
-            }
-        }
-        for _ in 0..50 {
-            if !self.cgroup.exists() || std::fs::remove_dir(&self.cgroup).is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        remove_cgroup(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -109,14 +109,7 @@ struct Binaries {
 }
 
 fn build(root: &Path) -> Result<Binaries> {
-    status(Command::new("cargo").current_dir(root).args([
-        "build",
-        "-p",
-        "loopguard",
-        "-p",
-        "loopguard-tests",
-        "--bins",
-    ]))?;
+    crate::build_bins(root, false)?;
     let out = Command::new("cargo")
         .current_dir(root)
         .args([

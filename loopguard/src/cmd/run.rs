@@ -12,7 +12,7 @@ use std::{
     fs,
     io::{self, Write as _},
     net::SocketAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -575,30 +575,10 @@ fn sync_addresses(d: &Daemon) {
 }
 
 fn rtnetlink_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2)/bind(2) on a zeroed sockaddr_nl.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-        sa.nl_family = libc::AF_NETLINK as u16;
-        sa.nl_groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
-        if libc::bind(
-            fd,
-            (&raw const sa).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(owned)
-    }
+    host::netlink_socket(
+        libc::NETLINK_ROUTE,
+        (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32,
+    )
 }
 
 /// Reloads when the file's identity or contents change, after it has been
