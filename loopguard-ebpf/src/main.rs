@@ -185,7 +185,6 @@ mod programs {
         let mut deny_verdict = slot_config.default_verdict == VERDICT_DENY;
         let mut mode = slot_config.default_mode;
         let mut log_allowed = slot_config.default_log_allowed;
-        let uid_gid = bpf_get_current_uid_gid();
         if port_atom != 0 {
             let mut addr_atom = 0;
             if slot_config.has_nets != 0 {
@@ -209,7 +208,7 @@ mod programs {
                 let Some(entry) = SERVICES.get(slot * MAX_SERVICES + service) else {
                     return ALLOW;
                 };
-                let uid = uid_gid as u32;
+                let uid = bpf_get_current_uid_gid() as u32;
                 let member = UIDS
                     .get_ptr(UidKey {
                         slot,
@@ -238,7 +237,7 @@ mod programs {
         // SAFETY: a read-only global the loader may set.
         let events = unsafe { core::ptr::read_volatile(&LG_EVENTS_ENABLED) };
         if events != 0 && (kind != COUNT_ALLOWED || log_allowed != 0) {
-            record(uid_gid, slot, bucket, kind, proto, hook, port, requested);
+            record(slot, bucket, kind, proto, hook, port, requested);
         }
         verdict
     }
@@ -246,19 +245,11 @@ mod programs {
     /// Writes one event, or counts it as dropped when the ring is full.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn record(
-        uid_gid: u64,
-        slot: u32,
-        bucket: u32,
-        kind: u32,
-        proto: u32,
-        hook: u8,
-        port: u32,
-        addr: [u8; 16],
-    ) {
+    fn record(slot: u32, bucket: u32, kind: u32, proto: u32, hook: u8, port: u32, addr: [u8; 16]) {
         match EVENTS.reserve::<Event>(0) {
             Some(mut entry) => {
                 let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
+                let uid_gid = bpf_get_current_uid_gid();
                 entry.write(Event {
                     // SAFETY: plain helper calls.
                     ktime_ns: unsafe { bpf_ktime_get_ns() },

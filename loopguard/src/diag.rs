@@ -88,11 +88,6 @@ pub struct Report<'a> {
     pub diagnostics: &'a [Diagnostic],
 }
 
-/// 1-based line and column (in characters) of a byte offset.
-pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
-    LineIndex::new(source).line_col(offset)
-}
-
 /// Line starts of a source, so many offsets resolve in O(log n) each (a
 /// 10,000-service policy has 10,000 locations).
 pub struct LineIndex<'a> {
@@ -107,6 +102,7 @@ impl<'a> LineIndex<'a> {
         LineIndex { source, starts }
     }
 
+    /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = floor_char_boundary(self.source, offset.min(self.source.len()));
         let line = self.starts.partition_point(|s| *s <= offset);
@@ -163,7 +159,6 @@ impl Report<'_> {
     /// One record per diagnostic, locations resolved to line and column.
     pub fn records(&self) -> Vec<Record> {
         let index = LineIndex::new(self.source);
-        let line_col = |_: &str, offset: usize| index.line_col(offset);
         self.diagnostics
             .iter()
             .map(|d| {
@@ -171,8 +166,8 @@ impl Report<'_> {
                     .labels
                     .iter()
                     .map(|l| {
-                        let (line, column) = line_col(self.source, l.span.start);
-                        let (end_line, end_column) = line_col(self.source, l.span.end);
+                        let (line, column) = index.line_col(l.span.start);
+                        let (end_line, end_column) = index.line_col(l.span.end);
                         RecordLabel {
                             line,
                             column,

@@ -335,11 +335,16 @@ impl Sandbox {
     }
 
     fn probe_cmd(&self, user: Option<&TestUser>, args: &[&str]) -> Command {
+        let mut cmd = self.probe_cmd_outside(user, &[]);
+        cmd.arg("--cgroup").arg(&self.cgroup);
+        cmd.args(args);
+        cmd
+    }
+
+    /// The probe in our namespace, outside our cgroup.
+    fn probe_cmd_outside(&self, user: Option<&TestUser>, args: &[&str]) -> Command {
         let mut cmd = Command::new(probe_bin());
-        cmd.arg("--netns")
-            .arg(&self.netns_path)
-            .arg("--cgroup")
-            .arg(&self.cgroup);
+        cmd.arg("--netns").arg(&self.netns_path);
         if let Some(u) = user {
             cmd.args(["--uid", &u.uid.to_string(), "--gid", &u.gid.to_string()]);
         }
@@ -350,29 +355,12 @@ impl Sandbox {
     /// Runs the probe as `user` (root when `None`) inside our namespace and
     /// cgroup; returns what it printed, e.g. `connect=EPERM`.
     pub fn probe(&self, user: Option<&TestUser>, args: &[&str]) -> String {
-        let out = run(&mut self.probe_cmd(user, args));
-        assert!(
-            out.status.success(),
-            "probe {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        probe_output(self.probe_cmd(user, args), args)
     }
 
     /// Runs the probe as `user` in our namespace but outside our cgroup.
     pub fn probe_outside(&self, user: Option<&TestUser>, args: &[&str]) -> String {
-        let mut cmd = Command::new(probe_bin());
-        cmd.arg("--netns").arg(&self.netns_path);
-        if let Some(u) = user {
-            cmd.args(["--uid", &u.uid.to_string(), "--gid", &u.gid.to_string()]);
-        }
-        let out = run(cmd.args(args));
-        assert!(
-            out.status.success(),
-            "probe {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        probe_output(self.probe_cmd_outside(user, args), args)
     }
 
     /// Runs a command as `user` inside our namespace and cgroup.
@@ -407,10 +395,8 @@ impl Sandbox {
     /// Starts the probe as root in our namespace, outside the cgroup
     /// (listeners); killed when the sandbox drops.
     pub fn spawn_listener(&mut self, port: u16) {
-        let child = Command::new(probe_bin())
-            .arg("--netns")
-            .arg(&self.netns_path)
-            .args(["listen", &port.to_string()])
+        let child = self
+            .probe_cmd_outside(None, &["listen", &port.to_string()])
             .spawn()
             .unwrap_or_else(|e| panic!("spawn listener: {e}"));
         self.children.push(child);
@@ -486,10 +472,7 @@ impl Sandbox {
     pub fn wait_listening(&self, addr: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = run(Command::new(probe_bin())
-                .arg("--netns")
-                .arg(&self.netns_path)
-                .args(["tcp-to", addr]));
+            let out = run(&mut self.probe_cmd_outside(None, &["tcp-to", addr]));
             if String::from_utf8_lossy(&out.stdout).contains("connect=ok") {
                 return;
             }
@@ -634,6 +617,18 @@ impl Daemon {
             .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
             .unwrap_or(0)
     }
+}
+
+/// Runs a probe command; returns what it printed (a failed probe is a
+/// failed test).
+fn probe_output(mut cmd: Command, args: &[&str]) -> String {
+    let out = run(&mut cmd);
+    assert!(
+        out.status.success(),
+        "probe {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Waits for a background probe and returns what it printed.

@@ -94,16 +94,7 @@ impl Bench {
     fn new(root: &Path) -> Result<Bench> {
         let cgroup_root = crate::cgroup2_root()?;
         for u in [OK_USER, NO_USER] {
-            if !succeeds(Command::new("id").arg("-u").arg(u)) {
-                status(Command::new("useradd").args([
-                    "--system",
-                    "--user-group",
-                    "--no-create-home",
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    u,
-                ]))?;
-            }
+            crate::ensure_system_user(u)?;
         }
         let b = Bench {
             root: root.to_path_buf(),
@@ -228,7 +219,7 @@ impl Bench {
         Ok((p, h))
     }
 
-    fn enable(&self, c: Config, policy: &Path, hand: &Path) -> Result<()> {
+    fn enable(&self, c: Config, policy: &Path) -> Result<()> {
         let cg = self.cgroup.to_string_lossy().into_owned();
         let p = policy.to_string_lossy().into_owned();
         match c {
@@ -244,13 +235,10 @@ impl Bench {
             }
             // Loaded once per size (10,000 rules take a while); enabling
             // is one jump rule.
-            Config::HandNft => {
-                let _ = hand;
-                status(Command::new("ip").args([
-                    "netns", "exec", NETNS, "nft", "add", "rule", "inet", "hand", "out", "jump",
-                    "rules",
-                ]))
-            }
+            Config::HandNft => status(Command::new("ip").args([
+                "netns", "exec", NETNS, "nft", "add", "rule", "inet", "hand", "out", "jump",
+                "rules",
+            ])),
         }
     }
 
@@ -325,7 +313,7 @@ pub fn bench(quick: bool) -> Result<()> {
         for round in 0..s.rounds {
             eprintln!("xtask: bench size {n}, round {}/{}", round + 1, s.rounds);
             for c in Config::ALL {
-                b.enable(c, &policy, &hand)?;
+                b.enable(c, &policy)?;
                 let rate = |out: String, n: u64| -> f64 {
                     field(&out, "ns").map_or(f64::NAN, |ns| n as f64 / (ns as f64 / 1e9))
                 };

@@ -134,6 +134,21 @@ fn cgroup2_root() -> Result<PathBuf> {
         .context("no cgroup v2 hierarchy is mounted")
 }
 
+/// Creates a login-less system user (and its group) unless it exists.
+fn ensure_system_user(name: &str) -> Result<()> {
+    if succeeds(Command::new("id").arg("-u").arg(name)) {
+        return Ok(());
+    }
+    status(Command::new("useradd").args([
+        "--system",
+        "--user-group",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        name,
+    ]))
+}
+
 /// Kills what is left in a child cgroup and removes it.
 fn remove_cgroup(cgroup: &Path) {
     if let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
@@ -326,16 +341,7 @@ impl Demo {
         };
         demo.cleanup();
         for u in DEMO_USERS {
-            if !succeeds(Command::new("id").arg("-u").arg(u)) {
-                status(Command::new("useradd").args([
-                    "--system",
-                    "--user-group",
-                    "--no-create-home",
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    u,
-                ]))?;
-            }
+            ensure_system_user(u)?;
         }
         status(Command::new("ip").args(["netns", "add", demo.netns]))?;
         status(Command::new("ip").args(["-n", demo.netns, "link", "set", "lo", "up"]))?;

@@ -17,7 +17,7 @@ use loopguard::{
 };
 use nix::fcntl::{Flock, FlockArg};
 
-use super::{check_source, counts};
+use super::{check_source, counts, plural};
 use crate::{exit, read_policy};
 
 #[derive(clap::Args)]
@@ -366,10 +366,6 @@ fn nft_error(e: nft::NftError) -> anyhow::Error {
         )),
         _ => anyhow::Error::new(e),
     }
-}
-
-fn plural(n: usize, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// What changes from `old` to `new`, one line each.

@@ -67,9 +67,13 @@ pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) ->
     }
 }
 
+/// `1 service`, `3 services`
+pub fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 /// `3 errors, 1 warning`
 pub fn counts(errors: usize, warnings: usize) -> String {
-    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
     format!(
         "{}, {}",
         plural(errors, "error"),

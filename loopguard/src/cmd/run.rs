@@ -446,28 +446,16 @@ async fn read_packets(sock: OwnedFd, daemon: Arc<Mutex<Daemon>>) {
         let mut lines = Vec::new();
         let mut lost = 0u64;
         loop {
-            // SAFETY: recv into our buffer.
-            let n = unsafe {
-                libc::recv(
-                    guard.get_inner().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let n = match recv_nonblocking(guard.get_inner(), &mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                // Overflow: the sequence gap says how much was lost.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+                Err(_) => break,
             };
-            if n < 0 {
-                if io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
-                    // Overflow: the sequence gap says how much.
-                    continue;
-                }
-                break;
-            }
-            if n == 0 {
-                break;
-            }
             let mut d = lock(&daemon);
             let table = d.paths.instance.clone();
-            for ev in loopguard::nflog::parse(&buf[..n as usize]) {
+            for ev in loopguard::nflog::parse(&buf[..n]) {
                 if let Some(seq) = ev.seq {
                     if let Some(expected) = next_seq {
                         lost += u64::from(seq.wrapping_sub(expected));
@@ -490,7 +478,7 @@ async fn read_packets(sock: OwnedFd, daemon: Arc<Mutex<Daemon>>) {
     }
 }
 
-/// Reports events lost to a full ring, at most once a second.
+/// Reports events lost to a full ring, at most twice a second.
 async fn report_dropped(paths: InstancePaths, daemon: Arc<Mutex<Daemon>>) {
     let Ok(maps) = Maps::open_pinned(&paths) else {
         return;
@@ -529,16 +517,7 @@ async fn watch_addresses(daemon: Arc<Mutex<Daemon>>) {
         };
         // Drain every pending message; the content does not matter.
         loop {
-            // SAFETY: recv into our buffer.
-            let n = unsafe {
-                libc::recv(
-                    guard.get_inner().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n <= 0 {
+            if !matches!(recv_nonblocking(guard.get_inner(), &mut buf), Ok(n) if n > 0) {
                 break;
             }
         }
@@ -572,6 +551,24 @@ fn sync_addresses(d: &Daemon) {
         }
     }
     log::debug!("host addresses: {addrs:?}");
+}
+
+/// One datagram from a netlink socket, without blocking.
+fn recv_nonblocking(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv into our buffer, within its length.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 fn rtnetlink_socket() -> io::Result<OwnedFd> {

@@ -331,12 +331,6 @@ impl Policy {
         }
         best
     }
-
-    /// `file:line:col` of a span, for messages outside a rendered report.
-    pub fn location(&self, span: &Span) -> String {
-        let (line, col) = crate::diag::line_col(&self.source, span.start);
-        format!("{}:{line}:{col}", self.file)
-    }
 }
 
 /// Parse, then validate: every problem in the file, errors and warnings.
