@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 
 use crate::{
     compile::Plan,
-    policy::{ListKind, Mode, Verdict},
+    policy::{classify, ListKind, Mode, Transport, Verdict},
 };
 
 /// Where `run` writes events and `audit` reads them, unless told otherwise.
@@ -196,10 +196,23 @@ pub fn packet_record(
         return None;
     }
     let (bucket, action) = rest.split_once('/')?;
+    // Services share the chain that logs (`v<k>`), so the packet's own
+    // destination names the service. A logged packet was in scope: an
+    // address outside 127.0.0.0/8 and ::1 was one of the host's.
     let bucket = if bucket == "default" {
         DEFAULT_BUCKET
     } else {
-        bucket.parse().ok()?
+        let transport = match ev.protocol {
+            Some(6) => Transport::Tcp,
+            Some(17) => Transport::Udp,
+            _ => return None,
+        };
+        let (ip, port) = (ev.destination?, ev.port?);
+        plan.and_then(|p| {
+            let dest = classify(ip, &[ip])?;
+            p.service_for(transport, &dest, port)
+        })
+        .map_or(u32::MAX, |i| i as u32) // no such service: "unknown service"
     };
     let kind = if action == "w" {
         loopguard_common::COUNT_WOULD_DENY

@@ -294,6 +294,21 @@ impl Plan {
             .map_or(0, |(i, _)| i as u32 + 1)
     }
 
+    /// The service that decides attempts on `dest`, port `port`.
+    pub fn service_for(
+        &self,
+        transport: Transport,
+        dest: &Destination,
+        port: u16,
+    ) -> Option<usize> {
+        let pa = self.port_atom(port);
+        let aa = self.addr_atom(dest);
+        self.decisions
+            .iter()
+            .find(|d| d.transport == transport && d.port_atom == pa && d.addr_atom == aa)
+            .map(|d| d.service as usize)
+    }
+
     /// The verdict the kernel gives, computed the way the eBPF programs do.
     pub fn evaluate(
         &self,
@@ -311,13 +326,7 @@ impl Plan {
                 reason: format!("{ip} is not an address of this host: outside loopguard's scope"),
             };
         };
-        let pa = self.port_atom(port);
-        let aa = self.addr_atom(&dest);
-        let service = self
-            .decisions
-            .iter()
-            .find(|d| d.transport == transport && d.port_atom == pa && d.addr_atom == aa)
-            .map(|d| d.service as usize);
+        let service = self.service_for(transport, &dest, port);
         let (deny, mode, reason) = match service {
             None => (
                 self.default == Verdict::Deny,

@@ -19,10 +19,16 @@
 //!
 //! The verdict maps are interval maps keyed on disjoint (protocol, address
 //! range, port range) atoms, so one lookup finds the deciding service
-//! whatever the policy size; each service's chain checks `meta skuid`
-//! against a uid set. A refused TCP SYN is answered with a reset (the client
-//! fails fast with ECONNREFUSED); a refused datagram is dropped (sendto
-//! fails with EPERM). Connection tracking is never used.
+//! whatever the policy size. Services with the same uids, list kind and
+//! mode share one chain (`v<k>`), which checks `meta skuid` against their
+//! uid set: the table holds as many chains as the policy has distinct uid
+//! lists, which keeps a 10,000-service apply a fraction of a second. Each
+//! map element carries its own counter and names its service in its
+//! comment; a refusal looks the same key up once more, in a set of the
+//! same atoms (`ref*`), so per-service counts survive the sharing. A
+//! refused TCP SYN is answered with a reset (the client fails fast with
+//! ECONNREFUSED); a refused datagram is dropped (sendto fails with EPERM).
+//! Connection tracking is never used.
 //!
 //! The `nftables` crate runs `nft` with the JSON batch. Its typed schema has
 //! no `uid` set type, so the batch is built as JSON values.
@@ -93,15 +99,11 @@ pub fn log_group(table: &str) -> u16 {
     20_000 + (h % 40_000) as u16
 }
 
-fn service_chain(i: usize) -> String {
-    format!("s{i}")
-}
-
 fn uid_set(i: u32) -> String {
     format!("u{i}")
 }
 
-/// Counter names: `s<i>_allow`, `s<i>_deny`, `default_allow`, `default_deny`.
+/// Names of the default's counters: `default_allow`, `default_deny`.
 fn counter_names(bucket: &str) -> (String, String) {
     (format!("{bucket}_allow"), format!("{bucket}_deny"))
 }
@@ -163,15 +165,39 @@ fn address_regions(nets: &[IpNet]) -> BTreeMap<u32, Region> {
     regions
 }
 
+/// The chain of every verdict class: services with the same uid set, list
+/// kind and mode share one chain, so the table holds as many chains as the
+/// policy has distinct uid lists, not one per service. Returns each
+/// service's class and the classes.
+fn verdict_classes(plan: &Plan) -> (Vec<usize>, Vec<(u32, ListKind, Mode)>) {
+    let mut classes: Vec<(u32, ListKind, Mode)> = Vec::new();
+    let mut index: HashMap<(u32, ListKind, Mode), usize> = HashMap::new();
+    let of_service = plan
+        .services
+        .iter()
+        .map(|s| {
+            let key = (s.uid_set, s.list, s.mode);
+            *index.entry(key).or_insert_with(|| {
+                classes.push(key);
+                classes.len() - 1
+            })
+        })
+        .collect();
+    (of_service, classes)
+}
+
+fn class_chain(k: usize) -> String {
+    format!("v{k}")
+}
+
+/// The element comment that names a service: `s<index>`.
+fn service_comment(i: usize) -> String {
+    format!("s{i}")
+}
+
 /// The whole table as one JSON batch: create-if-missing, delete, create
-/// with every set, map, counter, chain and rule. `counts` carries counter
-/// values over (by counter name in the new table).
-pub fn ruleset(
-    table: &str,
-    plan: &Plan,
-    host_addrs: &[IpAddr],
-    counts: &HashMap<String, u64>,
-) -> Value {
+/// with every set, map, chain and rule. Its counters start at zero.
+pub fn ruleset(table: &str, plan: &Plan, host_addrs: &[IpAddr]) -> Value {
     let t = json!({"family": "inet", "name": table});
     let mut cmds = vec![
         json!({"add": {"table": t}}),
@@ -183,12 +209,7 @@ pub fn ruleset(
         obj["table"] = json!(table);
         json!({"add": {kind: obj}})
     };
-    let counter = |name: &str| {
-        add(
-            "counter",
-            json!({"name": name, "packets": counts.get(name).copied().unwrap_or(0), "bytes": 0}),
-        )
-    };
+    let counter = |name: &str| add("counter", json!({"name": name}));
 
     for (i, uids) in plan.uid_sets.iter().enumerate() {
         let mut set = json!({"name": uid_set(i as u32), "type": "uid"});
@@ -198,121 +219,187 @@ pub fn ruleset(
         cmds.push(add("set", set));
     }
 
-    // Deny action: reset for TCP, drop for UDP; audit mode counts only.
+    // Deny action: reset for TCP, drop for UDP; audit mode logs only.
     // Every refusal (and would-deny) is also sent to the instance's NFLOG
     // group, where `loopguard run` turns it into an audit event; with no
     // listener the kernel discards it.
     let group = log_group(table);
-    let deny_exprs = |mode: Mode, counter_name: &str, bucket: &str| -> Vec<Vec<Value>> {
+    let deny_exprs = |mode: Mode, bucket: &str, count: Option<Value>| -> Vec<Vec<Value>> {
         let log = |a: &str| json!({"log": {"prefix": format!("{LOG_PREFIX}{table}/{bucket}/{a}"), "group": group}});
+        let with_count = |mut e: Vec<Value>| {
+            if let Some(c) = &count {
+                e.insert(e.len() - 1, c.clone());
+            }
+            e
+        };
         match mode {
-            Mode::Audit => vec![vec![
-                log("w"),
-                json!({"counter": counter_name}),
-                json!({"accept": null}),
-            ]],
+            Mode::Audit => vec![with_count(vec![log("w"), json!({"accept": null})])],
             Mode::Enforce => vec![
-                vec![
+                with_count(vec![
                     json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
                     log("d"),
-                    json!({"counter": counter_name}),
                     json!({"reject": {"type": "tcp reset"}}),
-                ],
-                vec![
-                    log("d"),
-                    json!({"counter": counter_name}),
-                    json!({"drop": null}),
-                ],
+                ]),
+                with_count(vec![log("d"), json!({"drop": null})]),
             ],
         }
     };
-    let rule = |chain: &str, expr: Vec<Value>| add("rule", json!({"chain": chain, "expr": expr}));
+    let chain_rule =
+        |chain: &str, expr: Vec<Value>| add("rule", json!({"chain": chain, "expr": expr}));
 
-    let mut chains_and_rules = Vec::new();
-    for (i, s) in plan.services.iter().enumerate() {
-        let chain = service_chain(i);
-        let (allow, deny) = counter_names(&chain);
-        chains_and_rules.push(counter(&allow));
-        chains_and_rules.push(counter(&deny));
-        chains_and_rules.push(add("chain", json!({"name": chain})));
-        let member = json!({"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": format!("@{}", uid_set(s.uid_set))}});
-        match s.list {
-            ListKind::Allow => {
-                chains_and_rules.push(rule(
-                    &chain,
-                    vec![member, json!({"counter": allow}), json!({"accept": null})],
-                ));
-                for e in deny_exprs(s.mode, &deny, &i.to_string()) {
-                    chains_and_rules.push(rule(&chain, e));
-                }
-            }
-            ListKind::Deny => {
-                for mut e in deny_exprs(s.mode, &deny, &i.to_string()) {
-                    e.insert(0, member.clone());
-                    chains_and_rules.push(rule(&chain, e));
-                }
-                chains_and_rules.push(rule(
-                    &chain,
-                    vec![json!({"counter": allow}), json!({"accept": null})],
-                ));
-            }
+    // The lookups, one per transport and scope: (family, scope match,
+    // map family). Without named addresses every in-scope destination is
+    // address atom 0, so the port alone decides: the one-field maps (an
+    // rbtree lookup) serve the loopback range too, instead of the
+    // concatenated ones (pipapo, whose cost grows with the element count).
+    let (lo4, lo6) = if plan.nets.is_empty() {
+        ("host", "host")
+    } else {
+        ("4", "6")
+    };
+    let scopes = [
+        (
+            "ip",
+            json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
+            lo4,
+        ),
+        ("ip6", json!("::1"), lo6),
+        ("ip", json!("@host4"), "host"),
+        ("ip6", json!("@host6"), "host"),
+    ];
+    let daddr = |family: &str, right: &Value| json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}});
+    let l4proto = |t: Transport| json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto(t)}});
+    let lookup_key = |family: &str, map: &str| {
+        if map == "host" {
+            json!({"payload": {"protocol": "th", "field": "dport"}})
+        } else {
+            json!({"concat": [{"payload": {"protocol": family, "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]})
+        }
+    };
+
+    // Refusals are counted per service by a second lookup of the same
+    // key, on the refusal path only, in sets whose elements carry their
+    // own counters (and the service in their comment).
+    let count_chain = "count_refused";
+    cmds.push(add("chain", json!({"name": count_chain})));
+    // Its rules go in after the sets they look up.
+    let mut count_rules = Vec::new();
+    for t in Transport::ALL {
+        for (family, right, map) in &scopes {
+            count_rules.push(chain_rule(
+                count_chain,
+                vec![
+                    l4proto(t),
+                    daddr(family, right),
+                    json!({"match": {"op": "==", "left": lookup_key(family, map), "right": format!("@ref{map}_{}", proto(t))}}),
+                ],
+            ));
+        }
+    }
+    let count_refused = json!({"jump": {"target": count_chain}});
+
+    let (class_of, classes) = verdict_classes(plan);
+    for (k, (set, list, mode)) in classes.iter().enumerate() {
+        let chain = class_chain(k);
+        cmds.push(add("chain", json!({"name": chain})));
+        let op = match list {
+            ListKind::Allow => "==",
+            ListKind::Deny => "!=",
+        };
+        cmds.push(chain_rule(
+            &chain,
+            vec![
+                json!({"match": {"op": op, "left": {"meta": {"key": "skuid"}}, "right": format!("@{}", uid_set(*set))}}),
+                json!({"accept": null}),
+            ],
+        ));
+        // A jump returns to the next rule, so the count is a rule of its own.
+        cmds.push(chain_rule(&chain, vec![count_refused.clone()]));
+        for e in deny_exprs(*mode, &chain, None) {
+            cmds.push(chain_rule(&chain, e));
         }
     }
 
     let (d_allow, d_deny) = counter_names("default");
-    chains_and_rules.push(counter(&d_allow));
-    chains_and_rules.push(counter(&d_deny));
-    // Chains before the verdict maps that jump to them.
-    cmds.extend(chains_and_rules);
+    cmds.push(counter(&d_allow));
+    cmds.push(counter(&d_deny));
 
-    // Verdict maps, one per transport and address family: a concatenated
-    // interval key that includes `meta l4proto` is refused by some kernels
-    // with Debian 12's nft (6.12: EOPNOTSUPP), so the protocol is matched
-    // by the rule instead.
+    // Verdict maps and refusal sets, one per transport and address family:
+    // a concatenated interval key that includes `meta l4proto` is refused
+    // by some kernels with Debian 12's nft (6.12: EOPNOTSUPP), so the
+    // protocol is matched by the rule instead. Only the refusal sets count
+    // (per element): the verdict maps are on every new connection's path.
     let regions = address_regions(&plan.nets);
     let mut elems: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut refused: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for t in Transport::ALL {
         for family in ["4", "6", "host"] {
-            elems.insert(format!("dec{family}_{}", proto(t)), Vec::new());
+            elems.insert(format!("{family}_{}", proto(t)), Vec::new());
+            refused.insert(format!("{family}_{}", proto(t)), Vec::new());
         }
     }
+    let refusal_elem = |val: Value, service: usize| json!({"elem": {"val": val, "comment": service_comment(service)}});
     for d in &plan.decisions {
         let Some(ports) = plan.port_atoms.get(d.port_atom as usize - 1) else {
             continue;
         };
         let port_range = json!({"range": [ports.first, ports.last]});
-        let verdict = json!({"jump": {"target": service_chain(d.service as usize)}});
+        let service = d.service as usize;
+        let verdict = json!({"jump": {"target": class_chain(class_of[service])}});
         let t = proto(d.transport);
+        let mut keys = Vec::new();
         if let Some((v4, v6)) = regions.get(&d.addr_atom).filter(|_| !plan.nets.is_empty()) {
             for (a, b) in v4 {
-                let e = json!([{"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}, verdict]);
-                elems.entry(format!("dec4_{t}")).or_default().push(e);
+                keys.push((
+                    "4",
+                    json!({"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}),
+                ));
             }
             for (a, b) in v6 {
-                let e = json!([{"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}, verdict]);
-                elems.entry(format!("dec6_{t}")).or_default().push(e);
+                keys.push((
+                    "6",
+                    json!({"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}),
+                ));
             }
         }
         if d.addr_atom == 0 {
+            keys.push(("host", port_range.clone()));
+        }
+        for (family, key) in keys {
+            let name = format!("{family}_{t}");
             elems
-                .entry(format!("dechost_{t}"))
+                .entry(name.clone())
                 .or_default()
-                .push(json!([port_range, verdict]));
+                .push(json!([key.clone(), verdict]));
+            refused
+                .entry(name)
+                .or_default()
+                .push(refusal_elem(key, service));
         }
     }
-    for (name, elems) in elems {
-        let key = if name.starts_with("dec4") {
+    let key_type = |name: &str| {
+        if name.starts_with('4') {
             json!(["ipv4_addr", "inet_service"])
-        } else if name.starts_with("dec6") {
+        } else if name.starts_with('6') {
             json!(["ipv6_addr", "inet_service"])
         } else {
             json!("inet_service")
-        };
-        let mut m = json!({"name": name, "type": key, "map": "verdict", "flags": ["interval"]});
+        }
+    };
+    let counted = json!([{"counter": null}]);
+    for (name, elems) in elems {
+        let mut m = json!({"name": format!("dec{name}"), "type": key_type(&name), "map": "verdict", "flags": ["interval"]});
         if !elems.is_empty() {
             m["elem"] = Value::Array(elems);
         }
         cmds.push(add("map", m));
+    }
+    for (name, elems) in refused {
+        let mut m = json!({"name": format!("ref{name}"), "type": key_type(&name), "flags": ["interval"], "stmt": counted});
+        if !elems.is_empty() {
+            m["elem"] = Value::Array(elems);
+        }
+        cmds.push(add("set", m));
     }
     let hosts4: Vec<String> = host_addrs
         .iter()
@@ -334,6 +421,7 @@ pub fn ruleset(
     }
     cmds.push(add("set", host4));
     cmds.push(add("set", host6));
+    cmds.extend(count_rules);
 
     // The base chain.
     let out = "output";
@@ -342,27 +430,7 @@ pub fn ruleset(
         json!({"name": out, "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}),
     ));
     let oif_lo = json!({"match": {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}});
-    let daddr = |family: &str, right: Value| json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}});
-    // Without named addresses every in-scope destination is address atom
-    // 0, so the port alone decides: the one-field maps (an rbtree lookup)
-    // serve the loopback range too, instead of the concatenated ones
-    // (pipapo, whose cost grows with the number of elements).
-    let (lo4, lo6) = if plan.nets.is_empty() {
-        ("dechost", "dechost")
-    } else {
-        ("dec4", "dec6")
-    };
-    let scopes = [
-        (
-            "ip",
-            json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
-            lo4,
-        ),
-        ("ip6", json!("::1"), lo6),
-        ("ip", json!("@host4"), "dechost"),
-        ("ip6", json!("@host6"), "dechost"),
-    ];
-    let rule = |expr: Vec<Value>| add("rule", json!({"chain": out, "expr": expr}));
+    let rule = |expr: Vec<Value>| chain_rule(out, expr);
     cmds.push(rule(vec![
         json!({"match": {"op": "!=", "left": {"meta": {"key": "oif"}}, "right": "lo"}}),
         json!({"accept": null}),
@@ -378,22 +446,17 @@ pub fn ruleset(
     ]));
     for t in Transport::ALL {
         for (family, right, map) in &scopes {
-            let key = if *map == "dechost" {
-                json!({"payload": {"protocol": "th", "field": "dport"}})
-            } else {
-                json!({"concat": [{"payload": {"protocol": family, "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]})
-            };
             cmds.push(rule(vec![
                 oif_lo.clone(),
-                json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto(t)}}),
-                daddr(family, right.clone()),
-                json!({"vmap": {"key": key, "data": format!("@{map}_{}", proto(t))}}),
+                l4proto(t),
+                daddr(family, right),
+                json!({"vmap": {"key": lookup_key(family, map), "data": format!("@dec{map}_{}", proto(t))}}),
             ]));
         }
     }
     // Unmatched traffic in scope: the default.
     for (family, right, _) in &scopes {
-        let head = vec![oif_lo.clone(), daddr(family, right.clone())];
+        let head = vec![oif_lo.clone(), daddr(family, right)];
         match plan.default {
             Verdict::Allow => {
                 let mut e = head.clone();
@@ -401,7 +464,7 @@ pub fn ruleset(
                 cmds.push(rule(e));
             }
             Verdict::Deny => {
-                for tail in deny_exprs(plan.mode, &d_deny, "default") {
+                for tail in deny_exprs(plan.mode, "default", Some(json!({"counter": d_deny}))) {
                     let mut e = head.clone();
                     e.extend(tail);
                     cmds.push(rule(e));
@@ -472,33 +535,62 @@ fn list_table(table: &str) -> Result<Value, NftError> {
 }
 
 pub fn table_exists(table: &str) -> bool {
-    list_table(table).is_ok()
+    let Ok(out) = nftables::helper::get_current_ruleset_raw(
+        nftables::helper::DEFAULT_NFT,
+        ["list", "tables", "inet"],
+    ) else {
+        return false;
+    };
+    let Ok(doc) = serde_json::from_str::<Value>(&out) else {
+        return false;
+    };
+    doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["table"]["name"] == table && o["table"]["family"] == "inet")
 }
 
-/// Packet counts of the table's named counters.
+/// Packet counts of the table in force: `default_allow`, `default_deny`
+/// (named counters), and per service `s<i>_refused` (refused or would-be
+/// refused), summed over the service's elements.
 pub fn counters(table: &str) -> Result<HashMap<String, u64>, NftError> {
-    let out = nftables::helper::get_current_ruleset_raw(
-        nftables::helper::DEFAULT_NFT,
-        ["list", "counters", "table", "inet", table],
-    )
-    .map_err(|source| NftError::List {
-        table: table.to_string(),
-        source,
-    })?;
-    let doc: Value = serde_json::from_str(&out).map_err(NftError::Json)?;
+    let doc = list_table(table)?;
     let mut out = HashMap::new();
+    let mut add = |name: String, packets: u64| *out.entry(name).or_insert(0) += packets;
     for obj in doc["nftables"].as_array().into_iter().flatten() {
         if let Some(c) = obj.get("counter") {
             if let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64()) {
-                out.insert(name.to_string(), packets);
+                add(name.to_string(), packets);
+            }
+            continue;
+        }
+        let Some(set) = obj.get("set") else { continue };
+        for e in set["elem"].as_array().into_iter().flatten() {
+            let e = &e["elem"];
+            if let (Some(comment), Some(packets)) =
+                (e["comment"].as_str(), e["counter"]["packets"].as_u64())
+            {
+                add(format!("{comment}_refused"), packets);
             }
         }
     }
     Ok(out)
 }
 
-/// Counter values of the table in force, renamed for `plan` (services
-/// matched by name), so counts survive a re-apply.
+/// `counts` plus what earlier tables counted.
+pub fn with_base(
+    mut counts: HashMap<String, u64>,
+    base: Option<&HashMap<String, u64>>,
+) -> HashMap<String, u64> {
+    for (k, v) in base.into_iter().flatten() {
+        *counts.entry(k.clone()).or_insert(0) += v;
+    }
+    counts
+}
+
+/// Counts so far (kernel plus base), renamed for `plan` (services matched
+/// by name): the new table's base, so counts survive a re-apply.
 pub fn carried_counts(
     current: &HashMap<String, u64>,
     previous: Option<&Plan>,
@@ -512,35 +604,34 @@ pub fn carried_counts(
         }
     }
     let Some(previous) = previous else { return out };
+    let by_name: HashMap<&str, usize> = previous
+        .services
+        .iter()
+        .enumerate()
+        .map(|(j, p)| (p.name.as_str(), j))
+        .collect();
     for (i, s) in plan.services.iter().enumerate() {
-        if let Some(j) = previous.services.iter().position(|p| p.name == s.name) {
-            for suffix in ["allow", "deny"] {
-                if let Some(v) = current.get(&format!("s{j}_{suffix}")) {
-                    out.insert(format!("s{i}_{suffix}"), *v);
-                }
+        if let Some(j) = by_name.get(s.name.as_str()) {
+            if let Some(v) = current.get(&format!("s{j}_refused")) {
+                out.insert(format!("s{i}_refused"), *v);
             }
         }
     }
     out
 }
 
-/// Per-service (allowed, denied) packet counts; index `services.len()` is
-/// the default.
-pub fn service_counts(counts: &HashMap<String, u64>, services: usize) -> Vec<(u64, u64)> {
-    (0..=services)
-        .map(|i| {
-            let bucket = if i == services {
-                "default".to_string()
-            } else {
-                service_chain(i)
-            };
-            let (a, d) = counter_names(&bucket);
-            (
-                counts.get(&a).copied().unwrap_or(0),
-                counts.get(&d).copied().unwrap_or(0),
-            )
-        })
-        .collect()
+/// Per-service refused packet counts, then the default's (allowed,
+/// denied). The verdict maps do not count, so allowed packets are counted
+/// for the default only (the eBPF layer counts allowed attempts per
+/// service).
+pub fn service_counts(counts: &HashMap<String, u64>, services: usize) -> (Vec<u64>, (u64, u64)) {
+    let get = |name: &str| counts.get(name).copied().unwrap_or(0);
+    (
+        (0..services)
+            .map(|i| get(&format!("s{i}_refused")))
+            .collect(),
+        (get("default_allow"), get("default_deny")),
+    )
 }
 
 #[cfg(test)]

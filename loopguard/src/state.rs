@@ -1,7 +1,7 @@
 //! What an instance has applied, kept beside its pins so `status` and
 //! `explain` report what the kernel enforces, not what the file says now.
 
-use std::{fs, io, path::PathBuf};
+use std::{collections::HashMap, fs, io, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +18,12 @@ pub struct State {
     pub slot: u32,
     pub layers: Vec<String>,
     pub plan: Plan,
+    /// nftables packet counts carried over from the tables this one
+    /// replaced (see [`crate::nft::carried_counts`]): a new table starts
+    /// at zero (nft's JSON input cannot seed element counters), so
+    /// readers add these.
+    #[serde(default)]
+    pub packet_base: HashMap<String, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -77,6 +77,26 @@ fn nft_layer_alone_refuses_every_route() {
     assert_eq!(v["services"][0]["packets_denied"], 10, "{v}");
     assert_eq!(v["services"][1]["packets_denied"], 20, "{v}");
     assert_eq!(v["services"][0]["denied"], 0, "no eBPF layer");
+
+    // A re-apply that puts a new service first (so every index moves)
+    // keeps each service's count, by name.
+    let shifted = format!(
+        "version = 1\n[[service]]\nname = \"dns\"\nport = 53\nprotocol = \"udp\"\nallow_users = [0]\n{}",
+        policy(u.alice.name).trim_start_matches("version = 1\n")
+    );
+    let p2 = sb.policy("p2.toml", &shifted);
+    sb.apply(&p2, &["--layers", "nft"]).ok();
+    let v: serde_json::Value =
+        serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
+    let denied = |name: &str| {
+        v["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name))
+            .map(|s| s["packets_denied"].clone())
+    };
+    assert_eq!(denied("web"), Some(10.into()), "{v}");
+    assert_eq!(denied("statsd"), Some(20.into()), "{v}");
+    assert_eq!(denied("dns"), Some(0.into()), "{v}");
 }
 
 #[test]

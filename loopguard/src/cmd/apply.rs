@@ -17,7 +17,7 @@ use loopguard::{
 };
 use nix::fcntl::{Flock, FlockArg};
 
-use super::{check_source, counts, plural};
+use super::{check_source, counts, plural, timed};
 use crate::{exit, read_policy};
 
 #[derive(clap::Args)]
@@ -125,7 +125,8 @@ pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, Stri
     let (Some(policy), Some(resolved)) = (&checked.policy, &checked.resolved) else {
         anyhow::bail!("internal error: a checked policy without errors has no resolution");
     };
-    let mut plan = compile::compile(policy, resolved).context("failed to compile the policy")?;
+    let mut plan = timed("compile", || compile::compile(policy, resolved))
+        .context("failed to compile the policy")?;
     let policy_path =
         fs::canonicalize(file).with_context(|| format!("failed to resolve {}", file.display()))?;
     plan.file = policy_path.display().to_string();
@@ -140,7 +141,7 @@ pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, Stri
 pub fn commit(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyhow::Result<State> {
     let _lock = lock(paths)?;
     // Read under the lock: another apply may have finished meanwhile.
-    let previous = State::load(paths).ok().flatten();
+    let previous = timed("load state", || State::load(paths).ok().flatten());
     let outcome = enforce(opts, paths, &prepared.plan, previous.as_ref())?;
     let state = State {
         policy_path: prepared.policy_path,
@@ -149,8 +150,9 @@ pub fn commit(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyh
         slot: outcome.slot.unwrap_or(0),
         layers: outcome.layers.clone(),
         plan: prepared.plan,
+        packet_base: outcome.packet_base,
     };
-    state.save(paths)?;
+    timed("save state", || state.save(paths))?;
     Ok(state)
 }
 
@@ -213,6 +215,7 @@ struct Enforced {
     layers: Vec<String>,
     cgroup: PathBuf,
     slot: Option<u32>,
+    packet_base: std::collections::HashMap<String, u64>,
 }
 
 /// Puts `plan` in force on the requested layers as one unit: the nft batch
@@ -255,15 +258,24 @@ fn enforce(
     let host_addrs = host::host_addresses()?;
     let table = &paths.instance;
 
+    let mut packet_base = Default::default();
     let batch = if want_nft {
-        let current = nft::counters(table).unwrap_or_default();
-        let counts = nft::carried_counts(&current, previous.map(|s| &s.plan), plan);
+        let current = timed("nft: read counters", || {
+            nft::counters(table).unwrap_or_default()
+        });
+        packet_base = nft::carried_counts(
+            &nft::with_base(current, previous.map(|s| &s.packet_base)),
+            previous.map(|s| &s.plan),
+            plan,
+        );
         // A cheap probe, not `nft -c` of the whole batch: that would parse
         // and check a 10,000-service ruleset twice. A batch the kernel
         // refuses still changes nothing: the eBPF slot flips only after the
         // commit.
         match nft::available() {
-            Ok(()) => Some(nft::ruleset(table, plan, &host_addrs, &counts)),
+            Ok(()) => Some(timed("nft: build batch", || {
+                nft::ruleset(table, plan, &host_addrs)
+            })),
             Err(e) if args.layers == Layers::Both && want_bpf => {
                 log::warn!(
                     "nftables layer unavailable ({e}{}); enforcing with eBPF only",
@@ -284,10 +296,13 @@ fn enforce(
     // the inactive slot.
     let mut staged = None;
     if want_bpf {
-        let mut installed =
-            ebpf::install(paths, &cgroup, cookie).context("failed to install the eBPF layer")?;
-        let result = ebpf::sync_host_addrs(&mut installed.maps, &host_addrs)
-            .and_then(|()| ebpf::stage(&mut installed.maps, plan, previous.map(|s| &s.plan)));
+        let mut installed = timed("ebpf: install", || ebpf::install(paths, &cgroup, cookie))
+            .context("failed to install the eBPF layer")?;
+        let result = ebpf::sync_host_addrs(&mut installed.maps, &host_addrs).and_then(|()| {
+            timed("ebpf: stage", || {
+                ebpf::stage(&mut installed.maps, plan, previous.map(|s| &s.plan))
+            })
+        });
         match result {
             Ok(slot) => staged = Some((installed, slot)),
             Err(e) => {
@@ -301,7 +316,7 @@ fn enforce(
     }
 
     if let Some(batch) = &batch {
-        if let Err(e) = nft::commit(batch) {
+        if let Err(e) = timed("nft: commit", || nft::commit(batch)) {
             if let Some((installed, _)) = &staged {
                 if installed.fresh {
                     let _ = ebpf::remove_pins(paths);
@@ -318,13 +333,9 @@ fn enforce(
             // Put the previous nftables table back, so both layers agree.
             if batch.is_some() {
                 let restored = match previous.filter(|p| p.layers.iter().any(|l| l == "nft")) {
-                    Some(prev) => nft::commit(&nft::ruleset(
-                        table,
-                        &prev.plan,
-                        &host_addrs,
-                        &Default::default(),
-                    ))
-                    .is_ok(),
+                    Some(prev) => {
+                        nft::commit(&nft::ruleset(table, &prev.plan, &host_addrs)).is_ok()
+                    }
                     None => nft::remove(table).is_ok(),
                 };
                 if !restored {
@@ -354,6 +365,7 @@ fn enforce(
         layers,
         cgroup,
         slot,
+        packet_base,
     })
 }
 

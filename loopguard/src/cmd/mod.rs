@@ -43,19 +43,19 @@ impl Checked {
 /// Parse, validate, and (with a directory) resolve names and lint.
 pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) -> Checked {
     let file = file.display().to_string();
-    let (policy, mut diagnostics) = policy::load(&file, &source);
+    let (policy, mut diagnostics) = timed("parse and validate", || policy::load(&file, &source));
     let mut resolved = None;
     if let Some(p) = &policy {
         if !diagnostics.iter().any(Diagnostic::is_error) {
             if let Some(dir) = dir {
-                match policy::resolve(p, dir) {
+                match timed("resolve", || policy::resolve(p, dir)) {
                     Ok(r) => resolved = Some(r),
                     Err(d) => diagnostics.extend(d),
                 }
             }
         }
         if !diagnostics.iter().any(Diagnostic::is_error) {
-            diagnostics.extend(policy::lint(p, resolved.as_ref()));
+            diagnostics.extend(timed("lint", || policy::lint(p, resolved.as_ref())));
         }
     }
     Checked {
@@ -65,6 +65,14 @@ pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) ->
         resolved,
         diagnostics,
     }
+}
+
+/// Runs one phase of a command, logging how long it took (`-v`).
+pub fn timed<T>(phase: &str, f: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let out = f();
+    log::debug!("{phase}: {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    out
 }
 
 /// `1 service`, `3 services`

@@ -125,7 +125,7 @@ impl Metrics {
 
     /// Brings the counters up to the kernel's (which only grow while a
     /// policy is in force; a re-apply carries them over by service name).
-    fn refresh(&mut self, paths: &InstancePaths, plan: &Plan) {
+    fn refresh(&mut self, paths: &InstancePaths, plan: &Plan, packet_base: &HashMap<String, u64>) {
         let mut current: Vec<(AttemptLabels, u64)> = Vec::new();
         let name = |i: usize| {
             plan.services
@@ -161,27 +161,24 @@ impl Metrics {
             }
         }
         if let Ok(counts) = nft::counters(&paths.instance) {
-            for (i, (a, d)) in nft::service_counts(&counts, plan.services.len())
-                .into_iter()
-                .enumerate()
-            {
-                current.push((
+            let nft_count = |i: usize, action: &str, v: u64| {
+                (
                     AttemptLabels {
                         service: name(i),
                         layer: "nft".into(),
-                        action: "allowed".into(),
+                        action: action.into(),
                     },
-                    a,
-                ));
-                current.push((
-                    AttemptLabels {
-                        service: name(i),
-                        layer: "nft".into(),
-                        action: "denied".into(),
-                    },
-                    d,
-                ));
+                    v,
+                )
+            };
+            let counts = nft::with_base(counts, Some(packet_base));
+            let (refused, (default_allowed, default_denied)) =
+                nft::service_counts(&counts, plan.services.len());
+            for (i, d) in refused.into_iter().enumerate() {
+                current.push(nft_count(i, "denied", d));
             }
+            current.push(nft_count(plan.services.len(), "allowed", default_allowed));
+            current.push(nft_count(plan.services.len(), "denied", default_denied));
         }
         for (labels, value) in current {
             let last = self.seen.insert(labels.clone(), value).unwrap_or(0);
@@ -211,6 +208,8 @@ struct Daemon {
     /// Plans by kernel slot, so events from either slot name their service.
     plans: HashMap<u32, Plan>,
     current: Option<Plan>,
+    /// The applied state's carried nftables counts.
+    packet_base: HashMap<String, u64>,
     log: Option<AuditLog>,
     names: UserNames,
     clock: Clock,
@@ -241,6 +240,7 @@ impl Daemon {
                 log::info!("{why}: {}", apply::summary(&state, started.elapsed()));
                 self.plans.insert(state.slot, state.plan.clone());
                 self.current = Some(state.plan);
+                self.packet_base = state.packet_base;
                 self.metrics.generation.inc();
                 self.metrics
                     .last_apply
@@ -325,6 +325,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         file: args.file.clone(),
         plans: HashMap::new(),
         current: None,
+        packet_base: HashMap::new(),
         log: Some(log),
         names: UserNames::default(),
         clock: Clock::now(),
@@ -643,7 +644,8 @@ async fn metrics_server(listener: tokio::net::TcpListener, daemon: Arc<Mutex<Dae
                     let mut d = lock(&daemon);
                     let paths = d.paths.clone();
                     if let Some(plan) = d.current.clone() {
-                        d.metrics.refresh(&paths, &plan);
+                        let base = d.packet_base.clone();
+                        d.metrics.refresh(&paths, &plan, &base);
                     }
                     d.metrics.encode()
                 };

@@ -21,13 +21,16 @@ pub struct Args {
 
 /// Attempts counted by the eBPF layer, and packets by the nftables layer
 /// (a denied TCP attempt is one SYN; audit mode counts would-deny packets
-/// as denied).
+/// as denied). The nftables layer counts allowed packets for the default
+/// only: counting them per service would put a counter on every new
+/// connection's path.
 #[derive(Serialize, Default, Clone, Copy)]
 struct Counts {
     allowed: u64,
     denied: u64,
     would_deny: u64,
-    packets_allowed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packets_allowed: Option<u64>,
     packets_denied: u64,
 }
 
@@ -113,21 +116,22 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         status.default = Some(format!("{:?}", plan.default).to_lowercase());
         status.mode = Some(format!("{:?}", plan.mode).to_lowercase());
         let slot = active.filter(|s| *s < SLOTS);
-        let packets = packet_counts
+        let (refused, default_packets) = packet_counts
             .as_ref()
-            .map(|c| nft::service_counts(c, plan.services.len()))
+            .map(|c| {
+                let c = nft::with_base(c.clone(), Some(&state.packet_base));
+                nft::service_counts(&c, plan.services.len())
+            })
             .unwrap_or_default();
         let with_packets = |mut c: Counts, i: usize| {
-            if let Some((a, d)) = packets.get(i) {
-                c.packets_allowed = *a;
-                c.packets_denied = *d;
-            }
+            c.packets_denied = refused.get(i).copied().unwrap_or(0);
             c
         };
         if let (Some(maps), Some(slot)) = (&maps, slot) {
             status.default_counts = counts(maps, slot, DEFAULT_BUCKET);
         }
-        status.default_counts = with_packets(status.default_counts, plan.services.len());
+        status.default_counts.packets_allowed = Some(default_packets.0);
+        status.default_counts.packets_denied = default_packets.1;
         for (i, s) in plan.services.iter().enumerate() {
             let c = match (&maps, slot) {
                 (Some(maps), Some(slot)) => counts(maps, slot, i as u32),
@@ -191,7 +195,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 c.allowed,
                 c.denied,
                 c.would_deny,
-                c.packets_allowed,
+                c.packets_allowed.unwrap_or(0),
                 c.packets_denied
             )?;
             let row = |cols: [&str; 11]| {
@@ -233,10 +237,13 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                     s.counts.allowed,
                     s.counts.denied,
                     s.counts.would_deny,
-                    s.counts.packets_allowed,
                     s.counts.packets_denied,
                 ]
                 .map(|v| v.to_string());
+                let pkt_allow = s
+                    .counts
+                    .packets_allowed
+                    .map_or("-".to_string(), |v| v.to_string());
                 writeln!(
                     out,
                     "{}",
@@ -250,8 +257,8 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                         &n[1],
                         &n[2],
                         &n[3],
-                        &n[4],
-                        &n[5]
+                        &pkt_allow,
+                        &n[4]
                     ])
                 )?;
             }

@@ -32,7 +32,7 @@ pub enum Verdict {
     Deny,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Enforce,
@@ -217,7 +217,7 @@ pub fn classify(ip: IpAddr, host_addrs: &[IpAddr]) -> Option<Destination> {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListKind {
     /// `allow_users` / `allow_groups`: only the listed uids pass.
