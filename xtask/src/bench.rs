@@ -26,6 +26,9 @@ const NO_USER: &str = "lg-bench-no";
 /// The measured service (last in file order) covers PORT (connects are
 /// accepted and closed at once) and PORT + 1 (a sink for the stream test).
 const PORT: u16 = 9000;
+/// Classic iptables (Debian 12's `iptables` is the nftables-backed one,
+/// which would measure nftables again).
+const IPTABLES: &str = "iptables-legacy";
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Config {
@@ -33,16 +36,30 @@ enum Config {
     Bpf,
     Both,
     HandNft,
+    Iptables,
 }
 
+/// iptables has no uid sets: one rule per service and uid, walked in
+/// order. Past this many services (100 rules each) loading takes many
+/// seconds and each connect walks ~100,000 rules, so larger sizes are
+/// measured with this many.
+const IPTABLES_CAP: usize = 1_000;
+
 impl Config {
-    const ALL: [Config; 4] = [Config::Baseline, Config::Bpf, Config::Both, Config::HandNft];
+    const ALL: [Config; 5] = [
+        Config::Baseline,
+        Config::Bpf,
+        Config::Both,
+        Config::HandNft,
+        Config::Iptables,
+    ];
     fn name(self) -> &'static str {
         match self {
             Config::Baseline => "baseline",
             Config::Bpf => "loopguard bpf",
             Config::Both => "loopguard both",
             Config::HandNft => "hand-written nft",
+            Config::Iptables => "iptables owner",
         }
     }
 }
@@ -170,12 +187,16 @@ impl Bench {
 
     /// N services (the measured one last, on PORT, tcp+udp), each allowing
     /// 100 uids; services come in 100 teams that share a uid list.
-    fn policy(&self, n: usize, variant: u32) -> Result<(PathBuf, PathBuf)> {
+    fn policy(&self, n: usize, variant: u32) -> Result<(PathBuf, PathBuf, PathBuf)> {
         let mut toml = String::from("version = 1\n");
         // The way an operator writes it: one rule per service, its uids as
         // an anonymous set, in a chain the base chain jumps to (so the
         // benchmark can switch it on and off without reloading it).
         let mut nft = String::from("table inet hand {\n chain rules {\n");
+        // And as iptables rules (classic xtables: iptables-legacy), the
+        // measured service last too, capped at IPTABLES_CAP services.
+        let mut ipt = String::from("*filter\n:hand - [0:0]\n");
+        let ipt_from = n.saturating_sub(IPTABLES_CAP);
         let team = |i: usize| -> Vec<u32> {
             (0..100)
                 .map(|k| 30_000 + (i % 100) as u32 * 100 + k)
@@ -208,15 +229,36 @@ impl Bench {
                     "  oif \"lo\" udp dport {port} meta skuid != {{ {list} }} drop\n"
                 ));
             }
+            if i >= ipt_from {
+                let ports = port.replace('-', ":");
+                let protos: &[(&str, &str)] = if last {
+                    &[("tcp", "REJECT --reject-with tcp-reset"), ("udp", "DROP")]
+                } else {
+                    &[("tcp", "REJECT --reject-with tcp-reset")]
+                };
+                for (proto, refuse) in protos {
+                    for uid in &uids {
+                        ipt.push_str(&format!(
+                            "-A hand -o lo -p {proto} --dport {ports} -m owner --uid-owner {uid} -j ACCEPT\n"
+                        ));
+                    }
+                    ipt.push_str(&format!(
+                        "-A hand -o lo -p {proto} --dport {ports} -j {refuse}\n"
+                    ));
+                }
+            }
         }
         nft.push_str(
             " }\n chain out {\n  type filter hook output priority 0; policy accept;\n }\n}\n",
         );
         let p = self.dir.join(format!("policy-{n}-{variant}.toml"));
         let h = self.dir.join(format!("hand-{n}.nft"));
+        let i = self.dir.join(format!("iptables-{n}.rules"));
+        ipt.push_str("COMMIT\n");
         fs::write(&p, toml)?;
         fs::write(&h, nft)?;
-        Ok((p, h))
+        fs::write(&i, ipt)?;
+        Ok((p, h, i))
     }
 
     fn enable(&self, c: Config, policy: &Path) -> Result<()> {
@@ -239,6 +281,9 @@ impl Bench {
                 "netns", "exec", NETNS, "nft", "add", "rule", "inet", "hand", "out", "jump",
                 "rules",
             ])),
+            Config::Iptables => status(Command::new("ip").args([
+                "netns", "exec", NETNS, IPTABLES, "-A", "OUTPUT", "-j", "hand",
+            ])),
         }
     }
 
@@ -248,6 +293,9 @@ impl Bench {
             Config::Bpf | Config::Both => self.lg(&["remove"]).map(drop),
             Config::HandNft => status(Command::new("ip").args([
                 "netns", "exec", NETNS, "nft", "flush", "chain", "inet", "hand", "out",
+            ])),
+            Config::Iptables => status(Command::new("ip").args([
+                "netns", "exec", NETNS, IPTABLES, "-D", "OUTPUT", "-j", "hand",
             ])),
         }
     }
@@ -305,14 +353,33 @@ pub fn bench(quick: bool) -> Result<()> {
     // (size, config, metric) -> samples
     let mut samples: BTreeMap<(usize, Config, &str), Vec<f64>> = BTreeMap::new();
     let mut hand_load_s = BTreeMap::new();
+    let mut ipt_load_s = BTreeMap::new();
+    let have_iptables = succeeds(Command::new(IPTABLES).arg("--version"));
+    if !have_iptables {
+        eprintln!("xtask: {IPTABLES} not found: the iptables configuration is skipped (cargo xtask setup installs it)");
+    }
+    let configs: Vec<Config> = Config::ALL
+        .into_iter()
+        .filter(|c| *c != Config::Iptables || have_iptables)
+        .collect();
     for &n in &s.sizes {
-        let (policy, hand) = b.policy(n, 0)?;
+        let (policy, hand, ipt) = b.policy(n, 0)?;
         let t = Instant::now();
         b.nft(&hand)?;
         hand_load_s.insert(n, t.elapsed().as_secs_f64());
+        if have_iptables {
+            let t = Instant::now();
+            let rules = fs::File::open(&ipt)?;
+            status(
+                Command::new("ip")
+                    .args(["netns", "exec", NETNS, &format!("{IPTABLES}-restore")])
+                    .stdin(rules),
+            )?;
+            ipt_load_s.insert(n.min(IPTABLES_CAP), t.elapsed().as_secs_f64());
+        }
         for round in 0..s.rounds {
             eprintln!("xtask: bench size {n}, round {}/{}", round + 1, s.rounds);
-            for c in Config::ALL {
+            for &c in &configs {
                 b.enable(c, &policy)?;
                 let rate = |out: String, n: u64| -> f64 {
                     field(&out, "ns").map_or(f64::NAN, |ns| n as f64 / (ns as f64 / 1e9))
@@ -353,12 +420,21 @@ pub fn bench(quick: bool) -> Result<()> {
         status(Command::new("ip").args([
             "netns", "exec", NETNS, "nft", "delete", "table", "inet", "hand",
         ]))?;
+        if have_iptables {
+            for args in [["-F", "hand"], ["-X", "hand"]] {
+                status(
+                    Command::new("ip")
+                        .args(["netns", "exec", NETNS, IPTABLES])
+                        .args(args),
+                )?;
+            }
+        }
     }
 
     // apply and re-apply times, at the largest size.
     let big = *s.sizes.iter().max().unwrap_or(&1);
-    let (policy, _) = b.policy(big, 0)?;
-    let (changed, _) = b.policy(big, 1)?;
+    let (policy, _, _) = b.policy(big, 0)?;
+    let (changed, _, _) = b.policy(big, 1)?;
     let cg = b.cgroup.to_string_lossy().into_owned();
     let mut apply_s = Vec::new();
     let mut reapply_s = Vec::new();
@@ -478,7 +554,7 @@ pub fn bench(quick: bool) -> Result<()> {
                 .map(median)
                 .unwrap_or(f64::NAN)
         };
-        for c in Config::ALL {
+        for &c in &configs {
             let connect = med(c, "connect_per_s");
             let refused = med(c, "refused_per_s");
             let stream = med(c, "stream_mib_per_s");
@@ -486,7 +562,11 @@ pub fn bench(quick: bool) -> Result<()> {
             let r = |v: f64, m: &str| v / med(Config::Baseline, m);
             println!(
                 "{n:>6} {:<17} {connect:>14.0} {:>7.3} {:>14} {stream:>12.0} {:>7.3} {udp:>12.0} {:>7.3}",
-                c.name(),
+                if c == Config::Iptables && n > IPTABLES_CAP {
+                    format!("iptables ({IPTABLES_CAP})")
+                } else {
+                    c.name().to_string()
+                },
                 r(connect, "connect_per_s"),
                 if refused.is_nan() { "-".to_string() } else { format!("{refused:.0}") },
                 r(stream, "stream_mib_per_s"),
@@ -494,6 +574,7 @@ pub fn bench(quick: bool) -> Result<()> {
             );
             rows.push(json!({
                 "size": n, "config": c.name(),
+                "services_loaded": if c == Config::Iptables { n.min(IPTABLES_CAP) } else { n },
                 "connect_per_s": connect, "connect_ratio": r(connect, "connect_per_s"),
                 "refused_per_s": if refused.is_nan() { serde_json::Value::Null } else { json!(refused) },
                 "stream_mib_per_s": stream, "stream_ratio": r(stream, "stream_mib_per_s"),
@@ -511,6 +592,15 @@ pub fn bench(quick: bool) -> Result<()> {
     println!("\napply {big} services from nothing: {apply_med:.3} s; re-apply after changing one service: {reapply_med:.3} s");
     for (n, secs) in &hand_load_s {
         println!("hand-written nft with {n} services: loaded in {secs:.2} s");
+    }
+    for (n, secs) in &ipt_load_s {
+        println!(
+            "iptables owner with {n} services ({} rules): loaded in {secs:.2} s",
+            n * 101
+        );
+    }
+    if s.sizes.iter().any(|&n| n > IPTABLES_CAP) && have_iptables {
+        println!("iptables owner is capped at {IPTABLES_CAP} services (100 rules each, walked in order); rows of larger sizes measure the cap");
     }
     println!(
         "loopguard run with {big} services: peak RSS {:.1} MiB",
@@ -530,6 +620,8 @@ pub fn bench(quick: bool) -> Result<()> {
         "reapply_seconds": reapply_s, "reapply_median_seconds": reapply_med,
         "run_peak_rss_kib": rss_kib,
         "hand_nft_load_seconds": hand_load_s,
+        "iptables_load_seconds": ipt_load_s,
+        "iptables_cap_services": IPTABLES_CAP,
         "flood": {"attempts": s.flood, "seconds": flood_s, "delivered": delivered, "dropped": dropped},
     });
     let path = b.root.join("target/bench/results.json");

@@ -20,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "nftables",
+    // The bench compares classic iptables owner rules (iptables-legacy).
+    "iptables",
     "bpftool",
     "iproute2",
     "util-linux",

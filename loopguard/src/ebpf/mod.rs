@@ -18,7 +18,8 @@ use std::{
 
 use aya::{
     maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        PerCpuValues,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -32,6 +33,8 @@ use loopguard_common::{
     MODE_AUDIT, MODE_ENFORCE, NO_SLOT, PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_ALLOW,
     VERDICT_DENY,
 };
+
+mod batch;
 
 use crate::{
     compile::Plan,
@@ -408,33 +411,41 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
     let slot = if config.active_slot == 0 { 1 } else { 0 };
     clear_slot(maps, slot)?;
 
-    for (i, s) in plan.services.iter().enumerate() {
-        let entry = ServiceEntry {
-            list_kind: match s.list {
-                ListKind::Allow => LIST_ALLOW,
-                ListKind::Deny => LIST_DENY,
-            },
-            mode: mode_byte(s.mode),
-            log_allowed: u8::from(s.log_allowed),
-            _pad: 0,
-            uid_set: s.uid_set,
-        };
-        maps.services
-            .set(slot * MAX_SERVICES + i as u32, entry, 0)
-            .map_err(map_err("failed to write LG_SERVICES"))?;
-    }
-    for (set, uids) in plan.uid_sets.iter().enumerate() {
-        for &uid in uids {
-            let key = UidKey {
-                slot,
-                uid_set: set as u32,
-                uid,
+    let services: Vec<(u32, ServiceEntry)> = plan
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let entry = ServiceEntry {
+                list_kind: match s.list {
+                    ListKind::Allow => LIST_ALLOW,
+                    ListKind::Deny => LIST_DENY,
+                },
+                mode: mode_byte(s.mode),
+                log_allowed: u8::from(s.log_allowed),
+                _pad: 0,
+                uid_set: s.uid_set,
             };
-            maps.uids
-                .insert(key, 1, 0)
-                .map_err(map_err("failed to write LG_UIDS"))?;
-        }
-    }
+            (slot * MAX_SERVICES + i as u32, entry)
+        })
+        .collect();
+    write_array(&mut maps.services, &services, "LG_SERVICES")?;
+    let uids: Vec<(UidKey, u8)> = plan
+        .uid_sets
+        .iter()
+        .enumerate()
+        .flat_map(|(set, uids)| {
+            uids.iter().map(move |&uid| {
+                let key = UidKey {
+                    slot,
+                    uid_set: set as u32,
+                    uid,
+                };
+                (key, 1)
+            })
+        })
+        .collect();
+    write_hash(&mut maps.uids, &uids, "LG_UIDS")?;
     for (i, net) in plan.nets.iter().enumerate() {
         let (addr, bits) = match net {
             ipnet::IpNet::V4(n) => (
@@ -448,28 +459,29 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
             .insert(&key, i as u32 + 1, 0)
             .map_err(map_err("failed to write LG_ADDR_ATOMS"))?;
     }
-    for d in &plan.decisions {
-        let key = DecisionKey {
-            slot,
-            proto: proto_key(d.transport),
-            port_atom: d.port_atom,
-            addr_atom: d.addr_atom,
-        };
-        maps.decisions
-            .insert(key, d.service, 0)
-            .map_err(map_err("failed to write LG_DECISIONS"))?;
-    }
-    let mut atom_of_port = vec![0u32; PORT_SPACE as usize];
+    let decisions: Vec<(DecisionKey, u32)> = plan
+        .decisions
+        .iter()
+        .map(|d| {
+            let key = DecisionKey {
+                slot,
+                proto: proto_key(d.transport),
+                port_atom: d.port_atom,
+                addr_atom: d.addr_atom,
+            };
+            (key, d.service)
+        })
+        .collect();
+    write_hash(&mut maps.decisions, &decisions, "LG_DECISIONS")?;
+    let mut atom_of_port: Vec<(u32, u32)> = (0..PORT_SPACE)
+        .map(|port| (slot * PORT_SPACE + port, 0))
+        .collect();
     for (i, a) in plan.port_atoms.iter().enumerate() {
         for p in a.first..=a.last {
-            atom_of_port[p as usize] = i as u32 + 1;
+            atom_of_port[p as usize].1 = i as u32 + 1;
         }
     }
-    for (port, atom) in atom_of_port.iter().enumerate() {
-        maps.port_atoms
-            .set(slot * PORT_SPACE + port as u32, atom, 0)
-            .map_err(map_err("failed to write LG_PORT_ATOMS"))?;
-    }
+    write_array(&mut maps.port_atoms, &atom_of_port, "LG_PORT_ATOMS")?;
     write_counters(maps, slot, config.active_slot, plan, previous)?;
     maps.slot_config
         .set(
@@ -509,29 +521,19 @@ pub fn flip(maps: &mut Maps, slot: u32, netns_cookie: u64) -> Result<(), EbpfErr
 /// Removes a slot's entries from the hash maps and trie (arrays are
 /// overwritten whole). The slot is inactive, so no program reads it; its
 /// contents are from the apply before the previous one.
+/// Entries of a slot's hash maps and LPM trie (arrays are overwritten
+/// whole).
 fn clear_slot(maps: &mut Maps, slot: u32) -> Result<(), EbpfError> {
-    let stale: Vec<DecisionKey> = maps
-        .decisions
-        .keys()
-        .filter_map(Result::ok)
+    let stale: Vec<DecisionKey> = hash_keys(&maps.decisions, "LG_DECISIONS")?
+        .into_iter()
         .filter(|k| k.slot == slot)
         .collect();
-    for k in &stale {
-        maps.decisions
-            .remove(k)
-            .map_err(map_err("failed to clear LG_DECISIONS"))?;
-    }
-    let stale: Vec<UidKey> = maps
-        .uids
-        .keys()
-        .filter_map(Result::ok)
+    delete_hash(&mut maps.decisions, &stale, "LG_DECISIONS")?;
+    let stale: Vec<UidKey> = hash_keys(&maps.uids, "LG_UIDS")?
+        .into_iter()
         .filter(|k| k.slot == slot)
         .collect();
-    for k in &stale {
-        maps.uids
-            .remove(k)
-            .map_err(map_err("failed to clear LG_UIDS"))?;
-    }
+    delete_hash(&mut maps.uids, &stale, "LG_UIDS")?;
     let stale: Vec<Key<AddrKey>> = maps
         .addr_atoms
         .keys()
@@ -544,6 +546,79 @@ fn clear_slot(maps: &mut Maps, slot: u32) -> Result<(), EbpfError> {
             .map_err(map_err("failed to clear LG_ADDR_ATOMS"))?;
     }
     Ok(())
+}
+
+fn batch_err(context: String) -> impl FnOnce(io::Error) -> EbpfError {
+    move |source| EbpfError::Pin { context, source }
+}
+
+/// Writes array entries: one batch, or one by one where the kernel has no
+/// batch command.
+fn write_array<V: aya::Pod>(
+    map: &mut Array<MapData, V>,
+    entries: &[(u32, V)],
+    name: &str,
+) -> Result<(), EbpfError> {
+    let (keys, values): (Vec<u32>, Vec<V>) = entries.iter().copied().unzip();
+    match batch::update(IterableMap::map(map), &keys, &values, 1) {
+        Ok(()) => Ok(()),
+        Err(e) if batch::unsupported(&e) => {
+            for (k, v) in entries {
+                map.set(*k, v, 0)
+                    .map_err(map_err(format!("failed to write {name}")))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(batch_err(format!("failed to write {name}"))(e)),
+    }
+}
+
+fn write_hash<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    entries: &[(K, V)],
+    name: &str,
+) -> Result<(), EbpfError> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+    match batch::update(IterableMap::map(map), &keys, &values, 1) {
+        Ok(()) => Ok(()),
+        Err(e) if batch::unsupported(&e) => {
+            for (k, v) in entries {
+                map.insert(k, v, 0)
+                    .map_err(map_err(format!("failed to write {name}")))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(batch_err(format!("failed to write {name}"))(e)),
+    }
+}
+
+fn hash_keys<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+) -> Result<Vec<K>, EbpfError> {
+    match batch::keys::<K, V>(IterableMap::map(map), 4096) {
+        Ok(keys) => Ok(keys),
+        Err(e) if batch::unsupported(&e) => Ok(map.keys().filter_map(Result::ok).collect()),
+        Err(e) => Err(batch_err(format!("failed to read {name}"))(e)),
+    }
+}
+
+fn delete_hash<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    keys: &[K],
+    name: &str,
+) -> Result<(), EbpfError> {
+    match batch::delete(IterableMap::map(map), keys) {
+        Ok(()) => Ok(()),
+        Err(e) if batch::unsupported(&e) => {
+            for k in keys {
+                map.remove(k)
+                    .map_err(map_err(format!("failed to clear {name}")))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(batch_err(format!("failed to clear {name}"))(e)),
+    }
 }
 
 /// Zeroes the new slot's counters, then carries over the counts of services
@@ -568,27 +643,71 @@ fn write_counters(
             .collect(),
         _ => StdHashMap::new(),
     };
-    let buckets = plan
+    let buckets: Vec<(u32, Option<u32>)> = plan
         .services
         .iter()
         .enumerate()
         .map(|(i, s)| (i as u32, old_index.get(s.name.as_str()).copied()))
-        .chain([(DEFAULT_BUCKET, (active < SLOTS).then_some(DEFAULT_BUCKET))]);
-    for (bucket, old) in buckets {
-        for kind in 0..COUNT_KINDS {
-            let mut values = vec![0u64; cpus];
-            if let Some(old) = old {
-                if let Ok(v) = maps.counters.get(&counter_index(active, old, kind), 0) {
-                    for (dst, src) in values.iter_mut().zip(v.iter()) {
-                        *dst = *src;
+        .chain([(DEFAULT_BUCKET, (active < SLOTS).then_some(DEFAULT_BUCKET))])
+        .collect();
+    // The slot in force, read whole when anything carries over.
+    let slot_len = ((MAX_SERVICES + 1) * COUNT_KINDS) as usize;
+    let old: Option<Vec<u64>> = if buckets.iter().any(|(_, o)| o.is_some()) {
+        let start = counter_index(active, 0, 0);
+        match batch::array_range::<u64>(IterableMap::map(&maps.counters), start, slot_len, cpus) {
+            Ok((mut v, read)) => {
+                for i in read..slot_len {
+                    if let Ok(tail) = maps.counters.get(&(start + i as u32), 0) {
+                        for (dst, src) in v[i * cpus..(i + 1) * cpus].iter_mut().zip(tail.iter()) {
+                            *dst = *src;
+                        }
                     }
                 }
+                Some(v)
             }
-            let values = PerCpuValues::try_from(values).map_err(pin_err("per-CPU values"))?;
-            maps.counters
-                .set(counter_index(slot, bucket, kind), values, 0)
-                .map_err(map_err("failed to write LG_COUNTERS"))?;
+            Err(e) if batch::unsupported(&e) => None,
+            Err(e) => return Err(batch_err("failed to read LG_COUNTERS".into())(e)),
+        }
+    } else {
+        Some(Vec::new())
+    };
+    let mut keys = Vec::with_capacity(buckets.len() * COUNT_KINDS as usize);
+    let mut values = Vec::with_capacity(keys.capacity() * cpus);
+    for (bucket, old_bucket) in buckets {
+        for kind in 0..COUNT_KINDS {
+            keys.push(counter_index(slot, bucket, kind));
+            let from =
+                old_bucket.map(|b| counter_index(active, b, kind) - counter_index(active, 0, 0));
+            match (from, &old) {
+                (Some(i), Some(old)) => {
+                    let i = i as usize * cpus;
+                    values.extend_from_slice(&old[i..i + cpus]);
+                }
+                (Some(_), None) => {
+                    // No batch reads on this kernel: one lookup per counter.
+                    let v = maps
+                        .counters
+                        .get(&(from.unwrap_or(0) + counter_index(active, 0, 0)), 0)
+                        .map(|v| v.iter().copied().collect::<Vec<u64>>())
+                        .unwrap_or_else(|_| vec![0; cpus]);
+                    values.extend(v.into_iter().chain(std::iter::repeat(0)).take(cpus));
+                }
+                (None, _) => values.extend(std::iter::repeat_n(0, cpus)),
+            }
         }
     }
-    Ok(())
+    match batch::update(IterableMap::map(&maps.counters), &keys, &values, cpus) {
+        Ok(()) => Ok(()),
+        Err(e) if batch::unsupported(&e) => {
+            for (k, chunk) in keys.iter().zip(values.chunks(cpus)) {
+                let v =
+                    PerCpuValues::try_from(chunk.to_vec()).map_err(pin_err("per-CPU values"))?;
+                maps.counters
+                    .set(*k, v, 0)
+                    .map_err(map_err("failed to write LG_COUNTERS"))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(batch_err("failed to write LG_COUNTERS".into())(e)),
+    }
 }
