@@ -6,6 +6,7 @@
 
 mod parse;
 mod resolve;
+mod toml;
 mod validate;
 
 use std::{net::IpAddr, ops::Range};

@@ -2,11 +2,8 @@
 
 use std::net::IpAddr;
 
+use super::toml::{Kind, Table, Value};
 use ipnet::IpNet;
-use toml_span::{
-    value::{Table, ValueInner},
-    Value,
-};
 
 use super::{
     AddrSet, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span, Spanned, Verdict,
@@ -33,21 +30,20 @@ const SERVICE_KEYS: &[&str] = &[
 /// policy is usable only when no diagnostic is an error.
 pub fn parse(file: &str, source: &str) -> (Option<Policy>, Vec<Diagnostic>) {
     let mut p = Parser { diags: Vec::new() };
-    let root = match toml_span::parse(source) {
-        Ok(v) => v,
-        Err(e) => {
-            let span = e.span.start..e.span.start + 1;
-            let mut d =
-                Diagnostic::error("syntax", format!("invalid TOML: {e}")).primary(span, "here");
-            match &e.kind {
-                toml_span::ErrorKind::DuplicateKey { first, .. }
-                | toml_span::ErrorKind::DuplicateTable { first, .. } => {
-                    d = d.secondary(first.start..first.end, "first defined here");
+    let (root, errors) = super::toml::parse(source);
+    let Some(root) = root else {
+        let diags = errors
+            .into_iter()
+            .map(|e| {
+                let d = Diagnostic::error("syntax", format!("invalid TOML: {}", e.message))
+                    .primary(e.span, "here");
+                match e.first {
+                    Some(first) => d.secondary(first, "first defined here"),
+                    None => d,
                 }
-                _ => {}
-            }
-            return (None, vec![d]);
-        }
+            })
+            .collect();
+        return (None, diags);
     };
     let policy = p.policy(file, source, &root);
     (policy, p.diags)
@@ -57,19 +53,12 @@ struct Parser {
     diags: Vec<Diagnostic>,
 }
 
-fn span(v: &Value<'_>) -> Span {
-    v.span.start..v.span.end
+fn span(v: &Value) -> Span {
+    v.span()
 }
 
-fn type_name(v: &Value<'_>) -> &'static str {
-    match v.as_ref() {
-        ValueInner::String(_) => "a string",
-        ValueInner::Integer(_) => "an integer",
-        ValueInner::Float(_) => "a float",
-        ValueInner::Boolean(_) => "a boolean",
-        ValueInner::Array(_) => "an array",
-        ValueInner::Table(_) => "a table",
-    }
+fn type_name(v: &Value) -> &'static str {
+    v.type_name()
 }
 
 impl Parser {
@@ -78,7 +67,7 @@ impl Parser {
             .push(Diagnostic::error(code, message).primary(span, label));
     }
 
-    fn wrong_type(&mut self, key: &str, v: &Value<'_>, expected: &str) {
+    fn wrong_type(&mut self, key: &str, v: &Value, expected: &str) {
         self.error(
             "type",
             span(v),
@@ -87,21 +76,21 @@ impl Parser {
         );
     }
 
-    fn unknown_keys(&mut self, table: &Table<'_>, known: &[&str], what: &str) {
+    fn unknown_keys(&mut self, table: &Table, known: &[&str], what: &str) {
         for key in table.keys() {
-            if !known.contains(&key.name.as_ref()) {
+            if !known.contains(&&*key.name) {
                 let d = Diagnostic::error(
                     "unknown-key",
                     format!("unknown key `{}` in {what}", key.name),
                 )
-                .primary(key.span.start..key.span.end, "not a policy key")
+                .primary(key.pos.range(), "not a policy key")
                 .note(format!("expected one of: {}", known.join(", ")));
                 self.diags.push(d);
             }
         }
     }
 
-    fn policy(&mut self, file: &str, source: &str, root: &Value<'_>) -> Option<Policy> {
+    fn policy(&mut self, file: &str, source: &str, root: &Value) -> Option<Policy> {
         let Some(table) = root.as_table() else {
             self.wrong_type("the policy", root, "a table");
             return None;
@@ -165,12 +154,7 @@ impl Parser {
         })
     }
 
-    fn keyword<T: Copy>(
-        &mut self,
-        table: &Table<'_>,
-        key: &str,
-        choices: &[(&str, T)],
-    ) -> Option<T> {
+    fn keyword<T: Copy>(&mut self, table: &Table, key: &str, choices: &[(&str, T)]) -> Option<T> {
         let v = table.get(key)?;
         let Some(s) = v.as_str() else {
             let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
@@ -192,7 +176,7 @@ impl Parser {
         }
     }
 
-    fn boolean(&mut self, table: &Table<'_>, key: &str) -> Option<bool> {
+    fn boolean(&mut self, table: &Table, key: &str) -> Option<bool> {
         let v = table.get(key)?;
         match v.as_bool() {
             Some(b) => Some(b),
@@ -203,12 +187,7 @@ impl Parser {
         }
     }
 
-    fn service(
-        &mut self,
-        item: &Value<'_>,
-        global_mode: Mode,
-        global_log: bool,
-    ) -> Option<Service> {
+    fn service(&mut self, item: &Value, global_mode: Mode, global_log: bool) -> Option<Service> {
         let Some(table) = item.as_table() else {
             self.wrong_type("service", item, "a table");
             return None;
@@ -220,7 +199,7 @@ impl Parser {
             None => {
                 let at = table
                     .keys()
-                    .map(|k| k.span.start..k.span.end)
+                    .map(|k| k.pos.range())
                     .min_by_key(|s| s.start)
                     .unwrap_or_else(|| span(item));
                 self.error(
@@ -280,10 +259,10 @@ impl Parser {
             Some(v) => self.addresses(v),
         };
 
-        let lists: Vec<(&str, Option<&Value<'_>>)> =
+        let lists: Vec<(&str, Option<&Value>)> =
             ["allow_users", "allow_groups", "deny_users", "deny_groups"]
                 .iter()
-                .map(|k| (*k, table.get(*k)))
+                .map(|k| (*k, table.get(k)))
                 .collect();
         let has_allow = lists[0].1.is_some() || lists[1].1.is_some();
         let has_deny = lists[2].1.is_some() || lists[3].1.is_some();
@@ -350,10 +329,10 @@ impl Parser {
         })
     }
 
-    fn ports(&mut self, v: &Value<'_>) -> Option<PortRange> {
+    fn ports(&mut self, v: &Value) -> Option<PortRange> {
         let one = |n: i64| u16::try_from(n).ok().filter(|p| *p != 0);
-        match v.as_ref() {
-            ValueInner::Integer(n) => match one(*n) {
+        match &v.kind {
+            Kind::Integer(n) => match one(*n) {
                 Some(p) => Some(PortRange { first: p, last: p }),
                 None => {
                     self.error(
@@ -365,7 +344,7 @@ impl Parser {
                     None
                 }
             },
-            ValueInner::String(s) => {
+            Kind::String(s) => {
                 let parsed = match s.split_once('-') {
                     None => s.trim().parse::<i64>().ok().map(|a| (a, a)),
                     Some((a, b)) => a
@@ -420,7 +399,7 @@ impl Parser {
         }
     }
 
-    fn addresses(&mut self, v: &Value<'_>) -> Option<AddrSet> {
+    fn addresses(&mut self, v: &Value) -> Option<AddrSet> {
         let Some(items) = v.as_array() else {
             self.wrong_type("addresses", v, "an array of strings");
             return None;
@@ -482,15 +461,15 @@ impl Parser {
         Some(AddrSet::Nets(IpNet::aggregate(&nets)))
     }
 
-    fn ids(&mut self, v: &Value<'_>, what: &str) -> Vec<Spanned<IdRef>> {
+    fn ids(&mut self, v: &Value, what: &str) -> Vec<Spanned<IdRef>> {
         let Some(items) = v.as_array() else {
             self.wrong_type(&format!("{what}s"), v, "an array of names and numeric ids");
             return Vec::new();
         };
         let mut out = Vec::new();
         for item in items {
-            let id = match item.as_ref() {
-                ValueInner::Integer(n) => match u32::try_from(*n) {
+            let id = match &item.kind {
+                Kind::Integer(n) => match u32::try_from(*n) {
                     // (uid_t)-1 means "no id" to the kernel.
                     Ok(id) if id != u32::MAX => Some(IdRef::Id(id)),
                     _ => {
@@ -503,7 +482,7 @@ impl Parser {
                         None
                     }
                 },
-                ValueInner::String(s) => {
+                Kind::String(s) => {
                     if let Ok(id) = s.parse::<u32>() {
                         Some(IdRef::Id(id))
                     } else if valid_account_name(s) {
