@@ -36,9 +36,11 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    rc::Rc,
 };
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::{
@@ -97,10 +99,6 @@ pub fn log_group(table: &str) -> u16 {
         h = h.wrapping_mul(0x0100_0193);
     }
     20_000 + (h % 40_000) as u16
-}
-
-fn uid_set(i: u32) -> String {
-    format!("u{i}")
 }
 
 /// Names of the default's counters: `default_allow`, `default_deny`.
@@ -165,314 +163,575 @@ fn address_regions(nets: &[IpNet]) -> BTreeMap<u32, Region> {
     regions
 }
 
-/// The chain of every verdict class: services with the same uid set, list
-/// kind and mode share one chain, so the table holds as many chains as the
-/// policy has distinct uid lists, not one per service. Returns each
-/// service's class and the classes.
-fn verdict_classes(plan: &Plan) -> (Vec<usize>, Vec<(u32, ListKind, Mode)>) {
-    let mut classes: Vec<(u32, ListKind, Mode)> = Vec::new();
-    let mut index: HashMap<(u32, ListKind, Mode), usize> = HashMap::new();
-    let of_service = plan
-        .services
-        .iter()
-        .map(|s| {
-            let key = (s.uid_set, s.list, s.mode);
-            *index.entry(key).or_insert_with(|| {
-                classes.push(key);
-                classes.len() - 1
+/// Version of the table's layout. A table of another layout (an older
+/// loopguard) is replaced whole, never updated in place.
+pub const LAYOUT: u32 = 2;
+
+/// An interval key of a verdict map or refusal set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum ElemKey {
+    Ports(u16, u16),
+    V4(Ipv4Addr, Ipv4Addr, u16, u16),
+    V6(Ipv6Addr, Ipv6Addr, u16, u16),
+}
+
+impl ElemKey {
+    fn json(self) -> Value {
+        match self {
+            ElemKey::Ports(a, b) => json!({"range": [a, b]}),
+            ElemKey::V4(a, b, p, q) => {
+                json!({"concat": [{"range": [a.to_string(), b.to_string()]}, {"range": [p, q]}]})
+            }
+            ElemKey::V6(a, b, p, q) => {
+                json!({"concat": [{"range": [a.to_string(), b.to_string()]}, {"range": [p, q]}]})
+            }
+        }
+    }
+}
+
+/// Everything in the table that depends on the plan, by name, so two
+/// plans can be compared object by object.
+///
+/// Services with the same uids, list kind and mode share one verdict chain
+/// (`v_<hash>`) checking one uid set (`u_<hash>`); both are named after
+/// their content, so an unchanged one keeps its name from plan to plan.
+struct Spec {
+    /// uid set name -> uids.
+    uid_sets: BTreeMap<String, Vec<u32>>,
+    /// verdict chain name -> (uid set name, list, mode).
+    chains: BTreeMap<String, (String, ListKind, Mode)>,
+    /// `dec*` map -> key -> verdict chain.
+    maps: BTreeMap<String, BTreeMap<ElemKey, Rc<str>>>,
+    /// `ref*` set -> key -> service name (the element's comment).
+    refusals: BTreeMap<String, BTreeMap<ElemKey, Rc<str>>>,
+    /// Whether named addresses exist (which maps the base chain uses).
+    nets: bool,
+    default: Verdict,
+    mode: Mode,
+}
+
+/// Map and set families: `4`, `6` (concatenated address . port keys) and
+/// `host` (port keys), per transport.
+fn families() -> impl Iterator<Item = String> {
+    Transport::ALL
+        .into_iter()
+        .flat_map(|t| ["4", "6", "host"].map(move |f| format!("{f}_{}", proto(t))))
+}
+
+fn content_name(prefix: &str, content: &impl std::hash::Hash) -> String {
+    use std::hash::{BuildHasher as _, BuildHasherDefault};
+    // A fixed-key hasher: names must not change between runs.
+    let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .hash_one(content);
+    format!("{prefix}_{h:016x}")
+}
+
+impl Spec {
+    fn of(plan: &Plan) -> Spec {
+        let mut uid_sets = BTreeMap::new();
+        let set_names: Vec<String> = plan
+            .uid_sets
+            .iter()
+            .map(|uids| {
+                let name = content_name("u", uids);
+                uid_sets.insert(name.clone(), uids.clone());
+                name
             })
-        })
-        .collect();
-    (of_service, classes)
+            .collect();
+        let mut chains = BTreeMap::new();
+        let mut class_names: HashMap<(u32, ListKind, Mode), Rc<str>> = HashMap::new();
+        let chain_of: Vec<Rc<str>> = plan
+            .services
+            .iter()
+            .map(|s| {
+                class_names
+                    .entry((s.uid_set, s.list, s.mode))
+                    .or_insert_with(|| {
+                        let set = set_names[s.uid_set as usize].clone();
+                        let name = content_name("v", &(&set, s.list, s.mode));
+                        chains.insert(name.clone(), (set, s.list, s.mode));
+                        name.into()
+                    })
+                    .clone()
+            })
+            .collect();
+        let service_names: Vec<Rc<str>> = plan
+            .services
+            .iter()
+            .map(|s| s.name.as_str().into())
+            .collect();
+        let mut maps: BTreeMap<String, BTreeMap<ElemKey, Rc<str>>> =
+            families().map(|f| (f, BTreeMap::new())).collect();
+        let mut refusals = maps.clone();
+        let regions = address_regions(&plan.nets);
+        for d in &plan.decisions {
+            let Some(ports) = plan.port_atoms.get((d.port_atom as usize).wrapping_sub(1)) else {
+                continue;
+            };
+            let (p, q) = (ports.first, ports.last);
+            let service = d.service as usize;
+            let mut keys = Vec::new();
+            if let Some((v4, v6)) = regions.get(&d.addr_atom).filter(|_| !plan.nets.is_empty()) {
+                keys.extend(v4.iter().map(|(a, b)| ("4", ElemKey::V4(*a, *b, p, q))));
+                keys.extend(v6.iter().map(|(a, b)| ("6", ElemKey::V6(*a, *b, p, q))));
+            }
+            if d.addr_atom == 0 {
+                keys.push(("host", ElemKey::Ports(p, q)));
+            }
+            for (family, key) in keys {
+                let name = format!("{family}_{}", proto(d.transport));
+                maps.entry(name.clone())
+                    .or_default()
+                    .insert(key, chain_of[service].clone());
+                refusals
+                    .entry(name)
+                    .or_default()
+                    .insert(key, service_names[service].clone());
+            }
+        }
+        Spec {
+            uid_sets,
+            chains,
+            maps,
+            refusals,
+            nets: !plan.nets.is_empty(),
+            default: plan.default,
+            mode: plan.mode,
+        }
+    }
 }
 
-fn class_chain(k: usize) -> String {
-    format!("v{k}")
+/// Builds batch commands for one table.
+struct Batch<'t> {
+    table: &'t str,
+    cmds: Vec<Value>,
 }
 
-/// The element comment that names a service: `s<index>`.
-fn service_comment(i: usize) -> String {
-    format!("s{i}")
+impl Batch<'_> {
+    fn obj(&self, mut obj: Value) -> Value {
+        obj["family"] = json!("inet");
+        obj["table"] = json!(self.table);
+        obj
+    }
+
+    fn push(&mut self, verb: &str, kind: &str, obj: Value) {
+        let obj = self.obj(obj);
+        self.cmds.push(json!({verb: {kind: obj}}));
+    }
+
+    fn rule(&mut self, chain: &str, expr: Vec<Value>) {
+        self.push("add", "rule", json!({"chain": chain, "expr": expr}));
+    }
+
+    fn uid_set(&mut self, name: &str, uids: &[u32]) {
+        let mut set = json!({"name": name, "type": "uid"});
+        if !uids.is_empty() {
+            set["elem"] = json!(uids);
+        }
+        self.push("add", "set", set);
+    }
+
+    /// A verdict chain: the listed uids pass (allow-list) or are refused
+    /// (deny-list). Every refusal (and would-deny) is also sent to the
+    /// instance's NFLOG group, where `loopguard run` turns it into an
+    /// audit event; with no listener the kernel discards it.
+    fn verdict_chain(&mut self, name: &str, set: &str, list: ListKind, mode: Mode) {
+        self.push("add", "chain", json!({"name": name}));
+        let op = match list {
+            ListKind::Allow => "==",
+            ListKind::Deny => "!=",
+        };
+        self.rule(
+            name,
+            vec![
+                json!({"match": {"op": op, "left": {"meta": {"key": "skuid"}}, "right": format!("@{set}")}}),
+                json!({"accept": null}),
+            ],
+        );
+        // A jump returns to the next rule, so the count is a rule of its own.
+        self.rule(name, vec![json!({"jump": {"target": COUNT_CHAIN}})]);
+        for e in deny_exprs(self.table, mode, name, None) {
+            self.rule(name, e);
+        }
+    }
+
+    fn elements(&mut self, verb: &str, set: &str, elems: Vec<Value>) {
+        if !elems.is_empty() {
+            self.push(verb, "element", json!({"name": set, "elem": elems}));
+        }
+    }
+
+    fn map_elems(&mut self, verb: &str, map: &str, elems: &[(ElemKey, &str)]) {
+        let elems = elems
+            .iter()
+            .map(|(k, chain)| {
+                if verb == "delete" {
+                    k.json()
+                } else {
+                    json!([k.json(), {"jump": {"target": chain}}])
+                }
+            })
+            .collect();
+        self.elements(verb, &format!("dec{map}"), elems);
+    }
+
+    fn refusal_elems(&mut self, verb: &str, set: &str, elems: &[(ElemKey, &str)]) {
+        let elems = elems
+            .iter()
+            .map(|(k, service)| {
+                if verb == "delete" {
+                    k.json()
+                } else {
+                    json!({"elem": {"val": k.json(), "comment": service}})
+                }
+            })
+            .collect();
+        self.elements(verb, &format!("ref{set}"), elems);
+    }
+
+    /// The host address sets' contents.
+    fn host_elems(&mut self, host_addrs: &[IpAddr]) {
+        for (set, v4) in [("host4", true), ("host6", false)] {
+            let elems: Vec<Value> = host_addrs
+                .iter()
+                .filter(|a| a.is_ipv4() == v4)
+                .map(|a| json!(a.to_string()))
+                .collect();
+            self.elements("add", set, elems);
+        }
+    }
+
+    /// The rules of the base chain and of the refusal-counting chain,
+    /// which depend only on the plan's default, mode and whether it names
+    /// addresses.
+    fn dispatch_rules(&mut self, spec: &Spec) {
+        // The lookups, one per transport and scope: (family, scope match,
+        // map family). Without named addresses every in-scope destination
+        // is address atom 0, so the port alone decides: the one-field maps
+        // (an rbtree lookup) serve the loopback range too, instead of the
+        // concatenated ones (pipapo, whose cost grows with the element
+        // count).
+        let (lo4, lo6) = if spec.nets {
+            ("4", "6")
+        } else {
+            ("host", "host")
+        };
+        let scopes = [
+            (
+                "ip",
+                json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
+                lo4,
+            ),
+            ("ip6", json!("::1"), lo6),
+            ("ip", json!("@host4"), "host"),
+            ("ip6", json!("@host6"), "host"),
+        ];
+        let daddr = |family: &str, right: &Value| json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}});
+        let l4proto = |t: Transport| json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto(t)}});
+        let lookup_key = |family: &str, map: &str| {
+            if map == "host" {
+                json!({"payload": {"protocol": "th", "field": "dport"}})
+            } else {
+                json!({"concat": [{"payload": {"protocol": family, "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]})
+            }
+        };
+        // Refusals are counted per service by a second lookup of the same
+        // key, on the refusal path only, in sets whose elements carry
+        // their own counters (and the service in their comment).
+        for t in Transport::ALL {
+            for (family, right, map) in &scopes {
+                self.rule(
+                    COUNT_CHAIN,
+                    vec![
+                        l4proto(t),
+                        daddr(family, right),
+                        json!({"match": {"op": "==", "left": lookup_key(family, map), "right": format!("@ref{map}_{}", proto(t))}}),
+                    ],
+                );
+            }
+        }
+
+        let out = BASE_CHAIN;
+        let oif_lo =
+            json!({"match": {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}});
+        self.rule(
+            out,
+            vec![
+                json!({"match": {"op": "!=", "left": {"meta": {"key": "oif"}}, "right": "lo"}}),
+                json!({"accept": null}),
+            ],
+        );
+        self.rule(
+            out,
+            vec![
+                json!({"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}}),
+                json!({"accept": null}),
+            ],
+        );
+        self.rule(
+            out,
+            vec![
+                json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
+                json!({"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "right": "syn"}}),
+                json!({"accept": null}),
+            ],
+        );
+        for t in Transport::ALL {
+            for (family, right, map) in &scopes {
+                self.rule(
+                    out,
+                    vec![
+                        oif_lo.clone(),
+                        l4proto(t),
+                        daddr(family, right),
+                        json!({"vmap": {"key": lookup_key(family, map), "data": format!("@dec{map}_{}", proto(t))}}),
+                    ],
+                );
+            }
+        }
+        // Unmatched traffic in scope: the default.
+        let (d_allow, d_deny) = counter_names("default");
+        for (family, right, _) in &scopes {
+            let head = vec![oif_lo.clone(), daddr(family, right)];
+            match spec.default {
+                Verdict::Allow => {
+                    let mut e = head.clone();
+                    e.extend([json!({"counter": d_allow}), json!({"accept": null})]);
+                    self.rule(out, e);
+                }
+                Verdict::Deny => {
+                    for tail in deny_exprs(
+                        self.table,
+                        spec.mode,
+                        "default",
+                        Some(json!({"counter": d_deny})),
+                    ) {
+                        let mut e = head.clone();
+                        e.extend(tail);
+                        self.rule(out, e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> Value {
+        json!({"nftables": self.cmds})
+    }
+}
+
+const BASE_CHAIN: &str = "output";
+const COUNT_CHAIN: &str = "count_refused";
+
+/// Deny action: reset for TCP, drop for UDP; audit mode logs only.
+fn deny_exprs(table: &str, mode: Mode, bucket: &str, count: Option<Value>) -> Vec<Vec<Value>> {
+    let group = log_group(table);
+    let log = |a: &str| json!({"log": {"prefix": format!("{LOG_PREFIX}{table}/{bucket}/{a}"), "group": group}});
+    let with_count = |mut e: Vec<Value>| {
+        if let Some(c) = &count {
+            e.insert(e.len() - 1, c.clone());
+        }
+        e
+    };
+    match mode {
+        Mode::Audit => vec![with_count(vec![log("w"), json!({"accept": null})])],
+        Mode::Enforce => vec![
+            with_count(vec![
+                json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
+                log("d"),
+                json!({"reject": {"type": "tcp reset"}}),
+            ]),
+            with_count(vec![log("d"), json!({"drop": null})]),
+        ],
+    }
+}
+
+fn key_type(family: &str) -> Value {
+    if family.starts_with('4') {
+        json!(["ipv4_addr", "inet_service"])
+    } else if family.starts_with('6') {
+        json!(["ipv6_addr", "inet_service"])
+    } else {
+        json!("inet_service")
+    }
 }
 
 /// The whole table as one JSON batch: create-if-missing, delete, create
 /// with every set, map, chain and rule. Its counters start at zero.
 pub fn ruleset(table: &str, plan: &Plan, host_addrs: &[IpAddr]) -> Value {
+    let spec = Spec::of(plan);
     let t = json!({"family": "inet", "name": table});
-    let mut cmds = vec![
-        json!({"add": {"table": t}}),
-        json!({"delete": {"table": t}}),
-        json!({"add": {"table": t}}),
-    ];
-    let add = |kind: &str, mut obj: Value| {
-        obj["family"] = json!("inet");
-        obj["table"] = json!(table);
-        json!({"add": {kind: obj}})
+    let mut b = Batch {
+        table,
+        cmds: vec![
+            json!({"add": {"table": t}}),
+            json!({"delete": {"table": t}}),
+            json!({"add": {"table": t}}),
+        ],
     };
-    let counter = |name: &str| add("counter", json!({"name": name}));
-
-    for (i, uids) in plan.uid_sets.iter().enumerate() {
-        let mut set = json!({"name": uid_set(i as u32), "type": "uid"});
-        if !uids.is_empty() {
-            set["elem"] = json!(uids);
-        }
-        cmds.push(add("set", set));
+    for (name, uids) in &spec.uid_sets {
+        b.uid_set(name, uids);
     }
-
-    // Deny action: reset for TCP, drop for UDP; audit mode logs only.
-    // Every refusal (and would-deny) is also sent to the instance's NFLOG
-    // group, where `loopguard run` turns it into an audit event; with no
-    // listener the kernel discards it.
-    let group = log_group(table);
-    let deny_exprs = |mode: Mode, bucket: &str, count: Option<Value>| -> Vec<Vec<Value>> {
-        let log = |a: &str| json!({"log": {"prefix": format!("{LOG_PREFIX}{table}/{bucket}/{a}"), "group": group}});
-        let with_count = |mut e: Vec<Value>| {
-            if let Some(c) = &count {
-                e.insert(e.len() - 1, c.clone());
-            }
-            e
-        };
-        match mode {
-            Mode::Audit => vec![with_count(vec![log("w"), json!({"accept": null})])],
-            Mode::Enforce => vec![
-                with_count(vec![
-                    json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
-                    log("d"),
-                    json!({"reject": {"type": "tcp reset"}}),
-                ]),
-                with_count(vec![log("d"), json!({"drop": null})]),
-            ],
-        }
-    };
-    let chain_rule =
-        |chain: &str, expr: Vec<Value>| add("rule", json!({"chain": chain, "expr": expr}));
-
-    // The lookups, one per transport and scope: (family, scope match,
-    // map family). Without named addresses every in-scope destination is
-    // address atom 0, so the port alone decides: the one-field maps (an
-    // rbtree lookup) serve the loopback range too, instead of the
-    // concatenated ones (pipapo, whose cost grows with the element count).
-    let (lo4, lo6) = if plan.nets.is_empty() {
-        ("host", "host")
-    } else {
-        ("4", "6")
-    };
-    let scopes = [
-        (
-            "ip",
-            json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
-            lo4,
-        ),
-        ("ip6", json!("::1"), lo6),
-        ("ip", json!("@host4"), "host"),
-        ("ip6", json!("@host6"), "host"),
-    ];
-    let daddr = |family: &str, right: &Value| json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}});
-    let l4proto = |t: Transport| json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto(t)}});
-    let lookup_key = |family: &str, map: &str| {
-        if map == "host" {
-            json!({"payload": {"protocol": "th", "field": "dport"}})
-        } else {
-            json!({"concat": [{"payload": {"protocol": family, "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]})
-        }
-    };
-
-    // Refusals are counted per service by a second lookup of the same
-    // key, on the refusal path only, in sets whose elements carry their
-    // own counters (and the service in their comment).
-    let count_chain = "count_refused";
-    cmds.push(add("chain", json!({"name": count_chain})));
-    // Its rules go in after the sets they look up.
-    let mut count_rules = Vec::new();
-    for t in Transport::ALL {
-        for (family, right, map) in &scopes {
-            count_rules.push(chain_rule(
-                count_chain,
-                vec![
-                    l4proto(t),
-                    daddr(family, right),
-                    json!({"match": {"op": "==", "left": lookup_key(family, map), "right": format!("@ref{map}_{}", proto(t))}}),
-                ],
-            ));
-        }
+    for name in ["default_allow", "default_deny"] {
+        b.push("add", "counter", json!({"name": name}));
     }
-    let count_refused = json!({"jump": {"target": count_chain}});
-
-    let (class_of, classes) = verdict_classes(plan);
-    for (k, (set, list, mode)) in classes.iter().enumerate() {
-        let chain = class_chain(k);
-        cmds.push(add("chain", json!({"name": chain})));
-        let op = match list {
-            ListKind::Allow => "==",
-            ListKind::Deny => "!=",
-        };
-        cmds.push(chain_rule(
-            &chain,
-            vec![
-                json!({"match": {"op": op, "left": {"meta": {"key": "skuid"}}, "right": format!("@{}", uid_set(*set))}}),
-                json!({"accept": null}),
-            ],
-        ));
-        // A jump returns to the next rule, so the count is a rule of its own.
-        cmds.push(chain_rule(&chain, vec![count_refused.clone()]));
-        for e in deny_exprs(*mode, &chain, None) {
-            cmds.push(chain_rule(&chain, e));
-        }
+    b.push("add", "set", json!({"name": "host4", "type": "ipv4_addr"}));
+    b.push("add", "set", json!({"name": "host6", "type": "ipv6_addr"}));
+    b.host_elems(host_addrs);
+    // Only the refusal sets count (per element): the verdict maps are on
+    // every new connection's path. A concatenated interval key that
+    // includes `meta l4proto` is refused by some kernels with Debian 12's
+    // nft (6.12: EOPNOTSUPP), so maps are per transport and the rule
+    // matches the protocol.
+    for f in families() {
+        b.push(
+            "add",
+            "set",
+            json!({"name": format!("ref{f}"), "type": key_type(&f), "flags": ["interval"], "stmt": [{"counter": null}]}),
+        );
     }
-
-    let (d_allow, d_deny) = counter_names("default");
-    cmds.push(counter(&d_allow));
-    cmds.push(counter(&d_deny));
-
-    // Verdict maps and refusal sets, one per transport and address family:
-    // a concatenated interval key that includes `meta l4proto` is refused
-    // by some kernels with Debian 12's nft (6.12: EOPNOTSUPP), so the
-    // protocol is matched by the rule instead. Only the refusal sets count
-    // (per element): the verdict maps are on every new connection's path.
-    let regions = address_regions(&plan.nets);
-    let mut elems: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    let mut refused: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for t in Transport::ALL {
-        for family in ["4", "6", "host"] {
-            elems.insert(format!("{family}_{}", proto(t)), Vec::new());
-            refused.insert(format!("{family}_{}", proto(t)), Vec::new());
-        }
+    b.push("add", "chain", json!({"name": COUNT_CHAIN}));
+    for (name, (set, list, mode)) in &spec.chains {
+        b.verdict_chain(name, set, *list, *mode);
     }
-    let refusal_elem = |val: Value, service: usize| json!({"elem": {"val": val, "comment": service_comment(service)}});
-    for d in &plan.decisions {
-        let Some(ports) = plan.port_atoms.get(d.port_atom as usize - 1) else {
-            continue;
-        };
-        let port_range = json!({"range": [ports.first, ports.last]});
-        let service = d.service as usize;
-        let verdict = json!({"jump": {"target": class_chain(class_of[service])}});
-        let t = proto(d.transport);
-        let mut keys = Vec::new();
-        if let Some((v4, v6)) = regions.get(&d.addr_atom).filter(|_| !plan.nets.is_empty()) {
-            for (a, b) in v4 {
-                keys.push((
-                    "4",
-                    json!({"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}),
-                ));
-            }
-            for (a, b) in v6 {
-                keys.push((
-                    "6",
-                    json!({"concat": [{"range": [a.to_string(), b.to_string()]}, port_range]}),
-                ));
-            }
-        }
-        if d.addr_atom == 0 {
-            keys.push(("host", port_range.clone()));
-        }
-        for (family, key) in keys {
-            let name = format!("{family}_{t}");
-            elems
-                .entry(name.clone())
-                .or_default()
-                .push(json!([key.clone(), verdict]));
-            refused
-                .entry(name)
-                .or_default()
-                .push(refusal_elem(key, service));
-        }
+    for f in families() {
+        b.push(
+            "add",
+            "map",
+            json!({"name": format!("dec{f}"), "type": key_type(&f), "map": "verdict", "flags": ["interval"]}),
+        );
     }
-    let key_type = |name: &str| {
-        if name.starts_with('4') {
-            json!(["ipv4_addr", "inet_service"])
-        } else if name.starts_with('6') {
-            json!(["ipv6_addr", "inet_service"])
-        } else {
-            json!("inet_service")
-        }
-    };
-    let counted = json!([{"counter": null}]);
-    for (name, elems) in elems {
-        let mut m = json!({"name": format!("dec{name}"), "type": key_type(&name), "map": "verdict", "flags": ["interval"]});
-        if !elems.is_empty() {
-            m["elem"] = Value::Array(elems);
-        }
-        cmds.push(add("map", m));
+    for (f, elems) in &spec.maps {
+        let elems: Vec<(ElemKey, &str)> = elems.iter().map(|(k, c)| (*k, &**c)).collect();
+        b.map_elems("add", f, &elems);
     }
-    for (name, elems) in refused {
-        let mut m = json!({"name": format!("ref{name}"), "type": key_type(&name), "flags": ["interval"], "stmt": counted});
-        if !elems.is_empty() {
-            m["elem"] = Value::Array(elems);
-        }
-        cmds.push(add("set", m));
+    for (f, elems) in &spec.refusals {
+        let elems: Vec<(ElemKey, &str)> = elems.iter().map(|(k, s)| (*k, &**s)).collect();
+        b.refusal_elems("add", f, &elems);
     }
-    let hosts4: Vec<String> = host_addrs
-        .iter()
-        .filter(|a| a.is_ipv4())
-        .map(ToString::to_string)
-        .collect();
-    let hosts6: Vec<String> = host_addrs
-        .iter()
-        .filter(|a| a.is_ipv6())
-        .map(ToString::to_string)
-        .collect();
-    let mut host4 = json!({"name": "host4", "type": "ipv4_addr"});
-    if !hosts4.is_empty() {
-        host4["elem"] = json!(hosts4);
-    }
-    let mut host6 = json!({"name": "host6", "type": "ipv6_addr"});
-    if !hosts6.is_empty() {
-        host6["elem"] = json!(hosts6);
-    }
-    cmds.push(add("set", host4));
-    cmds.push(add("set", host6));
-    cmds.extend(count_rules);
-
-    // The base chain.
-    let out = "output";
-    cmds.push(add(
+    b.push(
+        "add",
         "chain",
-        json!({"name": out, "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}),
-    ));
-    let oif_lo = json!({"match": {"op": "==", "left": {"meta": {"key": "oif"}}, "right": "lo"}});
-    let rule = |expr: Vec<Value>| chain_rule(out, expr);
-    cmds.push(rule(vec![
-        json!({"match": {"op": "!=", "left": {"meta": {"key": "oif"}}, "right": "lo"}}),
-        json!({"accept": null}),
-    ]));
-    cmds.push(rule(vec![
-        json!({"match": {"op": "!=", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}}),
-        json!({"accept": null}),
-    ]));
-    cmds.push(rule(vec![
-        json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
-        json!({"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "right": "syn"}}),
-        json!({"accept": null}),
-    ]));
-    for t in Transport::ALL {
-        for (family, right, map) in &scopes {
-            cmds.push(rule(vec![
-                oif_lo.clone(),
-                l4proto(t),
-                daddr(family, right),
-                json!({"vmap": {"key": lookup_key(family, map), "data": format!("@dec{map}_{}", proto(t))}}),
-            ]));
+        json!({"name": BASE_CHAIN, "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}),
+    );
+    b.dispatch_rules(&spec);
+    b.finish()
+}
+
+/// What an in-place update changes.
+pub struct Update {
+    pub batch: Value,
+    /// Services whose refusal elements are replaced: their counts must be
+    /// read before the update and carried (see [`refusal_counts`]).
+    pub recounted: Vec<String>,
+    /// The refusal sets holding those services' elements.
+    pub recounted_sets: Vec<String>,
+}
+
+/// The changes that turn the table of `old` into the table of `plan`, in
+/// one transaction: new sets and chains first, then element changes, then
+/// the dispatch rules (flushed and re-added), then what is no longer
+/// referenced. Unchanged elements keep their counters. A service whose
+/// refusal elements change has all of them replaced (its count is carried
+/// by the caller).
+pub fn update(table: &str, old: &Plan, plan: &Plan, host_addrs: &[IpAddr]) -> Update {
+    let (was, now) = (Spec::of(old), Spec::of(plan));
+    let mut b = Batch {
+        table,
+        cmds: Vec::new(),
+    };
+    for (name, uids) in &now.uid_sets {
+        if !was.uid_sets.contains_key(name) {
+            b.uid_set(name, uids);
         }
     }
-    // Unmatched traffic in scope: the default.
-    for (family, right, _) in &scopes {
-        let head = vec![oif_lo.clone(), daddr(family, right)];
-        match plan.default {
-            Verdict::Allow => {
-                let mut e = head.clone();
-                e.extend([json!({"counter": d_allow}), json!({"accept": null})]);
-                cmds.push(rule(e));
+    for (name, (set, list, mode)) in &now.chains {
+        if !was.chains.contains_key(name) {
+            b.verdict_chain(name, set, *list, *mode);
+        }
+    }
+    for f in families() {
+        let empty = BTreeMap::new();
+        let (old_m, new_m) = (
+            was.maps.get(&f).unwrap_or(&empty),
+            now.maps.get(&f).unwrap_or(&empty),
+        );
+        let gone: Vec<(ElemKey, &str)> = old_m
+            .iter()
+            .filter(|(k, c)| new_m.get(*k) != Some(*c))
+            .map(|(k, c)| (*k, &**c))
+            .collect();
+        let added: Vec<(ElemKey, &str)> = new_m
+            .iter()
+            .filter(|(k, c)| old_m.get(*k) != Some(*c))
+            .map(|(k, c)| (*k, &**c))
+            .collect();
+        b.map_elems("delete", &f, &gone);
+        b.map_elems("add", &f, &added);
+    }
+    // Services with any refusal element changed, in any set.
+    let mut recounted: Vec<Rc<str>> = Vec::new();
+    for f in families() {
+        let empty = BTreeMap::new();
+        let (old_s, new_s) = (
+            was.refusals.get(&f).unwrap_or(&empty),
+            now.refusals.get(&f).unwrap_or(&empty),
+        );
+        for (k, s) in old_s {
+            if new_s.get(k) != Some(s) {
+                recounted.push(s.clone());
             }
-            Verdict::Deny => {
-                for tail in deny_exprs(plan.mode, "default", Some(json!({"counter": d_deny}))) {
-                    let mut e = head.clone();
-                    e.extend(tail);
-                    cmds.push(rule(e));
-                }
+        }
+        for (k, s) in new_s {
+            if old_s.get(k) != Some(s) {
+                recounted.push(s.clone());
             }
         }
     }
-    json!({"nftables": cmds})
+    recounted.sort();
+    recounted.dedup();
+    let mut recounted_sets = Vec::new();
+    for f in families() {
+        let empty = BTreeMap::new();
+        let pick = |m: &BTreeMap<ElemKey, Rc<str>>| -> Vec<(ElemKey, Rc<str>)> {
+            m.iter()
+                .filter(|(_, s)| recounted.binary_search(s).is_ok())
+                .map(|(k, s)| (*k, s.clone()))
+                .collect()
+        };
+        let gone = pick(was.refusals.get(&f).unwrap_or(&empty));
+        let added = pick(now.refusals.get(&f).unwrap_or(&empty));
+        if !gone.is_empty() {
+            recounted_sets.push(format!("ref{f}"));
+        }
+        let gone: Vec<(ElemKey, &str)> = gone.iter().map(|(k, s)| (*k, &**s)).collect();
+        let added: Vec<(ElemKey, &str)> = added.iter().map(|(k, s)| (*k, &**s)).collect();
+        b.refusal_elems("delete", &f, &gone);
+        b.refusal_elems("add", &f, &added);
+    }
+    for chain in [BASE_CHAIN, COUNT_CHAIN] {
+        b.push("flush", "chain", json!({"name": chain}));
+    }
+    for set in ["host4", "host6"] {
+        b.push("flush", "set", json!({"name": set}));
+    }
+    b.host_elems(host_addrs);
+    b.dispatch_rules(&now);
+    for name in was.chains.keys() {
+        if !now.chains.contains_key(name) {
+            b.push("delete", "chain", json!({"name": name}));
+        }
+    }
+    for name in was.uid_sets.keys() {
+        if !now.uid_sets.contains_key(name) {
+            b.push("delete", "set", json!({"name": name}));
+        }
+    }
+    Update {
+        batch: b.finish(),
+        recounted: recounted.iter().map(|s| s.to_string()).collect(),
+        recounted_sets,
+    }
 }
 
 /// Whether `nft` runs and the kernel has nf_tables (lists the tables).
@@ -551,87 +810,96 @@ pub fn table_exists(table: &str) -> bool {
         .any(|o| o["table"]["name"] == table && o["table"]["family"] == "inet")
 }
 
-/// Packet counts of the table in force: `default_allow`, `default_deny`
-/// (named counters), and per service `s<i>_refused` (refused or would-be
-/// refused), summed over the service's elements.
-pub fn counters(table: &str) -> Result<HashMap<String, u64>, NftError> {
+/// Packet counts of the nftables layer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketCounts {
+    /// Refused (or, in audit mode, would-be refused) packets by service
+    /// name.
+    pub refused: HashMap<String, u64>,
+    pub default_allowed: u64,
+    pub default_denied: u64,
+}
+
+impl PacketCounts {
+    /// `self` plus `other`.
+    pub fn plus(mut self, other: &PacketCounts) -> PacketCounts {
+        for (name, v) in &other.refused {
+            *self.refused.entry(name.clone()).or_insert(0) += v;
+        }
+        self.default_allowed += other.default_allowed;
+        self.default_denied += other.default_denied;
+        self
+    }
+
+    /// Only the services `plan` has (a removed service's count goes).
+    pub fn kept_for(mut self, plan: &Plan) -> PacketCounts {
+        let names: std::collections::HashSet<&str> =
+            plan.services.iter().map(|s| s.name.as_str()).collect();
+        self.refused.retain(|name, _| names.contains(name.as_str()));
+        self
+    }
+
+    /// Per service of `plan`, by index.
+    pub fn refused_by_index(&self, plan: &Plan) -> Vec<u64> {
+        plan.services
+            .iter()
+            .map(|s| self.refused.get(&s.name).copied().unwrap_or(0))
+            .collect()
+    }
+}
+
+/// Sums refusal-set element counters by service (the element comment).
+fn add_refusals(set: &Value, out: &mut HashMap<String, u64>) {
+    for e in set["elem"].as_array().into_iter().flatten() {
+        let e = &e["elem"];
+        if let (Some(service), Some(packets)) =
+            (e["comment"].as_str(), e["counter"]["packets"].as_u64())
+        {
+            *out.entry(service.to_string()).or_insert(0) += packets;
+        }
+    }
+}
+
+/// The counts the table in force holds (without what earlier tables
+/// counted: see `State::packet_base`).
+pub fn counters(table: &str) -> Result<PacketCounts, NftError> {
     let doc = list_table(table)?;
-    let mut out = HashMap::new();
-    let mut add = |name: String, packets: u64| *out.entry(name).or_insert(0) += packets;
+    let mut out = PacketCounts::default();
     for obj in doc["nftables"].as_array().into_iter().flatten() {
         if let Some(c) = obj.get("counter") {
-            if let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64()) {
-                add(name.to_string(), packets);
+            let packets = c["packets"].as_u64().unwrap_or(0);
+            match c["name"].as_str() {
+                Some("default_allow") => out.default_allowed += packets,
+                Some("default_deny") => out.default_denied += packets,
+                _ => {}
             }
-            continue;
-        }
-        let Some(set) = obj.get("set") else { continue };
-        for e in set["elem"].as_array().into_iter().flatten() {
-            let e = &e["elem"];
-            if let (Some(comment), Some(packets)) =
-                (e["comment"].as_str(), e["counter"]["packets"].as_u64())
-            {
-                add(format!("{comment}_refused"), packets);
-            }
+        } else if let Some(set) = obj.get("set") {
+            add_refusals(set, &mut out.refused);
         }
     }
     Ok(out)
 }
 
-/// `counts` plus what earlier tables counted.
-pub fn with_base(
-    mut counts: HashMap<String, u64>,
-    base: Option<&HashMap<String, u64>>,
-) -> HashMap<String, u64> {
-    for (k, v) in base.into_iter().flatten() {
-        *counts.entry(k.clone()).or_insert(0) += v;
-    }
-    counts
-}
-
-/// Counts so far (kernel plus base), renamed for `plan` (services matched
-/// by name): the new table's base, so counts survive a re-apply.
-pub fn carried_counts(
-    current: &HashMap<String, u64>,
-    previous: Option<&Plan>,
-    plan: &Plan,
-) -> HashMap<String, u64> {
+/// Refusal counts by service in the named sets only.
+pub fn refusal_counts(table: &str, sets: &[String]) -> Result<HashMap<String, u64>, NftError> {
     let mut out = HashMap::new();
-    for suffix in ["allow", "deny"] {
-        let name = format!("default_{suffix}");
-        if let Some(v) = current.get(&name) {
-            out.insert(name, *v);
-        }
-    }
-    let Some(previous) = previous else { return out };
-    let by_name: HashMap<&str, usize> = previous
-        .services
-        .iter()
-        .enumerate()
-        .map(|(j, p)| (p.name.as_str(), j))
-        .collect();
-    for (i, s) in plan.services.iter().enumerate() {
-        if let Some(j) = by_name.get(s.name.as_str()) {
-            if let Some(v) = current.get(&format!("s{j}_refused")) {
-                out.insert(format!("s{i}_refused"), *v);
+    for set in sets {
+        let text = nftables::helper::get_current_ruleset_raw(
+            nftables::helper::DEFAULT_NFT,
+            ["list", "set", "inet", table, set],
+        )
+        .map_err(|source| NftError::List {
+            table: table.to_string(),
+            source,
+        })?;
+        let doc: Value = serde_json::from_str(&text).map_err(NftError::Json)?;
+        for obj in doc["nftables"].as_array().into_iter().flatten() {
+            if let Some(set) = obj.get("set") {
+                add_refusals(set, &mut out);
             }
         }
     }
-    out
-}
-
-/// Per-service refused packet counts, then the default's (allowed,
-/// denied). The verdict maps do not count, so allowed packets are counted
-/// for the default only (the eBPF layer counts allowed attempts per
-/// service).
-pub fn service_counts(counts: &HashMap<String, u64>, services: usize) -> (Vec<u64>, (u64, u64)) {
-    let get = |name: &str| counts.get(name).copied().unwrap_or(0);
-    (
-        (0..services)
-            .map(|i| get(&format!("s{i}_refused")))
-            .collect(),
-        (get("default_allow"), get("default_deny")),
-    )
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! What an instance has applied, kept beside its pins so `status` and
 //! `explain` report what the kernel enforces, not what the file says now.
 
-use std::{collections::HashMap, fs, io, path::PathBuf};
+use std::{fs, io, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,12 +18,15 @@ pub struct State {
     pub slot: u32,
     pub layers: Vec<String>,
     pub plan: Plan,
-    /// nftables packet counts carried over from the tables this one
-    /// replaced (see [`crate::nft::carried_counts`]): a new table starts
-    /// at zero (nft's JSON input cannot seed element counters), so
-    /// readers add these.
+    /// Layout of the nftables table ([`crate::nft::LAYOUT`]; 0: none or
+    /// unknown), so a table of another layout is replaced, not updated.
     #[serde(default)]
-    pub packet_base: HashMap<String, u64>,
+    pub nft_layout: u32,
+    /// nftables packet counts carried over from tables and elements that
+    /// were replaced: new ones start at zero (nft's JSON input cannot seed
+    /// counters), so readers add these to the kernel's.
+    #[serde(default)]
+    pub packet_base: crate::nft::PacketCounts,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -97,6 +97,27 @@ fn nft_layer_alone_refuses_every_route() {
     assert_eq!(denied("web"), Some(10.into()), "{v}");
     assert_eq!(denied("statsd"), Some(20.into()), "{v}");
     assert_eq!(denied("dns"), Some(0.into()), "{v}");
+
+    // Moving a service to another port (updated in place: its counting
+    // elements are replaced) keeps its count too, and the new port is
+    // guarded at once, the old one no more.
+    let moved = sb.policy("p3.toml", &shifted.replace("8125", "8126"));
+    sb.apply(&moved, &["--layers", "nft"]).ok();
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["udp", "127.0.0.1:8126"]),
+        "send=EPERM recv=no"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["udp", "127.0.0.1:8125"]),
+        "send=ok recv=yes"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
+    let statsd = v["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "statsd"))
+        .map(|s| s["packets_denied"].clone());
+    assert_eq!(statsd, Some(21.into()), "20 before the move, 1 after: {v}");
 }
 
 #[test]

@@ -150,6 +150,11 @@ pub fn commit(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyh
         slot: outcome.slot.unwrap_or(0),
         layers: outcome.layers.clone(),
         plan: prepared.plan,
+        nft_layout: if outcome.layers.iter().any(|l| l == "nft") {
+            nft::LAYOUT
+        } else {
+            0
+        },
         packet_base: outcome.packet_base,
     };
     timed("save state", || state.save(paths))?;
@@ -215,7 +220,7 @@ struct Enforced {
     layers: Vec<String>,
     cgroup: PathBuf,
     slot: Option<u32>,
-    packet_base: std::collections::HashMap<String, u64>,
+    packet_base: nft::PacketCounts,
 }
 
 /// Puts `plan` in force on the requested layers as one unit: the nft batch
@@ -258,23 +263,20 @@ fn enforce(
     let host_addrs = host::host_addresses()?;
     let table = &paths.instance;
 
-    let mut packet_base = Default::default();
-    let batch = if want_nft {
-        let current = timed("nft: read counters", || {
-            nft::counters(table).unwrap_or_default()
-        });
-        packet_base = nft::carried_counts(
-            &nft::with_base(current, previous.map(|s| &s.packet_base)),
-            previous.map(|s| &s.plan),
-            plan,
-        );
+    let change = if want_nft {
         // A cheap probe, not `nft -c` of the whole batch: that would parse
         // and check a 10,000-service ruleset twice. A batch the kernel
         // refuses still changes nothing: the eBPF slot flips only after the
-        // commit.
-        match nft::available() {
+        // commit. With our table in force there is nothing to probe (and
+        // any `nft list` would load the whole table into nft's cache).
+        let probe = if nft_in_force(previous).is_some() {
+            Ok(())
+        } else {
+            nft::available()
+        };
+        match probe {
             Ok(()) => Some(timed("nft: build batch", || {
-                nft::ruleset(table, plan, &host_addrs)
+                nft_change(table, plan, previous, &host_addrs)
             })),
             Err(e) if args.layers == Layers::Both && want_bpf => {
                 log::warn!(
@@ -315,8 +317,19 @@ fn enforce(
         }
     }
 
-    if let Some(batch) = &batch {
-        if let Err(e) = timed("nft: commit", || nft::commit(batch)) {
+    let mut packet_base = nft::PacketCounts::default();
+    if let Some(change) = change {
+        let mut result = timed("nft: commit", || nft::commit(&change.batch));
+        packet_base = change.base;
+        if result.is_err() && change.in_place {
+            // The table in force is not what the state says (edited by
+            // hand?): replace it whole.
+            log::warn!("nftables: in-place update refused; replacing table {table} whole");
+            let full = full_table(table, plan, previous, &host_addrs);
+            result = timed("nft: commit", || nft::commit(&full.batch));
+            packet_base = full.base;
+        }
+        if let Err(e) = result {
             if let Some((installed, _)) = &staged {
                 if installed.fresh {
                     let _ = ebpf::remove_pins(paths);
@@ -331,7 +344,7 @@ fn enforce(
     if let Some((mut installed, s)) = staged {
         if let Err(e) = ebpf::flip(&mut installed.maps, s, cookie) {
             // Put the previous nftables table back, so both layers agree.
-            if batch.is_some() {
+            if want_nft {
                 let restored = match previous.filter(|p| p.layers.iter().any(|l| l == "nft")) {
                     Some(prev) => {
                         nft::commit(&nft::ruleset(table, &prev.plan, &host_addrs)).is_ok()
@@ -367,6 +380,75 @@ fn enforce(
         slot,
         packet_base,
     })
+}
+
+/// The nftables change that puts `plan` in force, and the counts the new
+/// table starts from.
+struct NftChange {
+    batch: serde_json::Value,
+    base: nft::PacketCounts,
+    in_place: bool,
+}
+
+/// The previous state, if it put a table of this layout in force.
+fn nft_in_force(previous: Option<&State>) -> Option<&State> {
+    previous.filter(|p| p.nft_layout == nft::LAYOUT && p.layers.iter().any(|l| l == "nft"))
+}
+
+/// An in-place update when the table in force was built (in this layout)
+/// from the previous plan: unchanged elements keep their counters and a
+/// one-service change touches a few objects. Otherwise the whole table.
+/// (Should the table be gone or edited, the update fails as a whole and
+/// the caller replaces the table.)
+fn nft_change(
+    table: &str,
+    plan: &Plan,
+    previous: Option<&State>,
+    host_addrs: &[std::net::IpAddr],
+) -> NftChange {
+    let Some(prev) = nft_in_force(previous) else {
+        return full_table(table, plan, previous, host_addrs);
+    };
+    let update = nft::update(table, &prev.plan, plan, host_addrs);
+    let mut base = prev.packet_base.clone();
+    if !update.recounted.is_empty() {
+        // These services' counting elements are replaced (new ones start
+        // at zero): what they counted moves into the base.
+        match nft::refusal_counts(table, &update.recounted_sets) {
+            Ok(counts) => {
+                for name in &update.recounted {
+                    *base.refused.entry(name.clone()).or_insert(0) +=
+                        counts.get(name).copied().unwrap_or(0);
+                }
+            }
+            Err(_) => return full_table(table, plan, previous, host_addrs),
+        }
+    }
+    NftChange {
+        batch: update.batch,
+        base: base.kept_for(plan),
+        in_place: true,
+    }
+}
+
+/// The whole table; what the table in force counted carries over by
+/// service name.
+fn full_table(
+    table: &str,
+    plan: &Plan,
+    previous: Option<&State>,
+    host_addrs: &[std::net::IpAddr],
+) -> NftChange {
+    let current = nft::counters(table).unwrap_or_default();
+    let base = match previous {
+        Some(prev) => current.plus(&prev.packet_base),
+        None => current,
+    };
+    NftChange {
+        batch: nft::ruleset(table, plan, host_addrs),
+        base: base.kept_for(plan),
+        in_place: false,
+    }
 }
 
 /// An nft failure with nft's own message in the chain.

@@ -125,7 +125,7 @@ impl Metrics {
 
     /// Brings the counters up to the kernel's (which only grow while a
     /// policy is in force; a re-apply carries them over by service name).
-    fn refresh(&mut self, paths: &InstancePaths, plan: &Plan, packet_base: &HashMap<String, u64>) {
+    fn refresh(&mut self, paths: &InstancePaths, plan: &Plan, packet_base: &nft::PacketCounts) {
         let mut current: Vec<(AttemptLabels, u64)> = Vec::new();
         let name = |i: usize| {
             plan.services
@@ -171,14 +171,13 @@ impl Metrics {
                     v,
                 )
             };
-            let counts = nft::with_base(counts, Some(packet_base));
-            let (refused, (default_allowed, default_denied)) =
-                nft::service_counts(&counts, plan.services.len());
-            for (i, d) in refused.into_iter().enumerate() {
+            let counts = counts.plus(packet_base);
+            for (i, d) in counts.refused_by_index(plan).into_iter().enumerate() {
                 current.push(nft_count(i, "denied", d));
             }
-            current.push(nft_count(plan.services.len(), "allowed", default_allowed));
-            current.push(nft_count(plan.services.len(), "denied", default_denied));
+            let default = plan.services.len();
+            current.push(nft_count(default, "allowed", counts.default_allowed));
+            current.push(nft_count(default, "denied", counts.default_denied));
         }
         for (labels, value) in current {
             let last = self.seen.insert(labels.clone(), value).unwrap_or(0);
@@ -209,7 +208,7 @@ struct Daemon {
     plans: HashMap<u32, Plan>,
     current: Option<Plan>,
     /// The applied state's carried nftables counts.
-    packet_base: HashMap<String, u64>,
+    packet_base: nft::PacketCounts,
     log: Option<AuditLog>,
     names: UserNames,
     clock: Clock,
@@ -325,7 +324,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         file: args.file.clone(),
         plans: HashMap::new(),
         current: None,
-        packet_base: HashMap::new(),
+        packet_base: nft::PacketCounts::default(),
         log: Some(log),
         names: UserNames::default(),
         clock: Clock::now(),

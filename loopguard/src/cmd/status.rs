@@ -116,13 +116,12 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         status.default = Some(format!("{:?}", plan.default).to_lowercase());
         status.mode = Some(format!("{:?}", plan.mode).to_lowercase());
         let slot = active.filter(|s| *s < SLOTS);
-        let (refused, default_packets) = packet_counts
-            .as_ref()
-            .map(|c| {
-                let c = nft::with_base(c.clone(), Some(&state.packet_base));
-                nft::service_counts(&c, plan.services.len())
-            })
+        let packets = packet_counts
+            .clone()
+            .map(|c| c.plus(&state.packet_base))
             .unwrap_or_default();
+        let refused = packets.refused_by_index(plan);
+        let default_packets = (packets.default_allowed, packets.default_denied);
         let with_packets = |mut c: Counts, i: usize| {
             c.packets_denied = refused.get(i).copied().unwrap_or(0);
             c
