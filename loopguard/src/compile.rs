@@ -128,7 +128,7 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     let lines = crate::diag::LineIndex::new(&policy.source);
     for (s, r) in policy.services.iter().zip(&resolved.services) {
         let uid_set = *interned.entry(&r.uids[..]).or_insert_with(|| {
-            uid_sets.push(r.uids.clone());
+            uid_sets.push(r.uids.to_vec());
             (uid_sets.len() - 1) as u32
         });
         services.push(PlanService {

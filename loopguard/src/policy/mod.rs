@@ -228,7 +228,7 @@ pub enum ListKind {
 }
 
 /// A user or group as written: a name or a numeric id.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum IdRef {
     Name(String),
     Id(u32),
@@ -243,10 +243,26 @@ impl std::fmt::Display for IdRef {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Spanned<T> {
-    pub value: T,
-    pub span: Span,
+/// A list of users or groups as written. Equal lists share one copy: large
+/// policies repeat a few team lists across thousands of services, and a
+/// list of 100 uids per service would otherwise be a million entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdList {
+    pub ids: std::sync::Arc<[IdRef]>,
+    /// Where entries that can fail to resolve (names, and group ids) are
+    /// written, by index in `ids`; a numeric uid keeps no span.
+    pub name_spans: Vec<(usize, Span)>,
+}
+
+impl IdList {
+    /// Each entry with its span, when it has one.
+    pub fn iter(&self) -> impl Iterator<Item = (&IdRef, Option<&Span>)> {
+        let mut spans = self.name_spans.iter().peekable();
+        self.ids.iter().enumerate().map(move |(i, id)| {
+            let span = spans.next_if(|(at, _)| *at == i).map(|(_, s)| s);
+            (id, span)
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -257,8 +273,8 @@ pub struct Service {
     pub protocol: Protocol,
     pub addresses: AddrSet,
     pub list: ListKind,
-    pub users: Vec<Spanned<IdRef>>,
-    pub groups: Vec<Spanned<IdRef>>,
+    pub users: IdList,
+    pub groups: IdList,
     /// Effective mode: the service's own, else the policy's.
     pub mode: Mode,
     /// Effective: the service's own, else the policy's.

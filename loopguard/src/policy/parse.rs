@@ -1,12 +1,12 @@
 //! TOML -> [`Policy`], keeping spans, collecting every problem.
 
-use std::net::IpAddr;
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
 use super::toml::{Kind, Table, Value};
 use ipnet::IpNet;
 
 use super::{
-    AddrSet, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span, Spanned, Verdict,
+    AddrSet, IdList, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span, Verdict,
     POLICY_VERSION,
 };
 use crate::diag::Diagnostic;
@@ -29,7 +29,10 @@ const SERVICE_KEYS: &[&str] = &[
 /// valid (services with errors are left out) and every problem found. The
 /// policy is usable only when no diagnostic is an error.
 pub fn parse(file: &str, source: &str) -> (Option<Policy>, Vec<Diagnostic>) {
-    let mut p = Parser { diags: Vec::new() };
+    let mut p = Parser {
+        diags: Vec::new(),
+        lists: HashSet::new(),
+    };
     let (root, errors) = super::toml::parse(source);
     let Some(root) = root else {
         let diags = errors
@@ -51,6 +54,8 @@ pub fn parse(file: &str, source: &str) -> (Option<Policy>, Vec<Diagnostic>) {
 
 struct Parser {
     diags: Vec<Diagnostic>,
+    /// Every distinct id list once (see [`IdList`]).
+    lists: HashSet<Arc<[IdRef]>>,
 }
 
 fn span(v: &Value) -> Span {
@@ -461,12 +466,13 @@ impl Parser {
         Some(AddrSet::Nets(IpNet::aggregate(&nets)))
     }
 
-    fn ids(&mut self, v: &Value, what: &str) -> Vec<Spanned<IdRef>> {
+    fn ids(&mut self, v: &Value, what: &str) -> IdList {
         let Some(items) = v.as_array() else {
             self.wrong_type(&format!("{what}s"), v, "an array of names and numeric ids");
-            return Vec::new();
+            return IdList::default();
         };
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(items.len());
+        let mut name_spans = Vec::new();
         for item in items {
             let id = match &item.kind {
                 Kind::Integer(n) => match u32::try_from(*n) {
@@ -503,13 +509,22 @@ impl Parser {
                 }
             };
             if let Some(value) = id {
-                out.push(Spanned {
-                    value,
-                    span: span(item),
-                });
+                // A user id always resolves; names and groups may not.
+                if what == "group" || matches!(value, IdRef::Name(_)) {
+                    name_spans.push((out.len(), span(item)));
+                }
+                out.push(value);
             }
         }
-        out
+        let ids = match self.lists.get(&out[..]) {
+            Some(shared) => shared.clone(),
+            None => {
+                let ids: Arc<[IdRef]> = out.into();
+                self.lists.insert(ids.clone());
+                ids
+            }
+        };
+        IdList { ids, name_spans }
     }
 }
 

@@ -2,11 +2,14 @@
 //! `--offline`). Groups expand to every member: those with it as their
 //! primary group and those listed as supplementary members.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use uzers::os::unix::GroupExt as _;
 
-use super::{IdRef, Policy, Spanned};
+use super::{IdRef, Policy};
 use crate::diag::Diagnostic;
 
 /// Where account names come from: NSS on the host, a fixed table in tests.
@@ -59,17 +62,26 @@ pub struct Resolved {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResolvedService {
-    /// Sorted, without duplicates.
-    pub uids: Vec<u32>,
+    /// Sorted, without duplicates; services with the same lists share it.
+    pub uids: Arc<[u32]>,
 }
 
 /// Resolves every name; every unknown name is a diagnostic.
 pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Diagnostic>> {
     let mut diags = Vec::new();
     let mut services = Vec::new();
+    // Equal lists resolve once (they share storage: see `IdList`).
+    let mut done: HashMap<(*const IdRef, *const IdRef), Arc<[u32]>> = HashMap::new();
     for s in &policy.services {
+        let key = (s.users.ids.as_ptr(), s.groups.ids.as_ptr());
+        if let Some(uids) = done.get(&key) {
+            services.push(ResolvedService { uids: uids.clone() });
+            continue;
+        }
         let mut uids = BTreeSet::new();
-        for Spanned { value, span } in &s.users {
+        let errors_before = diags.len();
+        for (value, span) in s.users.iter() {
+            let span = span.cloned().unwrap_or_else(|| s.name_span.clone());
             match value {
                 IdRef::Id(id) => {
                     uids.insert(*id);
@@ -80,24 +92,28 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
                     }
                     None => diags.push(
                         Diagnostic::error("unknown-user", format!("unknown user \"{n}\""))
-                            .primary(span.clone(), "no such user on this host")
+                            .primary(span, "no such user on this host")
                             .note("use a numeric uid, or `check --offline` for a policy meant for another host"),
                     ),
                 },
             }
         }
-        for Spanned { value, span } in &s.groups {
+        for (value, span) in s.groups.iter() {
+            let span = span.cloned().unwrap_or_else(|| s.name_span.clone());
             match dir.group_members(value) {
                 Some(members) => uids.extend(members),
                 None => diags.push(
                     Diagnostic::error("unknown-group", format!("unknown group \"{value}\""))
-                        .primary(span.clone(), "no such group on this host"),
+                        .primary(span, "no such group on this host"),
                 ),
             }
         }
-        services.push(ResolvedService {
-            uids: uids.into_iter().collect(),
-        });
+        let uids: Arc<[u32]> = uids.into_iter().collect();
+        // Lists with errors are not shared: each service reports its own.
+        if diags.len() == errors_before {
+            done.insert(key, uids.clone());
+        }
+        services.push(ResolvedService { uids });
     }
     if diags.is_empty() {
         Ok(Resolved { services })

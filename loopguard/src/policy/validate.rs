@@ -145,5 +145,5 @@ fn root_listed(s: &Service, uids: Option<&[u32]>) -> bool {
     }
     let is_root =
         |id: &IdRef| matches!(id, IdRef::Id(0)) || matches!(id, IdRef::Name(n) if n == "root");
-    s.users.iter().any(|u| is_root(&u.value)) || s.groups.iter().any(|g| is_root(&g.value))
+    s.users.ids.iter().any(is_root) || s.groups.ids.iter().any(is_root)
 }
