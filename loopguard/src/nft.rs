@@ -176,16 +176,23 @@ enum ElemKey {
 }
 
 impl ElemKey {
-    fn json(self) -> Value {
-        match self {
-            ElemKey::Ports(a, b) => json!({"range": [a, b]}),
-            ElemKey::V4(a, b, p, q) => {
-                json!({"concat": [{"range": [a.to_string(), b.to_string()]}, {"range": [p, q]}]})
-            }
-            ElemKey::V6(a, b, p, q) => {
-                json!({"concat": [{"range": [a.to_string(), b.to_string()]}, {"range": [p, q]}]})
-            }
-        }
+    /// The key as nft JSON, written straight into the batch text (tens of
+    /// thousands of elements as `serde_json::Value`s would be the largest
+    /// allocation of a 10,000-service apply). Only numbers and addresses:
+    /// nothing to escape.
+    fn write_json(self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = match self {
+            ElemKey::Ports(a, b) => write!(out, r#"{{"range":[{a},{b}]}}"#),
+            ElemKey::V4(a, b, p, q) => write!(
+                out,
+                r#"{{"concat":[{{"range":["{a}","{b}"]}},{{"range":[{p},{q}]}}]}}"#
+            ),
+            ElemKey::V6(a, b, p, q) => write!(
+                out,
+                r#"{{"concat":[{{"range":["{a}","{b}"]}},{{"range":[{p},{q}]}}]}}"#
+            ),
+        };
     }
 }
 
@@ -301,10 +308,10 @@ impl Spec {
     }
 }
 
-/// Builds batch commands for one table.
+/// Builds batch commands for one table, each as JSON text.
 struct Batch<'t> {
     table: &'t str,
-    cmds: Vec<Value>,
+    cmds: Vec<String>,
 }
 
 impl Batch<'_> {
@@ -316,7 +323,7 @@ impl Batch<'_> {
 
     fn push(&mut self, verb: &str, kind: &str, obj: Value) {
         let obj = self.obj(obj);
-        self.cmds.push(json!({verb: {kind: obj}}));
+        self.cmds.push(json!({verb: {kind: obj}}).to_string());
     }
 
     fn rule(&mut self, chain: &str, expr: Vec<Value>) {
@@ -355,49 +362,64 @@ impl Batch<'_> {
         }
     }
 
-    fn elements(&mut self, verb: &str, set: &str, elems: Vec<Value>) {
-        if !elems.is_empty() {
-            self.push(verb, "element", json!({"name": set, "elem": elems}));
+    /// `{"<verb>": {"element": {..., "elem": [<elems>]}}}`, with the
+    /// elements written by `write`.
+    fn elements<T>(&mut self, verb: &str, set: &str, elems: &[T], write: impl Fn(&T, &mut String)) {
+        if elems.is_empty() {
+            return;
         }
+        let head = json!({"family": "inet", "table": self.table, "name": set}).to_string();
+        let mut cmd = format!(r#"{{"{verb}":{{"element":{}"#, &head[..head.len() - 1]);
+        cmd.push_str(r#","elem":["#);
+        for (i, e) in elems.iter().enumerate() {
+            if i > 0 {
+                cmd.push(',');
+            }
+            write(e, &mut cmd);
+        }
+        cmd.push_str("]}}}");
+        self.cmds.push(cmd);
     }
 
     fn map_elems(&mut self, verb: &str, map: &str, elems: &[(ElemKey, &str)]) {
-        let elems = elems
-            .iter()
-            .map(|(k, chain)| {
-                if verb == "delete" {
-                    k.json()
-                } else {
-                    json!([k.json(), {"jump": {"target": chain}}])
-                }
-            })
-            .collect();
-        self.elements(verb, &format!("dec{map}"), elems);
+        let delete = verb == "delete";
+        self.elements(verb, &format!("dec{map}"), elems, |(k, chain), out| {
+            if delete {
+                k.write_json(out);
+            } else {
+                out.push('[');
+                k.write_json(out);
+                out.push_str(r#",{"jump":{"target":"#);
+                out.push_str(&json!(chain).to_string());
+                out.push_str("}}]");
+            }
+        });
     }
 
     fn refusal_elems(&mut self, verb: &str, set: &str, elems: &[(ElemKey, &str)]) {
-        let elems = elems
-            .iter()
-            .map(|(k, service)| {
-                if verb == "delete" {
-                    k.json()
-                } else {
-                    json!({"elem": {"val": k.json(), "comment": service}})
-                }
-            })
-            .collect();
-        self.elements(verb, &format!("ref{set}"), elems);
+        let delete = verb == "delete";
+        self.elements(verb, &format!("ref{set}"), elems, |(k, service), out| {
+            if delete {
+                k.write_json(out);
+            } else {
+                out.push_str(r#"{"elem":{"val":"#);
+                k.write_json(out);
+                out.push_str(r#","comment":"#);
+                out.push_str(&json!(service).to_string());
+                out.push_str("}}");
+            }
+        });
     }
 
     /// The host address sets' contents.
     fn host_elems(&mut self, host_addrs: &[IpAddr]) {
         for (set, v4) in [("host4", true), ("host6", false)] {
-            let elems: Vec<Value> = host_addrs
+            let elems: Vec<String> = host_addrs
                 .iter()
                 .filter(|a| a.is_ipv4() == v4)
-                .map(|a| json!(a.to_string()))
+                .map(|a| format!("\"{a}\""))
                 .collect();
-            self.elements("add", set, elems);
+            self.elements("add", set, &elems, |e, out| out.push_str(e));
         }
     }
 
@@ -515,8 +537,8 @@ impl Batch<'_> {
         }
     }
 
-    fn finish(self) -> Value {
-        json!({"nftables": self.cmds})
+    fn finish(self) -> String {
+        format!(r#"{{"nftables":[{}]}}"#, self.cmds.join(","))
     }
 }
 
@@ -558,15 +580,15 @@ fn key_type(family: &str) -> Value {
 
 /// The whole table as one JSON batch: create-if-missing, delete, create
 /// with every set, map, chain and rule. Its counters start at zero.
-pub fn ruleset(table: &str, plan: &Plan, host_addrs: &[IpAddr]) -> Value {
+pub fn ruleset(table: &str, plan: &Plan, host_addrs: &[IpAddr]) -> String {
     let spec = Spec::of(plan);
     let t = json!({"family": "inet", "name": table});
     let mut b = Batch {
         table,
         cmds: vec![
-            json!({"add": {"table": t}}),
-            json!({"delete": {"table": t}}),
-            json!({"add": {"table": t}}),
+            json!({"add": {"table": t}}).to_string(),
+            json!({"delete": {"table": t}}).to_string(),
+            json!({"add": {"table": t}}).to_string(),
         ],
     };
     for (name, uids) in &spec.uid_sets {
@@ -620,7 +642,7 @@ pub fn ruleset(table: &str, plan: &Plan, host_addrs: &[IpAddr]) -> Value {
 
 /// What an in-place update changes.
 pub struct Update {
-    pub batch: Value,
+    pub batch: String,
     /// Services whose refusal elements are replaced: their counts must be
     /// read before the update and carried (see [`refusal_counts`]).
     pub recounted: Vec<String>,
@@ -742,10 +764,8 @@ pub fn available() -> Result<(), NftError> {
 }
 
 /// Commits a batch: one transaction.
-pub fn commit(batch: &Value) -> Result<(), NftError> {
-    nft(&batch.to_string(), NO_ARGS)
-        .map(drop)
-        .map_err(NftError::Rejected)
+pub fn commit(batch: &str) -> Result<(), NftError> {
+    nft(batch, NO_ARGS).map(drop).map_err(NftError::Rejected)
 }
 
 /// Replaces the host address sets, in one transaction (the daemon calls

@@ -6,7 +6,7 @@ use loopguard::{diag::Report, policy};
 fn render(name: &str) -> String {
     let path = format!("tests/bad/{name}.toml");
     let source = std::fs::read_to_string(&path).expect("read bad policy");
-    let (p, mut diags) = policy::load(&path, &source);
+    let (p, mut diags) = policy::load(&path, source.as_str());
     if let Some(p) = &p {
         if !diags.iter().any(|d| d.is_error()) {
             diags.extend(policy::lint(p, None));
@@ -45,7 +45,7 @@ snapshot!(cuts_off_root, "cuts-off-root");
 fn json_records_carry_line_and_column() {
     let path = "tests/bad/unknown-keys.toml";
     let source = std::fs::read_to_string(path).expect("read");
-    let (_, diags) = policy::load(path, &source);
+    let (_, diags) = policy::load(path, source.as_str());
     let records = Report {
         file: path,
         source: &source,

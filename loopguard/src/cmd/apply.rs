@@ -385,7 +385,7 @@ fn enforce(
 /// The nftables change that puts `plan` in force, and the counts the new
 /// table starts from.
 struct NftChange {
-    batch: serde_json::Value,
+    batch: String,
     base: nft::PacketCounts,
     in_place: bool,
 }

@@ -18,7 +18,7 @@ use loopguard::{
 /// Everything known about one policy file after checking it.
 pub struct Checked {
     pub file: String,
-    pub source: String,
+    pub source: std::sync::Arc<str>,
     pub policy: Option<Policy>,
     pub resolved: Option<Resolved>,
     pub diagnostics: Vec<Diagnostic>,
@@ -43,7 +43,10 @@ impl Checked {
 /// Parse, validate, and (with a directory) resolve names and lint.
 pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) -> Checked {
     let file = file.display().to_string();
-    let (policy, mut diagnostics) = timed("parse and validate", || policy::load(&file, &source));
+    // One copy of the text, shared by the policy and the report.
+    let source: std::sync::Arc<str> = source.into();
+    let (policy, mut diagnostics) =
+        timed("parse and validate", || policy::load(&file, source.clone()));
     let mut resolved = None;
     if let Some(p) = &policy {
         if !diagnostics.iter().any(Diagnostic::is_error) {

@@ -234,7 +234,9 @@ impl Daemon {
         if !prepared.warnings.is_empty() {
             log::warn!("{}", prepared.warnings);
         }
-        match apply::commit(&self.opts, &self.paths, prepared) {
+        let committed = apply::commit(&self.opts, &self.paths, prepared);
+        release_memory();
+        match committed {
             Ok(state) => {
                 log::info!("{why}: {}", apply::summary(&state, started.elapsed()));
                 self.plans.insert(state.slot, state.plan.clone());
@@ -551,6 +553,17 @@ fn sync_addresses(d: &Daemon) {
         }
     }
     log::debug!("host addresses: {addrs:?}");
+}
+
+/// Hands freed memory back to the kernel: a reload reads the whole policy
+/// (tens of megabytes for a large one), and glibc would otherwise keep the
+/// peak resident for the daemon's lifetime.
+fn release_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// One datagram from a netlink socket, without blocking.

@@ -317,7 +317,9 @@ impl Service {
 pub struct Policy {
     /// The file as named on the command line.
     pub file: String,
-    pub source: String,
+    /// The file's text, shared with the caller (a large policy is several
+    /// megabytes).
+    pub source: std::sync::Arc<str>,
     pub default: Verdict,
     /// Where `default` is set, when it is.
     pub default_span: Option<Span>,
@@ -351,8 +353,11 @@ impl Policy {
 }
 
 /// Parse, then validate: every problem in the file, errors and warnings.
-pub fn load(file: &str, source: &str) -> (Option<Policy>, Vec<Diagnostic>) {
-    let (policy, mut diags) = parse(file, source);
+pub fn load(
+    file: &str,
+    source: impl Into<std::sync::Arc<str>>,
+) -> (Option<Policy>, Vec<Diagnostic>) {
+    let (policy, mut diags) = parse(file, source.into());
     if let Some(p) = &policy {
         diags.extend(validate(p));
     }

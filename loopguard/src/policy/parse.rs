@@ -28,12 +28,12 @@ const SERVICE_KEYS: &[&str] = &[
 /// Parses a policy file. Returns the policy built from everything that was
 /// valid (services with errors are left out) and every problem found. The
 /// policy is usable only when no diagnostic is an error.
-pub fn parse(file: &str, source: &str) -> (Option<Policy>, Vec<Diagnostic>) {
+pub fn parse(file: &str, source: Arc<str>) -> (Option<Policy>, Vec<Diagnostic>) {
     let mut p = Parser {
         diags: Vec::new(),
         lists: HashSet::new(),
     };
-    let (root, errors) = super::toml::parse(source);
+    let (root, errors) = super::toml::parse(&source);
     let Some(root) = root else {
         let diags = errors
             .into_iter()
@@ -95,7 +95,7 @@ impl Parser {
         }
     }
 
-    fn policy(&mut self, file: &str, source: &str, root: &Value) -> Option<Policy> {
+    fn policy(&mut self, file: &str, source: Arc<str>, root: &Value) -> Option<Policy> {
         let Some(table) = root.as_table() else {
             self.wrong_type("the policy", root, "a table");
             return None;
@@ -139,8 +139,8 @@ impl Parser {
         if let Some(v) = table.get("service") {
             match v.as_array() {
                 Some(items) => {
-                    for item in items {
-                        if let Some(s) = self.service(item, mode, log_allowed) {
+                    for item in items.iter() {
+                        if let Some(s) = self.service(&item, mode, log_allowed) {
                             services.push(s);
                         }
                     }
@@ -150,7 +150,7 @@ impl Parser {
         }
         Some(Policy {
             file: file.to_string(),
-            source: source.to_string(),
+            source,
             default,
             default_span: table.get("default").map(span),
             mode,
@@ -421,7 +421,8 @@ impl Parser {
         let mut ok = true;
         let mut loopback: Option<Span> = None;
         let mut nets = Vec::new();
-        for item in items {
+        for item in items.iter() {
+            let item = &*item;
             let Some(s) = item.as_str() else {
                 self.wrong_type("an address", item, "a string");
                 ok = false;
@@ -473,7 +474,8 @@ impl Parser {
         };
         let mut out = Vec::with_capacity(items.len());
         let mut name_spans = Vec::new();
-        for item in items {
+        for item in items.iter() {
+            let item = &*item;
             let id = match &item.kind {
                 Kind::Integer(n) => match u32::try_from(*n) {
                     // (uid_t)-1 means "no id" to the kernel.
