@@ -128,23 +128,39 @@ fn ruleset_matches_only_lo_and_never_uses_conntrack() {
     let table = sb.nft_table().expect("table exists");
     let text = table.to_string();
     assert!(!text.contains("\"ct\""), "no conntrack expression: {text}");
-    // Every rule of the base chain that can drop or jump requires oif lo;
-    // the first rule lets everything else go.
+    // The base chain's first rule lets everything not leaving on lo go;
+    // only then are TCP and UDP sent on, each to its own chain, which is
+    // reachable from nowhere else.
     let rules: Vec<&serde_json::Value> = table["nftables"]
         .as_array()
         .expect("array")
         .iter()
         .filter_map(|o| o.get("rule"))
-        .filter(|r| r["chain"] == "output")
         .collect();
-    assert_eq!(rules[0]["expr"][0]["match"]["op"], "!=");
-    assert_eq!(rules[0]["expr"][0]["match"]["right"], "lo");
-    for r in &rules[3..] {
-        assert_eq!(
-            r["expr"][0]["match"]["right"], "lo",
-            "rule without oif lo: {r}"
-        );
+    let base: Vec<_> = rules.iter().filter(|r| r["chain"] == "output").collect();
+    assert_eq!(base.len(), 2, "{base:?}");
+    assert_eq!(base[0]["expr"][0]["match"]["op"], "!=");
+    assert_eq!(base[0]["expr"][0]["match"]["right"], "lo");
+    assert_eq!(base[0]["expr"][1], serde_json::json!({"accept": null}));
+    let jumps = base[1]["expr"][0]["vmap"]["data"]["set"].to_string();
+    assert!(
+        jumps.contains("dispatch_tcp") && jumps.contains("dispatch_udp"),
+        "{jumps}"
+    );
+    for r in &rules {
+        if r["chain"] != "output" {
+            assert!(
+                !r.to_string().contains("\"jump\":{\"target\":\"dispatch_"),
+                "only the base chain dispatches: {r}"
+            );
+        }
     }
+    // Established TCP leaves at the first rule of its chain.
+    let tcp: Vec<_> = rules
+        .iter()
+        .filter(|r| r["chain"] == "dispatch_tcp")
+        .collect();
+    assert!(tcp[0].to_string().contains("\"syn\""), "{:?}", tcp[0]);
 }
 
 #[test]
