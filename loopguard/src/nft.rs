@@ -1,37 +1,39 @@
 //! The nftables layer: the same compiled plan, enforced per packet on `lo`.
 //!
-//! One table `inet <instance>` in the applying network namespace, replaced
-//! whole in one `nft -j -f -` transaction (add, delete, add: atomic in the
-//! kernel). Its base chain hooks `output` and judges only packets that
-//! leave on `lo`, only TCP SYNs (new connections) and UDP datagrams, and
-//! only destinations in the loopback scope:
+//! One table `inet <instance>` in the applying network namespace. Its base
+//! chain hooks `output` and judges only packets that leave on `lo`, only
+//! TCP SYNs (new connections) and UDP datagrams, and only destinations in
+//! the loopback scope:
 //!
 //! ```text
-//! meta oif != "lo" accept                       # never touches other traffic
-//! meta l4proto != { tcp, udp } accept
-//! tcp flags & (syn | ack) != syn accept         # established: no cost, no conntrack
-//! oif "lo" meta l4proto tcp ip daddr 127.0.0.0/8 ip daddr . th dport vmap @dec4_tcp
-//! oif "lo" meta l4proto tcp ip6 daddr ::1 ip6 daddr . th dport vmap @dec6_tcp
-//! oif "lo" meta l4proto tcp ip daddr @host4 th dport vmap @dechost_tcp
-//! ... the same for ip6 @host6, and for udp
-//! (default rules)
+//! output:        oif != "lo" accept                 # never touches other traffic
+//!                meta l4proto vmap { tcp : jump dispatch_tcp, udp : jump dispatch_udp }
+//! dispatch_tcp:  tcp flags & (syn | ack) != syn accept   # established: no cost, no conntrack
+//!                ip daddr 127.0.0.0/8 th dport vmap @dechost_tcp
+//!                ip6 daddr ::1 th dport vmap @dechost_tcp
+//!                ip daddr @host4 th dport vmap @dechost_tcp   (and ip6 @host6)
+//!                (the default for the rest of the scope)
+//! dispatch_udp:  the same, for udp
 //! ```
 //!
-//! The verdict maps are interval maps keyed on disjoint (protocol, address
-//! range, port range) atoms, so one lookup finds the deciding service
-//! whatever the policy size. Services with the same uids, list kind and
-//! mode share one chain (`v<k>`), which checks `meta skuid` against their
-//! uid set: the table holds as many chains as the policy has distinct uid
-//! lists, which keeps a 10,000-service apply a fraction of a second. Each
-//! map element carries its own counter and names its service in its
-//! comment; a refusal looks the same key up once more, in a set of the
-//! same atoms (`ref*`), so per-service counts survive the sharing. A
-//! refused TCP SYN is answered with a reset (the client fails fast with
-//! ECONNREFUSED); a refused datagram is dropped (sendto fails with EPERM).
-//! Connection tracking is never used.
+//! (With named addresses the loopback lookups use `dec4_*` / `dec6_*`,
+//! keyed on address . port.) The verdict maps are interval maps keyed on
+//! disjoint (address range, port range) atoms per transport, so one lookup
+//! finds the deciding service whatever the policy size. Services with the
+//! same uids, list kind and mode share one verdict chain checking `meta
+//! skuid` against one uid set; both are named after their content
+//! (`v_<hash>`, `u_<hash>`), so the table holds as many chains as the policy
+//! has distinct uid lists, and a re-apply can tell what changed. A refusal
+//! looks its key up once more in a set of the same atoms (`ref*`) whose
+//! elements count and name their service (comment), so per-service counts
+//! survive the sharing. A refused TCP SYN is answered with a reset (the
+//! client fails fast with ECONNREFUSED); a refused datagram is dropped
+//! (sendto fails with EPERM). Connection tracking is never used.
 //!
-//! The `nftables` crate runs `nft` with the JSON batch. Its typed schema has
-//! no `uid` set type, so the batch is built as JSON values.
+//! [`ruleset`] builds the whole table (add, delete, add: atomic); [`update`]
+//! turns the previous plan's table into the new one in one transaction.
+//! The `nftables` crate runs `nft -j -f -` with the batch, written as JSON
+//! text (its typed schema has no `uid` set type).
 
 use std::{
     collections::{BTreeMap, HashMap},

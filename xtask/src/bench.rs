@@ -1,10 +1,13 @@
 //! `cargo xtask bench`: loopguard against no filter and hand-written rules,
-//! measured in one run, inside a network namespace and child cgroup it
-//! creates, with load only on loopback and every loop bounded.
+//! measured in one run, with load only on loopback and every loop bounded.
 //!
-//! Configurations alternate round by round so drift cancels out; each
-//! figure is the median of the rounds, and ratios are to the baseline of the
-//! same run. Results: a table on the terminal and target/bench/results.json.
+//! Each configuration lives in a network namespace and child cgroup of its
+//! own, configured once per policy size, so samples of all configurations
+//! interleave (one metric at a time, the order rotating every round)
+//! without reconfiguring anything between them: drift and noise fall on
+//! all of them alike. Each figure is the median of the rounds; ratios are
+//! to the baseline of the same size. Results: a table on the terminal and
+//! target/bench/results.json.
 
 use std::{
     collections::BTreeMap,
@@ -19,8 +22,6 @@ use serde_json::json;
 
 use crate::{status, succeeds, workspace_root};
 
-const NETNS: &str = "lg-bench";
-const INSTANCE: &str = "lg-bench";
 const OK_USER: &str = "lg-bench-ok";
 const NO_USER: &str = "lg-bench-no";
 /// The measured service (last in file order) covers PORT (connects are
@@ -29,6 +30,10 @@ const PORT: u16 = 9000;
 /// Classic iptables (Debian 12's `iptables` is the nftables-backed one,
 /// which would measure nftables again).
 const IPTABLES: &str = "iptables-legacy";
+/// iptables has no uid sets: one rule per service and uid, walked in
+/// order. Past this many services (100 rules each) every packet walks
+/// ~100,000 rules, so larger sizes are measured with this many.
+const IPTABLES_CAP: usize = 1_000;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Config {
@@ -39,12 +44,6 @@ enum Config {
     Iptables,
 }
 
-/// iptables has no uid sets: one rule per service and uid, walked in
-/// order. Past this many services (100 rules each) loading takes many
-/// seconds and each connect walks ~100,000 rules, so larger sizes are
-/// measured with this many.
-const IPTABLES_CAP: usize = 1_000;
-
 impl Config {
     const ALL: [Config; 5] = [
         Config::Baseline,
@@ -53,6 +52,7 @@ impl Config {
         Config::HandNft,
         Config::Iptables,
     ];
+
     fn name(self) -> &'static str {
         match self {
             Config::Baseline => "baseline",
@@ -60,6 +60,43 @@ impl Config {
             Config::Both => "loopguard both",
             Config::HandNft => "hand-written nft",
             Config::Iptables => "iptables owner",
+        }
+    }
+
+    /// Names its namespace, cgroup and loopguard instance.
+    fn slug(self) -> &'static str {
+        match self {
+            Config::Baseline => "lg-bench-base",
+            Config::Bpf => "lg-bench-bpf",
+            Config::Both => "lg-bench-both",
+            Config::HandNft => "lg-bench-nft",
+            Config::Iptables => "lg-bench-ipt",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Metric {
+    Connect,
+    Refused,
+    Stream,
+    Udp,
+}
+
+impl Metric {
+    const ALL: [Metric; 4] = [
+        Metric::Connect,
+        Metric::Refused,
+        Metric::Stream,
+        Metric::Udp,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Metric::Connect => "connect_per_s",
+            Metric::Refused => "refused_per_s",
+            Metric::Stream => "stream_mib_per_s",
+            Metric::Udp => "udp_per_s",
         }
     }
 }
@@ -77,10 +114,11 @@ struct Bench {
     root: PathBuf,
     lg: PathBuf,
     probe: PathBuf,
-    cgroup: PathBuf,
+    cgroup_root: PathBuf,
     dir: PathBuf,
     ok: (u32, u32),
     no: (u32, u32),
+    configs: Vec<Config>,
     servers: Vec<Child>,
 }
 
@@ -107,9 +145,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The policy of one size, three ways.
+struct PolicyFiles {
+    toml: PathBuf,
+    nft: PathBuf,
+    iptables: PathBuf,
+}
+
 impl Bench {
-    fn new(root: &Path) -> Result<Bench> {
-        let cgroup_root = crate::cgroup2_root()?;
+    fn new(root: &Path, configs: Vec<Config>) -> Result<Bench> {
         for u in [OK_USER, NO_USER] {
             crate::ensure_system_user(u)?;
         }
@@ -117,42 +161,52 @@ impl Bench {
             root: root.to_path_buf(),
             lg: root.join("target/release/loopguard"),
             probe: root.join("target/release/lg-probe"),
-            cgroup: cgroup_root.join("lg-bench.scope"),
+            cgroup_root: crate::cgroup2_root()?,
             dir: root.join("target/bench"),
             ok: (id(OK_USER, "-u")?, id(OK_USER, "-g")?),
             no: (id(NO_USER, "-u")?, id(NO_USER, "-g")?),
+            configs,
             servers: Vec::new(),
         };
         b.cleanup();
-        status(Command::new("ip").args(["netns", "add", NETNS]))?;
-        status(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
-        fs::create_dir_all(&b.cgroup)?;
         fs::create_dir_all(&b.dir)?;
+        for &c in &b.configs {
+            status(Command::new("ip").args(["netns", "add", c.slug()]))?;
+            status(Command::new("ip").args(["-n", c.slug(), "link", "set", "lo", "up"]))?;
+            fs::create_dir_all(b.cgroup(c))?;
+        }
         Ok(b)
     }
 
-    fn netns(&self) -> String {
-        format!("/run/netns/{NETNS}")
+    fn netns(c: Config) -> String {
+        format!("/run/netns/{}", c.slug())
     }
 
+    fn cgroup(&self, c: Config) -> PathBuf {
+        self.cgroup_root.join(format!("{}.scope", c.slug()))
+    }
+
+    /// The listeners of every configuration's namespace.
     fn start_servers(&mut self) -> Result<()> {
-        for (action, port) in [("listen", PORT), ("sink", PORT + 1), ("udp-sink", PORT)] {
-            let child = Command::new(&self.probe)
-                .args(["--netns", &self.netns(), action, &port.to_string()])
-                .stdout(Stdio::null())
-                .spawn()?;
-            self.servers.push(child);
+        for &c in &self.configs {
+            for (action, port) in [("listen", PORT), ("sink", PORT + 1), ("udp-sink", PORT)] {
+                let child = Command::new(&self.probe)
+                    .args(["--netns", &Self::netns(c), action, &port.to_string()])
+                    .stdout(Stdio::null())
+                    .spawn()?;
+                self.servers.push(child);
+            }
         }
         std::thread::sleep(Duration::from_millis(300));
         Ok(())
     }
 
-    /// The probe as a user, in the namespace and cgroup.
-    fn probe(&self, user: (u32, u32), args: &[&str]) -> Result<String> {
+    /// The probe as a user, in the configuration's namespace and cgroup.
+    fn probe(&self, c: Config, user: (u32, u32), args: &[&str]) -> Result<String> {
         let out = Command::new(&self.probe)
-            .args(["--netns", &self.netns()])
+            .args(["--netns", &Self::netns(c)])
             .arg("--cgroup")
-            .arg(&self.cgroup)
+            .arg(self.cgroup(c))
             .args(["--uid", &user.0.to_string(), "--gid", &user.1.to_string()])
             .args(args)
             .stderr(Stdio::null())
@@ -160,11 +214,12 @@ impl Bench {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    fn lg(&self, args: &[&str]) -> Result<(bool, String)> {
+    /// loopguard in the configuration's namespace, as its instance.
+    fn lg(&self, c: Config, args: &[&str]) -> Result<(bool, String)> {
         let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns()))
+            .arg(format!("--net={}", Self::netns(c)))
             .arg(&self.lg)
-            .args(["--instance", INSTANCE])
+            .args(["--instance", c.slug()])
             .args(args)
             .output()?;
         Ok((
@@ -177,25 +232,38 @@ impl Bench {
         ))
     }
 
-    fn nft(&self, script: &Path) -> Result<()> {
-        status(
-            Command::new("ip")
-                .args(["netns", "exec", NETNS, "nft", "-f"])
-                .arg(script),
-        )
+    fn apply(&self, c: Config, policy: &Path, layers: &str) -> Result<()> {
+        let cg = self.cgroup(c).to_string_lossy().into_owned();
+        let (ok, out) = self.lg(
+            c,
+            &[
+                "apply",
+                &policy.to_string_lossy(),
+                "--cgroup",
+                &cg,
+                "--layers",
+                layers,
+                "--force",
+            ],
+        )?;
+        if !ok {
+            bail!("apply failed: {out}");
+        }
+        Ok(())
     }
 
     /// N services (the measured one last, on PORT, tcp+udp), each allowing
     /// 100 uids; services come in 100 teams that share a uid list.
-    fn policy(&self, n: usize, variant: u32) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    fn policy(&self, n: usize, variant: u32) -> Result<PolicyFiles> {
         let mut toml = String::from("version = 1\n");
         // The way an operator writes it: one rule per service, its uids as
-        // an anonymous set, in a chain the base chain jumps to (so the
-        // benchmark can switch it on and off without reloading it).
-        let mut nft = String::from("table inet hand {\n chain rules {\n");
-        // And as iptables rules (classic xtables: iptables-legacy), the
-        // measured service last too, capped at IPTABLES_CAP services.
-        let mut ipt = String::from("*filter\n:hand - [0:0]\n");
+        // an anonymous set.
+        let mut nft = String::from(
+            "table inet hand {\n chain out {\n  type filter hook output priority 0; policy accept;\n",
+        );
+        // And as iptables rules, the measured service last too, capped at
+        // IPTABLES_CAP services.
+        let mut ipt = String::from("*filter\n:hand - [0:0]\n-A OUTPUT -j hand\n");
         let ipt_from = n.saturating_sub(IPTABLES_CAP);
         let team = |i: usize| -> Vec<u32> {
             (0..100)
@@ -248,66 +316,115 @@ impl Bench {
                 }
             }
         }
-        nft.push_str(
-            " }\n chain out {\n  type filter hook output priority 0; policy accept;\n }\n}\n",
-        );
-        let p = self.dir.join(format!("policy-{n}-{variant}.toml"));
-        let h = self.dir.join(format!("hand-{n}.nft"));
-        let i = self.dir.join(format!("iptables-{n}.rules"));
+        nft.push_str(" }\n}\n");
         ipt.push_str("COMMIT\n");
-        fs::write(&p, toml)?;
-        fs::write(&h, nft)?;
-        fs::write(&i, ipt)?;
-        Ok((p, h, i))
+        let files = PolicyFiles {
+            toml: self.dir.join(format!("policy-{n}-{variant}.toml")),
+            nft: self.dir.join(format!("hand-{n}.nft")),
+            iptables: self.dir.join(format!("iptables-{n}.rules")),
+        };
+        fs::write(&files.toml, toml)?;
+        fs::write(&files.nft, nft)?;
+        fs::write(&files.iptables, ipt)?;
+        Ok(files)
     }
 
-    fn enable(&self, c: Config, policy: &Path) -> Result<()> {
-        let cg = self.cgroup.to_string_lossy().into_owned();
-        let p = policy.to_string_lossy().into_owned();
+    /// Puts the configuration in force; returns how long loading took for
+    /// the hand-written rulesets.
+    fn configure(&self, c: Config, files: &PolicyFiles) -> Result<Option<f64>> {
+        let t = Instant::now();
+        match c {
+            Config::Baseline => return Ok(None),
+            Config::Bpf => self.apply(c, &files.toml, "bpf")?,
+            Config::Both => self.apply(c, &files.toml, "both")?,
+            Config::HandNft => status(
+                Command::new("ip")
+                    .args(["netns", "exec", c.slug(), "nft", "-f"])
+                    .arg(&files.nft),
+            )?,
+            Config::Iptables => status(
+                Command::new("ip")
+                    .args(["netns", "exec", c.slug(), &format!("{IPTABLES}-restore")])
+                    .stdin(fs::File::open(&files.iptables)?),
+            )?,
+        }
+        Ok(matches!(c, Config::HandNft | Config::Iptables).then(|| t.elapsed().as_secs_f64()))
+    }
+
+    fn unconfigure(&self, c: Config) -> Result<()> {
+        let in_ns = |args: &[&str]| {
+            status(
+                Command::new("ip")
+                    .args(["netns", "exec", c.slug()])
+                    .args(args),
+            )
+        };
         match c {
             Config::Baseline => Ok(()),
-            Config::Bpf | Config::Both => {
-                let layers = if c == Config::Bpf { "bpf" } else { "both" };
-                let (ok, out) =
-                    self.lg(&["apply", &p, "--cgroup", &cg, "--layers", layers, "--force"])?;
-                if !ok {
-                    bail!("apply failed: {out}");
-                }
-                Ok(())
+            Config::Bpf | Config::Both => self.lg(c, &["remove"]).map(drop),
+            Config::HandNft => in_ns(&["nft", "delete", "table", "inet", "hand"]),
+            Config::Iptables => {
+                in_ns(&[IPTABLES, "-F"])?;
+                in_ns(&[IPTABLES, "-X"])
             }
-            // Loaded once per size (10,000 rules take a while); enabling
-            // is one jump rule.
-            Config::HandNft => status(Command::new("ip").args([
-                "netns", "exec", NETNS, "nft", "add", "rule", "inet", "hand", "out", "jump",
-                "rules",
-            ])),
-            Config::Iptables => status(Command::new("ip").args([
-                "netns", "exec", NETNS, IPTABLES, "-A", "OUTPUT", "-j", "hand",
-            ])),
         }
     }
 
-    fn disable(&self, c: Config) -> Result<()> {
-        match c {
-            Config::Baseline => Ok(()),
-            Config::Bpf | Config::Both => self.lg(&["remove"]).map(drop),
-            Config::HandNft => status(Command::new("ip").args([
-                "netns", "exec", NETNS, "nft", "flush", "chain", "inet", "hand", "out",
-            ])),
-            Config::Iptables => status(Command::new("ip").args([
-                "netns", "exec", NETNS, IPTABLES, "-D", "OUTPUT", "-j", "hand",
-            ])),
-        }
+    /// One sample of one metric; `None` where it does not apply.
+    fn sample(&self, c: Config, m: Metric, s: &Sizes, n: usize) -> Result<Option<f64>> {
+        // iptables walks its rules for every packet: at 1,000 services a
+        // connect takes ~15 ms, so it does fewer of each (a rate needs no
+        // more) to keep the run bounded.
+        let scale = if c == Config::Iptables {
+            (n.min(IPTABLES_CAP) as u64 / 25).max(1)
+        } else {
+            1
+        };
+        let target = format!("127.0.0.1:{PORT}");
+        let per_s =
+            |out: &str, count: u64| field(out, "ns").map(|ns| count as f64 / (ns as f64 / 1e9));
+        Ok(match m {
+            Metric::Connect => {
+                let count = (s.connects / scale).max(50);
+                let out = self.probe(c, self.ok, &["rate", &target, &count.to_string()])?;
+                if field(&out, "err") != Some(0) {
+                    bail!("{}: allowed connects failed: {out}", c.name());
+                }
+                per_s(&out, count)
+            }
+            Metric::Refused if c == Config::Baseline => None,
+            Metric::Refused => {
+                let count = (s.connects / scale).max(50);
+                let out = self.probe(c, self.no, &["rate", &target, &count.to_string()])?;
+                if field(&out, "ok") != Some(0) {
+                    bail!("{}: the denied user got through: {out}", c.name());
+                }
+                per_s(&out, count)
+            }
+            Metric::Stream => {
+                let mb = (s.stream_mb / scale).max(8);
+                let sink = format!("127.0.0.1:{}", PORT + 1);
+                let out = self.probe(c, self.ok, &["stream", &sink, &mb.to_string()])?;
+                per_s(&out, mb)
+            }
+            Metric::Udp => {
+                let count = (s.datagrams / scale).max(500);
+                let out = self.probe(c, self.ok, &["udp-rate", &target, &count.to_string()])?;
+                per_s(&out, count)
+            }
+        })
     }
 
     fn cleanup(&self) {
-        let _ = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns()))
-            .arg(&self.lg)
-            .args(["--instance", INSTANCE, "remove"])
-            .output();
-        let _ = succeeds(Command::new("ip").args(["netns", "del", NETNS]));
-        crate::remove_cgroup(&self.cgroup);
+        for c in Config::ALL {
+            let _ = Command::new("nsenter")
+                .arg(format!("--net={}", Self::netns(c)))
+                .arg(&self.lg)
+                .args(["--instance", c.slug(), "remove"])
+                .output();
+            let _ = succeeds(Command::new("ip").args(["netns", "del", c.slug()]));
+            crate::remove_cgroup(&self.cgroup(c));
+        }
     }
 }
 
@@ -338,22 +455,14 @@ pub fn bench(quick: bool) -> Result<()> {
         }
     } else {
         Sizes {
-            connects: 4_000,
-            stream_mb: 512,
-            datagrams: 40_000,
-            rounds: 5,
+            connects: 2_000,
+            stream_mb: 256,
+            datagrams: 20_000,
+            rounds: 9,
             sizes: vec![1, 100, 10_000],
             flood: 100_000,
         }
     };
-    let mut b = Bench::new(&root)?;
-    b.start_servers()?;
-    let target = format!("127.0.0.1:{PORT}");
-    let sink = format!("127.0.0.1:{}", PORT + 1);
-    // (size, config, metric) -> samples
-    let mut samples: BTreeMap<(usize, Config, &str), Vec<f64>> = BTreeMap::new();
-    let mut hand_load_s = BTreeMap::new();
-    let mut ipt_load_s = BTreeMap::new();
     let have_iptables = succeeds(Command::new(IPTABLES).arg("--version"));
     if !have_iptables {
         eprintln!("xtask: {IPTABLES} not found: the iptables configuration is skipped (cargo xtask setup installs it)");
@@ -362,116 +471,57 @@ pub fn bench(quick: bool) -> Result<()> {
         .into_iter()
         .filter(|c| *c != Config::Iptables || have_iptables)
         .collect();
+    let mut b = Bench::new(&root, configs.clone())?;
+    b.start_servers()?;
+    // (size, config, metric) -> samples
+    let mut samples: BTreeMap<(usize, Config, Metric), Vec<f64>> = BTreeMap::new();
+    let mut load_s: BTreeMap<(Config, usize), f64> = BTreeMap::new();
     for &n in &s.sizes {
-        let (policy, hand, ipt) = b.policy(n, 0)?;
-        let t = Instant::now();
-        b.nft(&hand)?;
-        hand_load_s.insert(n, t.elapsed().as_secs_f64());
-        if have_iptables {
-            let t = Instant::now();
-            let rules = fs::File::open(&ipt)?;
-            status(
-                Command::new("ip")
-                    .args(["netns", "exec", NETNS, &format!("{IPTABLES}-restore")])
-                    .stdin(rules),
-            )?;
-            ipt_load_s.insert(n.min(IPTABLES_CAP), t.elapsed().as_secs_f64());
+        let files = b.policy(n, 0)?;
+        for &c in &configs {
+            if let Some(secs) = b.configure(c, &files)? {
+                let loaded = if c == Config::Iptables {
+                    n.min(IPTABLES_CAP)
+                } else {
+                    n
+                };
+                load_s.insert((c, loaded), secs);
+            }
         }
+        // Let the kernel finish what loading left behind (freeing the
+        // objects a replaced table held, RCU) before timing anything.
+        std::thread::sleep(Duration::from_secs(1));
         for round in 0..s.rounds {
             eprintln!("xtask: bench size {n}, round {}/{}", round + 1, s.rounds);
-            for &c in &configs {
-                b.enable(c, &policy)?;
-                // iptables walks its rules for every packet: at 1,000
-                // services a connect takes ~15 ms, so it does fewer of
-                // each (a rate needs no more) to keep the run bounded.
-                let scale = if c == Config::Iptables {
-                    (n.min(IPTABLES_CAP) as u64 / 25).max(1)
-                } else {
-                    1
-                };
-                let connects = (s.connects / scale).max(50);
-                let stream_mb = (s.stream_mb / scale).max(8);
-                let datagrams = (s.datagrams / scale).max(500);
-                let rate = |out: String, n: u64| -> f64 {
-                    field(&out, "ns").map_or(f64::NAN, |ns| n as f64 / (ns as f64 / 1e9))
-                };
-                let out = b.probe(b.ok, &["rate", &target, &connects.to_string()])?;
-                if field(&out, "err") != Some(0) {
-                    bail!("{}: allowed connects failed: {out}", c.name());
-                }
-                samples
-                    .entry((n, c, "connect_per_s"))
-                    .or_default()
-                    .push(rate(out, connects));
-                if c != Config::Baseline {
-                    let out = b.probe(b.no, &["rate", &target, &connects.to_string()])?;
-                    if field(&out, "ok") != Some(0) {
-                        bail!("{}: the denied user got through: {out}", c.name());
+            for m in Metric::ALL {
+                for k in 0..configs.len() {
+                    let c = configs[(k + round) % configs.len()];
+                    if let Some(v) = b.sample(c, m, &s, n)? {
+                        samples.entry((n, c, m)).or_default().push(v);
                     }
-                    samples
-                        .entry((n, c, "refused_per_s"))
-                        .or_default()
-                        .push(rate(out, connects));
                 }
-                let out = b.probe(b.ok, &["stream", &sink, &stream_mb.to_string()])?;
-                let mib_s =
-                    field(&out, "ns").map_or(f64::NAN, |ns| stream_mb as f64 / (ns as f64 / 1e9));
-                samples
-                    .entry((n, c, "stream_mib_per_s"))
-                    .or_default()
-                    .push(mib_s);
-                let out = b.probe(b.ok, &["udp-rate", &target, &datagrams.to_string()])?;
-                samples
-                    .entry((n, c, "udp_per_s"))
-                    .or_default()
-                    .push(rate(out, datagrams));
-                b.disable(c)?;
             }
         }
-        status(Command::new("ip").args([
-            "netns", "exec", NETNS, "nft", "delete", "table", "inet", "hand",
-        ]))?;
-        if have_iptables {
-            for args in [["-F", "hand"], ["-X", "hand"]] {
-                status(
-                    Command::new("ip")
-                        .args(["netns", "exec", NETNS, IPTABLES])
-                        .args(args),
-                )?;
-            }
+        for &c in &configs {
+            b.unconfigure(c)?;
         }
     }
 
-    // apply and re-apply times, at the largest size.
+    // apply and re-apply times, at the largest size, both layers.
     let big = *s.sizes.iter().max().unwrap_or(&1);
-    let (policy, _, _) = b.policy(big, 0)?;
-    let (changed, _, _) = b.policy(big, 1)?;
-    let cg = b.cgroup.to_string_lossy().into_owned();
+    let policy = b.policy(big, 0)?.toml;
+    let changed = b.policy(big, 1)?.toml;
+    let both = Config::Both;
     let mut apply_s = Vec::new();
     let mut reapply_s = Vec::new();
-    for _ in 0..s.rounds.min(3) {
+    for _ in 0..3 {
         let t = Instant::now();
-        let (ok, out) = b.lg(&[
-            "apply",
-            &policy.to_string_lossy(),
-            "--cgroup",
-            &cg,
-            "--force",
-        ])?;
+        b.apply(both, &policy, "both")?;
         apply_s.push(t.elapsed().as_secs_f64());
-        if !ok {
-            bail!("apply: {out}");
-        }
         let t = Instant::now();
-        b.lg(&[
-            "apply",
-            &changed.to_string_lossy(),
-            "--cgroup",
-            &cg,
-            "--force",
-        ])?;
+        b.apply(both, &changed, "both")?;
         reapply_s.push(t.elapsed().as_secs_f64());
-        b.lg(&["remove"])?;
+        b.lg(both, &["remove"])?;
     }
 
     // `loopguard run`: peak memory with the largest policy, and the audit
@@ -482,10 +532,11 @@ pub fn bench(quick: bool) -> Result<()> {
     let _ = fs::remove_file(&notify);
     let sock = std::os::unix::net::UnixDatagram::bind(&notify)?;
     sock.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let cg = b.cgroup(both).to_string_lossy().into_owned();
     let mut daemon = Command::new("nsenter")
-        .arg(format!("--net={}", b.netns()))
+        .arg(format!("--net={}", Bench::netns(both)))
         .arg(&b.lg)
-        .args(["--instance", INSTANCE, "run"])
+        .args(["--instance", both.slug(), "run"])
         .arg(&policy)
         .args(["--cgroup", &cg, "--force", "--audit-log"])
         .arg(&log)
@@ -497,7 +548,8 @@ pub fn bench(quick: bool) -> Result<()> {
     sock.recv(&mut buf)
         .context("loopguard run did not become ready")?;
     let t = Instant::now();
-    let out = b.probe(b.no, &["burst", &target, &s.flood.to_string()])?;
+    let target = format!("127.0.0.1:{PORT}");
+    let out = b.probe(both, b.no, &["burst", &target, &s.flood.to_string()])?;
     let flood_s = t.elapsed().as_secs_f64();
     let count = || -> (u64, u64) {
         let text = fs::read_to_string(&log).unwrap_or_default();
@@ -530,7 +582,7 @@ pub fn bench(quick: bool) -> Result<()> {
     let (rss_kib, steady_kib) = (kib("VmHWM:"), kib("VmRSS:"));
     let _ = daemon.kill();
     let _ = daemon.wait();
-    b.lg(&["remove"])?;
+    b.lg(both, &["remove"])?;
     if field(&out, "eperm") != Some(s.flood) {
         bail!("flood: {out}");
     }
@@ -563,7 +615,7 @@ pub fn bench(quick: bool) -> Result<()> {
         "ratio"
     );
     for &n in &s.sizes {
-        let med = |c: Config, m: &str| {
+        let med = |c: Config, m: Metric| {
             samples
                 .get(&(n, c, m))
                 .cloned()
@@ -571,51 +623,49 @@ pub fn bench(quick: bool) -> Result<()> {
                 .unwrap_or(f64::NAN)
         };
         for &c in &configs {
-            let connect = med(c, "connect_per_s");
-            let refused = med(c, "refused_per_s");
-            let stream = med(c, "stream_mib_per_s");
-            let udp = med(c, "udp_per_s");
-            let r = |v: f64, m: &str| v / med(Config::Baseline, m);
+            let connect = med(c, Metric::Connect);
+            let refused = med(c, Metric::Refused);
+            let stream = med(c, Metric::Stream);
+            let udp = med(c, Metric::Udp);
+            let r = |v: f64, m: Metric| v / med(Config::Baseline, m);
+            let capped = c == Config::Iptables && n > IPTABLES_CAP;
             println!(
                 "{n:>6} {:<17} {connect:>14.0} {:>7.3} {:>14} {stream:>12.0} {:>7.3} {udp:>12.0} {:>7.3}",
-                if c == Config::Iptables && n > IPTABLES_CAP {
+                if capped {
                     format!("iptables ({IPTABLES_CAP})")
                 } else {
                     c.name().to_string()
                 },
-                r(connect, "connect_per_s"),
+                r(connect, Metric::Connect),
                 if refused.is_nan() { "-".to_string() } else { format!("{refused:.0}") },
-                r(stream, "stream_mib_per_s"),
-                r(udp, "udp_per_s"),
+                r(stream, Metric::Stream),
+                r(udp, Metric::Udp),
             );
+            let all = |m: Metric| samples.get(&(n, c, m));
             rows.push(json!({
                 "size": n, "config": c.name(),
                 "services_loaded": if c == Config::Iptables { n.min(IPTABLES_CAP) } else { n },
-                "connect_per_s": connect, "connect_ratio": r(connect, "connect_per_s"),
+                "connect_per_s": connect, "connect_ratio": r(connect, Metric::Connect),
                 "refused_per_s": if refused.is_nan() { serde_json::Value::Null } else { json!(refused) },
-                "stream_mib_per_s": stream, "stream_ratio": r(stream, "stream_mib_per_s"),
-                "udp_per_s": udp, "udp_ratio": r(udp, "udp_per_s"),
-                "samples": {
-                    "connect_per_s": samples.get(&(n, c, "connect_per_s")),
-                    "stream_mib_per_s": samples.get(&(n, c, "stream_mib_per_s")),
-                    "udp_per_s": samples.get(&(n, c, "udp_per_s")),
-                },
+                "stream_mib_per_s": stream, "stream_ratio": r(stream, Metric::Stream),
+                "udp_per_s": udp, "udp_ratio": r(udp, Metric::Udp),
+                "samples": Metric::ALL.iter().map(|m| (m.key().to_string(), json!(all(*m)))).collect::<serde_json::Map<_, _>>(),
             }));
         }
     }
     let apply_med = median(apply_s.clone());
     let reapply_med = median(reapply_s.clone());
     println!("\napply {big} services from nothing: {apply_med:.3} s; re-apply after changing one service: {reapply_med:.3} s");
-    for (n, secs) in &hand_load_s {
-        println!("hand-written nft with {n} services: loaded in {secs:.2} s");
+    for ((c, n), secs) in &load_s {
+        match c {
+            Config::Iptables => println!(
+                "iptables owner with {n} services ({} rules): loaded in {secs:.2} s",
+                n * 101
+            ),
+            _ => println!("{} with {n} services: loaded in {secs:.2} s", c.name()),
+        }
     }
-    for (n, secs) in &ipt_load_s {
-        println!(
-            "iptables owner with {n} services ({} rules): loaded in {secs:.2} s",
-            n * 101
-        );
-    }
-    if s.sizes.iter().any(|&n| n > IPTABLES_CAP) && have_iptables {
+    if have_iptables && s.sizes.iter().any(|&n| n > IPTABLES_CAP) {
         println!("iptables owner is capped at {IPTABLES_CAP} services (100 rules each, walked in order); rows of larger sizes measure the cap");
     }
     println!(
@@ -628,6 +678,10 @@ pub fn bench(quick: bool) -> Result<()> {
         s.flood,
         s.flood as f64 / flood_s
     );
+    let load_json: Vec<_> = load_s
+        .iter()
+        .map(|((c, n), secs)| json!({"config": c.name(), "services": n, "seconds": secs}))
+        .collect();
     let results = json!({
         "machine": machine,
         "quick": quick,
@@ -637,8 +691,7 @@ pub fn bench(quick: bool) -> Result<()> {
         "reapply_seconds": reapply_s, "reapply_median_seconds": reapply_med,
         "run_peak_rss_kib": rss_kib,
         "run_rss_after_flood_kib": steady_kib,
-        "hand_nft_load_seconds": hand_load_s,
-        "iptables_load_seconds": ipt_load_s,
+        "ruleset_load_seconds": load_json,
         "iptables_cap_services": IPTABLES_CAP,
         "flood": {"attempts": s.flood, "seconds": flood_s, "delivered": delivered, "dropped": dropped},
     });

@@ -103,8 +103,8 @@ pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<()> {
     bpf(BPF_MAP_DELETE_BATCH, &mut attr)
 }
 
-/// Every key of a hash map (values are read and discarded).
-pub fn keys<K: Pod, V: Pod>(map: &MapData, max_entries: usize) -> io::Result<Vec<K>> {
+/// Every entry of a hash map.
+pub fn entries<K: Pod, V: Pod>(map: &MapData, max_entries: usize) -> io::Result<Vec<(K, V)>> {
     let chunk = max_entries.clamp(1, 4096);
     let mut out = Vec::new();
     // SAFETY: Pod types are plain bytes; all-zero is a valid value.
@@ -128,7 +128,8 @@ pub fn keys<K: Pod, V: Pod>(map: &MapData, max_entries: usize) -> io::Result<Vec
             ..BatchAttr::default()
         };
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        out.extend_from_slice(&keys[..attr.count as usize]);
+        let n = (attr.count as usize).min(chunk);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
         match result {
             Ok(()) => {}
             // The last chunk.

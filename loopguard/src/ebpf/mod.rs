@@ -445,7 +445,7 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
             })
         })
         .collect();
-    write_hash(&mut maps.uids, &uids, "LG_UIDS")?;
+    sync_hash(&mut maps.uids, &uids, |k| k.slot == slot, "LG_UIDS")?;
     for (i, net) in plan.nets.iter().enumerate() {
         let (addr, bits) = match net {
             ipnet::IpNet::V4(n) => (
@@ -472,7 +472,12 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
             (key, d.service)
         })
         .collect();
-    write_hash(&mut maps.decisions, &decisions, "LG_DECISIONS")?;
+    sync_hash(
+        &mut maps.decisions,
+        &decisions,
+        |k| k.slot == slot,
+        "LG_DECISIONS",
+    )?;
     let mut atom_of_port: Vec<(u32, u32)> = (0..PORT_SPACE)
         .map(|port| (slot * PORT_SPACE + port, 0))
         .collect();
@@ -521,19 +526,9 @@ pub fn flip(maps: &mut Maps, slot: u32, netns_cookie: u64) -> Result<(), EbpfErr
 /// Removes a slot's entries from the hash maps and trie (arrays are
 /// overwritten whole). The slot is inactive, so no program reads it; its
 /// contents are from the apply before the previous one.
-/// Entries of a slot's hash maps and LPM trie (arrays are overwritten
-/// whole).
+/// Entries of a slot's LPM trie (the hash maps are synced, the arrays
+/// overwritten whole).
 fn clear_slot(maps: &mut Maps, slot: u32) -> Result<(), EbpfError> {
-    let stale: Vec<DecisionKey> = hash_keys(&maps.decisions, "LG_DECISIONS")?
-        .into_iter()
-        .filter(|k| k.slot == slot)
-        .collect();
-    delete_hash(&mut maps.decisions, &stale, "LG_DECISIONS")?;
-    let stale: Vec<UidKey> = hash_keys(&maps.uids, "LG_UIDS")?
-        .into_iter()
-        .filter(|k| k.slot == slot)
-        .collect();
-    delete_hash(&mut maps.uids, &stale, "LG_UIDS")?;
     let stale: Vec<Key<AddrKey>> = maps
         .addr_atoms
         .keys()
@@ -592,15 +587,48 @@ fn write_hash<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-fn hash_keys<K: aya::Pod, V: aya::Pod>(
+fn hash_entries<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &str,
-) -> Result<Vec<K>, EbpfError> {
-    match batch::keys::<K, V>(IterableMap::map(map), 4096) {
-        Ok(keys) => Ok(keys),
-        Err(e) if batch::unsupported(&e) => Ok(map.keys().filter_map(Result::ok).collect()),
+) -> Result<Vec<(K, V)>, EbpfError> {
+    match batch::entries::<K, V>(IterableMap::map(map), 4096) {
+        Ok(entries) => Ok(entries),
+        Err(e) if batch::unsupported(&e) => Ok(map.iter().filter_map(Result::ok).collect()),
         Err(e) => Err(batch_err(format!("failed to read {name}"))(e)),
     }
+}
+
+/// Makes a slot's entries of a hash map exactly `wanted`: deletes the
+/// others and writes only what is missing or different, so re-applying a
+/// similar policy touches few entries (the inactive slot holds the policy
+/// before last).
+fn sync_hash<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    wanted: &[(K, V)],
+    in_slot: impl Fn(&K) -> bool,
+    name: &str,
+) -> Result<(), EbpfError>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let current: StdHashMap<K, V> = hash_entries(map, name)?
+        .into_iter()
+        .filter(|(k, _)| in_slot(k))
+        .collect();
+    let keep: HashSet<&K> = wanted.iter().map(|(k, _)| k).collect();
+    let stale: Vec<K> = current
+        .keys()
+        .filter(|k| !keep.contains(k))
+        .copied()
+        .collect();
+    delete_hash(map, &stale, name)?;
+    let changed: Vec<(K, V)> = wanted
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .copied()
+        .collect();
+    write_hash(map, &changed, name)
 }
 
 fn delete_hash<K: aya::Pod, V: aya::Pod>(
