@@ -5,9 +5,9 @@
 //! own, configured once per policy size, so samples of all configurations
 //! interleave (one metric at a time, the order rotating every round)
 //! without reconfiguring anything between them: drift and noise fall on
-//! all of them alike. Each figure is the median of the rounds; ratios are
-//! to the baseline of the same size. Results: a table on the terminal and
-//! target/bench/results.json.
+//! all of them alike. Each rate is the median of the rounds; each ratio is
+//! the median of the rounds' ratios to the baseline sample of the same
+//! round. Results: a table on the terminal and target/bench/results.json.
 
 use std::{
     collections::BTreeMap,
@@ -472,7 +472,7 @@ pub fn bench(quick: bool) -> Result<()> {
     } else {
         Sizes {
             connects: 2_000,
-            stream_mb: 256,
+            stream_mb: 1024,
             datagrams: 20_000,
             rounds: 9,
             sizes: vec![1, 100, 10_000],
@@ -617,7 +617,7 @@ pub fn bench(quick: bool) -> Result<()> {
         String::from_utf8_lossy(&Command::new("uname").arg("-r").output()?.stdout).trim()
     );
     let mut rows = Vec::new();
-    println!("\nloopguard benchmark ({machine}); medians of {} rounds; ratio to baseline of the same size", s.rounds);
+    println!("\nloopguard benchmark ({machine}); medians of {} rounds; ratio: median of each round's ratio to that round's baseline", s.rounds);
     println!(
         "{:>6} {:<17} {:>14} {:>7} {:>14} {:>12} {:>7} {:>12} {:>7}",
         "size",
@@ -643,7 +643,18 @@ pub fn bench(quick: bool) -> Result<()> {
             let refused = med(c, Metric::Refused);
             let stream = med(c, Metric::Stream);
             let udp = med(c, Metric::Udp);
-            let r = |v: f64, m: Metric| v / med(Config::Baseline, m);
+            // Paired: each round's sample over the baseline's of the same
+            // round (taken moments apart), then the median. The machine's
+            // speed drifts between rounds more than loopguard costs.
+            let r = |_: f64, m: Metric| {
+                let (Some(xs), Some(bs)) = (
+                    samples.get(&(n, c, m)),
+                    samples.get(&(n, Config::Baseline, m)),
+                ) else {
+                    return f64::NAN;
+                };
+                median(xs.iter().zip(bs).map(|(x, b)| x / b).collect())
+            };
             let capped = c == Config::Iptables && n > IPTABLES_CAP;
             println!(
                 "{n:>6} {:<17} {connect:>14.0} {:>7.3} {:>14} {stream:>12.0} {:>7.3} {udp:>12.0} {:>7.3}",
