@@ -103,10 +103,9 @@ pub fn log_group(table: &str) -> u16 {
     20_000 + (h % 40_000) as u16
 }
 
-/// Names of the default's counters: `default_allow`, `default_deny`.
-fn counter_names(bucket: &str) -> (String, String) {
-    (format!("{bucket}_allow"), format!("{bucket}_deny"))
-}
+/// The named counters of the default's verdicts.
+const DEFAULT_ALLOW_COUNTER: &str = "default_allow";
+const DEFAULT_DENY_COUNTER: &str = "default_deny";
 
 fn proto(t: Transport) -> &'static str {
     t.as_str()
@@ -502,7 +501,6 @@ impl Batch<'_> {
             BASE_CHAIN,
             vec![json!({"vmap": {"key": {"meta": {"key": "l4proto"}}, "data": {"set": jumps}}})],
         );
-        let (d_allow, d_deny) = counter_names("default");
         for t in Transport::ALL {
             let chain = dispatch_chain(t);
             for (family, right, map) in &scopes {
@@ -520,7 +518,10 @@ impl Batch<'_> {
                 match spec.default {
                     Verdict::Allow => {
                         let mut e = head.clone();
-                        e.extend([json!({"counter": d_allow}), json!({"accept": null})]);
+                        e.extend([
+                            json!({"counter": DEFAULT_ALLOW_COUNTER}),
+                            json!({"accept": null}),
+                        ]);
                         self.rule(&chain, e);
                     }
                     Verdict::Deny => {
@@ -528,7 +529,7 @@ impl Batch<'_> {
                             self.table,
                             spec.mode,
                             "default",
-                            Some(json!({"counter": d_deny})),
+                            Some(json!({"counter": DEFAULT_DENY_COUNTER})),
                         ) {
                             let mut e = head.clone();
                             e.extend(tail);
@@ -602,7 +603,7 @@ pub fn ruleset(table: &str, plan: &Plan, host_addrs: &[IpAddr]) -> String {
     for (name, uids) in &spec.uid_sets {
         b.uid_set(name, uids);
     }
-    for name in ["default_allow", "default_deny"] {
+    for name in [DEFAULT_ALLOW_COUNTER, DEFAULT_DENY_COUNTER] {
         b.push("add", "counter", json!({"name": name}));
     }
     b.push("add", "set", json!({"name": "host4", "type": "ipv4_addr"}));
@@ -901,8 +902,8 @@ pub fn counters(table: &str) -> Result<PacketCounts, NftError> {
         if let Some(c) = obj.get("counter") {
             let packets = c["packets"].as_u64().unwrap_or(0);
             match c["name"].as_str() {
-                Some("default_allow") => out.default_allowed += packets,
-                Some("default_deny") => out.default_denied += packets,
+                Some(DEFAULT_ALLOW_COUNTER) => out.default_allowed += packets,
+                Some(DEFAULT_DENY_COUNTER) => out.default_denied += packets,
                 _ => {}
             }
         } else if let Some(set) = obj.get("set") {

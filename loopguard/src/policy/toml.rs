@@ -425,12 +425,14 @@ impl<'s> Builder<'s> {
         }
     }
 
+    /// The text of a token, with how it is encoded.
+    fn raw(&self, span: toml_parser::Span, encoding: Option<Encoding>) -> toml_parser::Raw<'s> {
+        let text = self.source.get(span).map_or("", |r| r.as_str());
+        toml_parser::Raw::new_unchecked(text, encoding, span)
+    }
+
     fn key(&mut self, span: toml_parser::Span, encoding: Option<Encoding>) -> Key {
-        let raw = toml_parser::Raw::new_unchecked(
-            self.source.get(span).map_or("", |r| r.as_str()),
-            encoding,
-            span,
-        );
+        let raw = self.raw(span, encoding);
         let mut out: Cow<'s, str> = Cow::Borrowed("");
         raw.decode_key(&mut out, &mut self.scratch);
         self.decode_errors();
@@ -441,11 +443,7 @@ impl<'s> Builder<'s> {
     }
 
     fn scalar(&mut self, span: toml_parser::Span, encoding: Option<Encoding>) -> Value {
-        let raw = toml_parser::Raw::new_unchecked(
-            self.source.get(span).map_or("", |r| r.as_str()),
-            encoding,
-            span,
-        );
+        let raw = self.raw(span, encoding);
         let mut out: Cow<'s, str> = Cow::Borrowed("");
         let kind = raw.decode_scalar(&mut out, &mut self.scratch);
         let failed = !self.scratch.is_empty();
