@@ -642,37 +642,32 @@ pub fn wait_probe(child: Child) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Ids of the programs attached to a cgroup.
-pub fn attached_program_ids(cgroup: &Path) -> Vec<u64> {
-    let out = run(Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup));
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.get("id").and_then(serde_json::Value::as_u64))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Programs attached to a cgroup, as `bpftool cgroup show` lists them.
-pub fn attached_programs(cgroup: &Path) -> Vec<String> {
+/// The programs attached to a cgroup, as `bpftool cgroup show` lists them.
+fn cgroup_programs(cgroup: &Path) -> Vec<serde_json::Value> {
     if !cgroup.exists() {
         return Vec::new();
     }
     let out = run(Command::new("bpftool")
         .args(["-j", "cgroup", "show"])
         .arg(cgroup));
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.get("name").and_then(|n| n.as_str()).map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+    match serde_json::from_slice(&out.stdout) {
+        Ok(serde_json::Value::Array(programs)) => programs,
+        _ => Vec::new(),
+    }
+}
+
+/// Ids of the programs attached to a cgroup.
+pub fn attached_program_ids(cgroup: &Path) -> Vec<u64> {
+    cgroup_programs(cgroup)
+        .iter()
+        .filter_map(|p| p.get("id").and_then(serde_json::Value::as_u64))
+        .collect()
+}
+
+/// Names of the programs attached to a cgroup.
+pub fn attached_programs(cgroup: &Path) -> Vec<String> {
+    cgroup_programs(cgroup)
+        .iter()
+        .filter_map(|p| p.get("name").and_then(|n| n.as_str()).map(String::from))
+        .collect()
 }

@@ -60,6 +60,28 @@ fn dual_stack_listener(port: u16) -> TcpListener {
     TcpListener::bind(("::", port)).unwrap_or_else(|e| die(&format!("listen [::]:{port}: {e}")))
 }
 
+/// Outcomes of repeated connects, printed as `ok=N eperm=N other=N`.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    eperm: u64,
+    other: u64,
+}
+
+impl Tally {
+    fn connect(&mut self, to: &SocketAddr) {
+        match TcpStream::connect_timeout(to, Duration::from_secs(2)) {
+            Ok(_) => self.ok += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => self.eperm += 1,
+            Err(_) => self.other += 1,
+        }
+    }
+
+    fn print(&self) {
+        println!("ok={} eperm={} other={}", self.ok, self.eperm, self.other);
+    }
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut netns = None;
@@ -129,15 +151,11 @@ fn main() {
                 .get(2)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| die("burst ADDR:PORT N"));
-            let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+            let mut tally = Tally::default();
             for _ in 0..n {
-                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
-                    Ok(_) => ok += 1,
-                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
-                    Err(_) => other += 1,
-                }
+                tally.connect(&to);
             }
-            println!("ok={ok} eperm={eperm} other={other}");
+            tally.print();
         }
         "http" => {
             use std::io::{Read as _, Write as _};
@@ -315,15 +333,11 @@ fn main() {
                 .get(2)
                 .cloned()
                 .unwrap_or_else(|| die("loop ADDR:PORT STOPFILE"));
-            let (mut ok, mut eperm, mut other) = (0, 0, 0);
+            let mut tally = Tally::default();
             while !std::path::Path::new(&stop).exists() {
-                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
-                    Ok(_) => ok += 1,
-                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
-                    Err(_) => other += 1,
-                }
+                tally.connect(&to);
             }
-            println!("ok={ok} eperm={eperm} other={other}");
+            tally.print();
         }
         "exec" => {
             let argv: Vec<CString> = args[1..]
