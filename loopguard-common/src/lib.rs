@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout below changes. A pinned instance with another
 /// ABI is not reused by `apply` (it asks for `remove` first).
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Two policy slots: `apply` fills the inactive one, then flips
 /// [`Config::active_slot`]. Programs read the slot once per call, so each
@@ -28,8 +28,23 @@ pub const MAX_NETS: u32 = 4_096;
 pub const MAX_DECISIONS: u32 = 1 << 18;
 /// (uid set, uid) membership entries per slot.
 pub const MAX_UID_ENTRIES: u32 = 1 << 20;
-/// Addresses assigned to the host's interfaces.
-pub const MAX_HOST_ADDRS: u32 = 4_096;
+/// Prefixes of the kernel's `local` routing table (and the fixed broadcast
+/// and multicast ranges) the programs can hold: at least 65,536 (SPEC §1).
+pub const MAX_LOCAL_PREFIXES: u32 = 1 << 17;
+/// Bits of an address in an `LG_LOCAL` key: IPv4 as IPv4-mapped IPv6.
+pub const LOCAL_KEY_BITS: u32 = 128;
+
+/// What the kernel does with a destination of the `local` table (the value
+/// of an `LG_LOCAL` entry).
+pub const LOCAL_LOCAL: u32 = 1;
+pub const LOCAL_BROADCAST: u32 = 2;
+pub const LOCAL_ANYCAST: u32 = 3;
+pub const LOCAL_MULTICAST: u32 = 4;
+
+/// Address atom of a `bind()` to the wildcard (`0.0.0.0`, `::`), which
+/// listens on every address: it is judged against every bind-guarded
+/// service on the port, whatever their addresses.
+pub const BIND_WILDCARD_ATOM: u32 = u32::MAX;
 
 /// Counter kinds, per service bucket.
 pub const COUNT_ALLOWED: u32 = 0;
@@ -80,7 +95,10 @@ pub struct SlotConfig {
     /// Whether any service names explicit addresses; when none does, the
     /// address trie lookup is skipped.
     pub has_nets: u8,
-    pub _pad: u32,
+    /// Whether any service guards `bind()`; when none does, the bind hooks
+    /// return at once.
+    pub has_binds: u8,
+    pub _pad: [u8; 3],
 }
 
 /// A compiled service, `LG_SERVICES[slot * MAX_SERVICES + id]`.
@@ -105,6 +123,17 @@ pub struct DecisionKey {
     pub proto: u32,
     pub port_atom: u32,
     pub addr_atom: u32,
+}
+
+/// Value of `LG_BINDS` (keyed like `LG_DECISIONS`, with
+/// [`BIND_WILDCARD_ATOM`] for wildcard binds): the uids that may bind there
+/// (the intersection of every bind-guarded service that covers the key) and
+/// the service named in events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BindEntry {
+    pub service: u32,
+    pub uid_set: u32,
 }
 
 /// Key of `LG_UIDS`: presence means `uid` is in `uid_set`.
@@ -138,6 +167,8 @@ pub const HOOK_CONNECT4: u8 = 0;
 pub const HOOK_CONNECT6: u8 = 1;
 pub const HOOK_SENDMSG4: u8 = 2;
 pub const HOOK_SENDMSG6: u8 = 3;
+pub const HOOK_BIND4: u8 = 4;
+pub const HOOK_BIND6: u8 = 5;
 
 /// One audit record from the eBPF layer, written to the `LG_EVENTS` ring
 /// buffer. `action` is a `COUNT_*` kind (allowed, denied, would-deny).
@@ -160,7 +191,8 @@ pub struct Event {
     pub proto: u8,
     pub hook: u8,
     pub _pad: [u8; 7],
-    /// Destination as the process gave it (IPv4 as IPv4-mapped IPv6).
+    /// Destination as the process gave it (IPv4 as IPv4-mapped IPv6); for
+    /// a bind hook, the address being bound.
     pub addr: [u8; 16],
     /// `comm` of the calling thread, NUL-padded.
     pub comm: [u8; 16],
@@ -175,6 +207,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::DecisionKey {}
     unsafe impl aya::Pod for super::UidKey {}
+    unsafe impl aya::Pod for super::BindEntry {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::Event {}
 }

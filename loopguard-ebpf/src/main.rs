@@ -5,10 +5,21 @@
 //! that asks. Returning 0 makes the syscall fail with `EPERM` before any
 //! packet exists.
 //!
+//! The scope is what the kernel delivers to this host: the loopback range,
+//! else one lookup in `LG_LOCAL`, a copy of the kernel's `local` routing
+//! table (interface addresses, AnyIP prefixes, broadcast and anycast
+//! addresses) plus the multicast ranges. An unspecified destination is
+//! judged as the address the kernel really sends to.
+//!
 //! Every lookup is a fixed number of map operations, independent of the
-//! number of services and uids: port -> port atom (array), address -> address
-//! atom (LPM trie, only when the policy names addresses), (protocol, atoms)
-//! -> service (hash), (uid set, uid) -> member (hash).
+//! number of services, uids and local prefixes: port -> port atom (array),
+//! address -> address atom (LPM trie, only when the policy names
+//! addresses), (protocol, atoms) -> service (hash), (uid set, uid) ->
+//! member (hash).
+//!
+//! The `bind4`/`bind6` programs guard who may listen: a `bind()` of a port
+//! a service guards, on an in-scope address or the wildcard, by a uid not
+//! in its bind list fails with `EPERM`.
 //!
 //! Minimum kernel: 5.7 for pinned bpf_link attachment of cgroup programs;
 //! 5.14 for `SO_NETNS_COOKIE` (without it every namespace is guarded).
@@ -18,7 +29,7 @@
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::bpf_sock_addr,
+        bindings::{bpf_sock, bpf_sock_addr},
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
             generated::{bpf_get_netns_cookie, bpf_ktime_get_ns},
@@ -29,11 +40,12 @@ mod programs {
         EbpfContext as _,
     };
     use loopguard_common::{
-        counter_index, AddrKey, Config, DecisionKey, Event, ServiceEntry, SlotConfig, UidKey,
-        ADDR_KEY_SLOT_BITS, COUNTER_ENTRIES, COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY,
-        DEFAULT_BUCKET, EVENTS_RING_BYTES, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
-        HOOK_SENDMSG6, LIST_ALLOW, MAX_DECISIONS, MAX_HOST_ADDRS, MAX_NETS, MAX_SERVICES,
-        MAX_UID_ENTRIES, MODE_AUDIT, PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_DENY,
+        counter_index, AddrKey, BindEntry, Config, DecisionKey, Event, ServiceEntry, SlotConfig,
+        UidKey, ADDR_KEY_SLOT_BITS, BIND_WILDCARD_ATOM, COUNTER_ENTRIES, COUNT_ALLOWED,
+        COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, EVENTS_RING_BYTES, HOOK_BIND4, HOOK_BIND6,
+        HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, LIST_ALLOW, LOCAL_KEY_BITS,
+        MAX_DECISIONS, MAX_LOCAL_PREFIXES, MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES, MODE_AUDIT,
+        PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_DENY,
     };
 
     /// `BPF_F_NO_PREALLOC`: the big hash maps are sized for the largest
@@ -51,14 +63,22 @@ mod programs {
     #[map(name = "LG_DECISIONS")]
     static DECISIONS: HashMap<DecisionKey, u32> =
         HashMap::with_max_entries(SLOTS * MAX_DECISIONS, NO_PREALLOC);
+    /// Bind guards: (protocol, port atom, address atom or wildcard) -> the
+    /// uids that may bind there.
+    #[map(name = "LG_BINDS")]
+    static BINDS: HashMap<DecisionKey, BindEntry> =
+        HashMap::with_max_entries(SLOTS * MAX_DECISIONS, NO_PREALLOC);
     #[map(name = "LG_SERVICES")]
     static SERVICES: Array<ServiceEntry> = Array::with_max_entries(SLOTS * MAX_SERVICES, 0);
     #[map(name = "LG_UIDS")]
     static UIDS: HashMap<UidKey, u8> =
         HashMap::with_max_entries(SLOTS * MAX_UID_ENTRIES, NO_PREALLOC);
-    /// Addresses of the host's interfaces: traffic to them is routed over lo.
-    #[map(name = "LG_HOST_ADDRS")]
-    static HOST_ADDRS: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_HOST_ADDRS, 0);
+    /// The kernel's `local` routing table (every prefix it delivers to this
+    /// host: interface addresses, AnyIP routes, broadcast and anycast
+    /// addresses) plus the multicast ranges and the limited broadcast,
+    /// kept current by userspace. One LPM lookup, whatever its size.
+    #[map(name = "LG_LOCAL")]
+    static LOCAL: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_LOCAL_PREFIXES, 0);
     #[map(name = "LG_COUNTERS")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
     /// Audit events. A full ring never blocks a connection: the event is
@@ -101,103 +121,222 @@ mod programs {
         check_v6(&ctx, HOOK_SENDMSG6)
     }
 
+    #[cgroup_sock_addr(bind4)]
+    pub fn loopguard_bind4(ctx: SockAddrContext) -> i32 {
+        // SAFETY: the kernel hands every sock_addr program a valid context.
+        let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+        check_bind(&ctx, sa, mapped4(sa.user_ip4), HOOK_BIND4)
+    }
+
+    #[cgroup_sock_addr(bind6)]
+    pub fn loopguard_bind6(ctx: SockAddrContext) -> i32 {
+        // SAFETY: as in loopguard_bind4.
+        let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+        check_bind(&ctx, sa, words6(&sa.user_ip6), HOOK_BIND6)
+    }
+
+    /// An IPv4 address (network byte order in a u32) as IPv4-mapped IPv6.
+    #[inline(always)]
+    fn mapped4(ip4: u32) -> [u8; 16] {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..16].copy_from_slice(&ip4.to_ne_bytes());
+        addr
+    }
+
+    /// An IPv6 address from four context words. The verifier allows only
+    /// 4-byte loads of them, so each is read on its own.
+    #[inline(always)]
+    fn words6(words: &[u32; 4]) -> [u8; 16] {
+        // Context fields must be read at constant offsets: no loop.
+        // SAFETY: fields of a live context or socket.
+        let w = unsafe {
+            [
+                core::ptr::read_volatile(&words[0]),
+                core::ptr::read_volatile(&words[1]),
+                core::ptr::read_volatile(&words[2]),
+                core::ptr::read_volatile(&words[3]),
+            ]
+        };
+        let mut addr = [0u8; 16];
+        addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+        addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+        addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+        addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        addr
+    }
+
+    #[inline(always)]
+    fn is_mapped(addr: &[u8; 16]) -> bool {
+        addr[0..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff
+    }
+
+    #[inline(always)]
+    fn is_unspecified(addr: &[u8; 16]) -> bool {
+        addr[0..16] == [0u8; 16] || (is_mapped(addr) && addr[12..16] == [0u8; 4])
+    }
+
+    /// The socket's bound source address as IPv4, or 0.
+    #[inline(always)]
+    fn bound_source4(sa: &bpf_sock_addr) -> u32 {
+        // SAFETY: `sk` of a sock_addr context is the socket making the call.
+        let sk: *const bpf_sock = unsafe { sa.__bindgen_anon_1.sk };
+        if sk.is_null() {
+            return 0;
+        }
+        // SAFETY: a readable field of a live socket.
+        unsafe { core::ptr::read_volatile(&(*sk).src_ip4) }
+    }
+
     #[inline(always)]
     fn check_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
         // SAFETY: the kernel hands every sock_addr program a valid context.
         let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
-        let mut addr = [0u8; 16];
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12..16].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-        decide(ctx, sa, addr, hook)
+        let requested = mapped4(sa.user_ip4);
+        let mut addr = requested;
+        if sa.user_ip4 == 0 {
+            // 0.0.0.0 goes to the source address the datagram or
+            // connection will carry (IP_PKTINFO, else the bound address),
+            // or to 127.0.0.1 when there is none.
+            let mut src = 0;
+            if hook == HOOK_SENDMSG4 {
+                // SAFETY: msg_src_ip4 is readable in sendmsg4 programs.
+                src = unsafe { core::ptr::read_volatile(&sa.msg_src_ip4) };
+            }
+            if src == 0 {
+                src = bound_source4(sa);
+            }
+            addr = if src == 0 {
+                mapped4(u32::from_ne_bytes([127, 0, 0, 1]))
+            } else {
+                mapped4(src)
+            };
+        }
+        decide(ctx, sa, addr, requested, hook)
     }
 
     #[inline(always)]
     fn check_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
         // SAFETY: as in check_v4.
         let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
-        let mut addr = [0u8; 16];
-        // The verifier allows only 4-byte loads of user_ip6.
-        addr[0..4].copy_from_slice(&sa.user_ip6[0].to_ne_bytes());
-        addr[4..8].copy_from_slice(&sa.user_ip6[1].to_ne_bytes());
-        addr[8..12].copy_from_slice(&sa.user_ip6[2].to_ne_bytes());
-        addr[12..16].copy_from_slice(&sa.user_ip6[3].to_ne_bytes());
-        decide(ctx, sa, addr, hook)
-    }
-
-    /// Where loopguard looks an address up, and whether it is in scope.
-    #[inline(always)]
-    fn normalize(addr: &mut [u8; 16]) -> bool {
-        let mapped = addr[0..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff;
-        if mapped {
-            // 0.0.0.0 (also as ::ffff:0.0.0.0) is delivered to 127.0.0.1.
-            if addr[12..16] == [0u8; 4] {
-                addr[12] = 127;
+        let requested = words6(&sa.user_ip6);
+        let mut addr = requested;
+        if is_unspecified(&addr) {
+            if is_mapped(&addr) {
+                // ::ffff:0.0.0.0 on a dual-stack socket: the IPv4 rule.
+                let src = bound_source4(sa);
+                addr = if src == 0 {
+                    mapped4(u32::from_ne_bytes([127, 0, 0, 1]))
+                } else {
+                    mapped4(src)
+                };
+            } else {
+                // :: is ::1 (the kernel's BSD rule, for TCP and UDP alike).
                 addr[15] = 1;
             }
+        }
+        decide(ctx, sa, addr, requested, hook)
+    }
+
+    /// Whether the kernel delivers `addr` to this host: the loopback range,
+    /// else one lookup in its local table.
+    #[inline(always)]
+    fn in_scope(addr: &[u8; 16]) -> bool {
+        if is_mapped(addr) {
             if addr[12] == 127 {
                 return true;
             }
-        } else if addr[0..15] == [0u8; 15] && (addr[15] == 0 || addr[15] == 1) {
-            // :: is delivered to ::1.
-            addr[15] = 1;
+        } else if addr[0..15] == [0u8; 15] && addr[15] == 1 {
             return true;
         }
-        HOST_ADDRS.get_ptr(*addr).is_some()
+        let key = Key::new(LOCAL_KEY_BITS, *addr);
+        LOCAL.get(&key).is_some()
     }
 
+    /// The policy in force for this call's namespace and its transport, or
+    /// `None` when loopguard has nothing to say.
     #[inline(always)]
-    fn decide(ctx: &SockAddrContext, sa: &bpf_sock_addr, mut addr: [u8; 16], hook: u8) -> i32 {
-        let requested = addr;
-        let Some(config) = CONFIG.get(0) else {
-            return ALLOW;
-        };
+    fn policy_for(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<(u32, SlotConfig, u32)> {
+        let config = CONFIG.get(0)?;
         let slot = config.active_slot;
         if slot >= SLOTS {
-            return ALLOW;
+            return None;
         }
         if config.netns_cookie != 0 {
             // SAFETY: the helper takes the program context.
             let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
             if cookie != config.netns_cookie {
-                return ALLOW;
+                return None;
             }
         }
         let proto = match sa.protocol {
             IPPROTO_TCP | IPPROTO_MPTCP => PROTO_TCP,
             IPPROTO_UDP => PROTO_UDP,
-            _ => return ALLOW,
+            _ => return None,
         };
-        if !normalize(&mut addr) {
-            return ALLOW;
+        let slot_config = *SLOT_CONFIG.get(slot)?;
+        Some((slot, slot_config, proto))
+    }
+
+    /// The address atom of an in-scope address: its most specific named
+    /// prefix, 0 when it is in none (or the policy names none).
+    #[inline(always)]
+    fn addr_atom(slot: u32, slot_config: &SlotConfig, addr: [u8; 16]) -> u32 {
+        if slot_config.has_nets == 0 {
+            return 0;
         }
-        let Some(slot_config) = SLOT_CONFIG.get(slot) else {
-            return ALLOW;
-        };
+        let key = Key::new(ADDR_KEY_SLOT_BITS + 128, AddrKey { slot, addr });
+        match ADDR_ATOMS.get(&key) {
+            Some(atom) => *atom,
+            None => 0,
+        }
+    }
+
+    #[inline(always)]
+    fn port_atom(slot: u32, sa: &bpf_sock_addr) -> (u32, u32) {
         // user_port holds the port in network byte order in its low 16 bits.
         let port = u16::from_be(sa.user_port as u16) as u32;
-        let port_atom = match PORT_ATOMS.get(slot * PORT_SPACE + port) {
+        let atom = match PORT_ATOMS.get(slot * PORT_SPACE + port) {
             Some(atom) => *atom,
             None => 0,
         };
+        (port, atom)
+    }
+
+    #[inline(always)]
+    fn is_member(slot: u32, uid_set: u32, uid: u32) -> bool {
+        UIDS.get_ptr(UidKey { slot, uid_set, uid }).is_some()
+    }
+
+    /// `addr` is where the kernel will deliver (unspecified resolved);
+    /// `requested` what the process asked for (for the event).
+    #[inline(always)]
+    fn decide(
+        ctx: &SockAddrContext,
+        sa: &bpf_sock_addr,
+        addr: [u8; 16],
+        requested: [u8; 16],
+        hook: u8,
+    ) -> i32 {
+        let Some((slot, slot_config, proto)) = policy_for(ctx, sa) else {
+            return ALLOW;
+        };
+        if !in_scope(&addr) {
+            return ALLOW;
+        }
+        let (port, port_atom) = port_atom(slot, sa);
 
         let mut bucket = DEFAULT_BUCKET;
         let mut deny_verdict = slot_config.default_verdict == VERDICT_DENY;
         let mut mode = slot_config.default_mode;
         let mut log_allowed = slot_config.default_log_allowed;
         if port_atom != 0 {
-            let mut addr_atom = 0;
-            if slot_config.has_nets != 0 {
-                let key = Key::new(ADDR_KEY_SLOT_BITS + 128, AddrKey { slot, addr });
-                if let Some(atom) = ADDR_ATOMS.get(&key) {
-                    addr_atom = *atom;
-                }
-            }
             let key = DecisionKey {
                 slot,
                 proto,
                 port_atom,
-                addr_atom,
+                addr_atom: addr_atom(slot, &slot_config, addr),
             };
             // SAFETY: values of LG_DECISIONS are plain u32s.
             if let Some(service) = unsafe { DECISIONS.get(&key) } {
@@ -208,21 +347,85 @@ mod programs {
                 let Some(entry) = SERVICES.get(slot * MAX_SERVICES + service) else {
                     return ALLOW;
                 };
-                let uid = bpf_get_current_uid_gid() as u32;
-                let member = UIDS
-                    .get_ptr(UidKey {
-                        slot,
-                        uid_set: entry.uid_set,
-                        uid,
-                    })
-                    .is_some();
+                let member = is_member(slot, entry.uid_set, bpf_get_current_uid_gid() as u32);
                 bucket = service;
                 deny_verdict = member != (entry.list_kind == LIST_ALLOW);
                 mode = entry.mode;
                 log_allowed = entry.log_allowed;
             }
         }
+        finish(slot, bucket, deny_verdict, mode, log_allowed, proto, hook, port, requested)
+    }
 
+    /// A `bind()` of a port some service guards, on an address the kernel
+    /// delivers to this host or on the wildcard: only the service's bind
+    /// users may.
+    #[inline(always)]
+    fn check_bind(ctx: &SockAddrContext, sa: &bpf_sock_addr, addr: [u8; 16], hook: u8) -> i32 {
+        let Some((slot, slot_config, proto)) = policy_for(ctx, sa) else {
+            return ALLOW;
+        };
+        if slot_config.has_binds == 0 {
+            return ALLOW;
+        }
+        let (port, port_atom) = port_atom(slot, sa);
+        // Port 0 asks the kernel for an ephemeral port: nothing to guard.
+        if port == 0 || port_atom == 0 {
+            return ALLOW;
+        }
+        let addr_atom = if is_unspecified(&addr) {
+            BIND_WILDCARD_ATOM
+        } else if in_scope(&addr) {
+            addr_atom(slot, &slot_config, addr)
+        } else {
+            return ALLOW;
+        };
+        let key = DecisionKey {
+            slot,
+            proto,
+            port_atom,
+            addr_atom,
+        };
+        // SAFETY: values of LG_BINDS are plain integers.
+        let Some(guard) = (unsafe { BINDS.get(&key) }) else {
+            return ALLOW;
+        };
+        let service = guard.service;
+        if service >= MAX_SERVICES {
+            return ALLOW;
+        }
+        let Some(entry) = SERVICES.get(slot * MAX_SERVICES + service) else {
+            return ALLOW;
+        };
+        let member = is_member(slot, guard.uid_set, bpf_get_current_uid_gid() as u32);
+        finish(
+            slot,
+            service,
+            !member,
+            entry.mode,
+            entry.log_allowed,
+            proto,
+            hook,
+            port,
+            addr,
+        )
+    }
+
+    /// Counts the verdict, records the event the policy asks for, and
+    /// returns what the hook answers.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        slot: u32,
+        bucket: u32,
+        deny_verdict: bool,
+        mode: u8,
+        log_allowed: u8,
+        proto: u32,
+        hook: u8,
+        port: u32,
+        addr: [u8; 16],
+    ) -> i32 {
         let (verdict, kind) = if !deny_verdict {
             (ALLOW, COUNT_ALLOWED)
         } else if mode == MODE_AUDIT {
@@ -237,7 +440,7 @@ mod programs {
         // SAFETY: a read-only global the loader may set.
         let events = unsafe { core::ptr::read_volatile(&LG_EVENTS_ENABLED) };
         if events != 0 && (kind != COUNT_ALLOWED || log_allowed != 0) {
-            record(slot, bucket, kind, proto, hook, port, requested);
+            record(slot, bucket, kind, proto, hook, port, addr);
         }
         verdict
     }
@@ -279,8 +482,10 @@ mod programs {
 
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
-        // SAFETY: the verifier proves no panic path is reachable.
-        unsafe { core::hint::unreachable_unchecked() }
+        // A reachable panic must fail verification (an unbounded loop),
+        // never be undefined behaviour.
+        #[allow(clippy::empty_loop)]
+        loop {}
     }
 }
 

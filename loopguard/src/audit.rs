@@ -14,13 +14,14 @@ use std::{
 };
 
 use loopguard_common::{
-    Event, COUNT_ALLOWED, COUNT_DENIED, DEFAULT_BUCKET, HOOK_CONNECT4, HOOK_CONNECT6, PROTO_TCP,
+    Event, COUNT_ALLOWED, COUNT_DENIED, DEFAULT_BUCKET, HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4,
+    HOOK_CONNECT6, PROTO_TCP,
 };
 use serde_json::{json, Map, Value};
 
 use crate::{
     compile::Plan,
-    policy::{classify, ListKind, Mode, Transport, Verdict},
+    policy::{Destination, ListKind, Mode, Transport, Verdict},
 };
 
 /// Where `run` writes events and `audit` reads them, unless told otherwise.
@@ -138,14 +139,27 @@ pub fn record(ev: &Event, plan: Option<&Plan>, clock: &Clock, names: &mut UserNa
         "event.action".into(),
         json!(action_name(u32::from(ev.action))),
     );
+    let layer = match ev.hook {
+        HOOK_CONNECT4 | HOOK_CONNECT6 => "connect",
+        HOOK_BIND4 | HOOK_BIND6 => "bind",
+        _ => "sendmsg",
+    };
+    let reason = if layer == "bind" {
+        // The bind hooks judge the service's bind list, not its allow- or
+        // deny-list.
+        match &service {
+            Some(name) if u32::from(ev.action) == COUNT_ALLOWED => {
+                format!("service {name}: uid may bind")
+            }
+            Some(name) => format!("service {name}: uid may not bind"),
+            None => reason,
+        }
+    } else {
+        reason
+    };
     m.insert("event.reason".into(), json!(reason));
     m.insert("loopguard.service".into(), json!(service));
     m.insert("loopguard.mode".into(), json!(mode));
-    let layer = if ev.hook == HOOK_CONNECT4 || ev.hook == HOOK_CONNECT6 {
-        "connect"
-    } else {
-        "sendmsg"
-    };
     m.insert("loopguard.layer".into(), json!(layer));
     m.insert("user.id".into(), json!(ev.uid));
     m.insert("user.name".into(), json!(names.get(ev.uid)));
@@ -197,8 +211,8 @@ pub fn packet_record(
     }
     let (bucket, action) = rest.split_once('/')?;
     // Services share the chain that logs (`v<k>`), so the packet's own
-    // destination names the service. A logged packet was in scope: an
-    // address outside 127.0.0.0/8 and ::1 was one of the host's.
+    // destination names the service. A logged packet was in scope (the
+    // base chain's fib lookup said so).
     let bucket = if bucket == "default" {
         DEFAULT_BUCKET
     } else {
@@ -209,8 +223,7 @@ pub fn packet_record(
         };
         let (ip, port) = (ev.destination?, ev.port?);
         plan.and_then(|p| {
-            let dest = classify(ip, &[ip])?;
-            p.service_for(transport, &dest, port)
+            p.service_for(transport, &Destination::in_scope(ip), port)
         })
         .map_or(u32::MAX, |i| i as u32) // no such service: "unknown service"
     };

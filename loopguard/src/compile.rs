@@ -17,10 +17,11 @@ use std::{
 };
 
 use ipnet::IpNet;
-use loopguard_common::{MAX_DECISIONS, MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES};
+use loopguard_common::{BIND_WILDCARD_ATOM, MAX_DECISIONS, MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::scope::LocalTable;
 use crate::policy::{
     classify, AddrSet, Destination, ListKind, Mode, Policy, PortRange, Protocol, Resolved,
     Transport, Verdict,
@@ -49,6 +50,10 @@ pub struct PlanService {
     pub log_allowed: bool,
     /// Index into [`Plan::uid_sets`].
     pub uid_set: u32,
+    /// Who may bind its ports (index into [`Plan::uid_sets`]), when it is
+    /// bind-guarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_set: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +62,20 @@ pub struct Decision {
     pub port_atom: u32,
     pub addr_atom: u32,
     pub service: u32,
+}
+
+/// Who may bind one (transport, port atom, address atom) cell: the uids in
+/// every bind-guarded service covering it. `addr_atom` is
+/// [`BIND_WILDCARD_ATOM`] for `0.0.0.0`/`::`, which listen on every address
+/// and so answer to every guarded service on the port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindDecision {
+    pub transport: Transport,
+    pub port_atom: u32,
+    pub addr_atom: u32,
+    /// The innermost guarded service: named in events and `explain`.
+    pub service: u32,
+    pub uid_set: u32,
 }
 
 /// The compiled policy.
@@ -76,6 +95,9 @@ pub struct Plan {
     /// Atom `i + 1` is `nets[i]`.
     pub nets: Vec<IpNet>,
     pub decisions: Vec<Decision>,
+    /// Bind guards, sorted by key; empty when no service has one.
+    #[serde(default)]
+    pub binds: Vec<BindDecision>,
 }
 
 /// What happens to one attempt.
@@ -123,14 +145,21 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     too_large("services", policy.services.len(), MAX_SERVICES)?;
 
     let mut uid_sets: Vec<Vec<u32>> = Vec::new();
-    let mut interned: HashMap<&[u32], u32> = HashMap::new();
+    let mut interned: HashMap<Vec<u32>, u32> = HashMap::new();
     let mut services = Vec::with_capacity(policy.services.len());
     let lines = crate::diag::LineIndex::new(&policy.source);
+    let mut intern = |uids: &[u32]| -> u32 {
+        if let Some(&i) = interned.get(uids) {
+            return i;
+        }
+        uid_sets.push(uids.to_vec());
+        let i = (uid_sets.len() - 1) as u32;
+        interned.insert(uids.to_vec(), i);
+        i
+    };
     for (s, r) in policy.services.iter().zip(&resolved.services) {
-        let uid_set = *interned.entry(&r.uids[..]).or_insert_with(|| {
-            uid_sets.push(r.uids.to_vec());
-            (uid_sets.len() - 1) as u32
-        });
+        let uid_set = intern(&r.uids);
+        let bind_set = r.bind_uids.as_deref().map(&mut intern);
         services.push(PlanService {
             name: s.name.clone(),
             location: {
@@ -144,6 +173,7 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
             mode: s.mode,
             log_allowed: s.log_allowed,
             uid_set,
+            bind_set,
         });
     }
     too_large(
@@ -167,27 +197,14 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
 
     let mut table: HashMap<(Transport, u32, u32), u32> = HashMap::new();
     for (si, s) in services.iter().enumerate() {
-        let first_atom = port_atoms.partition_point(|a| a.last < s.ports.first);
-        let pas = port_atoms[first_atom..]
-            .iter()
-            .take_while(|a| a.first <= s.ports.last)
-            .count();
-        let aas: Vec<u32> = match &s.addresses {
-            AddrSet::Loopback => (0..=nets.len() as u32).collect(),
-            AddrSet::Nets(own) => nets
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| own.iter().any(|o| o.contains(*n)))
-                .map(|(i, _)| i as u32 + 1)
-                .collect(),
-        };
+        let aas = addr_atoms_of(s, &nets);
         for t in Transport::ALL {
             if !s.protocol.includes(t) {
                 continue;
             }
-            for pa in first_atom..first_atom + pas {
+            for pa in port_atoms_of(s, &port_atoms) {
                 for &aa in &aas {
-                    let key = (t, pa as u32 + 1, aa);
+                    let key = (t, pa as u32, aa);
                     match table.get(&key) {
                         Some(&e) if !contains(&services[e as usize], s) => {}
                         _ => {
@@ -199,6 +216,8 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
         }
         too_large("decision entries", table.len(), MAX_DECISIONS)?;
     }
+    let binds = bind_decisions(&services, &port_atoms, &nets, &mut uid_sets, &mut interned);
+    too_large("bind decision entries", binds.len(), MAX_DECISIONS)?;
     let sorted: BTreeMap<_, _> = table.into_iter().collect();
     let decisions = sorted
         .into_iter()
@@ -221,7 +240,96 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
         port_atoms,
         nets,
         decisions,
+        binds,
     })
+}
+
+/// The address atoms a service covers: all of them for `loopback`, else
+/// the named prefixes inside its own.
+fn addr_atoms_of(s: &PlanService, nets: &[IpNet]) -> Vec<u32> {
+    match &s.addresses {
+        AddrSet::Loopback => (0..=nets.len() as u32).collect(),
+        AddrSet::Nets(own) => nets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| own.iter().any(|o| o.contains(*n)))
+            .map(|(i, _)| i as u32 + 1)
+            .collect(),
+    }
+}
+
+/// The port atoms (1-based) inside a service's ports.
+fn port_atoms_of(s: &PlanService, port_atoms: &[PortRange]) -> std::ops::Range<usize> {
+    let first = port_atoms.partition_point(|a| a.last < s.ports.first);
+    let count = port_atoms[first..]
+        .iter()
+        .take_while(|a| a.first <= s.ports.last)
+        .count();
+    first + 1..first + 1 + count
+}
+
+/// Bind guards per cell: a bind is allowed only to uids every guarded
+/// service covering the cell lists (each service's guard holds on its own,
+/// whatever other services say), so a cell's set is the intersection.
+/// Wildcard binds listen on every address: their cell collects every
+/// guarded service on the port.
+fn bind_decisions(
+    services: &[PlanService],
+    port_atoms: &[PortRange],
+    nets: &[IpNet],
+    uid_sets: &mut Vec<Vec<u32>>,
+    interned: &mut HashMap<Vec<u32>, u32>,
+) -> Vec<BindDecision> {
+    // cell -> (innermost guarded service, intersected uids)
+    let mut cells: BTreeMap<(Transport, u32, u32), (u32, Vec<u32>)> = BTreeMap::new();
+    for (si, s) in services.iter().enumerate() {
+        let Some(set) = s.bind_set else { continue };
+        let mut atoms = addr_atoms_of(s, nets);
+        atoms.push(BIND_WILDCARD_ATOM);
+        for t in Transport::ALL {
+            if !s.protocol.includes(t) {
+                continue;
+            }
+            for pa in port_atoms_of(s, port_atoms) {
+                for &aa in &atoms {
+                    let uids = &uid_sets[set as usize];
+                    match cells.entry((t, pa as u32, aa)) {
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert((si as u32, uids.clone()));
+                        }
+                        std::collections::btree_map::Entry::Occupied(mut o) => {
+                            let (who, have) = o.get_mut();
+                            have.retain(|u| uids.binary_search(u).is_ok());
+                            if contains(&services[*who as usize], s) {
+                                *who = si as u32;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cells
+        .into_iter()
+        .map(|((transport, port_atom, addr_atom), (service, uids))| {
+            let uid_set = match interned.get(&uids) {
+                Some(&i) => i,
+                None => {
+                    uid_sets.push(uids.clone());
+                    let i = (uid_sets.len() - 1) as u32;
+                    interned.insert(uids, i);
+                    i
+                }
+            };
+            BindDecision {
+                transport,
+                port_atom,
+                addr_atom,
+                service,
+                uid_set,
+            }
+        })
+        .collect()
 }
 
 /// `outer` matches everything `inner` does (validation guarantees that of
@@ -316,9 +424,9 @@ impl Plan {
         transport: Transport,
         ip: IpAddr,
         port: u16,
-        host_addrs: &[IpAddr],
+        local: &LocalTable,
     ) -> Evaluation {
-        let Some(dest) = classify(ip, host_addrs) else {
+        let Some(dest) = classify(ip, local) else {
             return Evaluation {
                 action: Action::Allow,
                 destination: None,
@@ -358,6 +466,72 @@ impl Plan {
             destination: Some(dest),
             service,
             reason,
+        }
+    }
+
+    /// The verdict the bind hooks give a `bind()` of `ip:port` by `uid`,
+    /// computed the way the eBPF programs do.
+    pub fn evaluate_bind(
+        &self,
+        uid: u32,
+        transport: Transport,
+        ip: IpAddr,
+        port: u16,
+        local: &LocalTable,
+    ) -> Evaluation {
+        let allow = |destination, reason: String| Evaluation {
+            action: Action::Allow,
+            destination,
+            service: None,
+            reason,
+        };
+        if port == 0 {
+            return allow(None, "port 0 asks for an ephemeral port: not guarded".into());
+        }
+        let wildcard = match ip {
+            IpAddr::V4(v4) => v4.is_unspecified(),
+            IpAddr::V6(v6) => {
+                v6.is_unspecified() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified())
+            }
+        };
+        let (dest, addr_atom) = if wildcard {
+            (None, BIND_WILDCARD_ATOM)
+        } else {
+            match classify(ip, local) {
+                Some(d) => {
+                    let atom = self.addr_atom(&d);
+                    (Some(d), atom)
+                }
+                None => {
+                    return allow(
+                        None,
+                        format!("{ip} is not delivered to this host: outside loopguard's scope"),
+                    )
+                }
+            }
+        };
+        let key = (transport, self.port_atom(port), addr_atom);
+        let found = self
+            .binds
+            .binary_search_by(|b| (b.transport, b.port_atom, b.addr_atom).cmp(&key))
+            .ok()
+            .map(|i| &self.binds[i]);
+        let Some(b) = found.filter(|_| key.1 != 0) else {
+            return allow(dest, "no service guards binding here".into());
+        };
+        let s = &self.services[b.service as usize];
+        let listed = self.uid_sets[b.uid_set as usize].binary_search(&uid).is_ok();
+        let action = match (listed, s.mode) {
+            (true, _) => Action::Allow,
+            (false, Mode::Audit) => Action::WouldDeny,
+            (false, Mode::Enforce) => Action::Deny,
+        };
+        let why = if listed { "may bind" } else { "may not bind" };
+        Evaluation {
+            action,
+            destination: dest,
+            service: Some(b.service as usize),
+            reason: format!("service {}: uid {why}", s.name),
         }
     }
 
@@ -408,7 +582,7 @@ mod tests {
         t: Transport,
         ip: IpAddr,
         port: u16,
-        host: &[IpAddr],
+        host: &LocalTable,
     ) -> Action {
         let Some(dest) = classify(ip, host) else {
             return Action::Allow;
@@ -487,7 +661,11 @@ deny_users = [1]
 
     #[test]
     fn plan_agrees_with_the_reference_semantics() {
-        let host: Vec<IpAddr> = vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        let host = LocalTable::from_prefixes([
+            ("192.0.2.1/32".parse().unwrap(), crate::scope::LocalKind::Local),
+            ("2001:db8::1/128".parse().unwrap(), crate::scope::LocalKind::Local),
+            ("10.66.0.0/16".parse().unwrap(), crate::scope::LocalKind::Local),
+        ]);
         let ips: Vec<IpAddr> = [
             "127.0.0.1",
             "127.0.0.2",
@@ -503,6 +681,10 @@ deny_users = [1]
             "2001:db8::1",
             "::ffff:192.0.2.1",
             "10.0.0.1",
+            "10.66.3.4",
+            "255.255.255.255",
+            "224.0.0.1",
+            "ff02::1",
             "::2",
         ]
         .iter()
@@ -529,6 +711,105 @@ deny_users = [1]
             }
         }
         assert!(checked > 10_000);
+    }
+
+    #[test]
+    fn binds_agree_with_the_reference_semantics() {
+        let text = r#"version = 1
+[[service]]
+name = "pg"
+port = 5432
+allow_users = [1]
+bind_users = [2, 3]
+[[service]]
+name = "pg-two"
+port = 5432
+addresses = ["127.0.0.2"]
+allow_users = [1]
+bind_users = [3, 4]
+mode = "audit"
+[[service]]
+name = "web"
+port = "8000-8099"
+protocol = "any"
+deny_users = [9]
+bind_groups = [7]
+[[service]]
+name = "web-one"
+port = 8080
+protocol = "udp"
+addresses = ["127.0.0.3"]
+deny_users = [9]
+[[service]]
+name = "open"
+port = 9000
+allow_users = [1]
+"#;
+        let (p, plan) = plan_of(text);
+        let host = LocalTable::from_prefixes([(
+            "192.0.2.1/32".parse().unwrap(),
+            crate::scope::LocalKind::Local,
+        )]);
+        let ips: Vec<IpAddr> = [
+            "127.0.0.1",
+            "127.0.0.2",
+            "127.0.0.3",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+            "::ffff:127.0.0.2",
+            "192.0.2.1",
+            "10.1.1.1",
+            "224.0.0.1",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut denied = 0;
+        for &ip in &ips {
+            let wildcard = ip.is_unspecified() || ip == "::ffff:0.0.0.0".parse::<IpAddr>().unwrap();
+            for port in [0, 5431, 5432, 8000, 8080, 8099, 9000] {
+                for t in Transport::ALL {
+                    for uid in 0..10 {
+                        // SPEC §2: every guarded service covering the bind
+                        // must list the uid.
+                        let dest = classify(ip, &host);
+                        let guards: Vec<usize> = (0..p.services.len())
+                            .filter(|&i| {
+                                let s = &p.services[i];
+                                port != 0
+                                    && s.bind.is_some()
+                                    && s.protocol.includes(t)
+                                    && s.ports.contains_port(port)
+                                    && (wildcard
+                                        || dest.as_ref().is_some_and(|d| s.addresses.contains_addr(d)))
+                            })
+                            .collect();
+                        let refused = guards.iter().any(|&i| {
+                            let set = plan.services[i].bind_set.expect("guarded") as usize;
+                            !plan.uid_sets[set].contains(&uid)
+                        });
+                        let got = plan.evaluate_bind(uid, t, ip, port, &host);
+                        assert_eq!(
+                            got.action != Action::Allow,
+                            refused,
+                            "uid {uid} bind {ip}:{port}/{t:?}: {}",
+                            got.reason
+                        );
+                        denied += usize::from(refused);
+                    }
+                }
+            }
+        }
+        assert!(denied > 100, "{denied}");
+        // The audit-mode service decides its own cell only.
+        let two: IpAddr = "127.0.0.2".parse().unwrap();
+        let e = plan.evaluate_bind(2, Transport::Tcp, two, 5432, &host);
+        assert_eq!(e.action, Action::WouldDeny, "{}", e.reason);
+        let one: IpAddr = "127.0.0.1".parse().unwrap();
+        let e = plan.evaluate_bind(4, Transport::Tcp, one, 5432, &host);
+        assert_eq!(e.action, Action::Deny, "{}", e.reason);
     }
 
     #[test]

@@ -1,9 +1,8 @@
 //! Facts about the host loopguard runs on: privileges, cgroup v2, bpffs,
-//! the network namespace and its addresses.
+//! the network namespace.
 
 use std::{
     fs, io,
-    net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
@@ -198,28 +197,16 @@ pub fn netns_cookie() -> Option<u64> {
     (rc == 0).then_some(cookie)
 }
 
-/// Addresses of every interface in this network namespace, except the
-/// loopback range itself (always in scope).
-pub fn host_addresses() -> Result<Vec<IpAddr>, HostError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| HostError::Io {
-        context: "failed to list interface addresses".into(),
-        source: io::Error::from(e),
-    })?;
-    let mut out: Vec<IpAddr> = addrs
-        .filter_map(|a| {
-            let sa = a.address?;
-            if let Some(v4) = sa.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
+/// The kernel's ephemeral port range and reserved ports; Linux's default
+/// when they cannot be read.
+pub fn ephemeral_ports() -> crate::policy::EphemeralPorts {
+    let read = |p: &str| fs::read_to_string(p).ok();
+    read("/proc/sys/net/ipv4/ip_local_port_range")
+        .and_then(|range| {
+            let reserved = read("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+            crate::policy::EphemeralPorts::parse(&range, &reserved)
         })
-        .map(crate::policy::normalize_ip)
-        .filter(|ip| !crate::policy::is_loopback_range(*ip))
-        .collect();
-    out.sort();
-    out.dedup();
-    Ok(out)
+        .unwrap_or_else(crate::policy::EphemeralPorts::linux_default)
 }
 
 /// A non-blocking netlink socket of `protocol`, bound to the multicast

@@ -14,4 +14,5 @@ pub mod nflog;
 pub mod nft;
 pub mod paths;
 pub mod policy;
+pub mod scope;
 pub mod state;

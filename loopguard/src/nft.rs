@@ -1,23 +1,24 @@
 //! The nftables layer: the same compiled plan, enforced per packet on `lo`.
 //!
 //! One table `inet <instance>` in the applying network namespace. Its base
-//! chain hooks `output` and judges only packets that leave on `lo`, only
-//! TCP SYNs (new connections) and UDP datagrams, and only destinations in
-//! the loopback scope:
+//! chain hooks `output` and judges only TCP SYNs (new connections) and UDP
+//! datagrams, and only destinations the kernel itself says it delivers to
+//! this host (its `local` table: interface addresses, AnyIP prefixes,
+//! broadcast and anycast addresses; and multicast), asked per packet with
+//! a fib lookup, so nothing needs copying when addresses change:
 //!
 //! ```text
-//! output:        oif != "lo" accept                 # never touches other traffic
-//!                tcp flags & (syn | ack) != syn accept   # established: no lookup, no conntrack
+//! output:        tcp flags & (syn | ack) != syn accept   # established: no lookup, no conntrack
+//!                fib daddr type != { local, broadcast, anycast, multicast } accept
 //!                meta l4proto vmap { tcp : jump dispatch_tcp, udp : jump dispatch_udp }
-//! dispatch_tcp:  ip daddr 127.0.0.0/8 th dport vmap @dechost_tcp
-//!                ip6 daddr ::1 th dport vmap @dechost_tcp
-//!                ip daddr @host4 th dport vmap @dechost_tcp   (and ip6 @host6)
+//! dispatch_tcp:  th dport vmap @dechost_tcp
 //!                (the default for the rest of the scope)
 //! dispatch_udp:  the same, for udp
 //! ```
 //!
-//! (With named addresses the loopback lookups use `dec4_*` / `dec6_*`,
-//! keyed on address . port.) The verdict maps are interval maps keyed on
+//! (With named addresses, `ip daddr 127.0.0.0/8` and `ip6 daddr ::1` are
+//! looked up in `dec4_*` / `dec6_*` first, keyed on address . port.) The
+//! verdict maps are interval maps keyed on
 //! disjoint (address range, port range) atoms per transport, so one lookup
 //! finds the deciding service whatever the policy size. Services with the
 //! same uids, list kind and mode share one verdict chain checking `meta
@@ -37,7 +38,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr},
     rc::Rc,
 };
 
@@ -166,7 +167,7 @@ fn address_regions(nets: &[IpNet]) -> BTreeMap<u32, Region> {
 
 /// Version of the table's layout. A table of another layout (an older
 /// loopguard) is replaced whole, never updated in place.
-pub const LAYOUT: u32 = 4;
+pub const LAYOUT: u32 = 5;
 
 /// An interval key of a verdict map or refusal set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -412,84 +413,60 @@ impl Batch<'_> {
         });
     }
 
-    /// The host address sets' contents.
-    fn host_elems(&mut self, host_addrs: &[IpAddr]) {
-        for (set, v4) in [("host4", true), ("host6", false)] {
-            let elems: Vec<String> = host_addrs
-                .iter()
-                .filter(|a| a.is_ipv4() == v4)
-                .map(|a| format!("\"{a}\""))
-                .collect();
-            self.elements("add", set, &elems, |e, out| out.push_str(e));
-        }
-    }
-
     /// The rules of the base chain and of the refusal-counting chain,
     /// which depend only on the plan's default, mode and whether it names
     /// addresses.
     fn dispatch_rules(&mut self, spec: &Spec) {
-        // The lookups, one per transport and scope: (family, scope match,
-        // map family). Without named addresses every in-scope destination
-        // is address atom 0, so the port alone decides: the one-field maps
-        // (an rbtree lookup) serve the loopback range too, instead of the
-        // concatenated ones (pipapo, whose cost grows with the element
-        // count).
-        let (lo4, lo6) = if spec.nets {
-            ("4", "6")
-        } else {
-            ("host", "host")
-        };
-        let scopes = [
-            (
-                "ip",
-                json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
-                lo4,
-            ),
-            ("ip6", json!("::1"), lo6),
-            ("ip", json!("@host4"), "host"),
-            ("ip6", json!("@host6"), "host"),
-        ];
-        let daddr = |family: &str, right: &Value| json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}});
+        // The lookups, one per transport: (address match, map family).
+        // Without named addresses every in-scope destination is address
+        // atom 0, so the port alone decides (a one-field rbtree lookup);
+        // with them, the loopback range is looked up by address . port
+        // first (pipapo) and the rest of the scope by port.
+        let mut scopes: Vec<(Option<Value>, &str)> = Vec::new();
+        if spec.nets {
+            scopes.push((Some(daddr("ip", json!({"prefix": {"addr": "127.0.0.0", "len": 8}}))), "4"));
+            scopes.push((Some(daddr("ip6", json!("::1"))), "6"));
+        }
+        scopes.push((None, "host"));
         let l4proto = |t: Transport| json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto(t)}});
-        let lookup_key = |family: &str, map: &str| {
-            if map == "host" {
-                json!({"payload": {"protocol": "th", "field": "dport"}})
-            } else {
-                json!({"concat": [{"payload": {"protocol": family, "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]})
-            }
+        let lookup_key = |map: &str| match map {
+            "4" => json!({"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]}),
+            "6" => json!({"concat": [{"payload": {"protocol": "ip6", "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]}),
+            _ => json!({"payload": {"protocol": "th", "field": "dport"}}),
         };
         // Refusals are counted per service by a second lookup of the same
         // key, on the refusal path only, in sets whose elements carry
-        // their own counters (and the service in their comment).
+        // their own counters (and the service in their comment). A
+        // loopback-range match returns, so no refusal counts twice.
         for t in Transport::ALL {
-            for (family, right, map) in &scopes {
-                self.rule(
-                    COUNT_CHAIN,
-                    vec![
-                        l4proto(t),
-                        daddr(family, right),
-                        json!({"match": {"op": "==", "left": lookup_key(family, map), "right": format!("@ref{map}_{}", proto(t))}}),
-                    ],
-                );
+            for (addr, map) in &scopes {
+                let mut e = vec![l4proto(t)];
+                e.extend(addr.clone());
+                e.push(json!({"match": {"op": "==", "left": lookup_key(map), "right": format!("@ref{map}_{}", proto(t))}}));
+                if addr.is_some() {
+                    e.push(json!({"return": null}));
+                }
+                self.rule(COUNT_CHAIN, e);
             }
         }
 
-        // The base chain lets everything not leaving on lo go at its first
-        // rule and established TCP at its second (most packets on lo: they
-        // pay two comparisons, no lookup, no connection tracking), and
-        // sends new TCP connections and UDP to a chain of their own (one
-        // lookup, not a walk past the other protocol's rules).
+        // The base chain lets established TCP go at its first rule (most
+        // packets: one comparison, no lookup, no connection tracking),
+        // then everything the kernel does not deliver to this host (one
+        // fib lookup per SYN or datagram), and sends new TCP connections
+        // and UDP to a chain of their own (one lookup, not a walk past the
+        // other protocol's rules).
         self.rule(
             BASE_CHAIN,
             vec![
-                json!({"match": {"op": "!=", "left": {"meta": {"key": "oif"}}, "right": "lo"}}),
+                json!({"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "right": "syn"}}),
                 json!({"accept": null}),
             ],
         );
         self.rule(
             BASE_CHAIN,
             vec![
-                json!({"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "ack"]]}, "right": "syn"}}),
+                json!({"match": {"op": "!=", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": {"set": ["local", "broadcast", "anycast", "multicast"]}}}),
                 json!({"accept": null}),
             ],
         );
@@ -503,38 +480,28 @@ impl Batch<'_> {
         );
         for t in Transport::ALL {
             let chain = dispatch_chain(t);
-            for (family, right, map) in &scopes {
-                self.rule(
-                    &chain,
-                    vec![
-                        daddr(family, right),
-                        json!({"vmap": {"key": lookup_key(family, map), "data": format!("@dec{map}_{}", proto(t))}}),
-                    ],
-                );
+            for (addr, map) in &scopes {
+                let mut e: Vec<Value> = addr.iter().cloned().collect();
+                e.push(json!({"vmap": {"key": lookup_key(map), "data": format!("@dec{map}_{}", proto(t))}}));
+                self.rule(&chain, e);
             }
             // Unmatched traffic in scope: the default.
-            for (family, right, _) in &scopes {
-                let head = vec![daddr(family, right)];
-                match spec.default {
-                    Verdict::Allow => {
-                        let mut e = head.clone();
-                        e.extend([
-                            json!({"counter": DEFAULT_ALLOW_COUNTER}),
-                            json!({"accept": null}),
-                        ]);
+            match spec.default {
+                Verdict::Allow => self.rule(
+                    &chain,
+                    vec![
+                        json!({"counter": DEFAULT_ALLOW_COUNTER}),
+                        json!({"accept": null}),
+                    ],
+                ),
+                Verdict::Deny => {
+                    for e in deny_exprs(
+                        self.table,
+                        spec.mode,
+                        "default",
+                        Some(json!({"counter": DEFAULT_DENY_COUNTER})),
+                    ) {
                         self.rule(&chain, e);
-                    }
-                    Verdict::Deny => {
-                        for tail in deny_exprs(
-                            self.table,
-                            spec.mode,
-                            "default",
-                            Some(json!({"counter": DEFAULT_DENY_COUNTER})),
-                        ) {
-                            let mut e = head.clone();
-                            e.extend(tail);
-                            self.rule(&chain, e);
-                        }
                     }
                 }
             }
@@ -547,6 +514,11 @@ impl Batch<'_> {
 }
 
 const BASE_CHAIN: &str = "output";
+
+/// `<family> daddr == <right>`.
+fn daddr(family: &str, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}})
+}
 const COUNT_CHAIN: &str = "count_refused";
 
 /// The chain the base chain sends one transport's packets to.
@@ -589,7 +561,7 @@ fn key_type(family: &str) -> Value {
 
 /// The whole table as one JSON batch: create-if-missing, delete, create
 /// with every set, map, chain and rule. Its counters start at zero.
-pub fn ruleset(table: &str, plan: &Plan, host_addrs: &[IpAddr]) -> String {
+pub fn ruleset(table: &str, plan: &Plan) -> String {
     let spec = Spec::of(plan);
     let t = json!({"family": "inet", "name": table});
     let mut b = Batch {
@@ -606,9 +578,6 @@ pub fn ruleset(table: &str, plan: &Plan, host_addrs: &[IpAddr]) -> String {
     for name in [DEFAULT_ALLOW_COUNTER, DEFAULT_DENY_COUNTER] {
         b.push("add", "counter", json!({"name": name}));
     }
-    b.push("add", "set", json!({"name": "host4", "type": "ipv4_addr"}));
-    b.push("add", "set", json!({"name": "host6", "type": "ipv6_addr"}));
-    b.host_elems(host_addrs);
     // Only the refusal sets count (per element): the verdict maps are on
     // every new connection's path. A concatenated interval key that
     // includes `meta l4proto` is refused by some kernels with Debian 12's
@@ -668,7 +637,7 @@ pub struct Update {
 /// referenced. Unchanged elements keep their counters. A service whose
 /// refusal elements change has all of them replaced (its count is carried
 /// by the caller).
-pub fn update(table: &str, old: &Plan, plan: &Plan, host_addrs: &[IpAddr]) -> Update {
+pub fn update(table: &str, old: &Plan, plan: &Plan) -> Update {
     let (was, now) = (Spec::of(old), Spec::of(plan));
     let mut b = Batch {
         table,
@@ -747,10 +716,6 @@ pub fn update(table: &str, old: &Plan, plan: &Plan, host_addrs: &[IpAddr]) -> Up
     for chain in [BASE_CHAIN, COUNT_CHAIN, &dispatch[0], &dispatch[1]] {
         b.push("flush", "chain", json!({"name": chain}));
     }
-    for set in ["host4", "host6"] {
-        b.push("flush", "set", json!({"name": set}));
-    }
-    b.host_elems(host_addrs);
     b.dispatch_rules(&now);
     for name in was.chains.keys() {
         if !now.chains.contains_key(name) {
@@ -779,28 +744,6 @@ pub fn available() -> Result<(), NftError> {
 /// Commits a batch: one transaction.
 pub fn commit(batch: &str) -> Result<(), NftError> {
     nft(batch, NO_ARGS).map(drop).map_err(NftError::Rejected)
-}
-
-/// Replaces the host address sets, in one transaction (the daemon calls
-/// this when rtnetlink reports an address change).
-pub fn sync_host_addrs(table: &str, host_addrs: &[IpAddr]) -> Result<(), NftError> {
-    let mut cmds = Vec::new();
-    for (set, v4) in [("host4", true), ("host6", false)] {
-        let set_ref = json!({"family": "inet", "table": table, "name": set});
-        cmds.push(json!({"flush": {"set": set_ref}}));
-        let elems: Vec<String> = host_addrs
-            .iter()
-            .filter(|a| a.is_ipv4() == v4)
-            .map(ToString::to_string)
-            .collect();
-        if !elems.is_empty() {
-            cmds.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": elems}}}));
-        }
-    }
-    let batch = json!({"nftables": cmds});
-    nft(&batch.to_string(), NO_ARGS)
-        .map(drop)
-        .map_err(NftError::Rejected)
 }
 
 /// Deletes the instance's table, and nothing else. Returns whether it

@@ -403,6 +403,34 @@ impl Sandbox {
         self.wait_listening(&format!("127.0.0.1:{port}"));
     }
 
+    /// Starts the probe as `user` (root when `None`) in our namespace,
+    /// outside the cgroup, in the background; killed when the sandbox
+    /// drops.
+    pub fn spawn_outside(&mut self, user: Option<&TestUser>, args: &[&str]) {
+        let child = self
+            .probe_cmd_outside(user, args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn probe {args:?}: {e}"));
+        self.children.push(child);
+    }
+
+    /// Waits until a UDP socket is bound to `port` in our namespace.
+    pub fn wait_udp_bound(&self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let filter = format!("sport = :{port}");
+        while self
+            .in_netns(&["ss", "-Hunl", &filter])
+            .ok()
+            .stdout
+            .trim()
+            .is_empty()
+        {
+            assert!(Instant::now() < deadline, "nothing bound UDP port {port}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts `loopguard run POLICY --cgroup <ours> --audit-log <dir>/audit.jsonl
     /// EXTRA...` in our namespace and waits for its sd_notify READY=1.
     /// Killed when the sandbox drops.
@@ -593,7 +621,9 @@ impl Daemon {
             }
             assert!(
                 Instant::now() < deadline,
-                "{what} not seen in {secs} s; events: {events:?}"
+                "{what} not seen in {secs} s; {} events, the last ones: {:?}",
+                events.len(),
+                &events[events.len().saturating_sub(3)..]
             );
             thread::sleep(Duration::from_millis(50));
         }

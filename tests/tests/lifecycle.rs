@@ -53,7 +53,7 @@ fn reapply_under_load_is_atomic_and_reuses_pins() {
     let b = sb.policy("b.toml", &policy_b(u.alice.name, u.carol.name));
     sb.apply(&a, &[]).ok();
     let ids = attached_program_ids(&sb.cgroup);
-    assert_eq!(ids.len(), 4, "four hooks attached");
+    assert_eq!(ids.len(), 6, "six hooks attached");
 
     let stop = sb.dir.join("stop");
     let stop = stop.to_str().expect("utf-8");

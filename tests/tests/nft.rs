@@ -121,16 +121,17 @@ fn nft_layer_alone_refuses_every_route() {
 }
 
 #[test]
-fn ruleset_matches_only_lo_and_never_uses_conntrack() {
+fn ruleset_matches_only_what_the_kernel_delivers_here_and_never_uses_conntrack() {
     let u = users();
     let sb = Sandbox::new("nft-shape");
     sb.apply_text(&policy(u.alice.name));
     let table = sb.nft_table().expect("table exists");
     let text = table.to_string();
     assert!(!text.contains("\"ct\""), "no conntrack expression: {text}");
-    // The base chain's first rule lets everything not leaving on lo go,
-    // its second established TCP; only then are TCP and UDP sent on, each
-    // to its own chain, which is reachable from nowhere else.
+    // The base chain's first rule lets established TCP go, its second
+    // every packet whose destination the kernel does not deliver to this
+    // host (its own fib lookup); only then are TCP and UDP sent on, each to
+    // its own chain, which is reachable from nowhere else.
     let rules: Vec<&serde_json::Value> = table["nftables"]
         .as_array()
         .expect("array")
@@ -139,10 +140,19 @@ fn ruleset_matches_only_lo_and_never_uses_conntrack() {
         .collect();
     let base: Vec<_> = rules.iter().filter(|r| r["chain"] == "output").collect();
     assert_eq!(base.len(), 3, "{base:?}");
-    assert_eq!(base[0]["expr"][0]["match"]["op"], "!=");
-    assert_eq!(base[0]["expr"][0]["match"]["right"], "lo");
-    assert_eq!(base[0]["expr"][1], serde_json::json!({"accept": null}));
-    assert!(base[1].to_string().contains("\"syn\""), "{:?}", base[1]);
+    assert!(base[0].to_string().contains("\"syn\""), "{:?}", base[0]);
+    let scope = &base[1]["expr"][0]["match"];
+    assert_eq!(scope["op"], "!=", "{scope}");
+    assert_eq!(
+        scope["left"],
+        serde_json::json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+        "{scope}"
+    );
+    let kinds = scope["right"]["set"].to_string();
+    for kind in ["local", "broadcast", "anycast", "multicast"] {
+        assert!(kinds.contains(kind), "{kinds}");
+    }
+    assert_eq!(base[1]["expr"][1], serde_json::json!({"accept": null}));
     let jumps = base[2]["expr"][0]["vmap"]["data"]["set"].to_string();
     assert!(
         jumps.contains("dispatch_tcp") && jumps.contains("dispatch_udp"),

@@ -13,6 +13,7 @@ use loopguard::{
     ebpf, host, nft,
     paths::{InstancePaths, STATE_ROOT},
     policy::SystemDirectory,
+    scope::LocalTable,
     state::State,
 };
 use nix::fcntl::{Flock, FlockArg};
@@ -260,7 +261,7 @@ fn enforce(
         }
     }
     let cookie = host::netns_cookie().unwrap_or(0);
-    let host_addrs = host::host_addresses()?;
+    let local = LocalTable::read().context("failed to read the kernel's local routing table")?;
     let table = &paths.instance;
 
     let change = if want_nft {
@@ -276,7 +277,7 @@ fn enforce(
         };
         match probe {
             Ok(()) => Some(timed("nft: build batch", || {
-                nft_change(table, plan, previous, &host_addrs)
+                nft_change(table, plan, previous)
             })),
             Err(e) if args.layers == Layers::Both && want_bpf => {
                 log::warn!(
@@ -300,7 +301,7 @@ fn enforce(
     if want_bpf {
         let mut installed = timed("ebpf: install", || ebpf::install(paths, &cgroup, cookie))
             .context("failed to install the eBPF layer")?;
-        let result = ebpf::sync_host_addrs(&mut installed.maps, &host_addrs).and_then(|()| {
+        let result = ebpf::sync_local(&mut installed.maps, &local).and_then(|_| {
             timed("ebpf: stage", || {
                 ebpf::stage(&mut installed.maps, plan, previous.map(|s| &s.plan))
             })
@@ -325,7 +326,7 @@ fn enforce(
             // The table in force is not what the state says (edited by
             // hand?): replace it whole.
             log::warn!("nftables: in-place update refused; replacing table {table} whole");
-            let full = full_table(table, plan, previous, &host_addrs);
+            let full = full_table(table, plan, previous);
             result = timed("nft: commit", || nft::commit(&full.batch));
             packet_base = full.base;
         }
@@ -347,7 +348,7 @@ fn enforce(
             if want_nft {
                 let restored = match previous.filter(|p| p.layers.iter().any(|l| l == "nft")) {
                     Some(prev) => {
-                        nft::commit(&nft::ruleset(table, &prev.plan, &host_addrs)).is_ok()
+                        nft::commit(&nft::ruleset(table, &prev.plan)).is_ok()
                     }
                     None => nft::remove(table).is_ok(),
                 };
@@ -404,12 +405,11 @@ fn nft_change(
     table: &str,
     plan: &Plan,
     previous: Option<&State>,
-    host_addrs: &[std::net::IpAddr],
 ) -> NftChange {
     let Some(prev) = nft_in_force(previous) else {
-        return full_table(table, plan, previous, host_addrs);
+        return full_table(table, plan, previous);
     };
-    let update = nft::update(table, &prev.plan, plan, host_addrs);
+    let update = nft::update(table, &prev.plan, plan);
     let mut base = prev.packet_base.clone();
     if !update.recounted.is_empty() {
         // These services' counting elements are replaced (new ones start
@@ -421,7 +421,7 @@ fn nft_change(
                         counts.get(name).copied().unwrap_or(0);
                 }
             }
-            Err(_) => return full_table(table, plan, previous, host_addrs),
+            Err(_) => return full_table(table, plan, previous),
         }
     }
     NftChange {
@@ -437,7 +437,6 @@ fn full_table(
     table: &str,
     plan: &Plan,
     previous: Option<&State>,
-    host_addrs: &[std::net::IpAddr],
 ) -> NftChange {
     let current = nft::counters(table).unwrap_or_default();
     let base = match previous {
@@ -445,7 +444,7 @@ fn full_table(
         None => current,
     };
     NftChange {
-        batch: nft::ruleset(table, plan, host_addrs),
+        batch: nft::ruleset(table, plan),
         base: base.kept_for(plan),
         in_place: false,
     }

@@ -10,6 +10,7 @@ use loopguard::{
     host,
     paths::InstancePaths,
     policy::{Directory, SystemDirectory, Transport},
+    scope::LocalTable,
     state::State,
 };
 use serde::Serialize;
@@ -20,7 +21,7 @@ use crate::{exit, read_policy, Format};
 #[derive(clap::Args)]
 #[command(
     group(clap::ArgGroup::new("who").required(true).args(["user", "uid"])),
-    after_help = "Examples:\n  loopguard explain --user app --to 127.0.0.1:5432\n  loopguard explain --uid 1005 --to '[::1]:6379' --policy policy.toml"
+    after_help = "Examples:\n  loopguard explain --user app --to 127.0.0.1:5432\n  loopguard explain --uid 1005 --to '[::1]:6379' --policy policy.toml\n  loopguard explain --user mallory --bind --to 0.0.0.0:5432"
 )]
 pub struct Args {
     /// User name.
@@ -29,9 +30,13 @@ pub struct Args {
     /// Numeric uid.
     #[arg(long)]
     uid: Option<u32>,
-    /// Destination, e.g. 127.0.0.1:5432 or [::1]:6379.
+    /// Destination, e.g. 127.0.0.1:5432 or [::1]:6379 (with --bind: the
+    /// address to bind, e.g. 0.0.0.0:5432).
     #[arg(long, value_name = "ADDR:PORT")]
     to: SocketAddr,
+    /// Explain a bind() (who may listen) instead of a connect().
+    #[arg(long)]
+    bind: bool,
     #[arg(long, value_enum, default_value = "tcp")]
     protocol: ProtocolArg,
     /// Explain this policy file instead of the applied one (no root needed).
@@ -50,6 +55,8 @@ enum ProtocolArg {
 #[derive(Serialize)]
 struct Explanation {
     action: &'static str,
+    /// `connect` or `bind`.
+    attempt: &'static str,
     uid: u32,
     user: Option<String>,
     destination: String,
@@ -98,16 +105,22 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         ProtocolArg::Tcp => Transport::Tcp,
         ProtocolArg::Udp => Transport::Udp,
     };
-    let host_addrs = host::host_addresses().context("failed to read host addresses")?;
-    let eval = plan.evaluate(uid, transport, args.to.ip(), args.to.port(), &host_addrs);
+    let local = LocalTable::read().context("failed to read the kernel's local routing table")?;
+    let (ip, port) = (args.to.ip(), args.to.port());
+    let eval = if args.bind {
+        plan.evaluate_bind(uid, transport, ip, port, &local)
+    } else {
+        plan.evaluate(uid, transport, ip, port, &local)
+    };
     let service = eval.service.map(|i| &plan.services[i]);
     let explanation = Explanation {
         action: eval.action.as_str(),
+        attempt: if args.bind { "bind" } else { "connect" },
         uid,
         user: dir.user_name(uid),
         destination: args.to.to_string(),
         protocol: transport.as_str(),
-        in_scope: eval.destination.is_some(),
+        in_scope: eval.destination.is_some() || (args.bind && eval.service.is_some()),
         service: service.map(|s| s.name.clone()),
         location: service.map(|s| s.location.clone()),
         reason: eval.reason.clone(),
@@ -124,9 +137,10 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 Some(n) => format!("uid {uid} ({n})"),
                 None => format!("uid {uid}"),
             };
+            let arrow = if args.bind { "binds" } else { "->" };
             writeln!(
                 out,
-                "{}: {who} -> {}/{}",
+                "{}: {who} {arrow} {}/{}",
                 explanation.action, explanation.destination, explanation.protocol
             )?;
             match service {
@@ -143,11 +157,16 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 }
                 None => writeln!(out, "  {}", explanation.reason)?,
             }
-            let effect = match eval.action {
-                compile::Action::Allow => "the connection proceeds",
-                compile::Action::Deny => "connect()/sendto() fails with EPERM",
-                compile::Action::WouldDeny => {
+            let effect = match (eval.action, args.bind) {
+                (compile::Action::Allow, false) => "the connection proceeds",
+                (compile::Action::Allow, true) => "bind() proceeds",
+                (compile::Action::Deny, false) => "connect()/sendto() fails with EPERM",
+                (compile::Action::Deny, true) => "bind() fails with EPERM",
+                (compile::Action::WouldDeny, false) => {
                     "audit mode: the connection proceeds and is recorded as would-deny"
+                }
+                (compile::Action::WouldDeny, true) => {
+                    "audit mode: bind() proceeds and is recorded as would-deny"
                 }
             };
             writeln!(out, "  {effect}")?;

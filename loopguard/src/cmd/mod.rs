@@ -58,7 +58,15 @@ pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) ->
             }
         }
         if !diagnostics.iter().any(Diagnostic::is_error) {
-            diagnostics.extend(timed("lint", || policy::lint(p, resolved.as_ref())));
+            // Offline checks are for other hosts: judge against Linux's
+            // default port range, not this machine's.
+            let ephemeral = match dir {
+                Some(_) => loopguard::host::ephemeral_ports(),
+                None => policy::EphemeralPorts::linux_default(),
+            };
+            diagnostics.extend(timed("lint", || {
+                policy::lint(p, resolved.as_ref(), &ephemeral)
+            }));
         }
     }
     Checked {

@@ -26,6 +26,7 @@ use loopguard::{
     ebpf::{self, Maps},
     host, nft,
     paths::{InstancePaths, STATE_ROOT},
+    scope::LocalTable,
 };
 use loopguard_common::{
     Event, COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS,
@@ -83,6 +84,8 @@ struct Metrics {
     dropped: Counter,
     generation: Gauge,
     last_apply: Gauge,
+    local_prefixes: Gauge,
+    local_failures: Counter,
     seen: HashMap<AttemptLabels, u64>,
 }
 
@@ -93,6 +96,18 @@ impl Metrics {
         let dropped = Counter::default();
         let generation = Gauge::default();
         let last_apply = Gauge::default();
+        let local_prefixes = Gauge::default();
+        let local_failures = Counter::default();
+        registry.register(
+            "local_prefixes",
+            "Prefixes of the kernel's local table (and the fixed broadcast and multicast ranges) the eBPF layer guards",
+            local_prefixes.clone(),
+        );
+        registry.register(
+            "local_table_sync_failures",
+            "Times the kernel's local table could not be copied into the eBPF layer whole",
+            local_failures.clone(),
+        );
         registry.register(
             "attempts",
             "Connection attempts (bpf) and packets (nft) per service, layer and action",
@@ -119,6 +134,8 @@ impl Metrics {
             dropped,
             generation,
             last_apply,
+            local_prefixes,
+            local_failures,
             seen: HashMap::new(),
         }
     }
@@ -373,7 +390,7 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
             Err(e) => log::warn!("packet-layer events unavailable (nfnetlink_log): {e}"),
         }
     }
-    tokio::spawn(watch_addresses(daemon.clone()));
+    tokio::spawn(watch_local_table(daemon.clone()));
     tokio::spawn(watch_file(args.file.clone(), daemon.clone()));
 
     notify_systemd("READY=1\nSTATUS=enforcing");
@@ -499,12 +516,14 @@ async fn report_dropped(paths: InstancePaths, daemon: Arc<Mutex<Daemon>>) {
     }
 }
 
-/// Re-reads the host's addresses whenever rtnetlink announces a change.
-async fn watch_addresses(daemon: Arc<Mutex<Daemon>>) {
+/// Re-reads the kernel's local routing table whenever rtnetlink announces
+/// a route or address change, and copies it into the eBPF layer. (The
+/// nftables layer asks the kernel per packet: nothing to copy.)
+async fn watch_local_table(daemon: Arc<Mutex<Daemon>>) {
     let sock = match rtnetlink_socket() {
         Ok(s) => s,
         Err(e) => {
-            log::error!("cannot watch address changes: {e}");
+            log::error!("cannot watch the local routing table: {e}");
             return;
         }
     };
@@ -513,46 +532,50 @@ async fn watch_addresses(daemon: Arc<Mutex<Daemon>>) {
         return;
     };
     let mut buf = vec![0u8; 64 * 1024];
+    // Changes made before the watch started.
+    sync_local_table(&mut lock(&daemon));
     loop {
         let Ok(mut guard) = fd.readable().await else {
             return;
         };
-        // Drain every pending message; the content does not matter.
+        // Drain every pending message; the content does not matter (a
+        // burst of changes is one re-read). A full socket buffer (ENOBUFS)
+        // lost some: the re-read covers them too.
         loop {
-            if !matches!(recv_nonblocking(guard.get_inner(), &mut buf), Ok(n) if n > 0) {
-                break;
+            match recv_nonblocking(guard.get_inner(), &mut buf) {
+                Ok(n) if n > 0 => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+                _ => break,
             }
         }
         guard.clear_ready();
-        let d = lock(&daemon);
-        sync_addresses(&d);
+        sync_local_table(&mut lock(&daemon));
     }
 }
 
-fn sync_addresses(d: &Daemon) {
-    let addrs = match host::host_addresses() {
-        Ok(a) => a,
-        Err(e) => {
-            log::error!("{e}");
-            return;
-        }
-    };
-    if ebpf::is_installed(&d.paths) {
-        match Maps::open_pinned(&d.paths) {
-            Ok(mut maps) => {
-                if let Err(e) = ebpf::sync_host_addrs(&mut maps, &addrs) {
-                    log::error!("host addresses (eBPF): {e}");
-                }
+fn sync_local_table(d: &mut Daemon) {
+    if !ebpf::is_installed(&d.paths) {
+        return;
+    }
+    let result = LocalTable::read()
+        .map_err(anyhow::Error::new)
+        .and_then(|table| {
+            let mut maps = Maps::open_pinned(&d.paths)?;
+            let changed = ebpf::sync_local(&mut maps, &table)?;
+            Ok((table.len(), changed))
+        });
+    match result {
+        Ok((len, changed)) => {
+            d.metrics.local_prefixes.set(len as i64);
+            if changed > 0 {
+                log::debug!("local table: {len} prefixes, {changed} entries changed");
             }
-            Err(e) => log::error!("host addresses (eBPF): {e}"),
+        }
+        Err(e) => {
+            d.metrics.local_failures.inc();
+            log::error!("local routing table not fully guarded by the eBPF layer: {e:#}");
         }
     }
-    if nft::table_exists(&d.paths.instance) {
-        if let Err(e) = nft::sync_host_addrs(&d.paths.instance, &addrs) {
-            log::error!("host addresses (nft): {e}");
-        }
-    }
-    log::debug!("host addresses: {addrs:?}");
 }
 
 /// Hands freed memory back to the kernel: a reload reads the whole policy
@@ -587,7 +610,10 @@ fn recv_nonblocking(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 fn rtnetlink_socket() -> io::Result<OwnedFd> {
     host::netlink_socket(
         libc::NETLINK_ROUTE,
-        (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32,
+        (libc::RTMGRP_IPV4_IFADDR
+            | libc::RTMGRP_IPV6_IFADDR
+            | libc::RTMGRP_IPV4_ROUTE
+            | libc::RTMGRP_IPV6_ROUTE) as u32,
     )
 }
 

@@ -44,6 +44,10 @@ struct ServiceStatus {
     list: String,
     mode: String,
     uids: usize,
+    /// How many uids may bind the service's ports; absent when binding is
+    /// not restricted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bind_uids: Option<usize>,
     #[serde(flatten)]
     counts: Counts,
 }
@@ -146,6 +150,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 list: format!("{:?}", s.list).to_lowercase(),
                 mode: format!("{:?}", s.mode).to_lowercase(),
                 uids: plan.uid_sets[s.uid_set as usize].len(),
+                bind_uids: s.bind_set.map(|b| plan.uid_sets[b as usize].len()),
                 counts: c,
             });
         }
@@ -177,7 +182,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             let mut layers = Vec::new();
             if bpf {
                 layers.push(format!(
-                    "bpf (connect4, connect6, sendmsg4, sendmsg6 on {})",
+                    "bpf (connect4, connect6, sendmsg4, sendmsg6, bind4, bind6 on {})",
                     status.cgroup.as_deref().unwrap_or("?")
                 ));
             }
@@ -197,9 +202,9 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 c.packets_allowed.unwrap_or(0),
                 c.packets_denied
             )?;
-            let row = |cols: [&str; 11]| {
+            let row = |cols: [&str; 12]| {
                 format!(
-                    "{:<24} {:<6} {:<11} {:<18} {:<5} {:>5} {:>8} {:>8} {:>10} {:>9} {:>8}",
+                    "{:<24} {:<6} {:<11} {:<18} {:<5} {:>5} {:>5} {:>8} {:>8} {:>10} {:>9} {:>8}",
                     cols[0],
                     cols[1],
                     cols[2],
@@ -210,7 +215,8 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                     cols[7],
                     cols[8],
                     cols[9],
-                    cols[10]
+                    cols[10],
+                    cols[11]
                 )
             };
             writeln!(
@@ -223,6 +229,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                     "ADDRESSES",
                     "LIST",
                     "UIDS",
+                    "BIND",
                     "ALLOWED",
                     "DENIED",
                     "WOULD-DENY",
@@ -239,6 +246,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                     s.counts.packets_denied,
                 ]
                 .map(|v| v.to_string());
+                let bind = s.bind_uids.map_or("-".to_string(), |v| v.to_string());
                 let pkt_allow = s
                     .counts
                     .packets_allowed
@@ -253,6 +261,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                         &s.addresses,
                         &s.list,
                         &n[0],
+                        &bind,
                         &n[1],
                         &n[2],
                         &n[3],

@@ -12,7 +12,6 @@
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     fs, io,
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -28,8 +27,9 @@ use aya::{
     EbpfLoader,
 };
 use loopguard_common::{
-    counter_index, AddrKey, Config, DecisionKey, ServiceEntry, SlotConfig, UidKey, ABI_VERSION,
-    ADDR_KEY_SLOT_BITS, COUNT_KINDS, DEFAULT_BUCKET, LIST_ALLOW, LIST_DENY, MAX_SERVICES,
+    counter_index, AddrKey, BindEntry, Config, DecisionKey, ServiceEntry, SlotConfig, UidKey, ABI_VERSION,
+    ADDR_KEY_SLOT_BITS, COUNT_KINDS, DEFAULT_BUCKET, LIST_ALLOW, LIST_DENY, MAX_LOCAL_PREFIXES,
+    MAX_SERVICES,
     MODE_AUDIT, MODE_ENFORCE, NO_SLOT, PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_ALLOW,
     VERDICT_DENY,
 };
@@ -40,17 +40,20 @@ use crate::{
     compile::Plan,
     paths::InstancePaths,
     policy::{ListKind, Mode, Transport, Verdict},
+    scope::LocalTable,
 };
 
 /// The object built by build.rs from loopguard-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopguard"));
 
 /// Program names in the object, in attach order.
-pub const PROGRAMS: [&str; 4] = [
+pub const PROGRAMS: [&str; 6] = [
     "loopguard_connect4",
     "loopguard_connect6",
     "loopguard_sendmsg4",
     "loopguard_sendmsg6",
+    "loopguard_bind4",
+    "loopguard_bind6",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,8 @@ pub enum EbpfError {
         #[source]
         source: io::Error,
     },
+    #[error("the kernel's local routing table has {count} prefixes; the eBPF layer holds at most {max}")]
+    LocalTooLarge { count: usize, max: u32 },
     #[error("instance {instance} was installed by a loopguard with another map layout (ABI {found}, this is {ABI_VERSION}); run `loopguard --instance {instance} remove` first")]
     Abi { instance: String, found: u32 },
 }
@@ -119,14 +124,15 @@ pub struct Maps {
     pub decisions: HashMap<MapData, DecisionKey, u32>,
     pub services: Array<MapData, ServiceEntry>,
     pub uids: HashMap<MapData, UidKey, u8>,
-    pub host_addrs: HashMap<MapData, [u8; 16], u32>,
+    pub binds: HashMap<MapData, DecisionKey, BindEntry>,
+    pub local: LpmTrie<MapData, [u8; 16], u32>,
     pub counters: PerCpuArray<MapData, u64>,
     /// Events lost to a full ring.
     pub dropped: PerCpuArray<MapData, u64>,
 }
 
 /// Pinned under `maps/`. LG_EVENTS is opened by `loopguard run`.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
     "LG_CONFIG",
     "LG_SLOT_CONFIG",
     "LG_PORT_ATOMS",
@@ -134,7 +140,8 @@ pub const MAP_NAMES: [&str; 11] = [
     "LG_DECISIONS",
     "LG_SERVICES",
     "LG_UIDS",
-    "LG_HOST_ADDRS",
+    "LG_BINDS",
+    "LG_LOCAL",
     "LG_COUNTERS",
     "LG_EVENTS",
     "LG_DROPPED",
@@ -161,7 +168,8 @@ impl Maps {
             decisions: typed!("LG_DECISIONS"),
             services: typed!("LG_SERVICES"),
             uids: typed!("LG_UIDS"),
-            host_addrs: typed!("LG_HOST_ADDRS"),
+            binds: typed!("LG_BINDS"),
+            local: typed!("LG_LOCAL"),
             counters: typed!("LG_COUNTERS"),
             dropped: typed!("LG_DROPPED"),
         })
@@ -363,13 +371,6 @@ pub fn remove_pins(paths: &InstancePaths) -> Result<bool, EbpfError> {
     Ok(true)
 }
 
-fn mapped(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
 fn proto_key(t: Transport) -> u32 {
     match t {
         Transport::Tcp => PROTO_TCP,
@@ -384,23 +385,56 @@ fn mode_byte(m: Mode) -> u8 {
     }
 }
 
-/// Keeps `LG_HOST_ADDRS` equal to `addrs`.
-pub fn sync_host_addrs(maps: &mut Maps, addrs: &[IpAddr]) -> Result<(), EbpfError> {
-    let want: HashSet<[u8; 16]> = addrs.iter().map(|a| mapped(*a)).collect();
-    let have: Vec<[u8; 16]> = maps.host_addrs.keys().filter_map(Result::ok).collect();
-    for k in &have {
-        if !want.contains(k) {
-            maps.host_addrs
-                .remove(k)
-                .map_err(map_err("failed to update LG_HOST_ADDRS"))?;
+/// Keeps `LG_LOCAL` equal to the kernel's local table: removes what is
+/// gone, then adds what is new (a prefix is never missing while it is in
+/// both). Returns how many entries changed.
+pub fn sync_local(maps: &mut Maps, table: &LocalTable) -> Result<usize, EbpfError> {
+    let want: StdHashMap<(u32, [u8; 16]), u32> = table
+        .prefixes()
+        .iter()
+        .map(|(net, kind)| (local_key(net), kind.code()))
+        .collect();
+    if want.len() > MAX_LOCAL_PREFIXES as usize {
+        return Err(EbpfError::LocalTooLarge {
+            count: want.len(),
+            max: MAX_LOCAL_PREFIXES,
+        });
+    }
+    let have: StdHashMap<(u32, [u8; 16]), u32> = maps
+        .local
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+        .collect();
+    let mut changed = 0;
+    for (&(len, addr), v) in &have {
+        if want.get(&(len, addr)) != Some(v) {
+            maps.local
+                .remove(&Key::new(len, addr))
+                .map_err(map_err("failed to update LG_LOCAL"))?;
+            changed += 1;
         }
     }
-    for k in want {
-        maps.host_addrs.insert(k, 0, 0).map_err(map_err(
-            "failed to update LG_HOST_ADDRS (too many host addresses?)",
-        ))?;
+    for (&(len, addr), v) in &want {
+        if have.get(&(len, addr)) != Some(v) {
+            maps.local
+                .insert(&Key::new(len, addr), v, 0)
+                .map_err(map_err("failed to update LG_LOCAL"))?;
+            changed += 1;
+        }
     }
-    Ok(())
+    Ok(changed)
+}
+
+/// An `LG_LOCAL` key (prefix length, address): IPv4 as IPv4-mapped IPv6.
+fn local_key(net: &ipnet::IpNet) -> (u32, [u8; 16]) {
+    match net {
+        ipnet::IpNet::V4(n) => (
+            96 + u32::from(n.prefix_len()),
+            n.network().to_ipv6_mapped().octets(),
+        ),
+        ipnet::IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+    }
 }
 
 /// Writes `plan` into the inactive slot and returns it; [`flip`] then puts
@@ -478,6 +512,24 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
         |k| k.slot == slot,
         "LG_DECISIONS",
     )?;
+    let binds: Vec<(DecisionKey, BindEntry)> = plan
+        .binds
+        .iter()
+        .map(|b| {
+            let key = DecisionKey {
+                slot,
+                proto: proto_key(b.transport),
+                port_atom: b.port_atom,
+                addr_atom: b.addr_atom,
+            };
+            let entry = BindEntry {
+                service: b.service,
+                uid_set: b.uid_set,
+            };
+            (key, entry)
+        })
+        .collect();
+    sync_hash(&mut maps.binds, &binds, |k| k.slot == slot, "LG_BINDS")?;
     let mut atom_of_port: Vec<(u32, u32)> = (0..PORT_SPACE)
         .map(|port| (slot * PORT_SPACE + port, 0))
         .collect();
@@ -499,7 +551,8 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
                 default_mode: mode_byte(plan.mode),
                 default_log_allowed: u8::from(plan.log_allowed),
                 has_nets: u8::from(!plan.nets.is_empty()),
-                _pad: 0,
+                has_binds: u8::from(!plan.binds.is_empty()),
+                _pad: [0; 3],
             },
             0,
         )

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use parse::parse;
 pub use parse::valid_name;
 pub use resolve::{resolve, Directory, Resolved, SystemDirectory};
-pub use validate::{lint, validate, ESSENTIAL_SERVICES};
+pub use validate::{lint, validate, EphemeralPorts, ESSENTIAL_SERVICES};
 
 use crate::diag::Diagnostic;
 
@@ -120,7 +120,8 @@ impl std::fmt::Display for PortRange {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AddrSet {
     /// Every route to this host (SPEC §1): 127.0.0.0/8, ::1, IPv4-mapped
-    /// forms, the unspecified addresses and the host's own addresses.
+    /// forms, the unspecified addresses and everything the kernel's local
+    /// table delivers here (with broadcast and multicast).
     Loopback,
     /// Prefixes inside 127.0.0.0/8 and ::1, aggregated (no two overlap).
     /// `0.0.0.0` reaches 127.0.0.1 and `::` reaches ::1, so those are
@@ -176,8 +177,23 @@ pub enum Destination {
     /// Inside 127.0.0.0/8 or ::1 (after mapping 0.0.0.0 -> 127.0.0.1,
     /// :: -> ::1 and ::ffff:a.b.c.d -> a.b.c.d).
     Loopback(IpAddr),
-    /// An address assigned to one of the host's interfaces.
+    /// Any other destination the kernel delivers to this host: an
+    /// interface address, an AnyIP prefix, a broadcast, anycast or
+    /// multicast address.
     Host(IpAddr),
+}
+
+impl Destination {
+    /// An address already known to be delivered to this host (by the
+    /// kernel's own lookup, e.g. a packet the nftables layer logged).
+    pub fn in_scope(ip: IpAddr) -> Destination {
+        let ip = normalize_ip(ip);
+        if is_loopback_range(ip) {
+            Destination::Loopback(ip)
+        } else {
+            Destination::Host(ip)
+        }
+    }
 }
 
 /// Maps an address as a program sees it to the address loopguard decides
@@ -206,12 +222,13 @@ pub fn is_loopback_range(ip: IpAddr) -> bool {
     }
 }
 
-/// Classifies a destination: `None` when it is outside loopguard's scope.
-pub fn classify(ip: IpAddr, host_addrs: &[IpAddr]) -> Option<Destination> {
+/// Classifies a destination: `None` when it is outside loopguard's scope
+/// (the kernel does not deliver it to this host).
+pub fn classify(ip: IpAddr, local: &crate::scope::LocalTable) -> Option<Destination> {
     let ip = normalize_ip(ip);
     if is_loopback_range(ip) {
         Some(Destination::Loopback(ip))
-    } else if host_addrs.contains(&ip) {
+    } else if local.kind_of(ip).is_some() {
         Some(Destination::Host(ip))
     } else {
         None
@@ -265,6 +282,13 @@ impl IdList {
     }
 }
 
+/// Who may listen on a service's ports (SPEC §2, bind guard).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BindGuard {
+    pub users: IdList,
+    pub groups: IdList,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
@@ -275,6 +299,9 @@ pub struct Service {
     pub list: ListKind,
     pub users: IdList,
     pub groups: IdList,
+    /// `bind_users`/`bind_groups`: who may bind the service's ports; `None`
+    /// when binding is not restricted.
+    pub bind: Option<BindGuard>,
     /// Effective mode: the service's own, else the policy's.
     pub mode: Mode,
     /// Effective: the service's own, else the policy's.

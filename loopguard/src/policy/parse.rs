@@ -6,7 +6,7 @@ use super::toml::{Kind, Table, Value};
 use ipnet::IpNet;
 
 use super::{
-    AddrSet, IdList, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span, Verdict,
+    AddrSet, BindGuard, IdList, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span, Verdict,
     POLICY_VERSION,
 };
 use crate::diag::Diagnostic;
@@ -21,6 +21,8 @@ const SERVICE_KEYS: &[&str] = &[
     "allow_groups",
     "deny_users",
     "deny_groups",
+    "bind_users",
+    "bind_groups",
     "mode",
     "log_allowed",
 ];
@@ -306,6 +308,11 @@ impl Parser {
         };
         let users = users_key.map(|v| self.ids(v, "user")).unwrap_or_default();
         let groups = groups_key.map(|v| self.ids(v, "group")).unwrap_or_default();
+        let (bind_users, bind_groups) = (table.get("bind_users"), table.get("bind_groups"));
+        let bind = (bind_users.is_some() || bind_groups.is_some()).then(|| BindGuard {
+            users: bind_users.map(|v| self.ids(v, "user")).unwrap_or_default(),
+            groups: bind_groups.map(|v| self.ids(v, "group")).unwrap_or_default(),
+        });
 
         let mode = self
             .keyword(
@@ -329,6 +336,7 @@ impl Parser {
             list: list?,
             users,
             groups,
+            bind,
             mode,
             log_allowed,
         })

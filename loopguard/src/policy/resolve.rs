@@ -9,7 +9,7 @@ use std::{
 
 use uzers::os::unix::GroupExt as _;
 
-use super::{IdRef, Policy};
+use super::{IdList, IdRef, Policy, Span};
 use crate::diag::Diagnostic;
 
 /// Where account names come from: NSS on the host, a fixed table in tests.
@@ -64,33 +64,62 @@ pub struct Resolved {
 pub struct ResolvedService {
     /// Sorted, without duplicates; services with the same lists share it.
     pub uids: Arc<[u32]>,
+    /// Who may bind the service's ports, when it is bind-guarded.
+    pub bind_uids: Option<Arc<[u32]>>,
 }
 
 /// Resolves every name; every unknown name is a diagnostic.
 pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Diagnostic>> {
-    let mut diags = Vec::new();
-    let mut services = Vec::new();
-    // Equal lists resolve once (they share storage: see `IdList`).
-    let mut done: HashMap<(*const IdRef, *const IdRef), Arc<[u32]>> = HashMap::new();
-    for s in &policy.services {
-        let key = (s.users.ids.as_ptr(), s.groups.ids.as_ptr());
-        if let Some(uids) = done.get(&key) {
-            services.push(ResolvedService { uids: uids.clone() });
-            continue;
+    let mut r = Resolver {
+        dir,
+        diags: Vec::new(),
+        done: HashMap::new(),
+    };
+    let services = policy
+        .services
+        .iter()
+        .map(|s| ResolvedService {
+            uids: r.lists(&s.users, &s.groups, &s.name_span),
+            bind_uids: s
+                .bind
+                .as_ref()
+                .map(|b| r.lists(&b.users, &b.groups, &s.name_span)),
+        })
+        .collect();
+    if r.diags.is_empty() {
+        Ok(Resolved { services })
+    } else {
+        Err(r.diags)
+    }
+}
+
+struct Resolver<'d> {
+    dir: &'d dyn Directory,
+    diags: Vec<Diagnostic>,
+    /// Equal lists resolve once (they share storage: see `IdList`).
+    done: HashMap<(*const IdRef, *const IdRef), Arc<[u32]>>,
+}
+
+impl Resolver<'_> {
+    /// The uids of a users list and a groups list together.
+    fn lists(&mut self, users: &IdList, groups: &IdList, fallback: &Span) -> Arc<[u32]> {
+        let key = (users.ids.as_ptr(), groups.ids.as_ptr());
+        if let Some(uids) = self.done.get(&key) {
+            return uids.clone();
         }
         let mut uids = BTreeSet::new();
-        let errors_before = diags.len();
-        for (value, span) in s.users.iter() {
-            let span = span.cloned().unwrap_or_else(|| s.name_span.clone());
+        let errors_before = self.diags.len();
+        for (value, span) in users.iter() {
+            let span = span.cloned().unwrap_or_else(|| fallback.clone());
             match value {
                 IdRef::Id(id) => {
                     uids.insert(*id);
                 }
-                IdRef::Name(n) => match dir.uid_of(n) {
+                IdRef::Name(n) => match self.dir.uid_of(n) {
                     Some(uid) => {
                         uids.insert(uid);
                     }
-                    None => diags.push(
+                    None => self.diags.push(
                         Diagnostic::error("unknown-user", format!("unknown user \"{n}\""))
                             .primary(span, "no such user on this host")
                             .note("use a numeric uid, or `check --offline` for a policy meant for another host"),
@@ -98,11 +127,11 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
                 },
             }
         }
-        for (value, span) in s.groups.iter() {
-            let span = span.cloned().unwrap_or_else(|| s.name_span.clone());
-            match dir.group_members(value) {
+        for (value, span) in groups.iter() {
+            let span = span.cloned().unwrap_or_else(|| fallback.clone());
+            match self.dir.group_members(value) {
                 Some(members) => uids.extend(members),
-                None => diags.push(
+                None => self.diags.push(
                     Diagnostic::error("unknown-group", format!("unknown group \"{value}\""))
                         .primary(span, "no such group on this host"),
                 ),
@@ -110,14 +139,9 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
         }
         let uids: Arc<[u32]> = uids.into_iter().collect();
         // Lists with errors are not shared: each service reports its own.
-        if diags.len() == errors_before {
-            done.insert(key, uids.clone());
+        if self.diags.len() == errors_before {
+            self.done.insert(key, uids.clone());
         }
-        services.push(ResolvedService { uids });
-    }
-    if diags.is_empty() {
-        Ok(Resolved { services })
-    } else {
-        Err(diags)
+        uids
     }
 }

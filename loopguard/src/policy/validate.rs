@@ -6,7 +6,9 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use super::{Destination, IdRef, ListKind, Policy, Resolved, Service, Transport, Verdict};
+use super::{
+    Destination, IdRef, ListKind, Policy, PortRange, Resolved, Service, Transport, Verdict,
+};
 use crate::diag::Diagnostic;
 
 /// Local services a host needs; a `default = "deny"` policy that cuts root
@@ -94,11 +96,121 @@ pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
     diags
 }
 
-/// Warnings: a `default = "deny"` policy under which root could no longer
-/// reach an essential local service. `resolved` gives the uids when names
-/// were resolved; without it (offline) only `0` and `root` count as root.
-pub fn lint(policy: &Policy, resolved: Option<&Resolved>) -> Vec<Diagnostic> {
+/// The ports the kernel hands out to `connect()` and `bind(port 0)`
+/// (`net.ipv4.ip_local_port_range`, also used for IPv6), less the reserved
+/// ones (`net.ipv4.ip_local_reserved_ports`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EphemeralPorts {
+    pub range: PortRange,
+    pub reserved: Vec<PortRange>,
+    /// Read from this host (else Linux's default, for `check --offline`).
+    pub from_host: bool,
+}
+
+impl EphemeralPorts {
+    /// Linux's default range, nothing reserved.
+    pub fn linux_default() -> EphemeralPorts {
+        EphemeralPorts {
+            range: PortRange {
+                first: 32768,
+                last: 60999,
+            },
+            reserved: Vec::new(),
+            from_host: false,
+        }
+    }
+
+    /// From the sysctl files' text: `"32768\t60999"` and `"5432,8000-8010"`.
+    pub fn parse(range: &str, reserved: &str) -> Option<EphemeralPorts> {
+        let mut it = range.split_whitespace().map(str::parse::<u16>);
+        let (first, last) = (it.next()?.ok()?, it.next()?.ok()?);
+        let reserved = reserved
+            .trim()
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| {
+                let (a, b) = p.split_once('-').unwrap_or((p, p));
+                Some(PortRange {
+                    first: a.trim().parse().ok()?,
+                    last: b.trim().parse().ok()?,
+                })
+            })
+            .collect();
+        Some(EphemeralPorts {
+            range: PortRange { first, last },
+            reserved,
+            from_host: true,
+        })
+    }
+
+    /// The ports of `r` the kernel may hand out, as ranges.
+    fn handed_out(&self, r: PortRange) -> Vec<PortRange> {
+        let (lo, hi) = (r.first.max(self.range.first), r.last.min(self.range.last));
+        let mut out = Vec::new();
+        if lo > hi {
+            return Vec::new();
+        }
+        let mut next = u32::from(lo);
+        let mut reserved = self.reserved.clone();
+        reserved.sort_by_key(|p| p.first);
+        for res in reserved {
+            if u32::from(res.last) < next || u32::from(res.first) > u32::from(hi) {
+                continue;
+            }
+            if u32::from(res.first) > next {
+                out.push((next, u32::from(res.first) - 1));
+            }
+            next = next.max(u32::from(res.last) + 1);
+        }
+        if next <= u32::from(hi) {
+            out.push((next, u32::from(hi)));
+        }
+        out.into_iter()
+            .map(|(a, b)| PortRange {
+                first: a as u16,
+                last: b as u16,
+            })
+            .collect()
+    }
+}
+
+/// Warnings: a bind-guarded port the kernel may hand to any `connect()`
+/// as its local port (the guard cannot stop that: no bind() happens), and
+/// a `default = "deny"` policy under which root could no longer reach an
+/// essential local service. `resolved` gives the uids when names were
+/// resolved; without it (offline) only `0` and `root` count as root.
+pub fn lint(
+    policy: &Policy,
+    resolved: Option<&Resolved>,
+    ephemeral: &EphemeralPorts,
+) -> Vec<Diagnostic> {
     let mut diags = Vec::new();
+    for s in policy.services.iter().filter(|s| s.bind.is_some()) {
+        let exposed = ephemeral.handed_out(s.ports);
+        let Some(first) = exposed.first() else {
+            continue;
+        };
+        let list: Vec<String> = exposed.iter().map(ToString::to_string).collect();
+        let whose = if ephemeral.from_host {
+            "this host's"
+        } else {
+            "Linux's default"
+        };
+        diags.push(
+            Diagnostic::warning(
+                "bind-ephemeral",
+                format!(
+                    "bind-guarded port {first} lies in {whose} ephemeral port range {}: the kernel may hand it to any connect(), and no bind() happens to refuse",
+                    ephemeral.range
+                ),
+            )
+            .primary(s.name_span.clone(), "this service guards binding")
+            .note(format!(
+                "reserve it: sysctl -w net.ipv4.ip_local_reserved_ports={} (and in /etc/sysctl.d/ to keep it)",
+                list.join(",")
+            )),
+        );
+    }
     if policy.default != Verdict::Deny {
         return diags;
     }
@@ -146,4 +258,24 @@ fn root_listed(s: &Service, uids: Option<&[u32]>) -> bool {
     let is_root =
         |id: &IdRef| matches!(id, IdRef::Id(0)) || matches!(id, IdRef::Name(n) if n == "root");
     s.users.ids.iter().any(is_root) || s.groups.ids.iter().any(is_root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ephemeral_ports_less_the_reserved() {
+        let e = EphemeralPorts::parse("32768\t60999\n", "40000,40010-40020\n").expect("parse");
+        let r = |a, b| PortRange { first: a, last: b };
+        assert_eq!(e.handed_out(r(5432, 5432)), vec![]);
+        assert_eq!(e.handed_out(r(40000, 40000)), vec![]);
+        assert_eq!(e.handed_out(r(40001, 40001)), vec![r(40001, 40001)]);
+        assert_eq!(
+            e.handed_out(r(39990, 40030)),
+            vec![r(39990, 39999), r(40001, 40009), r(40021, 40030)]
+        );
+        assert_eq!(e.handed_out(r(60000, 65535)), vec![r(60000, 60999)]);
+        assert_eq!(EphemeralPorts::linux_default().handed_out(r(8000, 8080)), vec![]);
+    }
 }

@@ -4,7 +4,13 @@
 //! `connect=ok`, `connect=EPERM`, `send=EPERM recv=no`.
 //!
 //! ```text
-//! lg-probe [--netns PATH] [--cgroup DIR] [--uid N] [--gid N] ACTION
+//! lg-probe [--netns PATH] [--cgroup DIR] [--uid N] [--gid N] [SOCKET FLAGS] ACTION
+//!   socket flags (tcp, tcp-to, udp, udp-connected, bind, udp-sink):
+//!   --src ADDR            bind the sending socket to ADDR (port 0) first
+//!   --broadcast           SO_BROADCAST on the sender
+//!   --mcast-if IFNAME     IP_MULTICAST_IF / IPV6_MULTICAST_IF (sender)
+//!   --device IFNAME       SO_BINDTODEVICE on the sender
+//!   --reuse               SO_REUSEADDR + SO_REUSEPORT (bind, udp-sink)
 //!   tcp ADDR:PORT         listen on [::]:PORT (dual stack) as root, then connect
 //!   tcp-to ADDR:PORT      connect to an existing listener
 //!   tfo ADDR:PORT         listen, then sendto(MSG_FASTOPEN) (TCP Fast Open)
@@ -21,6 +27,7 @@
 //!   stream ADDR:PORT MB   one connection, MB MiB written; prints `ns=..`
 //!   udp-rate ADDR:PORT N  N datagrams; prints `ns=.. ok=.. err=..`
 //!   exec CMD ARGS...      run a command as the user
+//!   bind ADDR:PORT [tcp|udp]  bind() as the user; prints `bind=ok|EPERM|...`
 //!
 //! The probe's pid goes to stderr as `pid=N` (audit events name it).
 //! ```
@@ -50,6 +57,8 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EACCES) => "EACCES".into(),
+        Some(libc::EADDRINUSE) => "EADDRINUSE".into(),
+        Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL".into(),
         Some(n) => format!("errno{n}"),
         None => format!("{e}"),
     }
@@ -82,14 +91,129 @@ impl Tally {
     }
 }
 
+/// Socket options of the sender (or binder), from the command line.
+#[derive(Default)]
+struct SockOpts {
+    src: Option<std::net::IpAddr>,
+    broadcast: bool,
+    mcast_if: Option<String>,
+    device: Option<String>,
+    reuse: bool,
+}
+
+fn ifindex(name: &str) -> u32 {
+    nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| die(&format!("interface {name}: {e}")))
+}
+
+impl SockOpts {
+    /// A socket of `kind` for talking to (or binding) `to`, options set.
+    fn socket(&self, to: &SocketAddr, kind: socket2::Type) -> socket2::Socket {
+        use socket2::{Domain, Protocol, Socket};
+        let domain = if to.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let proto = if kind == socket2::Type::STREAM {
+            Protocol::TCP
+        } else {
+            Protocol::UDP
+        };
+        let s = Socket::new(domain, kind, Some(proto)).unwrap_or_else(|e| die(&format!("socket: {e}")));
+        let check = |what: &str, r: std::io::Result<()>| {
+            r.unwrap_or_else(|e| die(&format!("{what}: {e}")));
+        };
+        if self.broadcast {
+            check("SO_BROADCAST", s.set_broadcast(true));
+        }
+        if let Some(dev) = &self.device {
+            check("SO_BINDTODEVICE", s.bind_device(Some(dev.as_bytes())));
+        }
+        if let Some(name) = &self.mcast_if {
+            let index = ifindex(name);
+            if to.is_ipv4() {
+                // ip_mreqn picks the interface by index (socket2 takes
+                // only an address for IPv4).
+                let mreq = libc::ip_mreqn {
+                    imr_multiaddr: libc::in_addr { s_addr: 0 },
+                    imr_address: libc::in_addr { s_addr: 0 },
+                    imr_ifindex: index as i32,
+                };
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: a valid fd and an option value of the stated size.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::IPPROTO_IP,
+                        libc::IP_MULTICAST_IF,
+                        (&raw const mreq).cast(),
+                        size_of::<libc::ip_mreqn>() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    die(&format!("IP_MULTICAST_IF: {}", std::io::Error::last_os_error()));
+                }
+            } else {
+                check("IPV6_MULTICAST_IF", s.set_multicast_if_v6(index));
+            }
+        }
+        if self.reuse {
+            check("SO_REUSEADDR", s.set_reuse_address(true));
+            check("SO_REUSEPORT", s.set_reuse_port(true));
+        }
+        if let Some(src) = self.src {
+            let src = match (src, to.is_ipv4()) {
+                (std::net::IpAddr::V4(v4), false) => std::net::IpAddr::V6(v4.to_ipv6_mapped()),
+                (ip, _) => ip,
+            };
+            check("bind source", s.bind(&SocketAddr::new(src, 0).into()));
+        }
+        s
+    }
+}
+
+/// Where a datagram to `to` is delivered: IPv4 (and IPv4-mapped) to an
+/// IPv4 socket, else IPv6.
+fn receiver_for(to: &SocketAddr, reuse: bool) -> UdpSocket {
+    let v4 = match to.ip() {
+        std::net::IpAddr::V4(_) => true,
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+    };
+    let bind: SocketAddr = if v4 {
+        SocketAddr::from(([0, 0, 0, 0], to.port()))
+    } else {
+        SocketAddr::from(([0u16; 8], to.port()))
+    };
+    let opts = SockOpts {
+        reuse,
+        ..SockOpts::default()
+    };
+    let s = opts.socket(&bind, socket2::Type::DGRAM);
+    s.bind(&bind.into())
+        .unwrap_or_else(|e| die(&format!("bind receiver {bind}: {e}")));
+    UdpSocket::from(s)
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut netns = None;
     let mut cgroup = None;
     let mut uid = None;
     let mut gid = None;
+    let mut opts = SockOpts::default();
     while args.first().is_some_and(|a| a.starts_with("--")) {
         let flag = args.remove(0);
+        match flag.as_str() {
+            "--broadcast" => {
+                opts.broadcast = true;
+                continue;
+            }
+            "--reuse" => {
+                opts.reuse = true;
+                continue;
+            }
+            _ => {}
+        }
         if args.is_empty() {
             die(&format!("{flag} needs a value"));
         }
@@ -99,6 +223,9 @@ fn main() {
             "--cgroup" => cgroup = Some(value),
             "--uid" => uid = Some(value.parse::<u32>().unwrap_or_else(|_| die("bad uid"))),
             "--gid" => gid = Some(value.parse::<u32>().unwrap_or_else(|_| die("bad gid"))),
+            "--src" => opts.src = Some(value.parse().unwrap_or_else(|_| die("bad --src"))),
+            "--mcast-if" => opts.mcast_if = Some(value),
+            "--device" => opts.device = Some(value),
             _ => die(&format!("unknown flag {flag}")),
         }
     }
@@ -107,10 +234,20 @@ fn main() {
         setns(f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| die(&format!("setns {ns}: {e}")));
     }
     let action = args.first().cloned().unwrap_or_else(|| die("no action"));
+    // `[ff02::1%lg0]:P`: a link-local or link-scope multicast address
+    // with its interface.
     let target = || -> SocketAddr {
-        args.get(1)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| die("expected ADDR:PORT"))
+        let a = args.get(1).unwrap_or_else(|| die("expected ADDR:PORT"));
+        if let Some((head, tail)) = a.split_once('%') {
+            let (ifname, port) = tail.split_once("]:").unwrap_or_else(|| die("expected [ADDR%IF]:PORT"));
+            let ip: std::net::Ipv6Addr = head
+                .trim_start_matches('[')
+                .parse()
+                .unwrap_or_else(|_| die("bad IPv6 address"));
+            let port: u16 = port.parse().unwrap_or_else(|_| die("bad port"));
+            return SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, ifindex(ifname)));
+        }
+        a.parse().unwrap_or_else(|_| die("expected ADDR:PORT"))
     };
 
     // Sockets that must exist before the switch (listeners) are made here,
@@ -120,8 +257,7 @@ fn main() {
     match action.as_str() {
         "tcp" | "tfo" => listener = Some(dual_stack_listener(target().port())),
         "udp" | "udp-connected" => {
-            let r = UdpSocket::bind(("::", target().port()))
-                .unwrap_or_else(|e| die(&format!("bind udp: {e}")));
+            let r = receiver_for(&target(), false);
             r.set_read_timeout(Some(Duration::from_millis(300))).ok();
             receiver = Some(r);
         }
@@ -173,7 +309,9 @@ fn main() {
             );
         }
         "tcp" | "tcp-to" => {
-            let res = TcpStream::connect_timeout(&target(), Duration::from_secs(2));
+            let to = target();
+            let s = opts.socket(&to, socket2::Type::STREAM);
+            let res = s.connect_timeout(&to.into(), Duration::from_secs(2));
             println!(
                 "connect={}",
                 res.map_or_else(|e| errno_name(&e), |_| "ok".into())
@@ -217,7 +355,12 @@ fn main() {
             } else {
                 "[::]:0".parse().unwrap_or_else(|_| die("addr"))
             };
-            let s = UdpSocket::bind(bind).unwrap_or_else(|e| die(&format!("bind sender: {e}")));
+            let s = opts.socket(&to, socket2::Type::DGRAM);
+            if opts.src.is_none() {
+                s.bind(&bind.into())
+                    .unwrap_or_else(|e| die(&format!("bind sender: {e}")));
+            }
+            let s = UdpSocket::from(s);
             let payload = format!("probe-{}", std::process::id());
             let sent = if action == "udp" {
                 s.send_to(payload.as_bytes(), to).map(|_| ())
@@ -256,7 +399,7 @@ fn main() {
                 .get(1)
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| die("udp-sink PORT"));
-            let s = UdpSocket::bind(("::", port)).unwrap_or_else(|e| die(&format!("bind: {e}")));
+            let s = receiver_for(&SocketAddr::from(([0u16; 8], port)), opts.reuse);
             let mut buf = [0u8; 2048];
             while s.recv(&mut buf).is_ok() {}
         }
@@ -338,6 +481,17 @@ fn main() {
                 tally.connect(&to);
             }
             tally.print();
+        }
+        "bind" => {
+            let at = target();
+            let kind = match args.get(2).map(String::as_str) {
+                None | Some("tcp") => socket2::Type::STREAM,
+                Some("udp") => socket2::Type::DGRAM,
+                Some(other) => die(&format!("bind: unknown protocol {other}")),
+            };
+            let s = opts.socket(&at, kind);
+            let res = s.bind(&at.into());
+            println!("bind={}", res.map_or_else(|e| errno_name(&e), |()| "ok".into()));
         }
         "exec" => {
             let argv: Vec<CString> = args[1..]
