@@ -354,7 +354,17 @@ mod programs {
                 log_allowed = entry.log_allowed;
             }
         }
-        finish(slot, bucket, deny_verdict, mode, log_allowed, proto, hook, port, requested)
+        finish(
+            slot,
+            bucket,
+            deny_verdict,
+            mode,
+            log_allowed,
+            proto,
+            hook,
+            port,
+            requested,
+        )
     }
 
     /// A `bind()` of a port some service guards, on an address the kernel

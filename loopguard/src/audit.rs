@@ -222,10 +222,8 @@ pub fn packet_record(
             _ => return None,
         };
         let (ip, port) = (ev.destination?, ev.port?);
-        plan.and_then(|p| {
-            p.service_for(transport, &Destination::in_scope(ip), port)
-        })
-        .map_or(u32::MAX, |i| i as u32) // no such service: "unknown service"
+        plan.and_then(|p| p.service_for(transport, &Destination::in_scope(ip), port))
+            .map_or(u32::MAX, |i| i as u32) // no such service: "unknown service"
     };
     let kind = if action == "w" {
         loopguard_common::COUNT_WOULD_DENY

@@ -17,15 +17,17 @@ use std::{
 };
 
 use ipnet::IpNet;
-use loopguard_common::{BIND_WILDCARD_ATOM, MAX_DECISIONS, MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES};
+use loopguard_common::{
+    BIND_WILDCARD_ATOM, MAX_DECISIONS, MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::scope::LocalTable;
 use crate::policy::{
     classify, AddrSet, Destination, ListKind, Mode, Policy, PortRange, Protocol, Resolved,
     Transport, Verdict,
 };
+use crate::scope::LocalTable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
@@ -486,7 +488,10 @@ impl Plan {
             reason,
         };
         if port == 0 {
-            return allow(None, "port 0 asks for an ephemeral port: not guarded".into());
+            return allow(
+                None,
+                "port 0 asks for an ephemeral port: not guarded".into(),
+            );
         }
         let wildcard = match ip {
             IpAddr::V4(v4) => v4.is_unspecified(),
@@ -520,7 +525,9 @@ impl Plan {
             return allow(dest, "no service guards binding here".into());
         };
         let s = &self.services[b.service as usize];
-        let listed = self.uid_sets[b.uid_set as usize].binary_search(&uid).is_ok();
+        let listed = self.uid_sets[b.uid_set as usize]
+            .binary_search(&uid)
+            .is_ok();
         let action = match (listed, s.mode) {
             (true, _) => Action::Allow,
             (false, Mode::Audit) => Action::WouldDeny,
@@ -662,9 +669,18 @@ deny_users = [1]
     #[test]
     fn plan_agrees_with_the_reference_semantics() {
         let host = LocalTable::from_prefixes([
-            ("192.0.2.1/32".parse().unwrap(), crate::scope::LocalKind::Local),
-            ("2001:db8::1/128".parse().unwrap(), crate::scope::LocalKind::Local),
-            ("10.66.0.0/16".parse().unwrap(), crate::scope::LocalKind::Local),
+            (
+                "192.0.2.1/32".parse().unwrap(),
+                crate::scope::LocalKind::Local,
+            ),
+            (
+                "2001:db8::1/128".parse().unwrap(),
+                crate::scope::LocalKind::Local,
+            ),
+            (
+                "10.66.0.0/16".parse().unwrap(),
+                crate::scope::LocalKind::Local,
+            ),
         ]);
         let ips: Vec<IpAddr> = [
             "127.0.0.1",
@@ -783,7 +799,9 @@ allow_users = [1]
                                     && s.protocol.includes(t)
                                     && s.ports.contains_port(port)
                                     && (wildcard
-                                        || dest.as_ref().is_some_and(|d| s.addresses.contains_addr(d)))
+                                        || dest
+                                            .as_ref()
+                                            .is_some_and(|d| s.addresses.contains_addr(d)))
                             })
                             .collect();
                         let refused = guards.iter().any(|&i| {

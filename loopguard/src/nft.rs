@@ -424,14 +424,24 @@ impl Batch<'_> {
         // first (pipapo) and the rest of the scope by port.
         let mut scopes: Vec<(Option<Value>, &str)> = Vec::new();
         if spec.nets {
-            scopes.push((Some(daddr("ip", json!({"prefix": {"addr": "127.0.0.0", "len": 8}}))), "4"));
+            scopes.push((
+                Some(daddr(
+                    "ip",
+                    json!({"prefix": {"addr": "127.0.0.0", "len": 8}}),
+                )),
+                "4",
+            ));
             scopes.push((Some(daddr("ip6", json!("::1"))), "6"));
         }
         scopes.push((None, "host"));
         let l4proto = |t: Transport| json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto(t)}});
         let lookup_key = |map: &str| match map {
-            "4" => json!({"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]}),
-            "6" => json!({"concat": [{"payload": {"protocol": "ip6", "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]}),
+            "4" => {
+                json!({"concat": [{"payload": {"protocol": "ip", "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]})
+            }
+            "6" => {
+                json!({"concat": [{"payload": {"protocol": "ip6", "field": "daddr"}}, {"payload": {"protocol": "th", "field": "dport"}}]})
+            }
             _ => json!({"payload": {"protocol": "th", "field": "dport"}}),
         };
         // Refusals are counted per service by a second lookup of the same

@@ -9,7 +9,11 @@ fn render(name: &str) -> String {
     let (p, mut diags) = policy::load(&path, source.as_str());
     if let Some(p) = &p {
         if !diags.iter().any(|d| d.is_error()) {
-            diags.extend(policy::lint(p, None, &policy::EphemeralPorts::linux_default()));
+            diags.extend(policy::lint(
+                p,
+                None,
+                &policy::EphemeralPorts::linux_default(),
+            ));
         }
     }
     assert!(

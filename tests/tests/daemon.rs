@@ -169,7 +169,7 @@ fn a_flood_is_accounted_for_and_memory_stays_bounded() {
 }
 
 #[test]
-fn a_new_host_address_is_guarded_within_a_second() {
+fn a_new_host_address_or_local_route_is_guarded_within_a_second() {
     let u = users();
     let mut sb = Sandbox::new("run-addr");
     let p = sb.policy("p.toml", &policy(u.alice.name, ""));
@@ -196,6 +196,28 @@ fn a_new_host_address_is_guarded_within_a_second() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A whole prefix routed to the host (AnyIP) likewise.
+    let anyip = "10.77.200.9:8080";
+    assert_ne!(
+        sb.probe(Some(&u.bob), &["tcp", anyip]),
+        "connect=EPERM",
+        "not local yet"
+    );
+    sb.in_netns(&["ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo"])
+        .ok();
+    let added = Instant::now();
+    while sb.probe(Some(&u.bob), &["tcp", anyip]) != "connect=EPERM" {
+        assert!(
+            added.elapsed() < Duration::from_secs(1),
+            "AnyIP prefix not guarded a second after being routed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", anyip]),
+        "connect=ok",
+        "alice still gets through"
+    );
 }
 
 #[test]

@@ -44,7 +44,9 @@ fn route(args: &[&str], udp: bool) -> Route {
 /// The sandbox's link-local address on lg0.
 fn link_local(sb: &Sandbox) -> String {
     let out = sb
-        .in_netns(&["ip", "-6", "-o", "addr", "show", "dev", "lg0", "scope", "link"])
+        .in_netns(&[
+            "ip", "-6", "-o", "addr", "show", "dev", "lg0", "scope", "link",
+        ])
         .ok();
     let word = out
         .stdout
@@ -86,7 +88,10 @@ fn every_route(sb: &Sandbox) -> Vec<Route> {
         route(&["tfo", &format!("127.0.0.1:{p}")], false),
         // Broadcast: limited (routed by the default route, or forced onto
         // lo), subnet-directed, and IPv4-mapped on an IPv6 socket.
-        route(&["--broadcast", "udp", &format!("255.255.255.255:{p}")], true),
+        route(
+            &["--broadcast", "udp", &format!("255.255.255.255:{p}")],
+            true,
+        ),
         route(
             &[
                 "--broadcast",
@@ -99,14 +104,30 @@ fn every_route(sb: &Sandbox) -> Vec<Route> {
         ),
         route(&["--broadcast", "udp", &format!("192.0.2.255:{p}")], true),
         route(
-            &["--broadcast", "udp", &format!("[::ffff:255.255.255.255]:{p}")],
+            &[
+                "--broadcast",
+                "udp",
+                &format!("[::ffff:255.255.255.255]:{p}"),
+            ],
             true,
         ),
         // Multicast, looped back to the wildcard listener.
-        route(&["--mcast-if", "lo", "udp", &format!("224.0.0.1:{p}")], true),
-        route(&["--mcast-if", "lg0", "udp", &format!("224.0.0.1:{p}")], true),
-        route(&["--mcast-if", "lg0", "udp", &format!("[ff02::1%lg0]:{p}")], true),
-        route(&["--mcast-if", "lg0", "udp", &format!("[ff01::1%lg0]:{p}")], true),
+        route(
+            &["--mcast-if", "lo", "udp", &format!("224.0.0.1:{p}")],
+            true,
+        ),
+        route(
+            &["--mcast-if", "lg0", "udp", &format!("224.0.0.1:{p}")],
+            true,
+        ),
+        route(
+            &["--mcast-if", "lg0", "udp", &format!("[ff02::1%lg0]:{p}")],
+            true,
+        ),
+        route(
+            &["--mcast-if", "lg0", "udp", &format!("[ff01::1%lg0]:{p}")],
+            true,
+        ),
         // IPv6 subnet-router anycast (forwarding is on).
         route(&["udp", &format!("[2001:db8::]:{p}")], true),
     ]);
@@ -167,7 +188,16 @@ fn setup_routes(sb: &Sandbox) {
         // The limited broadcast is routed like any other destination.
         &["ip", "route", "add", "default", "dev", "lg0"][..],
         &["ip", "route", "add", "local", "10.66.0.0/16", "dev", "lo"],
-        &["ip", "-6", "route", "add", "local", "2001:db8:66::/64", "dev", "lo"],
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "local",
+            "2001:db8:66::/64",
+            "dev",
+            "lo",
+        ],
         // Forwarding gives the subnet-router anycast address.
         &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
     ] {
@@ -341,6 +371,54 @@ fn five_thousand_host_addresses_are_all_guarded() {
             );
             assert_eq!(
                 sb.probe(Some(&u.alice), &["tcp", &to]),
+                "connect=ok",
+                "{layers}: alice -> {to}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mptcp_is_judged_as_tcp_and_extra_subflows_do_not_break_it() {
+    let u = users();
+    let sb = Sandbox::new("mptcp");
+    let enabled = sb
+        .in_netns(&["sysctl", "-n", "net.mptcp.enabled"])
+        .ok()
+        .stdout;
+    assert_eq!(
+        enabled.trim(),
+        "1",
+        "this kernel has no MPTCP: cannot test it"
+    );
+    // The path manager opens an extra subflow from 127.0.0.9 for every
+    // connection: a kernel worker (uid 0, which the policy does not allow)
+    // opens it.
+    sb.in_netns(&["ip", "mptcp", "limits", "set", "subflow", "2"])
+        .ok();
+    sb.in_netns(&[
+        "ip",
+        "mptcp",
+        "endpoint",
+        "add",
+        "127.0.0.9",
+        "dev",
+        "lo",
+        "subflow",
+    ])
+    .ok();
+    let p = sb.policy("p.toml", &policy(&u.alice, &u.bob));
+    for layers in ["bpf", "nft", "both"] {
+        sb.apply(&p, &["--layers", layers]).ok();
+        for to in ["127.0.0.1", "[::1]", HOST_V4] {
+            let to = format!("{to}:{PORT}");
+            assert_eq!(
+                sb.probe(Some(&u.bob), &["--mptcp", "tcp", &to]),
+                tcp_refused(layers),
+                "{layers}: bob -> {to}"
+            );
+            assert_eq!(
+                sb.probe(Some(&u.alice), &["--mptcp", "tcp", &to]),
                 "connect=ok",
                 "{layers}: alice -> {to}"
             );

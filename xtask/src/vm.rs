@@ -26,11 +26,12 @@ use crate::{status, workspace_root};
 /// Integration test binaries (of the loopguard-tests package) run in the
 /// guest. The Redis end-to-end test stays on the host: it needs a full
 /// Debian service.
-const GUEST_TESTS: &[&str] = &["enforce", "lifecycle", "nft", "daemon"];
+const GUEST_TESTS: &[&str] = &["enforce", "lifecycle", "nft", "daemon", "routes"];
 
 /// Host programs the tests call, copied into the guest with their libraries.
 const GUEST_PROGRAMS: &[&str] = &[
     "/usr/bin/ip",
+    "/usr/bin/ss",
     "/usr/bin/nsenter",
     "/usr/bin/unshare",
     "/usr/sbin/useradd",
@@ -380,7 +381,7 @@ fn build_initramfs(
     install(Path::new("/bin/busybox"), &dir.join("bb/busybox"))?;
     for applet in [
         "sh", "mount", "umount", "mkdir", "modprobe", "poweroff", "grep", "echo", "cat", "uname",
-        "ln", "sleep",
+        "ln", "sleep", "sysctl",
     ] {
         std::os::unix::fs::symlink("/bb/busybox", dir.join("bb").join(applet))?;
     }

@@ -347,9 +347,7 @@ fn enforce(
             // Put the previous nftables table back, so both layers agree.
             if want_nft {
                 let restored = match previous.filter(|p| p.layers.iter().any(|l| l == "nft")) {
-                    Some(prev) => {
-                        nft::commit(&nft::ruleset(table, &prev.plan)).is_ok()
-                    }
+                    Some(prev) => nft::commit(&nft::ruleset(table, &prev.plan)).is_ok(),
                     None => nft::remove(table).is_ok(),
                 };
                 if !restored {
@@ -401,11 +399,7 @@ fn nft_in_force(previous: Option<&State>) -> Option<&State> {
 /// one-service change touches a few objects. Otherwise the whole table.
 /// (Should the table be gone or edited, the update fails as a whole and
 /// the caller replaces the table.)
-fn nft_change(
-    table: &str,
-    plan: &Plan,
-    previous: Option<&State>,
-) -> NftChange {
+fn nft_change(table: &str, plan: &Plan, previous: Option<&State>) -> NftChange {
     let Some(prev) = nft_in_force(previous) else {
         return full_table(table, plan, previous);
     };
@@ -433,11 +427,7 @@ fn nft_change(
 
 /// The whole table; what the table in force counted carries over by
 /// service name.
-fn full_table(
-    table: &str,
-    plan: &Plan,
-    previous: Option<&State>,
-) -> NftChange {
+fn full_table(table: &str, plan: &Plan, previous: Option<&State>) -> NftChange {
     let current = nft::counters(table).unwrap_or_default();
     let base = match previous {
         Some(prev) => current.plus(&prev.packet_base),
@@ -464,9 +454,15 @@ fn nft_error(e: nft::NftError) -> anyhow::Error {
 /// What changes from `old` to `new`, one line each.
 fn diff(old: Option<&Plan>, new: &Plan) -> Vec<String> {
     let mut lines = Vec::new();
+    let bind_uids =
+        |p: &Plan, s: &compile::PlanService| s.bind_set.map(|b| p.uid_sets[b as usize].clone());
     let summary = |p: &Plan, s: &compile::PlanService| {
+        let bind = match bind_uids(p, s) {
+            Some(b) => format!(", bind guard of {} uids", b.len()),
+            None => String::new(),
+        };
         format!(
-            "{} ({}/{} on {}, {:?}-list of {} uids, {:?})",
+            "{} ({}/{} on {}, {:?}-list of {} uids{bind}, {:?})",
             s.name,
             match s.protocol {
                 loopguard::policy::Protocol::Tcp => "tcp",
@@ -519,7 +515,8 @@ fn diff(old: Option<&Plan>, new: &Plan) -> Vec<String> {
                     && o.list == s.list
                     && o.mode == s.mode
                     && o.log_allowed == s.log_allowed
-                    && old_uids == new_uids;
+                    && old_uids == new_uids
+                    && bind_uids(old, o) == bind_uids(new, s);
                 if !same {
                     let added: Vec<String> = new_uids
                         .iter()

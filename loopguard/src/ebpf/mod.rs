@@ -27,11 +27,10 @@ use aya::{
     EbpfLoader,
 };
 use loopguard_common::{
-    counter_index, AddrKey, BindEntry, Config, DecisionKey, ServiceEntry, SlotConfig, UidKey, ABI_VERSION,
-    ADDR_KEY_SLOT_BITS, COUNT_KINDS, DEFAULT_BUCKET, LIST_ALLOW, LIST_DENY, MAX_LOCAL_PREFIXES,
-    MAX_SERVICES,
-    MODE_AUDIT, MODE_ENFORCE, NO_SLOT, PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_ALLOW,
-    VERDICT_DENY,
+    counter_index, AddrKey, BindEntry, Config, DecisionKey, ServiceEntry, SlotConfig, UidKey,
+    ABI_VERSION, ADDR_KEY_SLOT_BITS, COUNT_KINDS, DEFAULT_BUCKET, LIST_ALLOW, LIST_DENY,
+    MAX_LOCAL_PREFIXES, MAX_SERVICES, MODE_AUDIT, MODE_ENFORCE, NO_SLOT, PORT_SPACE, PROTO_TCP,
+    PROTO_UDP, SLOTS, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 mod batch;
@@ -89,7 +88,9 @@ pub enum EbpfError {
         #[source]
         source: io::Error,
     },
-    #[error("the kernel's local routing table has {count} prefixes; the eBPF layer holds at most {max}")]
+    #[error(
+        "the kernel's local routing table has {count} prefixes; the eBPF layer holds at most {max}"
+    )]
     LocalTooLarge { count: usize, max: u32 },
     #[error("instance {instance} was installed by a loopguard with another map layout (ABI {found}, this is {ABI_VERSION}); run `loopguard --instance {instance} remove` first")]
     Abi { instance: String, found: u32 },

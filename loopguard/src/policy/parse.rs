@@ -6,8 +6,8 @@ use super::toml::{Kind, Table, Value};
 use ipnet::IpNet;
 
 use super::{
-    AddrSet, BindGuard, IdList, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span, Verdict,
-    POLICY_VERSION,
+    AddrSet, BindGuard, IdList, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span,
+    Verdict, POLICY_VERSION,
 };
 use crate::diag::Diagnostic;
 
@@ -311,7 +311,9 @@ impl Parser {
         let (bind_users, bind_groups) = (table.get("bind_users"), table.get("bind_groups"));
         let bind = (bind_users.is_some() || bind_groups.is_some()).then(|| BindGuard {
             users: bind_users.map(|v| self.ids(v, "user")).unwrap_or_default(),
-            groups: bind_groups.map(|v| self.ids(v, "group")).unwrap_or_default(),
+            groups: bind_groups
+                .map(|v| self.ids(v, "group"))
+                .unwrap_or_default(),
         });
 
         let mode = self

@@ -276,6 +276,9 @@ mod tests {
             vec![r(39990, 39999), r(40001, 40009), r(40021, 40030)]
         );
         assert_eq!(e.handed_out(r(60000, 65535)), vec![r(60000, 60999)]);
-        assert_eq!(EphemeralPorts::linux_default().handed_out(r(8000, 8080)), vec![]);
+        assert_eq!(
+            EphemeralPorts::linux_default().handed_out(r(8000, 8080)),
+            vec![]
+        );
     }
 }

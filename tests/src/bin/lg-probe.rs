@@ -11,6 +11,7 @@
 //!   --mcast-if IFNAME     IP_MULTICAST_IF / IPV6_MULTICAST_IF (sender)
 //!   --device IFNAME       SO_BINDTODEVICE on the sender
 //!   --reuse               SO_REUSEADDR + SO_REUSEPORT (bind, udp-sink)
+//!   --mptcp               tcp: listen and connect with IPPROTO_MPTCP
 //!   tcp ADDR:PORT         listen on [::]:PORT (dual stack) as root, then connect
 //!   tcp-to ADDR:PORT      connect to an existing listener
 //!   tfo ADDR:PORT         listen, then sendto(MSG_FASTOPEN) (TCP Fast Open)
@@ -99,6 +100,7 @@ struct SockOpts {
     mcast_if: Option<String>,
     device: Option<String>,
     reuse: bool,
+    mptcp: bool,
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -114,12 +116,15 @@ impl SockOpts {
         } else {
             Domain::IPV6
         };
-        let proto = if kind == socket2::Type::STREAM {
+        let proto = if kind == socket2::Type::STREAM && self.mptcp {
+            Protocol::MPTCP
+        } else if kind == socket2::Type::STREAM {
             Protocol::TCP
         } else {
             Protocol::UDP
         };
-        let s = Socket::new(domain, kind, Some(proto)).unwrap_or_else(|e| die(&format!("socket: {e}")));
+        let s =
+            Socket::new(domain, kind, Some(proto)).unwrap_or_else(|e| die(&format!("socket: {e}")));
         let check = |what: &str, r: std::io::Result<()>| {
             r.unwrap_or_else(|e| die(&format!("{what}: {e}")));
         };
@@ -151,7 +156,10 @@ impl SockOpts {
                     )
                 };
                 if rc != 0 {
-                    die(&format!("IP_MULTICAST_IF: {}", std::io::Error::last_os_error()));
+                    die(&format!(
+                        "IP_MULTICAST_IF: {}",
+                        std::io::Error::last_os_error()
+                    ));
                 }
             } else {
                 check("IPV6_MULTICAST_IF", s.set_multicast_if_v6(index));
@@ -212,6 +220,10 @@ fn main() {
                 opts.reuse = true;
                 continue;
             }
+            "--mptcp" => {
+                opts.mptcp = true;
+                continue;
+            }
             _ => {}
         }
         if args.is_empty() {
@@ -239,7 +251,9 @@ fn main() {
     let target = || -> SocketAddr {
         let a = args.get(1).unwrap_or_else(|| die("expected ADDR:PORT"));
         if let Some((head, tail)) = a.split_once('%') {
-            let (ifname, port) = tail.split_once("]:").unwrap_or_else(|| die("expected [ADDR%IF]:PORT"));
+            let (ifname, port) = tail
+                .split_once("]:")
+                .unwrap_or_else(|| die("expected [ADDR%IF]:PORT"));
             let ip: std::net::Ipv6Addr = head
                 .trim_start_matches('[')
                 .parse()
@@ -255,6 +269,14 @@ fn main() {
     let mut listener = None;
     let mut receiver = None;
     match action.as_str() {
+        "tcp" if opts.mptcp => {
+            let at = SocketAddr::from(([0u16; 8], target().port()));
+            let l = opts.socket(&at, socket2::Type::STREAM);
+            l.bind(&at.into())
+                .and_then(|()| l.listen(16))
+                .unwrap_or_else(|e| die(&format!("listen mptcp {at}: {e}")));
+            listener = Some(TcpListener::from(l));
+        }
         "tcp" | "tfo" => listener = Some(dual_stack_listener(target().port())),
         "udp" | "udp-connected" => {
             let r = receiver_for(&target(), false);
@@ -491,7 +513,10 @@ fn main() {
             };
             let s = opts.socket(&at, kind);
             let res = s.bind(&at.into());
-            println!("bind={}", res.map_or_else(|e| errno_name(&e), |()| "ok".into()));
+            println!(
+                "bind={}",
+                res.map_or_else(|e| errno_name(&e), |()| "ok".into())
+            );
         }
         "exec" => {
             let argv: Vec<CString> = args[1..]
