@@ -127,14 +127,20 @@ pub struct DecisionKey {
 
 /// Value of `LG_BINDS` (keyed like `LG_DECISIONS`, with
 /// [`BIND_WILDCARD_ATOM`] for wildcard binds): the uids that may bind there
-/// (the intersection of every bind-guarded service that covers the key) and
-/// the service named in events.
+/// and the service named in events. Every bind-guarded service covering
+/// the key must admit the uid: `enforce_set` intersects the enforce-mode
+/// services' lists (not in it: deny; [`NO_SET`] when none is in enforce
+/// mode), `uid_set` all of them (not in it: would-deny).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BindEntry {
     pub service: u32,
     pub uid_set: u32,
+    pub enforce_set: u32,
 }
+
+/// "No uid set": nothing to check.
+pub const NO_SET: u32 = u32::MAX;
 
 /// Key of `LG_UIDS`: presence means `uid` is in `uid_set`.
 #[repr(C)]

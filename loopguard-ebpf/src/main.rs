@@ -44,8 +44,8 @@ mod programs {
         UidKey, ADDR_KEY_SLOT_BITS, BIND_WILDCARD_ATOM, COUNTER_ENTRIES, COUNT_ALLOWED,
         COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, EVENTS_RING_BYTES, HOOK_BIND4, HOOK_BIND6,
         HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, LIST_ALLOW, LOCAL_KEY_BITS,
-        MAX_DECISIONS, MAX_LOCAL_PREFIXES, MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES, MODE_AUDIT,
-        PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_DENY,
+        LOCAL_LOCAL, MAX_DECISIONS, MAX_LOCAL_PREFIXES, MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES,
+        MODE_AUDIT, MODE_ENFORCE, NO_SET, PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_DENY,
     };
 
     /// `BPF_F_NO_PREALLOC`: the big hash maps are sized for the largest
@@ -189,6 +189,31 @@ mod programs {
         unsafe { core::ptr::read_volatile(&(*sk).src_ip4) }
     }
 
+    /// Whether the socket is bound to an IPv4-mapped IPv6 address.
+    #[inline(always)]
+    fn bound_source_is_mapped(sa: &bpf_sock_addr) -> bool {
+        // SAFETY: as in bound_source4.
+        let sk: *const bpf_sock = unsafe { sa.__bindgen_anon_1.sk };
+        if sk.is_null() {
+            return false;
+        }
+        // SAFETY: readable fields of a live socket.
+        let src = words6(unsafe { &(*sk).src_ip6 });
+        is_mapped(&src)
+    }
+
+    /// Whether `addr` is one of the host's own unicast addresses (the
+    /// loopback range or a `local` route), as opposed to a broadcast,
+    /// anycast or multicast destination.
+    #[inline(always)]
+    fn is_own(addr: &[u8; 16]) -> bool {
+        if is_mapped(addr) && addr[12] == 127 {
+            return true;
+        }
+        let key = Key::new(LOCAL_KEY_BITS, *addr);
+        matches!(LOCAL.get(&key), Some(kind) if *kind == LOCAL_LOCAL)
+    }
+
     #[inline(always)]
     fn check_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
         // SAFETY: the kernel hands every sock_addr program a valid context.
@@ -197,20 +222,21 @@ mod programs {
         let mut addr = requested;
         if sa.user_ip4 == 0 {
             // 0.0.0.0 goes to the source address the datagram or
-            // connection will carry (IP_PKTINFO, else the bound address),
-            // or to 127.0.0.1 when there is none.
-            let mut src = 0;
-            if hook == HOOK_SENDMSG4 {
+            // connection carries, or to 127.0.0.1 when there is none. For
+            // a send that is msg_src_ip4 (IP_PKTINFO, else the socket's
+            // source); for a connect, the bound address when it is one of
+            // the host's own (a socket bound to a broadcast or multicast
+            // address has no source).
+            let src = if hook == HOOK_SENDMSG4 {
                 // SAFETY: msg_src_ip4 is readable in sendmsg4 programs.
-                src = unsafe { core::ptr::read_volatile(&sa.msg_src_ip4) };
-            }
-            if src == 0 {
-                src = bound_source4(sa);
-            }
-            addr = if src == 0 {
-                mapped4(u32::from_ne_bytes([127, 0, 0, 1]))
+                unsafe { core::ptr::read_volatile(&sa.msg_src_ip4) }
             } else {
+                bound_source4(sa)
+            };
+            addr = if src != 0 && is_own(&mapped4(src)) {
                 mapped4(src)
+            } else {
+                mapped4(u32::from_ne_bytes([127, 0, 0, 1]))
             };
         }
         decide(ctx, sa, addr, requested, hook)
@@ -226,11 +252,15 @@ mod programs {
             if is_mapped(&addr) {
                 // ::ffff:0.0.0.0 on a dual-stack socket: the IPv4 rule.
                 let src = bound_source4(sa);
-                addr = if src == 0 {
-                    mapped4(u32::from_ne_bytes([127, 0, 0, 1]))
-                } else {
+                addr = if src != 0 && is_own(&mapped4(src)) {
                     mapped4(src)
+                } else {
+                    mapped4(u32::from_ne_bytes([127, 0, 0, 1]))
                 };
+            } else if bound_source_is_mapped(sa) {
+                // :: from a socket bound to an IPv4-mapped address goes
+                // to ::ffff:127.0.0.1.
+                addr = mapped4(u32::from_ne_bytes([127, 0, 0, 1]));
             } else {
                 // :: is ::1 (the kernel's BSD rule, for TCP and UDP alike).
                 addr[15] = 1;
@@ -383,12 +413,14 @@ mod programs {
         if port == 0 || port_atom == 0 {
             return ALLOW;
         }
+        // Any other address is judged too, local or not yet:
+        // IP_FREEBIND lets any uid bind an address before it is the
+        // host's (a failover address, one still in DAD), and a bind of a
+        // non-local address fails anyway without it.
         let addr_atom = if is_unspecified(&addr) {
             BIND_WILDCARD_ATOM
-        } else if in_scope(&addr) {
-            addr_atom(slot, &slot_config, addr)
         } else {
-            return ALLOW;
+            addr_atom(slot, &slot_config, addr)
         };
         let key = DecisionKey {
             slot,
@@ -407,12 +439,16 @@ mod programs {
         let Some(entry) = SERVICES.get(slot * MAX_SERVICES + service) else {
             return ALLOW;
         };
-        let member = is_member(slot, guard.uid_set, bpf_get_current_uid_gid() as u32);
+        let uid = bpf_get_current_uid_gid() as u32;
+        let enforced = guard.enforce_set == NO_SET || is_member(slot, guard.enforce_set, uid);
+        let member = enforced && is_member(slot, guard.uid_set, uid);
+        // An enforce-mode guard refuses; an audit-mode one only records.
+        let mode = if enforced { MODE_AUDIT } else { MODE_ENFORCE };
         finish(
             slot,
             service,
             !member,
-            entry.mode,
+            mode,
             entry.log_allowed,
             proto,
             hook,

@@ -77,7 +77,12 @@ pub struct BindDecision {
     pub addr_atom: u32,
     /// The innermost guarded service: named in events and `explain`.
     pub service: u32,
+    /// Uids every guarded service covering the cell admits: others are
+    /// refused (would-deny where only audit-mode services refuse them).
     pub uid_set: u32,
+    /// Uids every enforce-mode guarded service admits; `None` when all the
+    /// cell's guards are in audit mode.
+    pub enforce_set: Option<u32>,
 }
 
 /// The compiled policy.
@@ -178,11 +183,6 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
             bind_set,
         });
     }
-    too_large(
-        "uid entries",
-        uid_sets.iter().map(Vec::len).sum(),
-        MAX_UID_ENTRIES,
-    )?;
 
     let port_atoms = port_atoms(&services);
     let mut nets: Vec<IpNet> = services
@@ -220,6 +220,11 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     }
     let binds = bind_decisions(&services, &port_atoms, &nets, &mut uid_sets, &mut interned);
     too_large("bind decision entries", binds.len(), MAX_DECISIONS)?;
+    too_large(
+        "uid entries",
+        uid_sets.iter().map(Vec::len).sum(),
+        MAX_UID_ENTRIES,
+    )?;
     let sorted: BTreeMap<_, _> = table.into_iter().collect();
     let decisions = sorted
         .into_iter()
@@ -282,54 +287,63 @@ fn bind_decisions(
     uid_sets: &mut Vec<Vec<u32>>,
     interned: &mut HashMap<Vec<u32>, u32>,
 ) -> Vec<BindDecision> {
-    // cell -> (innermost guarded service, intersected uids)
-    let mut cells: BTreeMap<(Transport, u32, u32), (u32, Vec<u32>)> = BTreeMap::new();
+    /// A cell: the innermost guarded service, the intersection of all the
+    /// guards' lists and of the enforce-mode ones'.
+    struct Cell {
+        service: u32,
+        all: Vec<u32>,
+        enforce: Option<Vec<u32>>,
+    }
+    let mut cells: BTreeMap<(Transport, u32, u32), Cell> = BTreeMap::new();
     for (si, s) in services.iter().enumerate() {
         let Some(set) = s.bind_set else { continue };
         let mut atoms = addr_atoms_of(s, nets);
         atoms.push(BIND_WILDCARD_ATOM);
+        let uids = &uid_sets[set as usize];
+        let enforce = s.mode == Mode::Enforce;
         for t in Transport::ALL {
             if !s.protocol.includes(t) {
                 continue;
             }
             for pa in port_atoms_of(s, port_atoms) {
                 for &aa in &atoms {
-                    let uids = &uid_sets[set as usize];
-                    match cells.entry((t, pa as u32, aa)) {
-                        std::collections::btree_map::Entry::Vacant(v) => {
-                            v.insert((si as u32, uids.clone()));
+                    let cell = cells.entry((t, pa as u32, aa)).or_insert_with(|| Cell {
+                        service: si as u32,
+                        all: uids.clone(),
+                        enforce: None,
+                    });
+                    cell.all.retain(|u| uids.binary_search(u).is_ok());
+                    if enforce {
+                        match &mut cell.enforce {
+                            Some(e) => e.retain(|u| uids.binary_search(u).is_ok()),
+                            None => cell.enforce = Some(uids.clone()),
                         }
-                        std::collections::btree_map::Entry::Occupied(mut o) => {
-                            let (who, have) = o.get_mut();
-                            have.retain(|u| uids.binary_search(u).is_ok());
-                            if contains(&services[*who as usize], s) {
-                                *who = si as u32;
-                            }
-                        }
+                    }
+                    if contains(&services[cell.service as usize], s) {
+                        cell.service = si as u32;
                     }
                 }
             }
         }
     }
+    let mut intern = |uids: Vec<u32>| -> u32 {
+        if let Some(&i) = interned.get(&uids) {
+            return i;
+        }
+        uid_sets.push(uids.clone());
+        let i = (uid_sets.len() - 1) as u32;
+        interned.insert(uids, i);
+        i
+    };
     cells
         .into_iter()
-        .map(|((transport, port_atom, addr_atom), (service, uids))| {
-            let uid_set = match interned.get(&uids) {
-                Some(&i) => i,
-                None => {
-                    uid_sets.push(uids.clone());
-                    let i = (uid_sets.len() - 1) as u32;
-                    interned.insert(uids, i);
-                    i
-                }
-            };
-            BindDecision {
-                transport,
-                port_atom,
-                addr_atom,
-                service,
-                uid_set,
-            }
+        .map(|((transport, port_atom, addr_atom), cell)| BindDecision {
+            transport,
+            port_atom,
+            addr_atom,
+            service: cell.service,
+            uid_set: intern(cell.all),
+            enforce_set: cell.enforce.map(&mut intern),
         })
         .collect()
 }
@@ -499,21 +513,14 @@ impl Plan {
                 v6.is_unspecified() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified())
             }
         };
+        // Every address but the wildcard is judged, local or not yet
+        // (IP_FREEBIND binds an address before it is the host's).
         let (dest, addr_atom) = if wildcard {
             (None, BIND_WILDCARD_ATOM)
         } else {
-            match classify(ip, local) {
-                Some(d) => {
-                    let atom = self.addr_atom(&d);
-                    (Some(d), atom)
-                }
-                None => {
-                    return allow(
-                        None,
-                        format!("{ip} is not delivered to this host: outside loopguard's scope"),
-                    )
-                }
-            }
+            let d = classify(ip, local).unwrap_or(Destination::in_scope(ip));
+            let atom = self.addr_atom(&d);
+            (Some(d), atom)
         };
         let key = (transport, self.port_atom(port), addr_atom);
         let found = self
@@ -525,14 +532,16 @@ impl Plan {
             return allow(dest, "no service guards binding here".into());
         };
         let s = &self.services[b.service as usize];
-        let listed = self.uid_sets[b.uid_set as usize]
-            .binary_search(&uid)
-            .is_ok();
-        let action = match (listed, s.mode) {
-            (true, _) => Action::Allow,
-            (false, Mode::Audit) => Action::WouldDeny,
-            (false, Mode::Enforce) => Action::Deny,
+        let listed = |set: u32| self.uid_sets[set as usize].binary_search(&uid).is_ok();
+        // An enforce-mode guard refuses; audit-mode ones only record.
+        let action = if b.enforce_set.is_some_and(|e| !listed(e)) {
+            Action::Deny
+        } else if !listed(b.uid_set) {
+            Action::WouldDeny
+        } else {
+            Action::Allow
         };
+        let listed = action == Action::Allow;
         let why = if listed { "may bind" } else { "may not bind" };
         Evaluation {
             action,
@@ -790,7 +799,7 @@ allow_users = [1]
                     for uid in 0..10 {
                         // SPEC §2: every guarded service covering the bind
                         // must list the uid.
-                        let dest = classify(ip, &host);
+                        let dest = Some(classify(ip, &host).unwrap_or(Destination::in_scope(ip)));
                         let guards: Vec<usize> = (0..p.services.len())
                             .filter(|&i| {
                                 let s = &p.services[i];
@@ -804,18 +813,30 @@ allow_users = [1]
                                             .is_some_and(|d| s.addresses.contains_addr(d)))
                             })
                             .collect();
-                        let refused = guards.iter().any(|&i| {
-                            let set = plan.services[i].bind_set.expect("guarded") as usize;
-                            !plan.uid_sets[set].contains(&uid)
-                        });
+                        let refusing: Vec<Mode> = guards
+                            .iter()
+                            .filter(|&&i| {
+                                let set = plan.services[i].bind_set.expect("guarded") as usize;
+                                !plan.uid_sets[set].contains(&uid)
+                            })
+                            .map(|&i| p.services[i].mode)
+                            .collect();
+                        // An enforce-mode guard refuses; audit-mode ones
+                        // only record.
+                        let want = if refusing.contains(&Mode::Enforce) {
+                            Action::Deny
+                        } else if refusing.is_empty() {
+                            Action::Allow
+                        } else {
+                            Action::WouldDeny
+                        };
                         let got = plan.evaluate_bind(uid, t, ip, port, &host);
                         assert_eq!(
-                            got.action != Action::Allow,
-                            refused,
+                            got.action, want,
                             "uid {uid} bind {ip}:{port}/{t:?}: {}",
                             got.reason
                         );
-                        denied += usize::from(refused);
+                        denied += usize::from(want != Action::Allow);
                     }
                 }
             }
@@ -827,6 +848,15 @@ allow_users = [1]
         assert_eq!(e.action, Action::WouldDeny, "{}", e.reason);
         let one: IpAddr = "127.0.0.1".parse().unwrap();
         let e = plan.evaluate_bind(4, Transport::Tcp, one, 5432, &host);
+        assert_eq!(e.action, Action::Deny, "{}", e.reason);
+        // An audit-mode guard on part of the port never weakens an
+        // enforce-mode one: the wildcard listens on 127.0.0.1 too.
+        let any: IpAddr = "0.0.0.0".parse().unwrap();
+        let e = plan.evaluate_bind(5, Transport::Tcp, any, 5432, &host);
+        assert_eq!(e.action, Action::Deny, "{}", e.reason);
+        // A not-yet-local address (IP_FREEBIND) is judged too.
+        let later: IpAddr = "10.9.9.9".parse().unwrap();
+        let e = plan.evaluate_bind(5, Transport::Tcp, later, 5432, &host);
         assert_eq!(e.action, Action::Deny, "{}", e.reason);
     }
 

@@ -19,7 +19,7 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
@@ -106,7 +106,17 @@ impl LocalTable {
     /// The kernel's local table of this network namespace, with the fixed
     /// ranges. Any user may read it.
     pub fn read() -> Result<LocalTable, ScopeError> {
-        Ok(LocalTable::from_prefixes(dump_local_routes()?))
+        // A dump the kernel marks interrupted (the table changed while it
+        // was read) may miss routes: read it again.
+        for _ in 0..10 {
+            let (routes, interrupted) = dump_local_routes()?;
+            if !interrupted {
+                return Ok(LocalTable::from_prefixes(routes));
+            }
+        }
+        Err(ScopeError::Decode(
+            "the local table kept changing while it was read".into(),
+        ))
     }
 
     /// A table of `prefixes` plus the fixed ranges (tests, and hosts the
@@ -153,8 +163,9 @@ impl LocalTable {
     }
 }
 
-/// Every route of table 255, as (prefix, kind).
-fn dump_local_routes() -> Result<Vec<(IpNet, LocalKind)>, ScopeError> {
+/// Every route of table 255, as (prefix, kind), and whether the kernel
+/// flagged the dump as interrupted.
+fn dump_local_routes() -> Result<(Vec<(IpNet, LocalKind)>, bool), ScopeError> {
     let io_err = |context| move |source| ScopeError::Netlink { context, source };
     let mut socket = Socket::new(NETLINK_ROUTE).map_err(io_err("socket"))?;
     socket.bind_auto().map_err(io_err("bind"))?;
@@ -174,6 +185,7 @@ fn dump_local_routes() -> Result<Vec<(IpNet, LocalKind)>, ScopeError> {
     socket.send(&buf, 0).map_err(io_err("send"))?;
 
     let mut out = Vec::new();
+    let mut interrupted = false;
     let mut recv = vec![0u8; 64 * 1024];
     loop {
         let size = socket.recv(&mut &mut recv[..], 0).map_err(io_err("recv"))?;
@@ -182,8 +194,9 @@ fn dump_local_routes() -> Result<Vec<(IpNet, LocalKind)>, ScopeError> {
             let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&recv[offset..size])
                 .map_err(|e| ScopeError::Decode(e.to_string()))?;
             let len = msg.header.length as usize;
+            interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
             match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Done(_) => return Ok((out, interrupted)),
                 NetlinkPayload::Error(e) => {
                     return Err(ScopeError::Netlink {
                         context: "dump",

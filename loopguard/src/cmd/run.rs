@@ -533,9 +533,19 @@ async fn watch_local_table(daemon: Arc<Mutex<Daemon>>) {
     };
     let mut buf = vec![0u8; 64 * 1024];
     // Changes made before the watch started.
-    sync_local_table(&mut lock(&daemon));
+    let mut synced = sync_local_table(&mut lock(&daemon));
     loop {
-        let Ok(mut guard) = fd.readable().await else {
+        // A sync that failed is tried again every second, event or not.
+        let ready = if synced {
+            Ok(fd.readable().await)
+        } else {
+            tokio::time::timeout(Duration::from_secs(1), fd.readable()).await
+        };
+        let Ok(ready) = ready else {
+            synced = sync_local_table(&mut lock(&daemon));
+            continue;
+        };
+        let Ok(mut guard) = ready else {
             return;
         };
         // Drain every pending message; the content does not matter (a
@@ -549,13 +559,14 @@ async fn watch_local_table(daemon: Arc<Mutex<Daemon>>) {
             }
         }
         guard.clear_ready();
-        sync_local_table(&mut lock(&daemon));
+        synced = sync_local_table(&mut lock(&daemon));
     }
 }
 
-fn sync_local_table(d: &mut Daemon) {
+/// Copies the local table into the eBPF layer; false when that failed.
+fn sync_local_table(d: &mut Daemon) -> bool {
     if !ebpf::is_installed(&d.paths) {
-        return;
+        return true;
     }
     let result = LocalTable::read()
         .map_err(anyhow::Error::new)
@@ -570,10 +581,12 @@ fn sync_local_table(d: &mut Daemon) {
             if changed > 0 {
                 log::debug!("local table: {len} prefixes, {changed} entries changed");
             }
+            true
         }
         Err(e) => {
             d.metrics.local_failures.inc();
             log::error!("local routing table not fully guarded by the eBPF layer: {e:#}");
+            false
         }
     }
 }

@@ -526,6 +526,7 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
             let entry = BindEntry {
                 service: b.service,
                 uid_set: b.uid_set,
+                enforce_set: b.enforce_set.unwrap_or(loopguard_common::NO_SET),
             };
             (key, entry)
         })
