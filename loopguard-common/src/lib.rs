@@ -99,6 +99,9 @@ pub struct SlotConfig {
     /// return at once.
     pub has_binds: u8,
     pub _pad: [u8; 3],
+    /// The plan this slot holds (`Plan::id`), so what is in force can be
+    /// read back from the kernel.
+    pub plan_id: u64,
 }
 
 /// A compiled service, `LG_SERVICES[slot * MAX_SERVICES + id]`.

@@ -300,8 +300,20 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub fn open(path: &Path, max_bytes: u64) -> io::Result<AuditLog> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // 0750 whatever the caller's umask; a directory that is a
+            // symlink (planted by someone) is refused.
+            use std::os::unix::fs::DirBuilderExt as _;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)?;
+            if !fs::symlink_metadata(dir)?.is_dir() {
+                return Err(io::Error::other(format!(
+                    "{} is not a directory (a symlink?); refusing to write the audit log there",
+                    dir.display()
+                )));
+            }
         }
         let file = Self::open_file(path)?;
         let written = file.metadata()?.len();
@@ -314,10 +326,12 @@ impl AuditLog {
     }
 
     fn open_file(path: &Path) -> io::Result<fs::File> {
+        // Never through a symlink: it could point at any root-owned file.
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o640)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         // Readable by the audit group when there is one.
         if let Some(g) = uzers::get_group_by_name(AUDIT_GROUP) {

@@ -90,6 +90,13 @@ pub struct BindDecision {
 pub struct Plan {
     /// `sha256:<hex>` of the policy file's bytes.
     pub hash: String,
+    /// What the kernel layers enforce, as 16 hex digits: the start of the
+    /// SHA-256 of everything compiled (the uids a file resolves to
+    /// included). Both layers carry it (the eBPF slot's config, a chain
+    /// named `plan_<id>` in the table), so what is in force can be read
+    /// back from the kernel and compared with the state.
+    #[serde(default)]
+    pub id: String,
     pub file: String,
     pub default: Verdict,
     pub mode: Mode,
@@ -135,6 +142,19 @@ pub struct Evaluation {
     /// Index of the deciding service; `None` when the default decides.
     pub service: Option<usize>,
     pub reason: String,
+}
+
+/// `io::Write` into a hasher.
+struct HashWriter<'h>(&'h mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub fn source_hash(source: &str) -> String {
@@ -236,7 +256,8 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
         })
         .collect();
 
-    Ok(Plan {
+    let mut plan = Plan {
+        id: String::new(),
         hash: source_hash(&policy.source),
         file: policy.file.clone(),
         default: policy.default,
@@ -248,7 +269,9 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
         nets,
         decisions,
         binds,
-    })
+    };
+    plan.id = plan.content_id();
+    Ok(plan)
 }
 
 /// The address atoms a service covers: all of them for `loopback`, else
@@ -396,6 +419,20 @@ fn port_atoms(services: &[PlanService]) -> Vec<PortRange> {
 }
 
 impl Plan {
+    /// [`Plan::id`] of this plan's content.
+    fn content_id(&self) -> String {
+        let mut h = Sha256::new();
+        // Serializing into the hasher: a 10,000-service plan is megabytes.
+        let _ = serde_json::to_writer(HashWriter(&mut h), self);
+        let digest = h.finalize();
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// [`Plan::id`] as the number the eBPF slot config holds.
+    pub fn id_number(&self) -> u64 {
+        u64::from_str_radix(&self.id, 16).unwrap_or(0)
+    }
+
     /// The port atom of `port`, 0 when no service covers it.
     pub fn port_atom(&self, port: u16) -> u32 {
         let i = self.port_atoms.partition_point(|a| a.last < port);

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod compile;
 pub mod diag;
 pub mod ebpf;
+pub mod health;
 pub mod host;
 pub mod nflog;
 pub mod nft;

@@ -20,6 +20,9 @@ pub mod exit {
     pub const NOT_ROOT: u8 = 3;
     /// The host lacks what loopguard needs (cgroup v2, BPF, bpffs).
     pub const UNSUPPORTED: u8 = 4;
+    /// `status`: what the kernel enforces differs from the applied state
+    /// (a layer missing or altered, an interrupted apply, no state).
+    pub const DRIFT: u8 = 5;
 }
 
 const AFTER_HELP: &str = "\
@@ -200,5 +203,26 @@ fn report(err: &anyhow::Error, verbose: bool) -> ExitCode {
 /// Reads a policy file with the path in the error.
 pub fn read_policy(path: &PathBuf) -> anyhow::Result<String> {
     use anyhow::Context as _;
-    std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))
+    let bytes =
+        std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        // Where the first bad byte is, the way an editor counts.
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let before = &bytes[..at];
+        let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+        let line_start = before
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        let col = String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1;
+        anyhow::anyhow!(
+            "{}:{line}:{col}: not UTF-8 (byte 0x{:02x}); policy files are UTF-8 text",
+            path.display(),
+            bytes[at]
+        )
+    })
 }

@@ -167,7 +167,7 @@ fn address_regions(nets: &[IpNet]) -> BTreeMap<u32, Region> {
 
 /// Version of the table's layout. A table of another layout (an older
 /// loopguard) is replaced whole, never updated in place.
-pub const LAYOUT: u32 = 5;
+pub const LAYOUT: u32 = 6;
 
 /// An interval key of a verdict map or refusal set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -525,6 +525,35 @@ impl Batch<'_> {
 
 const BASE_CHAIN: &str = "output";
 
+/// The empty chain whose name says which plan the table holds.
+fn plan_chain(id: &str) -> String {
+    format!("{PLAN_CHAIN_PREFIX}{id}")
+}
+const PLAN_CHAIN_PREFIX: &str = "plan_";
+
+/// The plan id the instance's table holds, read back from the kernel
+/// (`None`: no table, or a table without one). Lists chain names only, not
+/// the table's elements: cheap at any policy size.
+pub fn plan_in_force(table: &str) -> Result<Option<String>, NftError> {
+    let out = nftables::helper::get_current_ruleset_raw(
+        nftables::helper::DEFAULT_NFT,
+        ["list", "chains", "inet"],
+    )
+    .map_err(|source| NftError::List {
+        table: table.to_string(),
+        source,
+    })?;
+    let doc: Value = serde_json::from_str(&out).map_err(NftError::Json)?;
+    Ok(doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("chain"))
+        .filter(|c| c["table"] == table && c["family"] == "inet")
+        .find_map(|c| c["name"].as_str()?.strip_prefix(PLAN_CHAIN_PREFIX))
+        .map(str::to_string))
+}
+
 /// `<family> daddr == <right>`.
 fn daddr(family: &str, right: Value) -> Value {
     json!({"match": {"op": "==", "left": {"payload": {"protocol": family, "field": "daddr"}}, "right": right}})
@@ -582,6 +611,7 @@ pub fn ruleset(table: &str, plan: &Plan) -> String {
             json!({"add": {"table": t}}).to_string(),
         ],
     };
+    b.push("add", "chain", json!({"name": plan_chain(&plan.id)}));
     for (name, uids) in &spec.uid_sets {
         b.uid_set(name, uids);
     }
@@ -653,6 +683,12 @@ pub fn update(table: &str, old: &Plan, plan: &Plan) -> Update {
         table,
         cmds: Vec::new(),
     };
+    // The table must hold `old`: deleting its plan chain fails the whole
+    // transaction otherwise (and the caller replaces the table whole).
+    if old.id != plan.id {
+        b.push("delete", "chain", json!({"name": plan_chain(&old.id)}));
+        b.push("add", "chain", json!({"name": plan_chain(&plan.id)}));
+    }
     for (name, uids) in &now.uid_sets {
         if !was.uid_sets.contains_key(name) {
             b.uid_set(name, uids);

@@ -1,7 +1,11 @@
 //! What an instance has applied, kept beside its pins so `status` and
 //! `explain` report what the kernel enforces, not what the file says now.
 
-use std::{fs, io, path::PathBuf};
+use std::{
+    fs, io,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -54,35 +58,111 @@ pub enum StateError {
 impl State {
     /// `None` when the instance has never been applied (or was removed).
     pub fn load(paths: &InstancePaths) -> Result<Option<State>, StateError> {
-        let path = &paths.state_file;
-        let text = match fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Read {
-                    path: path.clone(),
-                    source,
-                })
-            }
-        };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| StateError::Parse {
-                path: path.clone(),
-                source,
-            })
+        read(&paths.state_file)
     }
 
-    /// Written to a temporary file and renamed, so readers never see half.
-    pub fn save(&self, paths: &InstancePaths) -> Result<(), StateError> {
-        let err = |source| StateError::Write {
-            path: paths.state_file.clone(),
-            source,
-        };
-        fs::create_dir_all(&paths.state_dir).map_err(err)?;
-        let tmp = paths.state_file.with_extension("json.tmp");
-        let text = serde_json::to_vec(self).map_err(|e| err(io::Error::other(e)))?;
-        fs::write(&tmp, text).map_err(err)?;
-        fs::rename(&tmp, &paths.state_file).map_err(err)
+    /// The journal of an `apply` that has not finished (it crashed, or is
+    /// running now under the lock): the state it was putting in force.
+    pub fn load_pending(paths: &InstancePaths) -> Result<Option<State>, StateError> {
+        read(&pending_file(paths))
     }
+
+    /// Written to a temporary file, synced and renamed, so readers (and a
+    /// reboot) never see half; in a directory only root can enter, and
+    /// never through a symlink.
+    pub fn save(&self, paths: &InstancePaths) -> Result<(), StateError> {
+        write_atomically(paths, &paths.state_file, self)
+    }
+
+    /// Records the state an `apply` is about to put in force, before it
+    /// touches the kernel.
+    pub fn save_pending(&self, paths: &InstancePaths) -> Result<(), StateError> {
+        write_atomically(paths, &pending_file(paths), self)
+    }
+
+    /// The apply finished (its state is saved): drop the journal.
+    pub fn clear_pending(paths: &InstancePaths) -> Result<(), StateError> {
+        let path = pending_file(paths);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Write { path, source }),
+        }
+    }
+}
+
+fn pending_file(paths: &InstancePaths) -> PathBuf {
+    paths.state_dir.join("pending.json")
+}
+
+fn read(path: &Path) -> Result<Option<State>, StateError> {
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StateError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    serde_json::from_reader(io::BufReader::new(file))
+        .map(Some)
+        .map_err(|source| StateError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Creates `dir` (and missing parents) mode 0700, and refuses one that is
+/// a symlink or not root's.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(format!(
+            "{} is not a directory owned by this user (a symlink?); refusing to use it",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn write_atomically(paths: &InstancePaths, path: &Path, state: &State) -> Result<(), StateError> {
+    use std::io::Write as _;
+    let err = |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    private_dir(&paths.state_dir).map_err(err)?;
+    let tmp = path.with_extension("json.tmp");
+    // A leftover (or planted) temporary file or link goes; the new one is
+    // created fresh, never followed.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(err)?;
+    let text = serde_json::to_vec(state).map_err(|e| err(io::Error::other(e)))?;
+    file.write_all(&text).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)?;
+    fs::File::open(&paths.state_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)
 }

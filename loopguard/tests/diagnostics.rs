@@ -60,3 +60,49 @@ fn json_records_carry_line_and_column() {
         records.iter().map(|r| (r.line, r.column, r.code)).collect();
     assert_eq!(got, [(2, 1, "unknown-key"), (7, 1, "unknown-key")]);
 }
+
+/// Hostile input stays bounded: 2,000 copies of one service are one error
+/// naming a few of them, not 2,000·1,999/2, and the check takes well under
+/// a second.
+#[test]
+fn many_identical_services_are_one_error() {
+    let mut text = String::from("version = 1\n");
+    for i in 0..2000 {
+        text.push_str(&format!(
+            "[[service]]\nname = \"s{i}\"\nport = 5432\nallow_users = [1]\n"
+        ));
+    }
+    let started = std::time::Instant::now();
+    let (_, diags) = policy::load("many.toml", text.as_str());
+    let rendered = Report {
+        file: "many.toml",
+        source: &text,
+        diagnostics: &diags,
+    }
+    .render_human();
+    let took = started.elapsed();
+    assert_eq!(diags.len(), 1, "{}", &rendered[..rendered.len().min(2000)]);
+    assert!(rendered.contains("2000 services match exactly the same traffic"));
+    assert!(rendered.contains("and 1990 more"));
+    assert!(
+        rendered.len() < 10_000,
+        "{} bytes of output",
+        rendered.len()
+    );
+    assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+}
+
+/// Many ambiguous overlaps: the first hundred are listed, then one line.
+#[test]
+fn ambiguous_overlaps_are_capped() {
+    let mut text = String::from("version = 1\n");
+    for i in 0..1000 {
+        text.push_str(&format!(
+            "[[service]]\nname = \"s{i}\"\nport = \"{}-{}\"\nallow_users = [1]\n",
+            1000 + i,
+            3000 + i
+        ));
+    }
+    let (_, diags) = policy::load("overlaps.toml", text.as_str());
+    assert_eq!(diags.len(), 101);
+}

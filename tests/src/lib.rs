@@ -435,6 +435,16 @@ impl Sandbox {
     /// EXTRA...` in our namespace and waits for its sd_notify READY=1.
     /// Killed when the sandbox drops.
     pub fn start_daemon(&mut self, policy: &Path, extra: &[&str]) -> Daemon {
+        self.start_daemon_env(policy, extra, &[])
+    }
+
+    /// [`Sandbox::start_daemon`] with extra environment.
+    pub fn start_daemon_env(
+        &mut self,
+        policy: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let notify = self.dir.join("notify.sock");
         let _ = fs::remove_file(&notify);
         let sock = std::os::unix::net::UnixDatagram::bind(&notify).expect("notify socket");
@@ -452,6 +462,7 @@ impl Sandbox {
             .arg("--audit-log")
             .arg(&audit_log)
             .args(extra)
+            .envs(env.iter().copied())
             .env("NOTIFY_SOCKET", &notify)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&stderr).expect("stderr file"))
@@ -626,6 +637,23 @@ impl Daemon {
                 &events[events.len().saturating_sub(3)..]
             );
             thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the daemon process has exited (killed, aborted).
+    pub fn wait_exit(&self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            // A dead child not yet reaped is a zombie: state `Z`.
+            let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            if matches!(state, None | Some('Z') | Some('X')) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the daemon is still running");
+            thread::sleep(Duration::from_millis(20));
         }
     }
 

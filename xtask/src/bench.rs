@@ -457,10 +457,10 @@ impl Drop for Bench {
     }
 }
 
-pub fn bench(quick: bool) -> Result<()> {
+pub fn bench(quick: bool, sizes: &[usize]) -> Result<()> {
     let root = workspace_root();
     crate::build_bins(&root, true)?;
-    let s = if quick {
+    let mut s = if quick {
         Sizes {
             connects: 500,
             stream_mb: 64,
@@ -479,6 +479,9 @@ pub fn bench(quick: bool) -> Result<()> {
             flood: 100_000,
         }
     };
+    if !sizes.is_empty() {
+        s.sizes = sizes.to_vec();
+    }
     let have_iptables = succeeds(Command::new(IPTABLES).arg("--version"));
     if !have_iptables {
         eprintln!("xtask: {IPTABLES} not found: the iptables configuration is skipped (cargo xtask setup installs it)");

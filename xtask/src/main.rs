@@ -74,6 +74,10 @@ enum Task {
         /// Smallest size, fewer rounds: checks the harness, under a minute.
         #[arg(long)]
         quick: bool,
+        /// Policy sizes (services) to measure, e.g. `10000` to check one
+        /// target without the others [default: 1,100,10000; --quick: 1].
+        #[arg(long, value_delimiter = ',', value_name = "N,...")]
+        sizes: Vec<usize>,
     },
     /// Setup, then show loopguard refusing and allowing real connections to
     /// a real Redis, inside a network namespace and child cgroup it creates
@@ -103,9 +107,9 @@ fn run() -> Result<()> {
             setup()?;
             vm::vm_test(&kernel)
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, sizes } => {
             setup()?;
-            bench::bench(quick)
+            bench::bench(quick, &sizes)
         }
         Task::Demo => {
             setup()?;

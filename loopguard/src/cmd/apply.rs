@@ -53,14 +53,20 @@ pub enum Layers {
     Both,
 }
 
-/// Serializes apply and remove of one instance.
+/// Serializes apply and remove of one instance. The lock file is never
+/// deleted (a waiter would lock a file nobody else sees): `remove` leaves
+/// it, a few bytes on tmpfs.
 pub fn lock(paths: &InstancePaths) -> anyhow::Result<Flock<fs::File>> {
-    fs::create_dir_all(STATE_ROOT).with_context(|| format!("failed to create {STATE_ROOT}"))?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    loopguard::state::private_dir(Path::new(STATE_ROOT))
+        .with_context(|| format!("failed to create {STATE_ROOT}"))?;
     let path = lock_path(paths);
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .with_context(|| format!("failed to open {}", path.display()))?;
     Flock::lock(file, FlockArg::LockExclusive)
@@ -72,11 +78,24 @@ fn lock_path(paths: &InstancePaths) -> PathBuf {
     Path::new(STATE_ROOT).join(format!("{}.lock", paths.instance))
 }
 
-/// Deletes the lock file, and the state root if no instance is left.
-pub fn remove_lock(paths: &InstancePaths) {
-    let _ = fs::remove_file(lock_path(paths));
-    let _ = fs::remove_file(Path::new(STATE_ROOT).join(format!("{}.run", paths.instance)));
-    let _ = fs::remove_dir(STATE_ROOT);
+/// Aborts the process at a named step when `LOOPGUARD_FAULT` names it
+/// (`STEP`, or `STEP@N` for the N-th time the step is reached, e.g. a
+/// daemon's first reload): crash-consistency tests kill `apply` and `run`
+/// at exact points instead of racing a signal against a clock.
+pub fn fault(step: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static REACHED: AtomicUsize = AtomicUsize::new(0);
+    let Ok(want) = std::env::var("LOOPGUARD_FAULT") else {
+        return;
+    };
+    let (name, nth) = match want.split_once('@') {
+        Some((name, n)) => (name, n.parse().unwrap_or(1)),
+        None => (want.as_str(), 1),
+    };
+    if name == step && REACHED.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+        eprintln!("loopguard: LOOPGUARD_FAULT={want}: aborting");
+        std::process::abort();
+    }
 }
 
 /// What `apply` and `run` need to enforce a file.
@@ -143,22 +162,66 @@ pub fn commit(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyh
     let _lock = lock(paths)?;
     // Read under the lock: another apply may have finished meanwhile.
     let previous = timed("load state", || State::load(paths).ok().flatten());
-    let outcome = enforce(opts, paths, &prepared.plan, previous.as_ref())?;
+    // The state is a record, not the truth: when the kernel differs from
+    // it (a crash between the layers' commits, another tool's flush, an
+    // interrupted apply), nothing is updated in place: both layers are
+    // rewritten whole from the new plan.
+    let drift = previous
+        .as_ref()
+        .map(|p| timed("read back", || loopguard::health::drift(paths, p)))
+        .unwrap_or_default();
+    for d in &drift {
+        log::warn!("recovering: {d}");
+    }
+    let trusted = drift.is_empty();
+    let pending = State {
+        policy_path: prepared.policy_path.clone(),
+        cgroup: opts.cgroup.clone().unwrap_or_default(),
+        applied_at: jiff::Timestamp::now().to_string(),
+        slot: 0,
+        layers: Vec::new(),
+        plan: prepared.plan,
+        nft_layout: 0,
+        packet_base: Default::default(),
+    };
+    // The journal goes first: whatever happens to this process from here
+    // on, the next command knows an apply of this plan was under way.
+    timed("journal", || pending.save_pending(paths))
+        .context("failed to record the apply; nothing changed")?;
+    fault("after-journal");
+    let outcome = match enforce(opts, paths, &pending.plan, previous.as_ref(), trusted) {
+        Ok(o) => o,
+        Err(e) => {
+            // A failure that left the previous policy in force (the usual
+            // case: every step before the flip undoes itself) is no
+            // interrupted apply.
+            let intact = previous.as_ref().is_none_or(|p| {
+                loopguard::health::drift(paths, p)
+                    .iter()
+                    .all(|d| matches!(d, loopguard::health::Drift::Interrupted { .. }))
+            });
+            if intact {
+                let _ = State::clear_pending(paths);
+            }
+            return Err(e);
+        }
+    };
+    fault("before-state");
     let state = State {
-        policy_path: prepared.policy_path,
         cgroup: outcome.cgroup.clone(),
         applied_at: jiff::Timestamp::now().to_string(),
         slot: outcome.slot.unwrap_or(0),
-        layers: outcome.layers.clone(),
-        plan: prepared.plan,
         nft_layout: if outcome.layers.iter().any(|l| l == "nft") {
             nft::LAYOUT
         } else {
             0
         },
+        layers: outcome.layers,
         packet_base: outcome.packet_base,
+        ..pending
     };
     timed("save state", || state.save(paths))?;
+    State::clear_pending(paths)?;
     Ok(state)
 }
 
@@ -233,6 +296,7 @@ fn enforce(
     paths: &InstancePaths,
     plan: &Plan,
     previous: Option<&State>,
+    trusted: bool,
 ) -> anyhow::Result<Enforced> {
     let cgroup = host::attach_cgroup(args.cgroup.as_deref())?;
     let mut want_bpf = args.layers != Layers::Nft;
@@ -270,14 +334,18 @@ fn enforce(
         // refuses still changes nothing: the eBPF slot flips only after the
         // commit. With our table in force there is nothing to probe (and
         // any `nft list` would load the whole table into nft's cache).
-        let probe = if nft_in_force(previous).is_some() {
+        let probe = if trusted && nft_in_force(previous).is_some() {
             Ok(())
         } else {
             nft::available()
         };
         match probe {
             Ok(()) => Some(timed("nft: build batch", || {
-                nft_change(table, plan, previous)
+                if trusted {
+                    nft_change(table, plan, previous)
+                } else {
+                    full_table(table, plan, previous)
+                }
             })),
             Err(e) if args.layers == Layers::Both && want_bpf => {
                 log::warn!(
@@ -307,7 +375,10 @@ fn enforce(
             })
         });
         match result {
-            Ok(slot) => staged = Some((installed, slot)),
+            Ok(slot) => {
+                fault("after-stage");
+                staged = Some((installed, slot));
+            }
             Err(e) => {
                 if installed.fresh {
                     let _ = ebpf::remove_pins(paths);
@@ -339,6 +410,7 @@ fn enforce(
             return Err(nft_error(e)
                 .context("the nftables transaction failed; the policy in force is unchanged"));
         }
+        fault("after-nft");
     }
 
     let mut slot = None;
@@ -357,6 +429,7 @@ fn enforce(
             return Err(anyhow::Error::new(e).context("failed to switch the eBPF layer to the new policy; the previous policy is in force"));
         }
         slot = Some(s);
+        fault("after-flip");
     }
 
     // Layers no longer wanted go, after the new ones are in force.

@@ -46,10 +46,10 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut problems = false;
     let mut files = Vec::new();
     for path in &args.files {
-        let source = match std::fs::read_to_string(path) {
+        let source = match crate::read_policy(path) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("loopguard: failed to read {}: {e}", path.display());
+                eprintln!("loopguard: {e:#}");
                 unreadable = true;
                 continue;
             }

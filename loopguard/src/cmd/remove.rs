@@ -17,7 +17,6 @@ pub fn run(paths: &InstancePaths) -> anyhow::Result<u8> {
         std::fs::remove_dir_all(&paths.state_dir)
             .with_context(|| format!("failed to remove {}", paths.state_dir.display()))?;
     }
-    super::apply::remove_lock(paths);
     if had_pins || had_state || had_table {
         println!(
             "removed instance {}: programs detached, {} and {} deleted, table inet {} deleted",

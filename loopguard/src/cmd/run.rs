@@ -301,15 +301,21 @@ impl Daemon {
 
 pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("run")?;
-    fs::create_dir_all(STATE_ROOT).with_context(|| format!("failed to create {STATE_ROOT}"))?;
+    loopguard::state::private_dir(Path::new(STATE_ROOT))
+        .with_context(|| format!("failed to create {STATE_ROOT}"))?;
     let run_lock = Path::new(STATE_ROOT).join(format!("{}.run", paths.instance));
-    let lock_file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .read(true)
-        .open(&run_lock)
-        .with_context(|| format!("failed to open {}", run_lock.display()))?;
+    let lock_file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&run_lock)
+    }
+    .with_context(|| format!("failed to open {}", run_lock.display()))?;
     let mut lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {

@@ -66,6 +66,11 @@ struct Status {
     mode: Option<String>,
     default_counts: Counts,
     services: Vec<ServiceStatus>,
+    /// The plan id the state records (each layer carries it too).
+    plan_id: Option<String>,
+    /// How the kernel differs from the state; empty when it enforces
+    /// exactly the applied policy (exit code 5 otherwise).
+    drift: Vec<String>,
 }
 
 fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
@@ -110,6 +115,18 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         mode: None,
         default_counts: Counts::default(),
         services: Vec::new(),
+        plan_id: state.as_ref().map(|s| s.plan.id.clone()),
+        drift: match &state {
+            Some(s) => loopguard::health::drift(paths, s)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            None if installed => vec![format!(
+                "no state file ({}): which policy is in force is unknown; apply one",
+                paths.state_file.display()
+            )],
+            None => Vec::new(),
+        },
     };
     if let (Some(state), true) = (&state, installed) {
         let plan = &state.plan;
@@ -163,9 +180,16 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             writeln!(out)?;
         }
         Format::Human => {
+            for d in &status.drift {
+                writeln!(out, "DRIFT:     {d}")?;
+            }
             if !installed {
                 writeln!(out, "instance {}: not installed", status.instance)?;
-                return Ok(exit::OK);
+                return Ok(if status.drift.is_empty() {
+                    exit::OK
+                } else {
+                    exit::DRIFT
+                });
             }
             writeln!(out, "instance:  {}", status.instance)?;
             writeln!(
@@ -176,8 +200,9 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             )?;
             writeln!(
                 out,
-                "applied:   {}",
-                status.applied_at.as_deref().unwrap_or("?")
+                "applied:   {} (plan {})",
+                status.applied_at.as_deref().unwrap_or("?"),
+                status.plan_id.as_deref().unwrap_or("?")
             )?;
             let mut layers = Vec::new();
             if bpf {
@@ -272,5 +297,9 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             }
         }
     }
-    Ok(exit::OK)
+    Ok(if status.drift.is_empty() {
+        exit::OK
+    } else {
+        exit::DRIFT
+    })
 }

@@ -213,6 +213,20 @@ impl Maps {
     }
 }
 
+/// The plan id the eBPF layer enforces (its active slot's), `None` when no
+/// slot is in force.
+pub fn plan_in_force(maps: &Maps) -> Result<Option<u64>, EbpfError> {
+    let config = maps.config()?;
+    if config.active_slot >= SLOTS {
+        return Ok(None);
+    }
+    let slot = maps
+        .slot_config
+        .get(&config.active_slot, 0)
+        .map_err(map_err("failed to read LG_SLOT_CONFIG"))?;
+    Ok(Some(slot.plan_id))
+}
+
 /// Whether the instance's programs are attached (all links pinned).
 pub fn is_installed(paths: &InstancePaths) -> bool {
     PROGRAMS.iter().all(|p| paths.links_dir.join(p).exists())
@@ -555,6 +569,7 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
                 has_nets: u8::from(!plan.nets.is_empty()),
                 has_binds: u8::from(!plan.binds.is_empty()),
                 _pad: [0; 3],
+                plan_id: plan.id_number(),
             },
             0,
         )

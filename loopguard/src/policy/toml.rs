@@ -378,6 +378,9 @@ enum Header {
 /// an array of tables, its last element.
 type Path = Vec<usize>;
 
+/// Most parts of one dotted key or table header.
+const MAX_KEY_PARTS: usize = 32;
+
 struct Builder<'s> {
     source: Source<'s>,
     root: Table,
@@ -819,9 +822,25 @@ impl EventReceiver for Builder<'_> {
         _: &mut dyn ErrorSink,
     ) {
         let key = self.key(span, encoding);
-        match self.open.last_mut() {
-            Some(Open::Inline { keys, .. }) => keys.push(key),
-            _ => self.keys.push(key),
+        let keys = match self.open.last_mut() {
+            Some(Open::Inline { keys, .. }) => keys,
+            _ => &mut self.keys,
+        };
+        // A dotted key or header nests one table per part: bound it, so a
+        // hostile file cannot build a structure deep enough to exhaust the
+        // stack (a policy needs two).
+        match keys.len() {
+            n if n < MAX_KEY_PARTS => keys.push(key),
+            MAX_KEY_PARTS => {
+                let at = key.pos;
+                keys.push(key);
+                self.error(
+                    format!("a key of more than {MAX_KEY_PARTS} dotted parts"),
+                    at,
+                    None,
+                );
+            }
+            _ => {}
         }
     }
 
@@ -861,6 +880,27 @@ mod tests {
         let (v, errors) = parse(text);
         assert!(v.is_none() && !errors.is_empty(), "{text} should fail");
         errors
+    }
+
+    #[test]
+    fn deep_keys_are_an_error_not_a_stack_overflow() {
+        let deep = |n: usize| vec!["a"; n].join(".");
+        for text in [
+            format!("[{}]\n", deep(22_000)),
+            format!("{} = 1\n", deep(22_000)),
+            format!("x = {{ {} = 1 }}\n", deep(22_000)),
+        ] {
+            let errors = err(&text);
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.message.contains("more than 32 dotted parts")),
+                "{:?}",
+                errors.first()
+            );
+        }
+        let (v, errors) = parse(&format!("{} = 1\n", deep(32)));
+        assert!(errors.is_empty() && v.is_some(), "32 parts are fine");
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub const ESSENTIAL_SERVICES: &[(Transport, IpAddr, u16, &str)] = &[
     ),
 ];
 
+/// Most services named in one `same-match` error.
+const MAX_NAMED: usize = 10;
+/// Most `ambiguous-overlap` errors reported.
+const MAX_OVERLAPS: usize = 100;
+
 /// Errors that need the whole policy: duplicate names and overlapping
 /// services of which neither is more specific.
 pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
@@ -54,43 +59,82 @@ pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
         }
     }
 
-    // Sweep in port order: only services whose ranges meet are compared.
-    let mut order: Vec<&Service> = policy.services.iter().collect();
+    // Services that match exactly the same traffic: one error per group,
+    // however large (N copies of one service are one problem, not N²/2).
+    let mut groups: HashMap<String, Vec<&Service>> = HashMap::new();
+    for s in &policy.services {
+        groups.entry(s.describe()).or_default().push(s);
+    }
+    let mut groups: Vec<Vec<&Service>> = groups.into_values().collect();
+    groups.sort_by_key(|g| g[0].name_span.start);
+    for g in groups.iter().filter(|g| g.len() > 1) {
+        let names: Vec<String> = g.iter().map(|s| format!("\"{}\"", s.name)).collect();
+        let shown = names.len().min(MAX_NAMED);
+        let more = names.len() - shown;
+        let mut d = Diagnostic::error(
+            "same-match",
+            format!(
+                "{} services match exactly the same traffic ({}): {}{}",
+                g.len(),
+                g[0].describe(),
+                names[..shown].join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        )
+        .primary(
+            g[1].name_span.clone(),
+            format!("matches {}", g[1].describe()),
+        )
+        .secondary(g[0].name_span.clone(), "first defined here");
+        for s in g.iter().skip(2).take(MAX_NAMED.saturating_sub(2)) {
+            d = d.secondary(s.name_span.clone(), "and here");
+        }
+        diags.push(d.note("no service is more specific, so none can decide; merge them"));
+    }
+
+    // Sweep the distinct services in port order: only those whose ranges
+    // meet are compared. Past MAX_OVERLAPS ambiguous pairs the policy is
+    // wrong enough: stop (a hostile file could hold millions of pairs).
+    let mut order: Vec<&Service> = groups.iter().map(|g| g[0]).collect();
     order.sort_by_key(|s| (s.ports.first, s.name_span.start));
-    for (i, a) in order.iter().enumerate() {
+    let mut overlaps = 0;
+    'sweep: for (i, a) in order.iter().enumerate() {
         for b in &order[i + 1..] {
             if b.ports.first > a.ports.last {
                 break;
             }
-            if !a.intersects(b) {
+            if !a.intersects(b) || a.contains(b) || b.contains(a) {
                 continue;
             }
+            if overlaps == MAX_OVERLAPS {
+                diags.push(
+                    Diagnostic::error(
+                        "ambiguous-overlap",
+                        format!("more than {MAX_OVERLAPS} pairs of services overlap ambiguously; the rest are not listed"),
+                    )
+                    .primary(b.name_span.clone(), "this one, and more"),
+                );
+                break 'sweep;
+            }
+            overlaps += 1;
             let (first, second) = if a.name_span.start < b.name_span.start {
                 (a, b)
             } else {
                 (b, a)
             };
-            match (a.contains(b), b.contains(a)) {
-                (true, true) => diags.push(
-                    Diagnostic::error(
-                        "same-match",
-                        format!("services \"{}\" and \"{}\" match exactly the same traffic", first.name, second.name),
-                    )
-                    .primary(second.name_span.clone(), format!("matches {}", second.describe()))
-                    .secondary(first.name_span.clone(), format!("matches {}", first.describe()))
-                    .note("no service is more specific, so neither can decide; merge them"),
-                ),
-                (false, false) => diags.push(
-                    Diagnostic::error(
-                        "ambiguous-overlap",
-                        format!("services \"{}\" and \"{}\" overlap and neither contains the other", first.name, second.name),
-                    )
-                    .primary(second.name_span.clone(), format!("matches {}", second.describe()))
-                    .secondary(first.name_span.clone(), format!("matches {}", first.describe()))
-                    .note("where services overlap, one must contain the other (its ports, addresses and protocol), so the more specific one decides"),
-                ),
-                _ => {}
-            }
+            diags.push(
+                Diagnostic::error(
+                    "ambiguous-overlap",
+                    format!("services \"{}\" and \"{}\" overlap and neither contains the other", first.name, second.name),
+                )
+                .primary(second.name_span.clone(), format!("matches {}", second.describe()))
+                .secondary(first.name_span.clone(), format!("matches {}", first.describe()))
+                .note("where services overlap, one must contain the other (its ports, addresses and protocol), so the more specific one decides"),
+            );
         }
     }
     diags

@@ -1,0 +1,87 @@
+//! What the kernel enforces, read back and compared with what the state
+//! says: the one truth `status` reports and `apply` trusts (or not) before
+//! updating a layer in place.
+//!
+//! Each layer carries the id of the plan it enforces ([`crate::compile::Plan::id`]):
+//! the eBPF layer in its active slot's config, the nftables layer as the
+//! name of an empty chain. A crash between the layers' commits, another
+//! tool's `nft flush ruleset`, deleted pins or an interrupted `apply` (its
+//! journal is left behind) all show up here.
+
+use crate::{ebpf, nft, paths::InstancePaths, state::State};
+
+/// One way the kernel differs from the state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Drift {
+    /// The state lists the eBPF layer, but its programs are not attached
+    /// (link pins gone).
+    BpfMissing,
+    /// The eBPF layer enforces another plan (or none).
+    BpfOther { found: Option<String> },
+    /// The state lists the nftables layer, but the table is gone.
+    NftMissing,
+    /// The table holds another plan, or was altered.
+    NftOther { found: Option<String> },
+    /// An `apply` of this plan was interrupted: its journal is left.
+    Interrupted { plan: String },
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plan = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".into());
+        match self {
+            Drift::BpfMissing => f.write_str("eBPF layer missing: its programs are not attached"),
+            Drift::BpfOther { found } => {
+                write!(f, "eBPF layer enforces plan {} instead", plan(found))
+            }
+            Drift::NftMissing => f.write_str("nftables layer missing: its table is gone"),
+            Drift::NftOther { found } => {
+                write!(
+                    f,
+                    "nftables table holds plan {} instead (altered or replaced)",
+                    plan(found)
+                )
+            }
+            Drift::Interrupted { plan } => write!(
+                f,
+                "an apply of plan {plan} was interrupted; the next apply converges both layers"
+            ),
+        }
+    }
+}
+
+/// Where the kernel differs from `state` (empty: it enforces exactly the
+/// state's plan on every layer the state lists).
+pub fn drift(paths: &InstancePaths, state: &State) -> Vec<Drift> {
+    let mut out = Vec::new();
+    let want = &state.plan.id;
+    if state.layers.iter().any(|l| l == "bpf") {
+        if !ebpf::is_installed(paths) {
+            out.push(Drift::BpfMissing);
+        } else {
+            let found = ebpf::Maps::open_pinned(paths)
+                .ok()
+                .and_then(|m| ebpf::plan_in_force(&m).ok().flatten())
+                .map(|id| format!("{id:016x}"));
+            if found.as_ref() != Some(want) {
+                out.push(Drift::BpfOther { found });
+            }
+        }
+    }
+    if state.layers.iter().any(|l| l == "nft") {
+        if !nft::table_exists(&paths.instance) {
+            out.push(Drift::NftMissing);
+        } else {
+            let found = nft::plan_in_force(&paths.instance).ok().flatten();
+            if found.as_ref() != Some(want) {
+                out.push(Drift::NftOther { found });
+            }
+        }
+    }
+    if let Ok(Some(pending)) = State::load_pending(paths) {
+        out.push(Drift::Interrupted {
+            plan: pending.plan.id,
+        });
+    }
+    out
+}
