@@ -452,8 +452,8 @@ impl Sandbox {
             .expect("timeout");
         let audit_log = self.dir.join("audit.jsonl");
         let stderr = self.dir.join("daemon.err");
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path.display()))
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path.display()))
             .arg(loopguard_bin())
             .args(["--instance", &self.instance, "run"])
             .arg(policy)
@@ -462,12 +462,34 @@ impl Sandbox {
             .arg("--audit-log")
             .arg(&audit_log)
             .args(extra)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied().filter(|(k, _)| *k != "LG_TEST_NOFILE"))
             .env("NOTIFY_SOCKET", &notify)
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("spawn loopguard run");
+            .stderr(fs::File::create(&stderr).expect("stderr file"));
+        // LG_TEST_NOFILE=N: run the daemon under RLIMIT_NOFILE N, like a
+        // unit's LimitNOFILE.
+        if let Some(n) = env
+            .iter()
+            .find(|(k, _)| *k == "LG_TEST_NOFILE")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+        {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn loopguard run");
         let pid = child.id();
         self.children.push(child);
         let mut buf = [0u8; 256];

@@ -398,3 +398,43 @@ fn packet_layer_refusals_reach_the_stream() {
     assert_eq!(udp["destination.ip"], "::1");
     assert_eq!(udp["event.reason"], "service web: uid not allowed");
 }
+
+#[test]
+fn idle_connections_cannot_starve_the_metrics_endpoint_or_the_daemon() {
+    let u = users();
+    let mut sb = Sandbox::new("run-slowloris");
+    let p = sb.policy("p.toml", &policy(u.alice.name, ""));
+    // The packaged unit's file descriptor limit (LimitNOFILE=1024).
+    let d = sb.start_daemon_env(
+        &p,
+        &["--metrics", "127.0.0.1:9478"],
+        &[("LG_TEST_NOFILE", "1024")],
+    );
+    // 1,100 connections that never send a request (each one a file
+    // descriptor in the daemon if it kept them all).
+    for _ in 0..4 {
+        sb.spawn_outside(None, &["hold", "127.0.0.1:9478", "275"]);
+    }
+    // A scrape still gets through: idle connections are dropped at the
+    // deadline and only a few are served at once.
+    let started = Instant::now();
+    loop {
+        let body = sb.probe_outside(None, &["http", "127.0.0.1:9478", "/metrics"]);
+        if body.contains("loopguard_policy_generation") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no scrape served for a minute under idle connections"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The daemon still has file descriptors to reload with.
+    d.signal(Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("SIGHUP: applied") {
+        assert!(Instant::now() < deadline, "reload failed: {}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!d.log().contains("Too many open files"), "{}", d.log());
+}

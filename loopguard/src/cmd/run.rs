@@ -674,47 +674,70 @@ async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
     }
 }
 
+/// Scrapes served at once; a connection beyond them is closed at once (a
+/// flood of idle connections cannot take the daemon's file descriptors,
+/// and a real scrape gets through as soon as one is free).
+const METRICS_CONNECTIONS: usize = 16;
+/// A whole request (headers in, response out) gets this long.
+const METRICS_DEADLINE: Duration = Duration::from_secs(5);
+
 async fn metrics_server(listener: tokio::net::TcpListener, daemon: Arc<Mutex<Daemon>>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of file descriptors (or another transient error):
+                // back off instead of spinning on accept.
+                log::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(conn);
             continue;
         };
         let daemon = daemon.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            while len < buf.len() {
-                match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf[len..])).await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(n)) => {
-                        len += n;
-                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
+            let _permit = permit;
+            let serve = async {
+                let mut buf = vec![0u8; 4096];
+                let mut len = 0;
+                while len < buf.len() {
+                    match conn.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            len += n;
+                            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                                break;
+                            }
                         }
                     }
                 }
-            }
-            let request = String::from_utf8_lossy(&buf[..len]);
-            let response = if request.starts_with("GET /metrics") {
-                let body = {
-                    let mut d = lock(&daemon);
-                    let paths = d.paths.clone();
-                    if let Some(plan) = d.current.clone() {
-                        let base = d.packet_base.clone();
-                        d.metrics.refresh(&paths, &plan, &base);
-                    }
-                    d.metrics.encode()
+                let request = String::from_utf8_lossy(&buf[..len]);
+                let response = if request.starts_with("GET /metrics") {
+                    let body = {
+                        let mut d = lock(&daemon);
+                        let paths = d.paths.clone();
+                        if let Some(plan) = d.current.clone() {
+                            let base = d.packet_base.clone();
+                            d.metrics.refresh(&paths, &plan, &base);
+                        }
+                        d.metrics.encode()
+                    };
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_string()
                 };
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_string()
+                let _ = conn.write_all(response.as_bytes()).await;
             };
-            let _ = conn.write_all(response.as_bytes()).await;
+            // A slow or idle client loses its connection at the deadline.
+            let _ = tokio::time::timeout(METRICS_DEADLINE, serve).await;
         });
     }
 }

@@ -29,6 +29,7 @@
 //!   udp-rate ADDR:PORT N  N datagrams; prints `ns=.. ok=.. err=..`
 //!   exec CMD ARGS...      run a command as the user
 //!   bind ADDR:PORT [tcp|udp]  bind() as the user; prints `bind=ok|EPERM|...`
+//!   hold ADDR:PORT N      open N idle connections and keep them until killed
 //!
 //! The probe's pid goes to stderr as `pid=N` (audit events name it).
 //! ```
@@ -319,8 +320,14 @@ fn main() {
             use std::io::{Read as _, Write as _};
             let to = target();
             let path = args.get(2).cloned().unwrap_or_else(|| "/".into());
-            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
-                .unwrap_or_else(|e| die(&format!("connect: {e}")));
+            // A refused or timed-out connection is an answer too.
+            let mut s = match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("http={}", errno_name(&e));
+                    return;
+                }
+            };
             let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
             let mut body = String::new();
             let _ = s.read_to_string(&mut body);
@@ -503,6 +510,20 @@ fn main() {
                 tally.connect(&to);
             }
             tally.print();
+        }
+        "hold" => {
+            let to = target();
+            let n: usize = args
+                .get(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| die("hold ADDR:PORT N"));
+            let held: Vec<TcpStream> = (0..n)
+                .filter_map(|_| TcpStream::connect_timeout(&to, Duration::from_secs(2)).ok())
+                .collect();
+            println!("held={}", held.len());
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
         }
         "bind" => {
             let at = target();
