@@ -81,6 +81,9 @@ pub struct Config {
     /// Network namespace the policy guards (`SO_NETNS_COOKIE` of the
     /// applying process); 0 guards every namespace (kernels before 5.14).
     pub netns_cookie: u64,
+    /// Which instance these programs belong to (a hash of its name), so
+    /// its attachments are recognised when its pins are out of sight.
+    pub instance_tag: u64,
 }
 
 /// Per-slot globals of a policy, `LG_SLOT_CONFIG[slot]`.

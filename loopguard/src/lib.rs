@@ -9,6 +9,8 @@ pub mod audit;
 pub mod compile;
 pub mod diag;
 pub mod ebpf;
+#[doc(hidden)]
+pub mod exercise;
 pub mod health;
 pub mod host;
 pub mod nflog;

@@ -262,3 +262,35 @@ fn run_killed_mid_reload_is_reported_and_its_restart_converges() {
     assert_eq!(layers(&sb), ("B".into(), "B".into()));
     assert_eq!(status(&sb).0, 0);
 }
+
+#[test]
+fn pins_out_of_sight_are_found_not_attached_twice() {
+    let u = users();
+    let sb = Sandbox::new("hidden-pins");
+    let a = sb.policy("a.toml", &policy(&u.alice));
+    sb.apply(&a, &[]).ok();
+    let before = loopguard_tests::attached_program_ids(&sb.cgroup);
+    // Another mount namespace with its own, empty bpffs: the instance's
+    // pins are not visible there.
+    let script = format!(
+        "mount -t bpf bpf /sys/fs/bpf && nsenter --net={ns} {lg} --instance {inst} apply {p} --cgroup {cg}",
+        ns = sb.netns_path.display(),
+        lg = loopguard_tests::loopguard_bin().display(),
+        inst = sb.instance,
+        p = a.display(),
+        cg = sb.cgroup.display(),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "apply must refuse: {stderr}");
+    assert!(stderr.contains("already has programs attached"), "{stderr}");
+    assert_eq!(
+        loopguard_tests::attached_program_ids(&sb.cgroup),
+        before,
+        "no second set attached"
+    );
+    assert_eq!(layers(&sb), ("A".into(), "A".into()));
+}

@@ -79,6 +79,14 @@ enum Task {
         #[arg(long, value_delimiter = ',', value_name = "N,...")]
         sizes: Vec<usize>,
     },
+    /// Fuzz the policy reader, validator and compiler (cargo fuzz,
+    /// libFuzzer) for --time seconds, seeded with examples/ and the bad
+    /// policies; installs cargo-fuzz when missing. A crash fails, leaving
+    /// its input in fuzz/artifacts/policy/.
+    Fuzz {
+        #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+        time: u64,
+    },
     /// Setup, then show loopguard refusing and allowing real connections to
     /// a real Redis, inside a network namespace and child cgroup it creates
     /// and removes. Needs root.
@@ -115,6 +123,7 @@ fn run() -> Result<()> {
             setup()?;
             demo()
         }
+        Task::Fuzz { time } => fuzz(time),
     }
 }
 
@@ -175,6 +184,46 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// `cargo fuzz run policy` for `secs` seconds, on nightly (rust-src is
+/// not needed: libFuzzer builds for the host).
+fn fuzz(secs: u64) -> Result<()> {
+    let root = workspace_root();
+    if !succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        status(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    // The corpus starts from every policy the project has, good and bad.
+    let corpus = root.join("fuzz/corpus/policy");
+    std::fs::create_dir_all(&corpus)?;
+    for dir in ["examples", "loopguard/tests/bad"] {
+        for entry in std::fs::read_dir(root.join(dir))?.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let name = format!(
+                    "seed-{}-{}",
+                    dir.replace('/', "-"),
+                    entry.file_name().to_string_lossy()
+                );
+                std::fs::copy(&path, corpus.join(name))?;
+            }
+        }
+    }
+    status(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["+nightly", "fuzz", "run", "policy"])
+            .arg(&corpus)
+            .args([
+                "--",
+                &format!("-max_total_time={secs}"),
+                "-timeout=10",
+                "-rss_limit_mb=2048",
+                "-max_len=262144",
+                "-print_final_stats=1",
+            ]),
+    )
+    .context("the fuzzer found a crash: its input is in fuzz/artifacts/policy/; make it a regression test in loopguard/tests/fuzz/")
 }
 
 fn status(cmd: &mut Command) -> Result<()> {

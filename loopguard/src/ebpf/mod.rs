@@ -92,6 +92,13 @@ pub enum EbpfError {
         "the kernel's local routing table has {count} prefixes; the eBPF layer holds at most {max}"
     )]
     LocalTooLarge { count: usize, max: u32 },
+    #[error("instance {instance} already has programs attached to {cgroup} (program id {program}), but its pins are not visible under {pins} (bpffs mounted elsewhere, or another mount namespace); attaching again would leave two sets enforcing different policies. Run `loopguard --instance {instance} remove` where the pins are visible, or detach program {program} (bpftool cgroup detach)")]
+    AttachedElsewhere {
+        instance: String,
+        cgroup: PathBuf,
+        program: u32,
+        pins: PathBuf,
+    },
     #[error("instance {instance} was installed by a loopguard with another map layout (ABI {found}, this is {ABI_VERSION}); run `loopguard --instance {instance} remove` first")]
     Abi { instance: String, found: u32 },
 }
@@ -260,6 +267,14 @@ pub fn install(
     // Pins without links enforce nothing (a crash between pinning and
     // attaching, or a partial remove): start over.
     remove_pins(paths)?;
+    if let Some(program) = attached_instance_program(cgroup, &paths.instance) {
+        return Err(EbpfError::AttachedElsewhere {
+            instance: paths.instance.clone(),
+            cgroup: cgroup.to_path_buf(),
+            program,
+            pins: paths.pin_dir.clone(),
+        });
+    }
     match load_and_attach(paths, cgroup, netns_cookie) {
         Ok(maps) => Ok(Installed { maps, fresh: true }),
         Err(e) => {
@@ -275,8 +290,16 @@ fn load_and_attach(
     cgroup: &Path,
     netns_cookie: u64,
 ) -> Result<Maps, EbpfError> {
-    for dir in [&paths.maps_dir, &paths.progs_dir, &paths.links_dir] {
-        fs::create_dir_all(dir).map_err(pin_err(format!("failed to create {}", dir.display())))?;
+    // The pin directory is root's alone: bpffs is often world-writable
+    // (1777) and a local user could otherwise create it first.
+    for dir in [
+        &paths.pin_dir,
+        &paths.maps_dir,
+        &paths.progs_dir,
+        &paths.links_dir,
+    ] {
+        crate::state::private_dir(dir)
+            .map_err(pin_err(format!("failed to create {}", dir.display())))?;
     }
     // Audit events read pid and comm, which socket address programs may
     // only from 6.0 on; older kernels load the programs without them.
@@ -302,6 +325,7 @@ fn load_and_attach(
                 active_slot: NO_SLOT,
                 abi_version: ABI_VERSION,
                 netns_cookie,
+                instance_tag: instance_tag(&paths.instance),
             },
             0,
         )
@@ -352,6 +376,100 @@ fn load_and_attach(
             })?;
     }
     Ok(maps)
+}
+
+/// A stable 64-bit tag of an instance name (FNV-1a), never 0.
+pub fn instance_tag(instance: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in instance.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}
+
+/// `BPF_PROG_QUERY` attribute (the leading fields of `union bpf_attr`'s
+/// `query` member; the kernel accepts a shorter attribute).
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+}
+
+/// Ids of the programs attached to `cgroup` on the connect4 hook.
+/// (aya 0.14 has no public query for cgroup socket address programs.)
+fn attached_connect4_ids(cgroup: &Path) -> Vec<u32> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    let Ok(dir) = fs::File::open(cgroup) else {
+        return Vec::new();
+    };
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_INET4_CONNECT,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..QueryAttr::default()
+    };
+    // SAFETY: the kernel writes at most `prog_cnt` ids into `ids`, which
+    // outlives the call, and reads `attr` of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            std::ptr::from_mut(&mut attr),
+            size_of::<QueryAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Vec::new();
+    }
+    ids.truncate((attr.prog_cnt as usize).min(ids.len()));
+    ids
+}
+
+/// A program of `instance` attached to `cgroup`, found through the kernel
+/// (its config map names the instance), not through pins.
+fn attached_instance_program(cgroup: &Path, instance: &str) -> Option<u32> {
+    let ids = attached_connect4_ids(cgroup);
+    if ids.is_empty() {
+        return None;
+    }
+    let tag = instance_tag(instance);
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()))
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("loopguard_")))
+        .find(|p| {
+            p.map_ids()
+                .ok()
+                .flatten()
+                .into_iter()
+                .flatten()
+                .any(|map_id| {
+                    let Ok(data) = MapData::from_id(map_id) else {
+                        return false;
+                    };
+                    if !data
+                        .info()
+                        .is_ok_and(|i| i.name_as_str() == Some("LG_CONFIG"))
+                    {
+                        return false;
+                    }
+                    Array::<MapData, Config>::try_from(Map::Array(data))
+                        .and_then(|a| a.get(&0, 0))
+                        .is_ok_and(|c| c.instance_tag == tag)
+                })
+        })
+        .map(|p| p.id())
 }
 
 /// Detaches and unpins everything of the instance. Returns whether there
@@ -580,13 +698,14 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
 /// Puts a staged slot in force: one 16-byte array element, written by one
 /// syscall, read once by every program run.
 pub fn flip(maps: &mut Maps, slot: u32, netns_cookie: u64) -> Result<(), EbpfError> {
+    let config = maps.config()?;
     maps.config
         .set(
             0,
             Config {
                 active_slot: slot,
-                abi_version: ABI_VERSION,
                 netns_cookie,
+                ..config
             },
             0,
         )
