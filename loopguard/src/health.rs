@@ -85,3 +85,16 @@ pub fn drift(paths: &InstancePaths, state: &State) -> Vec<Drift> {
     }
     out
 }
+
+/// Whether this process runs in the network namespace the instance guards;
+/// `Err` says which it guards and how to get there.
+pub fn same_namespace(paths: &InstancePaths, state: &State) -> Result<(), String> {
+    let here = crate::host::netns_cookie().unwrap_or(0);
+    if state.netns_cookie == 0 || here == 0 || here == state.netns_cookie {
+        return Ok(());
+    }
+    Err(format!(
+        "instance {} guards another network namespace (cookie {}; this command runs in {here}): run loopguard there, e.g. `nsenter --net=/run/netns/NAME loopguard --instance {} ...`",
+        paths.instance, state.netns_cookie, paths.instance
+    ))
+}

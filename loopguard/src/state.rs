@@ -31,6 +31,11 @@ pub struct State {
     /// counters), so readers add these to the kernel's.
     #[serde(default)]
     pub packet_base: crate::nft::PacketCounts,
+    /// `SO_NETNS_COOKIE` of the network namespace the policy guards (0:
+    /// unknown, kernels before 5.14). Commands run from another namespace
+    /// are refused: there they would see, or change, nothing of it.
+    #[serde(default)]
+    pub netns_cookie: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -294,3 +294,41 @@ fn pins_out_of_sight_are_found_not_attached_twice() {
     );
     assert_eq!(layers(&sb), ("A".into(), "A".into()));
 }
+
+#[test]
+fn commands_from_another_network_namespace_are_refused() {
+    let u = users();
+    let sb = Sandbox::new("foreign-ns");
+    let a = sb.policy("a.toml", &policy(&u.alice));
+    sb.apply(&a, &[]).ok();
+    // The same instance, from the host's namespace (not the sandbox's).
+    let host = |args: &[&str]| {
+        let out = std::process::Command::new(loopguard_tests::loopguard_bin())
+            .args(["--instance", &sb.instance])
+            .args(args)
+            .output()
+            .expect("run loopguard");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cgroup = sb.cgroup.to_str().expect("utf-8");
+    for args in [
+        vec!["remove"],
+        vec!["status"],
+        vec!["apply", a.to_str().expect("utf-8"), "--cgroup", cgroup],
+        vec!["explain", "--uid", "0", "--to", "127.0.0.1:7101"],
+    ] {
+        let (code, stderr) = host(&args);
+        assert_ne!(code, 0, "{args:?} from another namespace must fail");
+        assert!(
+            stderr.contains("guards another network namespace"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // Nothing was removed or changed where the instance lives.
+    assert!(sb.nft_table().is_some(), "the table is still in force");
+    assert_eq!(layers(&sb), ("A".into(), "A".into()));
+    assert_eq!(status(&sb).0, 0);
+}

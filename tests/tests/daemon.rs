@@ -438,3 +438,77 @@ fn idle_connections_cannot_starve_the_metrics_endpoint_or_the_daemon() {
     }
     assert!(!d.log().contains("Too many open files"), "{}", d.log());
 }
+
+#[test]
+fn events_name_the_service_of_a_policy_applied_by_another_process() {
+    let u = users();
+    let mut sb = Sandbox::new("run-follow");
+    let first = sb.policy(
+        "first.toml",
+        &format!(
+            "version = 1\n[[service]]\nname = \"jupyter\"\nport = 8888\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        ),
+    );
+    let d = sb.start_daemon(&first, &[]);
+    // Config management applies another file from a shell.
+    let second = sb.policy(
+        "second.toml",
+        &format!(
+            "version = 1\nmode = \"audit\"\n[[service]]\nname = \"nobody-watch\"\nport = 8888\ndeny_users = [\"{}\"]\n",
+            u.bob.name
+        ),
+    );
+    sb.apply(&second, &[]).ok();
+    let (out, pid) = sb.probe_with_pid(Some(&u.bob), &["tcp", "127.0.0.1:8888"]);
+    assert_eq!(out, "connect=ok", "audit mode refuses nothing");
+    let hook = |e: &serde_json::Value| e["process.pid"] == pid;
+    let events = d.wait_events(10, "bob's would-deny", |evs| evs.iter().any(hook));
+    let e = events.iter().find(|e| hook(e)).expect("seen");
+    assert_eq!(e["loopguard.service"], "nobody-watch", "{e}\n{}", d.log());
+    assert_eq!(e["loopguard.mode"], "audit", "{e}");
+    assert_eq!(e["event.action"], "would-deny", "{e}");
+    // The packet layer's copy (outside the cgroup only nftables judges).
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp", "127.0.0.1:8888"]),
+        "connect=ok"
+    );
+    let packet =
+        |e: &serde_json::Value| e["loopguard.layer"] == "packet" && e["user.id"] == u.bob.uid;
+    let events = d.wait_events(10, "the packet layer's would-deny", |evs| {
+        evs.iter().any(packet)
+    });
+    let e = events.iter().find(|e| packet(e)).expect("seen");
+    assert_eq!(e["loopguard.service"], "nobody-watch", "{e}");
+    assert_eq!(e["event.action"], "would-deny", "{e}");
+}
+
+#[test]
+fn a_flushed_ruleset_is_put_back_within_a_second_and_counted() {
+    let u = users();
+    let mut sb = Sandbox::new("run-flush");
+    let p = sb.policy("p.toml", &policy(u.alice.name, ""));
+    let d = sb.start_daemon(&p, &["--metrics", "127.0.0.1:9479"]);
+    assert!(sb.nft_table().is_some());
+    // The first line of Debian's /etc/nftables.conf.
+    sb.in_netns(&["nft", "flush", "ruleset"]).ok();
+    let flushed = Instant::now();
+    while sb.probe_outside(Some(&u.bob), &["tcp", "127.0.0.1:8080"]) != "connect=ECONNREFUSED" {
+        assert!(
+            flushed.elapsed() < Duration::from_secs(1),
+            "the nftables layer is not back a second after the flush"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "nftables layer back {:?} after the flush",
+        flushed.elapsed()
+    );
+    let scrape = sb.probe(None, &["http", "127.0.0.1:9479", "/metrics"]);
+    assert!(
+        scrape.contains("loopguard_layer_repairs_total{layer=\"nft\"} 1"),
+        "{scrape}"
+    );
+    assert!(d.log().contains("nftables layer missing"), "{}", d.log());
+    assert_eq!(sb.lg(&["status"]).code, 0, "status is clean again");
+}

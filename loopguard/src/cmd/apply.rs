@@ -160,8 +160,20 @@ pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, Stri
 /// Enforces a prepared policy and records it; returns the new state.
 pub fn commit(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyhow::Result<State> {
     let _lock = lock(paths)?;
+    commit_locked(opts, paths, prepared)
+}
+
+/// [`commit`] for a caller that holds the instance [`lock`] already.
+pub fn commit_locked(
+    opts: &Options,
+    paths: &InstancePaths,
+    prepared: Prepared,
+) -> anyhow::Result<State> {
     // Read under the lock: another apply may have finished meanwhile.
     let previous = timed("load state", || State::load(paths).ok().flatten());
+    if let Some(prev) = &previous {
+        loopguard::health::same_namespace(paths, prev).map_err(anyhow::Error::msg)?;
+    }
     // The state is a record, not the truth: when the kernel differs from
     // it (a crash between the layers' commits, another tool's flush, an
     // interrupted apply), nothing is updated in place: both layers are
@@ -183,6 +195,7 @@ pub fn commit(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyh
         plan: prepared.plan,
         nft_layout: 0,
         packet_base: Default::default(),
+        netns_cookie: host::netns_cookie().unwrap_or(0),
     };
     // The journal goes first: whatever happens to this process from here
     // on, the next command knows an apply of this plan was under way.

@@ -91,14 +91,14 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         }
         None => {
             host::require_root("explain without --policy")?;
-            State::load(paths)?
-                .ok_or_else(|| {
-                    anyhow!(
-                        "instance {} has no applied policy; pass --policy FILE",
-                        paths.instance
-                    )
-                })?
-                .plan
+            let state = State::load(paths)?.ok_or_else(|| {
+                anyhow!(
+                    "instance {} has no applied policy; pass --policy FILE",
+                    paths.instance
+                )
+            })?;
+            loopguard::health::same_namespace(paths, &state).map_err(anyhow::Error::msg)?;
+            state.plan
         }
     };
     let transport = match args.protocol {

@@ -8,6 +8,9 @@ use crate::exit;
 pub fn run(paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("remove")?;
     let _lock = super::apply::lock(paths)?;
+    if let Some(state) = loopguard::state::State::load(paths).ok().flatten() {
+        loopguard::health::same_namespace(paths, &state).map_err(anyhow::Error::msg)?;
+    }
     let had_pins = ebpf::remove_pins(paths).context("failed to remove the eBPF layer")?;
     // Only our table, in this network namespace; nft missing means no table.
     let had_table = nft::table_exists(&paths.instance)

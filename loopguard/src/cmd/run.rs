@@ -24,9 +24,11 @@ use loopguard::{
     audit::{self, AuditLog, Clock, UserNames},
     compile::Plan,
     ebpf::{self, Maps},
+    health::Drift,
     host, nft,
     paths::{InstancePaths, STATE_ROOT},
     scope::LocalTable,
+    state::State,
 };
 use loopguard_common::{
     Event, COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS,
@@ -86,7 +88,13 @@ struct Metrics {
     last_apply: Gauge,
     local_prefixes: Gauge,
     local_failures: Counter,
+    repairs: Family<LayerLabels, Counter>,
     seen: HashMap<AttemptLabels, u64>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LayerLabels {
+    layer: String,
 }
 
 impl Metrics {
@@ -98,6 +106,12 @@ impl Metrics {
         let last_apply = Gauge::default();
         let local_prefixes = Gauge::default();
         let local_failures = Counter::default();
+        let repairs = Family::<LayerLabels, Counter>::default();
+        registry.register(
+            "layer_repairs",
+            "Times a layer was found missing or altered (another tool's nft flush ruleset, deleted pins) and put back",
+            repairs.clone(),
+        );
         registry.register(
             "local_prefixes",
             "Prefixes of the kernel's local table (and the fixed broadcast and multicast ranges) the eBPF layer guards",
@@ -136,6 +150,7 @@ impl Metrics {
             last_apply,
             local_prefixes,
             local_failures,
+            repairs,
             seen: HashMap::new(),
         }
     }
@@ -230,6 +245,9 @@ struct Daemon {
     names: UserNames,
     clock: Clock,
     metrics: Metrics,
+    /// Identity of the state file last read, to notice another process's
+    /// apply (config management running `loopguard apply` under the daemon).
+    state_seen: Option<(SystemTime, u64, u64)>,
 }
 
 impl Daemon {
@@ -293,6 +311,102 @@ impl Daemon {
         self.emit_all(&[value.to_string()]);
     }
 
+    /// Puts the applied state back when a layer it lists is missing or
+    /// altered. `nft_changed`: an nftables event arrived (else only the
+    /// eBPF pins, a stat each, are looked at).
+    fn repair(&mut self, nft_changed: bool) {
+        if !nft_changed {
+            // The cheap look: a stat per link pin.
+            let Ok(Some(state)) = State::load(&self.paths) else {
+                return;
+            };
+            if !state.layers.iter().any(|l| l == "bpf") || ebpf::is_installed(&self.paths) {
+                return;
+            }
+        }
+        // Everything from here under the instance lock: an apply from a
+        // shell holds it while it changes the layers (no damage), and its
+        // state is read only once it has finished.
+        let _lock = match apply::lock(&self.paths) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("{e:#}");
+                return;
+            }
+        };
+        let Ok(Some(state)) = State::load(&self.paths) else {
+            return;
+        };
+        let drift = loopguard::health::drift(&self.paths, &state);
+        let damaged: Vec<&'static str> = drift
+            .iter()
+            .filter_map(|d| match d {
+                Drift::BpfMissing | Drift::BpfOther { .. } => Some("bpf"),
+                Drift::NftMissing | Drift::NftOther { .. } => Some("nft"),
+                Drift::Interrupted { .. } => None,
+            })
+            .collect();
+        if damaged.is_empty() {
+            return;
+        }
+        for d in &drift {
+            log::warn!("{d}; putting plan {} back", state.plan.id);
+        }
+        for layer in &damaged {
+            self.metrics
+                .repairs
+                .get_or_create(&LayerLabels {
+                    layer: (*layer).to_string(),
+                })
+                .inc();
+        }
+        let started = Instant::now();
+        let prepared = apply::Prepared {
+            plan: state.plan,
+            policy_path: state.policy_path,
+            warnings: String::new(),
+        };
+        match apply::commit_locked(&self.opts, &self.paths, prepared) {
+            Ok(state) => log::info!("repaired: {}", apply::summary(&state, started.elapsed())),
+            Err(e) => log::error!("repair failed: {e:#}"),
+        }
+    }
+
+    /// Follows the policy in force, whoever applied it: when the state file
+    /// changed since it was last read, its plan becomes the one events are
+    /// decoded with (by slot). Called before each batch of events: one
+    /// stat.
+    fn follow_state(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let stamp = fs::metadata(&self.paths.state_file).ok().map(|m| {
+            (
+                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                m.ino(),
+                m.size(),
+            )
+        });
+        if stamp.is_none() || stamp == self.state_seen {
+            return;
+        }
+        self.state_seen = stamp;
+        match State::load(&self.paths) {
+            Ok(Some(state)) => {
+                if self.current.as_ref().map(|p| &p.id) != Some(&state.plan.id) {
+                    log::info!(
+                        "following plan {} ({}), applied by another process",
+                        state.plan.id,
+                        state.policy_path.display()
+                    );
+                }
+                self.plans.insert(state.slot, state.plan.clone());
+                self.current = Some(state.plan);
+                self.packet_base = state.packet_base;
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+
     fn event(&mut self, ev: &Event) -> String {
         let plan = self.plans.get(&ev.slot).or(self.current.as_ref());
         audit::record(ev, plan, &self.clock, &mut self.names).to_string()
@@ -354,6 +468,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         names: UserNames::default(),
         clock: Clock::now(),
         metrics: Metrics::new(),
+        state_seen: None,
     };
     if !daemon.reload("start") {
         return Ok(exit::PROBLEMS);
@@ -397,6 +512,7 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
         }
     }
     tokio::spawn(watch_local_table(daemon.clone()));
+    tokio::spawn(watch_layers(daemon.clone()));
     tokio::spawn(watch_file(args.file.clone(), daemon.clone()));
 
     notify_systemd("READY=1\nSTATUS=enforcing");
@@ -435,6 +551,7 @@ async fn read_events(ring: RingBuf<MapData>, daemon: Arc<Mutex<Daemon>>) {
         };
         let ring = guard.get_inner_mut();
         let mut d = lock(&daemon);
+        d.follow_state();
         // Drain in bounded batches: memory stays flat however long the
         // flood, and the writes are large.
         let mut lines = Vec::with_capacity(1024);
@@ -479,6 +596,7 @@ async fn read_packets(sock: OwnedFd, daemon: Arc<Mutex<Daemon>>) {
                 Err(_) => break,
             };
             let mut d = lock(&daemon);
+            d.follow_state();
             let table = d.paths.instance.clone();
             for ev in loopguard::nflog::parse(&buf[..n]) {
                 if let Some(seq) = ev.seq {
@@ -594,6 +712,47 @@ fn sync_local_table(d: &mut Daemon) -> bool {
             log::error!("local routing table not fully guarded by the eBPF layer: {e:#}");
             false
         }
+    }
+}
+
+/// Notices a layer removed or altered behind loopguard's back and puts the
+/// policy in force back: nftables changes arrive as netlink events
+/// (NFNLGRP_NFTABLES: `nft flush ruleset`, `systemctl restart nftables`,
+/// firewalld reloads); the eBPF layer's link pins are checked every second
+/// (a stat each; unpinning detaches the programs and sends no event).
+async fn watch_layers(daemon: Arc<Mutex<Daemon>>) {
+    const NFNLGRP_NFTABLES: u32 = 7;
+    let sock = match host::netlink_socket(libc::NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1)) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot watch nftables changes: {e}");
+            return;
+        }
+    };
+    // SAFETY: the OwnedFd lives inside the AsyncFd.
+    let Ok(fd) = (unsafe { AsyncFd::register(sock) }) else {
+        return;
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let nft_changed = tokio::select! {
+            ready = fd.readable() => {
+                let Ok(mut guard) = ready else { return };
+                loop {
+                    match recv_nonblocking(guard.get_inner(), &mut buf) {
+                        Ok(n) if n > 0 => continue,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+                        _ => break,
+                    }
+                }
+                guard.clear_ready();
+                true
+            }
+            _ = tick.tick() => false,
+        };
+        let mut d = lock(&daemon);
+        d.repair(nft_changed);
     }
 }
 

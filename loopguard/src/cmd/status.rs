@@ -86,6 +86,9 @@ fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
 pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("status")?;
     let state = State::load(paths)?;
+    if let Some(s) = &state {
+        loopguard::health::same_namespace(paths, s).map_err(anyhow::Error::msg)?;
+    }
     let bpf = ebpf::is_installed(paths);
     let packet_counts = nft::counters(&paths.instance).ok();
     let installed = bpf || packet_counts.is_some();
