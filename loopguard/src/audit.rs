@@ -341,6 +341,14 @@ impl AuditLog {
         Ok(file)
     }
 
+    /// Opens the path again: after logrotate has moved the file away, new
+    /// lines go to a new file at the path (SIGHUP does this).
+    pub fn reopen(&mut self) -> io::Result<()> {
+        self.file = Self::open_file(&self.path)?;
+        self.written = self.file.metadata()?.len();
+        Ok(())
+    }
+
     /// Appends lines with one write (rotating first when needed).
     pub fn write_lines(&mut self, lines: &[String]) -> io::Result<()> {
         let mut text = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());

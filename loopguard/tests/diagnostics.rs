@@ -106,3 +106,11 @@ fn ambiguous_overlaps_are_capped() {
     let (_, diags) = policy::load("overlaps.toml", text.as_str());
     assert_eq!(diags.len(), 101);
 }
+
+#[test]
+fn default_is_a_reserved_service_name() {
+    let text = "version = 1\n[[service]]\nname = \"default\"\nport = 1\nallow_users = [1]\n";
+    let (_, diags) = policy::load("d.toml", text);
+    assert_eq!(diags.len(), 1, "{diags:?}");
+    assert!(diags[0].message.contains("reserved"), "{diags:?}");
+}

@@ -297,7 +297,7 @@ fn metrics_move_one_run_per_instance_and_sigterm_keeps_enforcement() {
         text.lines()
             .find(|l| {
                 l.starts_with(
-                    "loopguard_attempts_total{service=\"web\",layer=\"bpf\",action=\"denied\"}",
+                    "loopguard_attempts_total{service=\"web\",layer=\"bpf\",action=\"deny\"}",
                 )
             })
             .and_then(|l| l.rsplit(' ').next())
@@ -511,4 +511,67 @@ fn a_flushed_ruleset_is_put_back_within_a_second_and_counted() {
     );
     assert!(d.log().contains("nftables layer missing"), "{}", d.log());
     assert_eq!(sb.lg(&["status"]).code, 0, "status is clean again");
+}
+
+#[test]
+fn logrotate_move_and_sighup_write_to_the_new_file() {
+    let u = users();
+    let mut sb = Sandbox::new("run-rotate");
+    let p = sb.policy("p.toml", &policy(u.alice.name, ""));
+    let d = sb.start_daemon(&p, &[]);
+    let log = sb.dir.join("audit.jsonl");
+    let (_, first) = sb.probe_with_pid(Some(&u.bob), &["tcp", "127.0.0.1:8080"]);
+    d.wait_events(10, "the first refusal", |evs| {
+        evs.iter().any(|e| e["process.pid"] == first)
+    });
+    // What logrotate does: rename, then SIGHUP.
+    let moved = sb.dir.join("audit.jsonl.1");
+    std::fs::rename(&log, &moved).expect("rename");
+    d.signal(Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no new log after SIGHUP: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, second) = sb.probe_with_pid(Some(&u.bob), &["tcp", "127.0.0.1:8080"]);
+    d.wait_events(10, "the second refusal, in the new file", |evs| {
+        evs.iter().any(|e| e["process.pid"] == second)
+    });
+    let old = std::fs::read_to_string(&moved).expect("rotated file");
+    assert!(
+        !old.contains(&format!("\"process.pid\":{second}")),
+        "the second event went to the rotated file"
+    );
+}
+
+#[test]
+fn audit_filters_take_only_known_words() {
+    let sb = Sandbox::new("audit-words");
+    let log = sb.dir.join("empty.jsonl");
+    std::fs::write(&log, "").expect("log");
+    let r = sb.lg(&[
+        "audit",
+        "--action",
+        "denied",
+        "--file",
+        log.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("would-deny") && r.stderr.contains("deny"),
+        "the error names the valid values: {}",
+        r.stderr
+    );
+    sb.lg(&[
+        "audit",
+        "--action",
+        "would-deny",
+        "--file",
+        log.to_str().expect("utf-8"),
+    ])
+    .ok();
 }

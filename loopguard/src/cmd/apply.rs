@@ -119,22 +119,14 @@ pub struct Prepared {
 pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, String>> {
     let source = read_policy(&file.to_path_buf())?;
     let checked = check_source(file, source, Some(&SystemDirectory));
-    let errors = checked.errors();
-    let refused_warnings = checked
-        .diagnostics
-        .iter()
-        .any(|d| d.code == "cuts-off-root");
-    if errors > 0 || (refused_warnings && !force) {
+    if let Some(refusal) = checked.refusal(force) {
         let mut text = checked.report().render_human();
-        if errors > 0 {
-            text.push_str(&format!(
-                "loopguard: not applied: {} ({}); the policy in force is unchanged\n",
-                checked.file,
-                counts(errors, checked.warnings())
-            ));
-        } else {
-            text.push_str("loopguard: not applied: the policy would cut root off from essential local services; fix it or pass --force\n");
-        }
+        text.push_str(&format!(
+            "loopguard: not applied: {} ({}): {}; the policy in force is unchanged\n",
+            checked.file,
+            counts(checked.errors(), checked.warnings()),
+            refusal.says()
+        ));
         return Ok(Err(text));
     }
     let warnings = if checked.warnings() > 0 {

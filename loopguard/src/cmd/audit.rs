@@ -35,12 +35,33 @@ pub struct Args {
     /// Only this uid.
     #[arg(long)]
     uid: Option<u32>,
-    /// Only this action: deny, allow, would-deny, dropped.
-    #[arg(long)]
-    action: Option<String>,
+    /// Only this action (an unknown one is an error, not an empty result).
+    #[arg(long, value_enum)]
+    action: Option<ActionArg>,
     /// The audit log [default: /var/log/loopguard/INSTANCE.jsonl].
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
+}
+
+/// The words of `event.action`, as everywhere else (events, metrics,
+/// status, docs).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ActionArg {
+    Allow,
+    Deny,
+    WouldDeny,
+    Dropped,
+}
+
+impl ActionArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            ActionArg::Allow => loopguard::compile::Action::Allow.as_str(),
+            ActionArg::Deny => loopguard::compile::Action::Deny.as_str(),
+            ActionArg::WouldDeny => loopguard::compile::Action::WouldDeny.as_str(),
+            ActionArg::Dropped => "dropped",
+        }
+    }
 }
 
 fn parse_since(s: &str) -> anyhow::Result<jiff::Timestamp> {
@@ -65,7 +86,7 @@ struct Filter {
     since: Option<jiff::Timestamp>,
     service: Option<String>,
     uid: Option<u32>,
-    action: Option<String>,
+    action: Option<ActionArg>,
 }
 
 impl Filter {
@@ -93,8 +114,7 @@ impl Filter {
         }
         if self
             .action
-            .as_deref()
-            .is_some_and(|a| v["event.action"].as_str() != Some(a))
+            .is_some_and(|a| v["event.action"].as_str() != Some(a.as_str()))
         {
             return false;
         }
@@ -141,7 +161,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         since: args.since.as_deref().map(parse_since).transpose()?,
         service: args.service.clone(),
         uid: args.uid,
-        action: args.action.clone(),
+        action: args.action,
     };
     let mut out = io::stdout().lock();
     let print = |line: &str, out: &mut io::StdoutLock<'_>| -> io::Result<()> {

@@ -17,6 +17,10 @@ pub struct Args {
     /// hosts, e.g. in an ops repo's CI).
     #[arg(long)]
     offline: bool,
+    /// Judge the file as `apply --force` would (a policy that would cut root
+    /// off from essential local services passes).
+    #[arg(long)]
+    force: bool,
     #[arg(long, value_enum, default_value_t)]
     format: Format,
     /// Policy files.
@@ -31,6 +35,9 @@ struct FileReport {
     errors: usize,
     warnings: usize,
     services: usize,
+    /// Why `apply` would refuse the file (`errors`, `cuts-off-root`), or
+    /// null when it would enforce it.
+    apply_refuses: Option<&'static str>,
     diagnostics: Vec<loopguard::diag::Record>,
 }
 
@@ -56,31 +63,37 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
         };
         let dir = SystemDirectory;
         let checked = check_source(path, source, (!args.offline).then_some(&dir as _));
-        problems |= checked.errors() > 0;
+        // The same gate as apply's: a file apply refuses is a problem.
+        let refusal = checked.refusal(args.force);
+        problems |= refusal.is_some();
         match args.format {
             Format::Human => {
                 out.write_all(checked.report().render_human().as_bytes())?;
                 let services = checked.policy.as_ref().map_or(0, |p| p.services.len());
-                if checked.errors() == 0 {
-                    writeln!(
+                match refusal {
+                    None => writeln!(
                         out,
                         "{}: ok, {services} service{} ({})",
                         checked.file,
                         if services == 1 { "" } else { "s" },
                         counts(0, checked.warnings())
-                    )?;
-                } else {
-                    writeln!(
+                    )?,
+                    Some(r) => writeln!(
                         out,
-                        "{}: {}",
+                        "{}: {}; {}",
                         checked.file,
-                        counts(checked.errors(), checked.warnings())
-                    )?;
+                        counts(checked.errors(), checked.warnings()),
+                        r.says()
+                    )?,
                 }
             }
             Format::Json => files.push(FileReport {
                 file: checked.file.clone(),
-                ok: checked.errors() == 0,
+                ok: refusal.is_none(),
+                apply_refuses: refusal.map(|r| match r {
+                    super::Refusal::Errors => "errors",
+                    super::Refusal::CutsOffRoot => "cuts-off-root",
+                }),
                 errors: checked.errors(),
                 warnings: checked.warnings(),
                 services: checked.policy.as_ref().map_or(0, |p| p.services.len()),

@@ -24,7 +24,39 @@ pub struct Checked {
     pub diagnostics: Vec<Diagnostic>,
 }
 
+/// Why `apply` would not enforce a checked file: the one gate `check` and
+/// `apply` share, so CI's verdict is the rollout's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The file has errors.
+    Errors,
+    /// It would cut root off from essential local services; `--force`
+    /// overrides.
+    CutsOffRoot,
+}
+
+impl Refusal {
+    /// The summary line's words.
+    pub fn says(self) -> &'static str {
+        match self {
+            Refusal::Errors => "apply refuses it",
+            Refusal::CutsOffRoot => "apply refuses it without --force: it would cut root off from essential local services",
+        }
+    }
+}
+
 impl Checked {
+    /// Whether (and why) `apply` refuses this file.
+    pub fn refusal(&self, force: bool) -> Option<Refusal> {
+        if self.errors() > 0 {
+            Some(Refusal::Errors)
+        } else if !force && self.diagnostics.iter().any(|d| d.code == "cuts-off-root") {
+            Some(Refusal::CutsOffRoot)
+        } else {
+            None
+        }
+    }
+
     pub fn errors(&self) -> usize {
         self.diagnostics.iter().filter(|d| d.is_error()).count()
     }
@@ -48,16 +80,18 @@ pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) ->
     let (policy, mut diagnostics) =
         timed("parse and validate", || policy::load(&file, source.clone()));
     let mut resolved = None;
+    // Every problem in one run: names are resolved and warnings looked
+    // for in the services that parsed, whatever else is wrong.
     if let Some(p) = &policy {
-        if !diagnostics.iter().any(Diagnostic::is_error) {
-            if let Some(dir) = dir {
-                match timed("resolve", || policy::resolve(p, dir)) {
-                    Ok(r) => resolved = Some(r),
-                    Err(d) => diagnostics.extend(d),
-                }
+        let had_errors = diagnostics.iter().any(Diagnostic::is_error);
+        if let Some(dir) = dir {
+            match timed("resolve", || policy::resolve(p, dir)) {
+                Ok(r) if !had_errors => resolved = Some(r),
+                Ok(_) => {}
+                Err(d) => diagnostics.extend(d),
             }
         }
-        if !diagnostics.iter().any(Diagnostic::is_error) {
+        {
             // Offline checks are for other hosts: judge against Linux's
             // default port range, not this machine's.
             let ephemeral = match dir {

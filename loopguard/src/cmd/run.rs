@@ -22,11 +22,12 @@ use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
 use loopguard::{
     audit::{self, AuditLog, Clock, UserNames},
-    compile::Plan,
+    compile::{Action, Plan},
     ebpf::{self, Maps},
     health::Drift,
     host, nft,
     paths::{InstancePaths, STATE_ROOT},
+    policy::Mode,
     scope::LocalTable,
     state::State,
 };
@@ -174,16 +175,16 @@ impl Metrics {
                             i as u32
                         };
                         for (kind, action) in [
-                            (COUNT_ALLOWED, "allowed"),
-                            (COUNT_DENIED, "denied"),
-                            (COUNT_WOULD_DENY, "would_deny"),
+                            (COUNT_ALLOWED, Action::Allow),
+                            (COUNT_DENIED, Action::Deny),
+                            (COUNT_WOULD_DENY, Action::WouldDeny),
                         ] {
                             let v = maps.counter(slot, bucket, kind).unwrap_or(0);
                             current.push((
                                 AttemptLabels {
                                     service: name(i),
                                     layer: "bpf".into(),
-                                    action: action.into(),
+                                    action: action.as_str().into(),
                                 },
                                 v,
                             ));
@@ -193,23 +194,33 @@ impl Metrics {
             }
         }
         if let Ok(counts) = nft::counters(&paths.instance) {
-            let nft_count = |i: usize, action: &str, v: u64| {
+            let nft_count = |i: usize, action: Action, v: u64| {
                 (
                     AttemptLabels {
                         service: name(i),
                         layer: "nft".into(),
-                        action: action.into(),
+                        action: action.as_str().into(),
                     },
                     v,
                 )
             };
             let counts = counts.plus(packet_base);
+            // A refusal of an audit-mode service is a would-deny: the
+            // packet went through.
+            let refused = |mode: Mode| match mode {
+                Mode::Enforce => Action::Deny,
+                Mode::Audit => Action::WouldDeny,
+            };
             for (i, d) in counts.refused_by_index(plan).into_iter().enumerate() {
-                current.push(nft_count(i, "denied", d));
+                current.push(nft_count(i, refused(plan.services[i].mode), d));
             }
             let default = plan.services.len();
-            current.push(nft_count(default, "allowed", counts.default_allowed));
-            current.push(nft_count(default, "denied", counts.default_denied));
+            current.push(nft_count(default, Action::Allow, counts.default_allowed));
+            current.push(nft_count(
+                default,
+                refused(plan.mode),
+                counts.default_denied,
+            ));
         }
         for (labels, value) in current {
             let last = self.seen.insert(labels.clone(), value).unwrap_or(0);
@@ -524,7 +535,16 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 notify_systemd("RELOADING=1");
-                lock(&daemon).reload("SIGHUP");
+                let mut d = lock(&daemon);
+                // logrotate moves the file and sends SIGHUP: write to a new
+                // one at the path from now on.
+                if let Some(log) = d.log.as_mut() {
+                    if let Err(e) = log.reopen() {
+                        log::error!("audit log: cannot reopen: {e}");
+                    }
+                }
+                d.reload("SIGHUP");
+                drop(d);
                 notify_systemd("READY=1");
             }
             _ = term.recv() => break,

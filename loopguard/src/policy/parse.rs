@@ -230,6 +230,14 @@ impl Parser {
                     );
                     None
                 }
+                Some("default") => {
+                    self.diags.push(
+                        Diagnostic::error("name", "the service name \"default\" is reserved")
+                            .primary(span(v), "reserved")
+                            .note("metrics and status name the policy's default `default`; choose another name"),
+                    );
+                    None
+                }
                 Some(n) => Some((n.to_string(), span(v))),
             },
         };
