@@ -36,6 +36,9 @@ pub const AUDIT_GROUP: &str = "loopguard-audit";
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
     offset_ns: i128,
+    /// CLOCK_MONOTONIC when the reader started: older events were
+    /// recorded while no daemon was reading (a backlog).
+    started_ns: u64,
 }
 
 impl Clock {
@@ -46,7 +49,13 @@ impl Clock {
         let real = jiff::Timestamp::now().as_nanosecond();
         Clock {
             offset_ns: real - mono,
+            started_ns: u64::try_from(mono).unwrap_or(0),
         }
+    }
+
+    /// Whether an event was recorded before the reader started.
+    pub fn is_backlog(&self, ktime_ns: u64) -> bool {
+        ktime_ns < self.started_ns
     }
 
     pub fn timestamp(&self, ktime_ns: u64) -> String {
@@ -76,6 +85,37 @@ impl UserNames {
             })
             .clone()
     }
+}
+
+/// The Elastic Common Schema version the events follow.
+pub const ECS_VERSION: &str = "8.11.0";
+
+/// The categorisation fields every event carries, so it indexes into
+/// Elastic as it is (SPEC §5): a refusal is a `denied` connection that
+/// failed; an allowed or would-be-refused one an `allowed` connection that
+/// went through.
+fn ecs(m: &mut Map<String, Value>, kind: u32) {
+    let (kind_type, outcome) = match kind {
+        COUNT_DENIED => ("denied", "failure"),
+        _ => ("allowed", "success"),
+    };
+    m.insert("event.kind".into(), json!("event"));
+    m.insert("event.category".into(), json!(["network"]));
+    m.insert("event.type".into(), json!(["connection", kind_type]));
+    m.insert("event.outcome".into(), json!(outcome));
+    m.insert("host.name".into(), json!(host_name()));
+    m.insert("ecs.version".into(), json!(ECS_VERSION));
+}
+
+/// This host's name, read once.
+fn host_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    })
 }
 
 fn action_name(kind: u32) -> &'static str {
@@ -183,6 +223,12 @@ pub fn record(ev: &Event, plan: Option<&Plan>, clock: &Clock, names: &mut UserNa
     );
     m.insert("destination.ip".into(), json!(ip.to_string()));
     m.insert("destination.port".into(), json!(ev.port));
+    ecs(&mut m, u32::from(ev.action));
+    if clock.is_backlog(ev.ktime_ns) {
+        // Recorded while no daemon was reading; its time is when it
+        // happened, not when it was read.
+        m.insert("loopguard.backlog".into(), json!(true));
+    }
     Value::Object(m)
 }
 
@@ -268,6 +314,7 @@ pub fn packet_record(
         json!(ev.destination.map(|d| d.to_string())),
     );
     m.insert("destination.port".into(), json!(ev.port));
+    ecs(&mut m, kind);
     Some(Value::Object(m))
 }
 

@@ -97,7 +97,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon reports what it does (to journald); commands stay quiet.
     let daemon = matches!(cli.command, Command::Run(_));
-    env_logger::Builder::new()
+    let mut logger = env_logger::Builder::new();
+    logger
         .filter_level(if cli.verbose {
             log::LevelFilter::Debug
         } else if daemon {
@@ -105,8 +106,25 @@ fn main() -> ExitCode {
         } else {
             log::LevelFilter::Warn
         })
-        .format_timestamp(None)
-        .init();
+        .format_timestamp(None);
+    // Under systemd (stderr is the journal): each record one line with its
+    // sd-daemon priority prefix, so `journalctl -p err` finds errors and a
+    // multi-line diagnostic stays one entry.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        logger.format(|buf, record| {
+            use std::io::Write as _;
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            let text = record.args().to_string();
+            let text: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            writeln!(buf, "<{priority}>{}", text.join(" | "))
+        });
+    }
+    logger.init();
     let verbose = cli.verbose;
     match run(cli) {
         Ok(code) => ExitCode::from(code),

@@ -45,6 +45,17 @@ fn a_denied_attempt_is_one_event_with_who_and_where() {
     assert_eq!(e["network.type"], "ipv6");
     assert_eq!(e["destination.ip"], "::1");
     assert_eq!(e["destination.port"], 8080);
+    // ECS categorisation, so the line indexes into Elastic as it is.
+    assert_eq!(e["event.kind"], "event");
+    assert_eq!(e["event.category"], serde_json::json!(["network"]));
+    assert_eq!(e["event.type"], serde_json::json!(["connection", "denied"]));
+    assert_eq!(e["event.outcome"], "failure");
+    assert_eq!(e["ecs.version"], "8.11.0");
+    assert!(
+        e["host.name"].as_str().is_some_and(|h| !h.is_empty()),
+        "{e}"
+    );
+    assert!(e.get("loopguard.backlog").is_none(), "read live: {e}");
     let ts = e["@timestamp"].as_str().expect("timestamp");
     assert!(
         ts.ends_with('Z') && ts.len() == 30,
@@ -319,6 +330,36 @@ fn metrics_move_one_run_per_instance_and_sigterm_keeps_enforcement() {
         text.contains("loopguard_last_apply_timestamp_seconds"),
         "{text}"
     );
+    assert!(
+        text.contains("loopguard_policy_file_matches_applied 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("loopguard_policy_reload_failures_total 0"),
+        "{text}"
+    );
+    // A broken edit: the running policy stays, and the metrics say so.
+    std::fs::write(
+        &p,
+        "version = 1\n[[service]]\nname = \"web\"\nport = 99999\nallow_users = [0]\n",
+    )
+    .expect("edit");
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape();
+        // SIGHUP and the file watcher may both have tried.
+        let failures: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("loopguard_policy_reload_failures_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if failures >= 1 && text.contains("loopguard_policy_file_matches_applied 0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // A second run for the same instance is refused, clearly.
     let second = sb.lg(&[

@@ -90,6 +90,8 @@ struct Metrics {
     local_prefixes: Gauge,
     local_failures: Counter,
     repairs: Family<LayerLabels, Counter>,
+    reload_failures: Counter,
+    file_matches: Gauge,
     seen: HashMap<AttemptLabels, u64>,
 }
 
@@ -108,6 +110,18 @@ impl Metrics {
         let local_prefixes = Gauge::default();
         let local_failures = Counter::default();
         let repairs = Family::<LayerLabels, Counter>::default();
+        let reload_failures = Counter::default();
+        let file_matches = Gauge::default();
+        registry.register(
+            "policy_reload_failures",
+            "Reloads that left the running policy in force (a broken edit, a failed apply)",
+            reload_failures.clone(),
+        );
+        registry.register(
+            "policy_file_matches_applied",
+            "1 when the policy file's contents are the policy in force, 0 after an edit that was not applied",
+            file_matches.clone(),
+        );
         registry.register(
             "layer_repairs",
             "Times a layer was found missing or altered (another tool's nft flush ruleset, deleted pins) and put back",
@@ -152,6 +166,8 @@ impl Metrics {
             local_prefixes,
             local_failures,
             repairs,
+            reload_failures,
+            file_matches,
             seen: HashMap::new(),
         }
     }
@@ -265,6 +281,21 @@ impl Daemon {
     /// Applies the file; a refusal or failure is logged and the running
     /// policy stays.
     fn reload(&mut self, why: &str) -> bool {
+        let ok = self.reload_inner(why);
+        if !ok {
+            self.metrics.reload_failures.inc();
+        }
+        let file = fs::read(&self.file)
+            .ok()
+            .map(|b| loopguard::compile::source_hash(&String::from_utf8_lossy(&b)));
+        let applied = self.current.as_ref().map(|p| &p.hash);
+        self.metrics
+            .file_matches
+            .set(i64::from(file.is_some() && file.as_ref() == applied));
+        ok
+    }
+
+    fn reload_inner(&mut self, why: &str) -> bool {
         let started = Instant::now();
         let prepared = match apply::prepare(&self.file, self.opts.force) {
             Ok(Ok(p)) => p,

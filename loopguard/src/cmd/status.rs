@@ -68,6 +68,9 @@ struct Status {
     services: Vec<ServiceStatus>,
     /// The plan id the state records (each layer carries it too).
     plan_id: Option<String>,
+    /// Whether the policy file still holds what was applied (false after
+    /// an edit that was not applied, e.g. a broken one `run` refused).
+    policy_file_matches: Option<bool>,
     /// How the kernel differs from the state; empty when it enforces
     /// exactly the applied policy (exit code 5 otherwise).
     drift: Vec<String>,
@@ -119,6 +122,11 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         default_counts: Counts::default(),
         services: Vec::new(),
         plan_id: state.as_ref().map(|s| s.plan.id.clone()),
+        policy_file_matches: state.as_ref().map(|s| {
+            std::fs::read(&s.policy_path).is_ok_and(|b| {
+                loopguard::compile::source_hash(&String::from_utf8_lossy(&b)) == s.plan.hash
+            })
+        }),
         drift: match &state {
             Some(s) => loopguard::health::drift(paths, s)
                 .iter()
@@ -207,6 +215,12 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 status.applied_at.as_deref().unwrap_or("?"),
                 status.plan_id.as_deref().unwrap_or("?")
             )?;
+            if status.policy_file_matches == Some(false) {
+                writeln!(
+                    out,
+                    "note:      the policy file changed since it was applied; the applied version is in force"
+                )?;
+            }
             let mut layers = Vec::new();
             if bpf {
                 layers.push(format!(
