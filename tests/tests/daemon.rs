@@ -344,7 +344,7 @@ fn metrics_move_one_run_per_instance_and_sigterm_keeps_enforcement() {
         "version = 1\n[[service]]\nname = \"web\"\nport = 99999\nallow_users = [0]\n",
     )
     .expect("edit");
-    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = scrape();
