@@ -43,7 +43,8 @@ use crate::{
 };
 
 /// The object built by build.rs from loopguard-ebpf.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopguard"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loopguard-programs"));
 
 /// Program names in the object, in attach order.
 pub const PROGRAMS: [&str; 6] = [
