@@ -69,13 +69,10 @@ pub fn drift(paths: &InstancePaths, state: &State) -> Vec<Drift> {
         }
     }
     if state.layers.iter().any(|l| l == "nft") {
-        if !nft::table_exists(&paths.instance) {
-            out.push(Drift::NftMissing);
-        } else {
-            let found = nft::plan_in_force(&paths.instance).ok().flatten();
-            if found.as_ref() != Some(want) {
-                out.push(Drift::NftOther { found });
-            }
+        match nft::plan_in_force(&paths.instance) {
+            None => out.push(Drift::NftMissing),
+            Some(found) if found.as_ref() != Some(want) => out.push(Drift::NftOther { found }),
+            Some(_) => {}
         }
     }
     if let Ok(Some(pending)) = State::load_pending(paths) {
