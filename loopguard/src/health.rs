@@ -24,6 +24,9 @@ pub enum Drift {
     NftOther { found: Option<String> },
     /// An `apply` of this plan was interrupted: its journal is left.
     Interrupted { plan: String },
+    /// A layer the state does not list is in force (an interrupted apply
+    /// that changed layers, or another process).
+    Unexpected { layer: &'static str },
 }
 
 impl std::fmt::Display for Drift {
@@ -45,6 +48,10 @@ impl std::fmt::Display for Drift {
             Drift::Interrupted { plan } => write!(
                 f,
                 "an apply of plan {plan} was interrupted; the next apply converges both layers"
+            ),
+            Drift::Unexpected { layer } => write!(
+                f,
+                "the {layer} layer is in force but the state does not list it"
             ),
         }
     }
@@ -68,17 +75,29 @@ pub fn drift(paths: &InstancePaths, state: &State) -> Vec<Drift> {
             }
         }
     }
-    if state.layers.iter().any(|l| l == "nft") {
-        match nft::plan_in_force(&paths.instance) {
-            None => out.push(Drift::NftMissing),
-            Some(found) if found.as_ref() != Some(want) => out.push(Drift::NftOther { found }),
-            Some(_) => {}
+    let wants_nft = state.layers.iter().any(|l| l == "nft");
+    match nft::plan_in_force(&paths.instance) {
+        // nft cannot be asked (missing, out of memory): nothing known, so
+        // nothing reported; a repair would only guess.
+        Err(e) => log::debug!("nftables layer not checked: {e}"),
+        Ok(None) if wants_nft => out.push(Drift::NftMissing),
+        Ok(Some(found)) if wants_nft && found.as_ref() != Some(want) => {
+            out.push(Drift::NftOther { found });
         }
+        Ok(Some(_)) if !wants_nft => out.push(Drift::Unexpected { layer: "nftables" }),
+        Ok(_) => {}
     }
+    if !state.layers.iter().any(|l| l == "bpf") && ebpf::is_installed(paths) {
+        out.push(Drift::Unexpected { layer: "eBPF" });
+    }
+    // A journal of the plan the state already records: the crash came
+    // after the state was saved, nothing to converge.
     if let Ok(Some(pending)) = State::load_pending(paths) {
-        out.push(Drift::Interrupted {
-            plan: pending.plan.id,
-        });
+        if pending.plan.id != state.plan.id || !out.is_empty() {
+            out.push(Drift::Interrupted {
+                plan: pending.plan.id,
+            });
+        }
     }
     out
 }

@@ -544,17 +544,20 @@ fn plan_chain(id: &str) -> String {
 const PLAN_CHAIN_PREFIX: &str = "plan_";
 
 /// What the instance's table holds, read back from the kernel: `None`
-/// when there is no table (or nft cannot be asked), else the plan id its
-/// plan chain names (`None` inside: an altered table without one). One
-/// cheap `nft list chains`.
-pub fn plan_in_force(table: &str) -> Option<Option<String>> {
-    let chains = chains(table).filter(|c| !c.is_empty())?;
-    Some(
+/// when there is no table, else the plan id its plan chain names (`None`
+/// inside: an altered table without one); `Err` when nft cannot be asked.
+/// One cheap `nft list chains`.
+pub fn plan_in_force(table: &str) -> Result<Option<Option<String>>, NftError> {
+    let chains = chains(table)?;
+    if chains.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
         chains
             .iter()
             .find_map(|c| c.strip_prefix(PLAN_CHAIN_PREFIX))
             .map(str::to_string),
-    )
+    ))
 }
 
 /// `<family> daddr == <right>`.
@@ -798,12 +801,17 @@ pub fn commit(batch: &str) -> Result<(), NftError> {
 /// Deletes the instance's table, and nothing else. Returns whether it
 /// existed.
 pub fn remove(table: &str) -> Result<bool, NftError> {
-    if !table_exists(table) {
+    // Without a working nft there is no table of ours (nft made it).
+    let Ok(chains) = chains(table) else {
         return Ok(false);
-    }
-    let batch = json!({"nftables": [{"delete": {"table": {"family": "inet", "name": table}}}]});
+    };
+    let existed = !chains.is_empty();
+    // Add-then-delete needs no look first: a table nobody can list (no
+    // chains left) goes too, and a missing one is no error.
+    let t = json!({"family": "inet", "name": table});
+    let batch = json!({"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]});
     nft(&batch.to_string(), NO_ARGS).map_err(NftError::Rejected)?;
-    Ok(true)
+    Ok(existed)
 }
 
 fn list_table(table: &str) -> Result<Value, NftError> {
@@ -823,27 +831,28 @@ fn list_table(table: &str) -> Result<Value, NftError> {
 /// 10,000-service table), `list chains` next to nothing, and the table
 /// always has its base chain.
 pub fn table_exists(table: &str) -> bool {
-    chains(table).is_some_and(|c| !c.is_empty())
+    chains(table).is_ok_and(|c| !c.is_empty())
 }
 
-/// The names of the table's chains; `None` when nft cannot be asked.
-fn chains(table: &str) -> Option<Vec<String>> {
+/// The names of the table's chains (empty: no such table).
+fn chains(table: &str) -> Result<Vec<String>, NftError> {
     let out = nftables::helper::get_current_ruleset_raw(
         nftables::helper::DEFAULT_NFT,
         ["list", "chains", "inet"],
     )
-    .ok()?;
-    let doc: Value = serde_json::from_str(&out).ok()?;
-    Some(
-        doc["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|o| o.get("chain"))
-            .filter(|c| c["table"] == table && c["family"] == "inet")
-            .filter_map(|c| c["name"].as_str().map(str::to_string))
-            .collect(),
-    )
+    .map_err(|source| NftError::List {
+        table: table.to_string(),
+        source,
+    })?;
+    let doc: Value = serde_json::from_str(&out).map_err(NftError::Json)?;
+    Ok(doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("chain"))
+        .filter(|c| c["table"] == table && c["family"] == "inet")
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect())
 }
 
 /// Packet counts of the nftables layer.

@@ -138,6 +138,12 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
             dir.display()
         )));
     }
+    // One made earlier (by an older loopguard, or a unit's
+    // RuntimeDirectory) may be open to others: close it.
+    if meta.mode() & 0o077 != 0 {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
     Ok(())
 }
 

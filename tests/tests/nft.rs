@@ -143,7 +143,11 @@ fn ruleset_matches_only_what_the_kernel_delivers_here_and_never_uses_conntrack()
     assert!(base[0].to_string().contains("\"syn\""), "{:?}", base[0]);
     // What leaves on lo is delivered here: dispatched with no lookup.
     assert_eq!(base[1]["expr"][0]["match"]["right"], "lo", "{:?}", base[1]);
-    assert!(base[1].to_string().contains("dispatch_tcp"), "{:?}", base[1]);
+    assert!(
+        base[1].to_string().contains("dispatch_tcp"),
+        "{:?}",
+        base[1]
+    );
     let scope = &base[2]["expr"][0]["match"];
     assert_eq!(scope["op"], "!=", "{scope}");
     assert_eq!(

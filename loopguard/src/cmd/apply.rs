@@ -57,6 +57,24 @@ pub enum Layers {
 /// deleted (a waiter would lock a file nobody else sees): `remove` leaves
 /// it, a few bytes on tmpfs.
 pub fn lock(paths: &InstancePaths) -> anyhow::Result<Flock<fs::File>> {
+    lock_with(paths, FlockArg::LockExclusive)
+}
+
+/// The instance lock if nobody holds it (`Ok(None)`: an apply, a remove or
+/// a repair is under way).
+pub fn try_lock(paths: &InstancePaths) -> anyhow::Result<Option<Flock<fs::File>>> {
+    match lock_with(paths, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err(e)
+            if e.downcast_ref::<nix::errno::Errno>() == Some(&nix::errno::Errno::EWOULDBLOCK) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn lock_with(paths: &InstancePaths, how: FlockArg) -> anyhow::Result<Flock<fs::File>> {
     use std::os::unix::fs::OpenOptionsExt as _;
     loopguard::state::private_dir(Path::new(STATE_ROOT))
         .with_context(|| format!("failed to create {STATE_ROOT}"))?;
@@ -69,9 +87,9 @@ pub fn lock(paths: &InstancePaths) -> anyhow::Result<Flock<fs::File>> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .with_context(|| format!("failed to open {}", path.display()))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .with_context(|| format!("failed to lock {}", path.display()))
+    Flock::lock(file, how).map_err(|(_, e)| {
+        anyhow::Error::new(e).context(format!("failed to lock {}", path.display()))
+    })
 }
 
 fn lock_path(paths: &InstancePaths) -> PathBuf {
@@ -194,18 +212,22 @@ pub fn commit_locked(
     timed("journal", || pending.save_pending(paths))
         .context("failed to record the apply; nothing changed")?;
     fault("after-journal");
-    let outcome = match enforce(opts, paths, &pending.plan, previous.as_ref(), trusted) {
+    let mut changed = false;
+    let outcome = match enforce(
+        opts,
+        paths,
+        &pending.plan,
+        previous.as_ref(),
+        trusted,
+        &mut changed,
+    ) {
         Ok(o) => o,
         Err(e) => {
-            // A failure that left the previous policy in force (the usual
-            // case: every step before the flip undoes itself) is no
-            // interrupted apply.
-            let intact = previous.as_ref().is_none_or(|p| {
-                loopguard::health::drift(paths, p)
-                    .iter()
-                    .all(|d| matches!(d, loopguard::health::Drift::Interrupted { .. }))
-            });
-            if intact {
+            // A failure before anything in force changed (the usual case:
+            // every step before the commit undoes itself) is no
+            // interrupted apply; after, the journal stays for the next
+            // command to converge.
+            if !changed {
                 let _ = State::clear_pending(paths);
             }
             return Err(e);
@@ -302,6 +324,7 @@ fn enforce(
     plan: &Plan,
     previous: Option<&State>,
     trusted: bool,
+    changed: &mut bool,
 ) -> anyhow::Result<Enforced> {
     let cgroup = host::attach_cgroup(args.cgroup.as_deref())?;
     let mut want_bpf = args.layers != Layers::Nft;
@@ -376,7 +399,10 @@ fn enforce(
             .context("failed to install the eBPF layer")?;
         let result = ebpf::sync_local(&mut installed.maps, &local).and_then(|_| {
             timed("ebpf: stage", || {
-                ebpf::stage(&mut installed.maps, plan, previous.map(|s| &s.plan))
+                // Counters carry over by service name only from a plan
+                // known to be the one in force.
+                let in_force = previous.filter(|_| trusted).map(|s| &s.plan);
+                ebpf::stage(&mut installed.maps, plan, in_force)
             })
         });
         match result {
@@ -415,6 +441,7 @@ fn enforce(
             return Err(nft_error(e)
                 .context("the nftables transaction failed; the policy in force is unchanged"));
         }
+        *changed = true;
         fault("after-nft");
     }
 
@@ -433,11 +460,13 @@ fn enforce(
             }
             return Err(anyhow::Error::new(e).context("failed to switch the eBPF layer to the new policy; the previous policy is in force"));
         }
+        *changed = true;
         slot = Some(s);
         fault("after-flip");
     }
 
     // Layers no longer wanted go, after the new ones are in force.
+    *changed = true;
     if !want_nft {
         nft::remove(table).map_err(nft_error)?;
     }

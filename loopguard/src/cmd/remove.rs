@@ -13,8 +13,7 @@ pub fn run(paths: &InstancePaths) -> anyhow::Result<u8> {
     }
     let had_pins = ebpf::remove_pins(paths).context("failed to remove the eBPF layer")?;
     // Only our table, in this network namespace; nft missing means no table.
-    let had_table = nft::table_exists(&paths.instance)
-        && nft::remove(&paths.instance).context("failed to remove the nftables table")?;
+    let had_table = nft::remove(&paths.instance).context("failed to remove the nftables table")?;
     let had_state = paths.state_dir.exists();
     if had_state {
         std::fs::remove_dir_all(&paths.state_dir)

@@ -275,6 +275,10 @@ struct Daemon {
     /// Identity of the state file last read, to notice another process's
     /// apply (config management running `loopguard apply` under the daemon).
     state_seen: Option<(SystemTime, u64, u64)>,
+    /// Layers of the policy in force (from the last state read).
+    applied_layers: Vec<String>,
+    last_repair: Option<Instant>,
+    repairs_in_a_row: u32,
 }
 
 impl Daemon {
@@ -316,6 +320,7 @@ impl Daemon {
         match committed {
             Ok(state) => {
                 log::info!("{why}: {}", apply::summary(&state, started.elapsed()));
+                self.applied_layers = state.layers.clone();
                 self.plans.insert(state.slot, state.plan.clone());
                 self.current = Some(state.plan);
                 self.packet_base = state.packet_base;
@@ -357,20 +362,27 @@ impl Daemon {
     /// altered. `nft_changed`: an nftables event arrived (else only the
     /// eBPF pins, a stat each, are looked at).
     fn repair(&mut self, nft_changed: bool) {
-        if !nft_changed {
-            // The cheap look: a stat per link pin.
-            let Ok(Some(state)) = State::load(&self.paths) else {
-                return;
-            };
-            if !state.layers.iter().any(|l| l == "bpf") || ebpf::is_installed(&self.paths) {
-                return;
-            }
+        // The cheap look, every second: a stat per link pin, against the
+        // layers of the policy in force (known without reading the state).
+        let bpf_gone =
+            self.applied_layers.iter().any(|l| l == "bpf") && !ebpf::is_installed(&self.paths);
+        if !bpf_gone && !nft_changed {
+            return;
         }
-        // Everything from here under the instance lock: an apply from a
-        // shell holds it while it changes the layers (no damage), and its
-        // state is read only once it has finished.
-        let _lock = match apply::lock(&self.paths) {
-            Ok(l) => l,
+        // A damage that a repair did not cure is not retried in a loop.
+        if self
+            .last_repair
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+            && self.repairs_in_a_row >= 3
+        {
+            return;
+        }
+        // Under the instance lock, never waiting for it: an apply or remove
+        // from a shell holds it while it changes the layers (no damage), and
+        // the next event or tick looks again.
+        let _lock = match apply::try_lock(&self.paths) {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
             Err(e) => {
                 log::warn!("{e:#}");
                 return;
@@ -385,10 +397,11 @@ impl Daemon {
             .filter_map(|d| match d {
                 Drift::BpfMissing | Drift::BpfOther { .. } => Some("bpf"),
                 Drift::NftMissing | Drift::NftOther { .. } => Some("nft"),
-                Drift::Interrupted { .. } => None,
+                Drift::Interrupted { .. } | Drift::Unexpected { .. } => None,
             })
             .collect();
         if damaged.is_empty() {
+            self.repairs_in_a_row = 0;
             return;
         }
         for d in &drift {
@@ -402,13 +415,29 @@ impl Daemon {
                 })
                 .inc();
         }
+        self.last_repair = Some(Instant::now());
+        self.repairs_in_a_row += 1;
         let started = Instant::now();
+        // Put back what was applied, as it was applied (its layers and
+        // cgroup), not what this daemon would apply.
+        let opts = Options {
+            cgroup: Some(state.cgroup.clone()),
+            layers: match (
+                state.layers.iter().any(|l| l == "bpf"),
+                state.layers.iter().any(|l| l == "nft"),
+            ) {
+                (true, false) => Layers::Bpf,
+                (false, true) => Layers::Nft,
+                _ => Layers::Both,
+            },
+            force: true,
+        };
         let prepared = apply::Prepared {
             plan: state.plan,
             policy_path: state.policy_path,
             warnings: String::new(),
         };
-        match apply::commit_locked(&self.opts, &self.paths, prepared) {
+        match apply::commit_locked(&opts, &self.paths, prepared) {
             Ok(state) => log::info!("repaired: {}", apply::summary(&state, started.elapsed())),
             Err(e) => log::error!("repair failed: {e:#}"),
         }
@@ -441,6 +470,7 @@ impl Daemon {
                     );
                 }
                 self.plans.insert(state.slot, state.plan.clone());
+                self.applied_layers = state.layers;
                 self.current = Some(state.plan);
                 self.packet_base = state.packet_base;
             }
@@ -511,6 +541,9 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         clock: Clock::now(),
         metrics: Metrics::new(),
         state_seen: None,
+        applied_layers: Vec::new(),
+        last_repair: None,
+        repairs_in_a_row: 0,
     };
     if !daemon.reload("start") {
         return Ok(exit::PROBLEMS);

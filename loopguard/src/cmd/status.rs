@@ -88,6 +88,24 @@ fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
 
 pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("status")?;
+    // An apply (or a daemon's reload or repair) under way is no drift:
+    // wait for it, a little, under the instance lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let _lock = loop {
+        match super::apply::try_lock(paths)? {
+            Some(l) => break Some(l),
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            None => {
+                log::warn!(
+                    "an apply has held instance {} for 10 s; reporting as it is",
+                    paths.instance
+                );
+                break None;
+            }
+        }
+    };
     let state = State::load(paths)?;
     if let Some(s) = &state {
         loopguard::health::same_namespace(paths, s).map_err(anyhow::Error::msg)?;
