@@ -756,16 +756,8 @@ async fn watch_local_table(daemon: Arc<Mutex<Daemon>>) {
         let Ok(mut guard) = ready else {
             return;
         };
-        // Drain every pending message; the content does not matter (a
-        // burst of changes is one re-read). A full socket buffer (ENOBUFS)
-        // lost some: the re-read covers them too.
-        loop {
-            match recv_nonblocking(guard.get_inner(), &mut buf) {
-                Ok(n) if n > 0 => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
-                _ => break,
-            }
-        }
+        // The content does not matter: a burst of changes is one re-read.
+        drain(guard.get_inner(), &mut buf);
         guard.clear_ready();
         synced = sync_local_table(&mut lock(&daemon));
     }
@@ -823,13 +815,7 @@ async fn watch_layers(daemon: Arc<Mutex<Daemon>>) {
         let nft_changed = tokio::select! {
             ready = fd.readable() => {
                 let Ok(mut guard) = ready else { return };
-                loop {
-                    match recv_nonblocking(guard.get_inner(), &mut buf) {
-                        Ok(n) if n > 0 => continue,
-                        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
-                        _ => break,
-                    }
-                }
+                drain(guard.get_inner(), &mut buf);
                 guard.clear_ready();
                 true
             }
@@ -848,6 +834,19 @@ fn release_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Reads every pending message of a netlink socket whose messages only
+/// say "something changed". A full socket buffer (ENOBUFS) lost some:
+/// the caller's re-read covers them too.
+fn drain(fd: &OwnedFd, buf: &mut [u8]) {
+    loop {
+        match recv_nonblocking(fd, buf) {
+            Ok(n) if n > 0 => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+            _ => break,
+        }
     }
 }
 
