@@ -171,22 +171,12 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     };
     too_large("services", policy.services.len(), MAX_SERVICES)?;
 
-    let mut uid_sets: Vec<Vec<u32>> = Vec::new();
-    let mut interned: HashMap<Vec<u32>, u32> = HashMap::new();
+    let mut sets = UidSets::default();
     let mut services = Vec::with_capacity(policy.services.len());
     let lines = crate::diag::LineIndex::new(&policy.source);
-    let mut intern = |uids: &[u32]| -> u32 {
-        if let Some(&i) = interned.get(uids) {
-            return i;
-        }
-        uid_sets.push(uids.to_vec());
-        let i = (uid_sets.len() - 1) as u32;
-        interned.insert(uids.to_vec(), i);
-        i
-    };
     for (s, r) in policy.services.iter().zip(&resolved.services) {
-        let uid_set = intern(&r.uids);
-        let bind_set = r.bind_uids.as_deref().map(&mut intern);
+        let uid_set = sets.intern(&r.uids);
+        let bind_set = r.bind_uids.as_deref().map(|u| sets.intern(u));
         services.push(PlanService {
             name: s.name.clone(),
             location: {
@@ -238,7 +228,8 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
         }
         too_large("decision entries", table.len(), MAX_DECISIONS)?;
     }
-    let binds = bind_decisions(&services, &port_atoms, &nets, &mut uid_sets, &mut interned);
+    let binds = bind_decisions(&services, &port_atoms, &nets, &mut sets);
+    let uid_sets = sets.sets;
     too_large("bind decision entries", binds.len(), MAX_DECISIONS)?;
     too_large(
         "uid entries",
@@ -274,6 +265,26 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     Ok(plan)
 }
 
+/// Sorted uid lists, interned: equal lists share one index (services of
+/// one team, and bind cells with the same intersection).
+#[derive(Default)]
+struct UidSets {
+    sets: Vec<Vec<u32>>,
+    index: HashMap<Vec<u32>, u32>,
+}
+
+impl UidSets {
+    fn intern(&mut self, uids: &[u32]) -> u32 {
+        if let Some(&i) = self.index.get(uids) {
+            return i;
+        }
+        let i = self.sets.len() as u32;
+        self.sets.push(uids.to_vec());
+        self.index.insert(uids.to_vec(), i);
+        i
+    }
+}
+
 /// The address atoms a service covers: all of them for `loopback`, else
 /// the named prefixes inside its own.
 fn addr_atoms_of(s: &PlanService, nets: &[IpNet]) -> Vec<u32> {
@@ -307,8 +318,7 @@ fn bind_decisions(
     services: &[PlanService],
     port_atoms: &[PortRange],
     nets: &[IpNet],
-    uid_sets: &mut Vec<Vec<u32>>,
-    interned: &mut HashMap<Vec<u32>, u32>,
+    sets: &mut UidSets,
 ) -> Vec<BindDecision> {
     /// A cell: the innermost guarded service, the intersection of all the
     /// guards' lists and of the enforce-mode ones'.
@@ -322,7 +332,7 @@ fn bind_decisions(
         let Some(set) = s.bind_set else { continue };
         let mut atoms = addr_atoms_of(s, nets);
         atoms.push(BIND_WILDCARD_ATOM);
-        let uids = &uid_sets[set as usize];
+        let uids = &sets.sets[set as usize];
         let enforce = s.mode == Mode::Enforce;
         for t in Transport::ALL {
             if !s.protocol.includes(t) {
@@ -349,15 +359,6 @@ fn bind_decisions(
             }
         }
     }
-    let mut intern = |uids: Vec<u32>| -> u32 {
-        if let Some(&i) = interned.get(&uids) {
-            return i;
-        }
-        uid_sets.push(uids.clone());
-        let i = (uid_sets.len() - 1) as u32;
-        interned.insert(uids, i);
-        i
-    };
     cells
         .into_iter()
         .map(|((transport, port_atom, addr_atom), cell)| BindDecision {
@@ -365,8 +366,8 @@ fn bind_decisions(
             port_atom,
             addr_atom,
             service: cell.service,
-            uid_set: intern(cell.all),
-            enforce_set: cell.enforce.map(&mut intern),
+            uid_set: sets.intern(&cell.all),
+            enforce_set: cell.enforce.map(|e| sets.intern(&e)),
         })
         .collect()
 }

@@ -147,6 +147,19 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Opens (creating it 0600) a lock file in a private directory, never
+/// through a symlink.
+pub fn open_lock_file(path: &Path) -> io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 fn write_atomically(paths: &InstancePaths, path: &Path, state: &State) -> Result<(), StateError> {
     use std::io::Write as _;
     let err = |source| StateError::Write {

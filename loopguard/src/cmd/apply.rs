@@ -75,17 +75,10 @@ pub fn try_lock(paths: &InstancePaths) -> anyhow::Result<Option<Flock<fs::File>>
 }
 
 fn lock_with(paths: &InstancePaths, how: FlockArg) -> anyhow::Result<Flock<fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     loopguard::state::private_dir(Path::new(STATE_ROOT))
         .with_context(|| format!("failed to create {STATE_ROOT}"))?;
     let path = lock_path(paths);
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
+    let file = loopguard::state::open_lock_file(&path)
         .with_context(|| format!("failed to open {}", path.display()))?;
     Flock::lock(file, how).map_err(|(_, e)| {
         anyhow::Error::new(e).context(format!("failed to lock {}", path.display()))

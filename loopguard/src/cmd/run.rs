@@ -490,18 +490,8 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     loopguard::state::private_dir(Path::new(STATE_ROOT))
         .with_context(|| format!("failed to create {STATE_ROOT}"))?;
     let run_lock = Path::new(STATE_ROOT).join(format!("{}.run", paths.instance));
-    let lock_file = {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .read(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&run_lock)
-    }
-    .with_context(|| format!("failed to open {}", run_lock.display()))?;
+    let lock_file = loopguard::state::open_lock_file(&run_lock)
+        .with_context(|| format!("failed to open {}", run_lock.display()))?;
     let mut lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
