@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout below changes. A pinned instance with another
 /// ABI is not reused by `apply` (it asks for `remove` first).
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Two policy slots: `apply` fills the inactive one, then flips
 /// [`Config::active_slot`]. Programs read the slot once per call, so each
@@ -203,6 +203,8 @@ pub struct Event {
     pub proto: u8,
     pub hook: u8,
     pub _pad: [u8; 7],
+    /// [`SlotConfig::plan_id`] of the slot that decided (0: unknown).
+    pub plan_id: u64,
     /// Destination as the process gave it (IPv4 as IPv4-mapped IPv6); for
     /// a bind hook, the address being bound.
     pub addr: [u8; 16],

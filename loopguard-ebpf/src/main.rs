@@ -499,6 +499,9 @@ mod programs {
             Some(mut entry) => {
                 let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
                 let uid_gid = bpf_get_current_uid_gid();
+                // The plan that decided, so the daemon names the right
+                // service even before the applier's state file is saved.
+                let plan_id = SLOT_CONFIG.get(slot).map_or(0, |c| c.plan_id);
                 entry.write(Event {
                     // SAFETY: plain helper calls.
                     ktime_ns: unsafe { bpf_ktime_get_ns() },
@@ -512,6 +515,7 @@ mod programs {
                     proto: proto as u8,
                     hook,
                     _pad: [0; 7],
+                    plan_id,
                     addr,
                     comm,
                 });

@@ -524,6 +524,57 @@ fn events_name_the_service_of_a_policy_applied_by_another_process() {
     assert_eq!(e["event.action"], "would-deny", "{e}");
 }
 
+/// The window between another process's flip and its saved state (here
+/// made permanent: that apply dies before saving): the eBPF layer stamps
+/// each event with its plan's id, and the daemon finds the plan in the
+/// applier's journal.
+#[test]
+fn events_decided_before_the_applier_saved_its_state_name_the_new_service() {
+    let u = users();
+    let mut sb = Sandbox::new("run-window");
+    let first = sb.policy(
+        "first.toml",
+        &format!(
+            "version = 1\n[[service]]\nname = \"jupyter\"\nport = 8888\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        ),
+    );
+    // eBPF only: no nftables events, so the daemon has no cause to repair
+    // the interrupted apply while the test looks.
+    let d = sb.start_daemon(&first, &["--layers", "bpf"]);
+    let second = sb.policy(
+        "second.toml",
+        &format!(
+            "version = 1\n[[service]]\nname = \"db-admin\"\nport = 8888\ndeny_users = [\"{}\"]\n",
+            u.bob.name
+        ),
+    );
+    let cgroup = sb.cgroup.to_str().expect("utf-8");
+    let r = sb.lg_env(
+        &[("LOOPGUARD_FAULT", "before-state")],
+        &[
+            "apply",
+            second.to_str().expect("utf-8"),
+            "--cgroup",
+            cgroup,
+            "--layers",
+            "bpf",
+        ],
+    );
+    assert_ne!(r.code, 0, "the fault must abort apply: {}", r.stderr);
+    let (out, pid) = sb.probe_with_pid(Some(&u.bob), &["tcp", "127.0.0.1:8888"]);
+    assert_eq!(out, "connect=EPERM", "the new plan is in force");
+    let hook = |e: &serde_json::Value| e["process.pid"] == pid;
+    let events = d.wait_events(10, "bob's refusal", |evs| evs.iter().any(hook));
+    let e = events.iter().find(|e| hook(e)).expect("seen");
+    assert_eq!(e["loopguard.service"], "db-admin", "{e}");
+    assert_eq!(e["event.action"], "deny", "{e}");
+    assert!(
+        d.log().contains("being applied by another process"),
+        "the daemon says where the plan came from"
+    );
+}
+
 #[test]
 fn a_flushed_ruleset_is_put_back_within_a_second_and_counted() {
     let u = users();

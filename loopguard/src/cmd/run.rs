@@ -264,7 +264,13 @@ struct Daemon {
     opts: Options,
     file: PathBuf,
     /// Plans by kernel slot, so events from either slot name their service.
-    plans: HashMap<u32, Plan>,
+    /// Plans events are decoded with, by [`Plan::id_number`] (the eBPF
+    /// layer stamps each event with the id of the plan that decided it):
+    /// the one in force and the few before it.
+    plans: HashMap<u64, Plan>,
+    /// A plan id seen in an event and found nowhere: not looked for again
+    /// until the state file changes.
+    unknown_plan: Option<u64>,
     current: Option<Plan>,
     /// The applied state's carried nftables counts.
     packet_base: nft::PacketCounts,
@@ -321,7 +327,7 @@ impl Daemon {
             Ok(state) => {
                 log::info!("{why}: {}", apply::summary(&state, started.elapsed()));
                 self.applied_layers = state.layers.clone();
-                self.plans.insert(state.slot, state.plan.clone());
+                self.remember(state.plan.clone());
                 self.current = Some(state.plan);
                 self.packet_base = state.packet_base;
                 self.metrics.generation.inc();
@@ -469,7 +475,8 @@ impl Daemon {
                         state.policy_path.display()
                     );
                 }
-                self.plans.insert(state.slot, state.plan.clone());
+                self.remember(state.plan.clone());
+                self.unknown_plan = None;
                 self.applied_layers = state.layers;
                 self.current = Some(state.plan);
                 self.packet_base = state.packet_base;
@@ -479,8 +486,53 @@ impl Daemon {
         }
     }
 
+    /// Keeps `plan` for decoding events, and at most two others.
+    fn remember(&mut self, plan: Plan) {
+        const KEPT: usize = 3;
+        let id = plan.id_number();
+        if self.plans.len() >= KEPT && !self.plans.contains_key(&id) {
+            let current = self.current.as_ref().map(Plan::id_number);
+            if let Some(old) = self.plans.keys().copied().find(|k| Some(*k) != current) {
+                self.plans.remove(&old);
+            }
+        }
+        self.plans.insert(id, plan);
+    }
+
+    /// An event decided by a plan this daemon has not seen: another
+    /// process's apply flipped to it and has not saved its state yet (or
+    /// crashed before it could). Its journal holds the plan.
+    fn learn_plan(&mut self, id: u64) {
+        if self.unknown_plan == Some(id) {
+            return;
+        }
+        match State::load_pending(&self.paths) {
+            Ok(Some(pending)) if pending.plan.id_number() == id => {
+                log::info!(
+                    "following plan {} ({}), being applied by another process",
+                    pending.plan.id,
+                    pending.policy_path.display()
+                );
+                self.remember(pending.plan);
+            }
+            Ok(_) => {
+                log::warn!(
+                    "events decided by plan {id:016x}, which neither the state nor the journal holds: decoded with the plan in force"
+                );
+                self.unknown_plan = Some(id);
+            }
+            Err(e) => {
+                log::warn!("{e}");
+                self.unknown_plan = Some(id);
+            }
+        }
+    }
+
     fn event(&mut self, ev: &Event) -> String {
-        let plan = self.plans.get(&ev.slot).or(self.current.as_ref());
+        if ev.plan_id != 0 && !self.plans.contains_key(&ev.plan_id) {
+            self.learn_plan(ev.plan_id);
+        }
+        let plan = self.plans.get(&ev.plan_id).or(self.current.as_ref());
         audit::record(ev, plan, &self.clock, &mut self.names).to_string()
     }
 }
@@ -524,6 +576,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         },
         file: args.file.clone(),
         plans: HashMap::new(),
+        unknown_plan: None,
         current: None,
         packet_base: nft::PacketCounts::default(),
         log: Some(log),
