@@ -211,33 +211,11 @@ pub fn ephemeral_ports() -> crate::policy::EphemeralPorts {
 
 /// A non-blocking netlink socket of `protocol`, bound to the multicast
 /// `groups` (0 for none).
-pub fn netlink_socket(protocol: i32, groups: u32) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: socket(2) and bind(2) with a zeroed sockaddr_nl; the fd is
-    // owned as soon as it exists.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            protocol,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
-        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-        sa.nl_family = libc::AF_NETLINK as u16;
-        sa.nl_groups = groups;
-        if libc::bind(
-            fd,
-            (&raw const sa).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(owned)
-    }
+pub fn netlink_socket(protocol: isize, groups: u32) -> io::Result<netlink_sys::Socket> {
+    let mut sock = netlink_sys::Socket::new(protocol)?;
+    sock.bind(&netlink_sys::SocketAddr::new(0, groups))?;
+    sock.set_non_blocking(true)?;
+    Ok(sock)
 }
 
 #[cfg(test)]

@@ -7,27 +7,19 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd as _, OwnedFd},
+    time::Duration,
 };
 
-const NETLINK_NETFILTER: i32 = 12;
-const NFNL_SUBSYS_ULOG: u16 = 4;
-const NFULNL_MSG_PACKET: u16 = 0;
-const NFULNL_MSG_CONFIG: u16 = 1;
-const NFULA_CFG_CMD: u16 = 1;
-const NFULA_CFG_MODE: u16 = 2;
-const NFULA_CFG_FLAGS: u16 = 6;
-const NFULNL_CFG_CMD_BIND: u8 = 1;
-const NFULNL_COPY_PACKET: u8 = 2;
-const NFULNL_CFG_F_SEQ: u16 = 0x0001;
-const NFULA_PAYLOAD: u16 = 9;
-const NFULA_PREFIX: u16 = 10;
-const NFULA_UID: u16 = 11;
-const NFULA_SEQ: u16 = 12;
-const NFULA_GID: u16 = 14;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLMSG_ERROR: u16 = 2;
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::{
+    nflog::{config_request, ConfigCmd, ConfigFlags, ConfigMode, PacketNla, ULogMessage},
+    NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
+use netlink_sys::Socket;
+
+/// Bytes of each refused packet copied to userspace: the IP and transport
+/// headers are all that is read.
+const COPY_RANGE: u32 = 128;
 
 /// One refused packet, as the kernel logged it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,82 +35,58 @@ pub struct PacketEvent {
 }
 
 /// Binds `group` and returns the non-blocking socket.
-pub fn bind(group: u16) -> io::Result<OwnedFd> {
-    let fd = crate::host::netlink_socket(NETLINK_NETFILTER, 0)?;
-    // A large receive buffer rides out bursts.
+pub fn bind(group: u16) -> io::Result<Socket> {
+    let sock = crate::host::netlink_socket(netlink_sys::constants::NETLINK_NETFILTER, 0)?;
+    // A large receive buffer rides out bursts (SO_RCVBUFFORCE: root may
+    // exceed rmem_max).
     let size: libc::c_int = 4 << 20;
-    // SAFETY: setsockopt with a c_int.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const size).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-    }
-    let mut cmd = Vec::new();
-    attr(&mut cmd, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
-    config(&fd, group, &cmd)?;
-    let mut mode = Vec::new();
-    // copy_range (be32) then copy_mode (u8), padded: the IP and transport
-    // headers are all we read.
-    let mut m = 128u32.to_be_bytes().to_vec();
-    m.push(NFULNL_COPY_PACKET);
-    m.push(0);
-    attr(&mut mode, NFULA_CFG_MODE, &m);
-    attr(&mut mode, NFULA_CFG_FLAGS, &NFULNL_CFG_F_SEQ.to_be_bytes());
-    config(&fd, group, &mode)?;
-    Ok(fd)
-}
-
-fn attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    let len = 4 + data.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(data);
-    buf.resize(buf.len() + (4 - len % 4) % 4, 0);
+    nix::sys::socket::setsockopt(
+        &sock,
+        nix::sys::socket::sockopt::RcvBufForce,
+        &(size as usize),
+    )
+    .map_err(io::Error::from)?;
+    config(&sock, group, vec![ConfigCmd::Bind.into()])?;
+    config(
+        &sock,
+        group,
+        vec![
+            ConfigMode::new_packet(COPY_RANGE).into(),
+            // Numbered messages: a gap counts events the kernel dropped.
+            ConfigFlags::SEQ.into(),
+        ],
+    )?;
+    Ok(sock)
 }
 
 /// Sends one NFULNL_MSG_CONFIG and waits for its acknowledgement.
-fn config(fd: &OwnedFd, group: u16, attrs: &[u8]) -> io::Result<()> {
-    let mut msg = Vec::new();
-    let len = 16 + 4 + attrs.len();
-    msg.extend_from_slice(&(len as u32).to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family AF_UNSPEC, version 0, res_id = group (big endian).
-    msg.push(0);
-    msg.push(0);
-    msg.extend_from_slice(&group.to_be_bytes());
-    msg.extend_from_slice(attrs);
-    // SAFETY: send our buffer.
-    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // The ack (an NLMSG_ERROR with error 0); the socket is non-blocking, so
+fn config(
+    sock: &Socket,
+    group: u16,
+    nlas: Vec<netlink_packet_netfilter::nflog::ConfigNla>,
+) -> io::Result<()> {
+    let request = config_request(NetfilterProtoFamily::Unspec, group, nlas);
+    let mut msg = vec![0; request.buffer_len()];
+    request.serialize(&mut msg);
+    sock.send(&msg, 0)?;
+    // The ack (an NLMSG_ERROR with code 0); the socket is non-blocking, so
     // poll briefly.
-    let mut buf = [0u8; 512];
+    let mut buf = vec![0u8; 512];
     for _ in 0..100 {
-        // SAFETY: recv into our buffer.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                std::thread::sleep(std::time::Duration::from_millis(5));
+        let n = match sock.recv(&mut &mut buf[..], 0) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
                 continue;
             }
-            return Err(e);
-        }
-        let n = n as usize;
-        if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
-            let errno = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-            return if errno == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(-errno))
+            Err(e) => return Err(e),
+        };
+        let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[..n.min(buf.len())])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if let NetlinkPayload::Error(e) = reply.payload {
+            return match e.code {
+                None => Ok(()),
+                Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
             };
         }
     }
@@ -128,30 +96,34 @@ fn config(fd: &OwnedFd, group: u16, attrs: &[u8]) -> io::Result<()> {
     ))
 }
 
-/// Decodes every NFULNL_MSG_PACKET in one datagram.
+/// Decodes every NFULNL_MSG_PACKET in one datagram; a malformed message
+/// ends the datagram (the kernel's sequence numbers count what was lost).
 pub fn parse(datagram: &[u8]) -> Vec<PacketEvent> {
     let mut out = Vec::new();
-    let mut off = 0;
-    while off + 16 <= datagram.len() {
-        let len = u32::from_ne_bytes([
-            datagram[off],
-            datagram[off + 1],
-            datagram[off + 2],
-            datagram[off + 3],
-        ]) as usize;
-        let kind = u16::from_ne_bytes([datagram[off + 4], datagram[off + 5]]);
-        if len < 16 || off + len > datagram.len() {
+    let mut rest = datagram;
+    while !rest.is_empty() {
+        let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(rest) else {
+            break;
+        };
+        let len = msg.header.length as usize;
+        if let NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::ULog(ULogMessage::Packet(nlas)),
+            ..
+        }) = msg.payload
+        {
+            out.push(packet(nlas));
+        }
+        // Messages are 4-byte aligned.
+        let step = (len + 3) & !3;
+        if len == 0 || step > rest.len() {
             break;
         }
-        if kind == ((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET) && len >= 20 {
-            out.push(parse_packet(&datagram[off + 20..off + len]));
-        }
-        off += (len + 3) & !3;
+        rest = &rest[step..];
     }
     out
 }
 
-fn parse_packet(mut attrs: &[u8]) -> PacketEvent {
+fn packet(nlas: Vec<PacketNla>) -> PacketEvent {
     let mut ev = PacketEvent {
         prefix: String::new(),
         uid: None,
@@ -161,36 +133,17 @@ fn parse_packet(mut attrs: &[u8]) -> PacketEvent {
         port: None,
         protocol: None,
     };
-    let be32 = |d: &[u8]| (d.len() >= 4).then(|| u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let data = &attrs[4..len];
-        match kind {
-            NFULA_PREFIX => {
-                ev.prefix = String::from_utf8_lossy(data)
-                    .trim_end_matches('\0')
-                    .to_string()
-            }
-            NFULA_UID => ev.uid = be32(data),
-            NFULA_GID => ev.gid = be32(data),
-            NFULA_SEQ => ev.seq = be32(data),
-            NFULA_PAYLOAD => {
-                let (dst, port, proto) = parse_ip(data);
-                ev.destination = dst;
-                ev.port = port;
-                ev.protocol = proto;
+    for nla in nlas {
+        match nla {
+            PacketNla::Prefix(p) => ev.prefix = p.to_string_lossy().into_owned(),
+            PacketNla::Uid(uid) => ev.uid = Some(uid),
+            PacketNla::Gid(gid) => ev.gid = Some(gid),
+            PacketNla::Seq(seq) => ev.seq = Some(seq),
+            PacketNla::Payload(data) => {
+                (ev.destination, ev.port, ev.protocol) = parse_ip(&data);
             }
             _ => {}
         }
-        let step = (len + 3) & !3;
-        if step > attrs.len() {
-            break;
-        }
-        attrs = &attrs[step..];
     }
     ev
 }
@@ -218,31 +171,50 @@ fn parse_ip(p: &[u8]) -> (Option<IpAddr>, Option<u16>, Option<u8>) {
 mod tests {
     use super::*;
 
+    use netlink_packet_core::NetlinkHeader;
+    use netlink_packet_netfilter::NetfilterHeader;
+    use std::ffi::CString;
+
+    fn logged(nlas: Vec<PacketNla>) -> Vec<u8> {
+        let mut msg = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::from(NetfilterMessage::new(
+                NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 1),
+                ULogMessage::Packet(nlas),
+            )),
+        );
+        msg.finalize();
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        buf
+    }
+
     #[test]
-    fn parses_a_logged_syn() {
-        // nlmsghdr + nfgenmsg + prefix + uid + seq + payload (IPv4 TCP SYN).
-        let mut attrs = Vec::new();
-        attr(&mut attrs, NFULA_PREFIX, b"lg/x/0/d\0");
-        attr(&mut attrs, NFULA_UID, &1005u32.to_be_bytes());
-        attr(&mut attrs, NFULA_SEQ, &7u32.to_be_bytes());
+    fn parses_logged_syns_and_stops_at_garbage() {
         let mut ip = vec![
             0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 127, 0, 0, 1, 127, 0, 0, 2,
         ];
         ip.extend_from_slice(&[0x9c, 0x40, 0x15, 0x38, 0, 0, 0, 0]);
-        attr(&mut attrs, NFULA_PAYLOAD, &ip);
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&((20 + attrs.len()) as u32).to_ne_bytes());
-        msg.extend_from_slice(&(NFNL_SUBSYS_ULOG << 8).to_ne_bytes());
-        msg.extend_from_slice(&[0; 10]);
-        msg.extend_from_slice(&[2, 0, 0, 1]);
-        msg.extend_from_slice(&attrs);
-        let evs = parse(&msg);
-        assert_eq!(evs.len(), 1);
+        let one = logged(vec![
+            PacketNla::Prefix(CString::new("lg/x/0/d").expect("no NUL")),
+            PacketNla::Uid(1005),
+            PacketNla::Seq(7),
+            PacketNla::Payload(ip),
+        ]);
+        let mut datagram = one.clone();
+        datagram.extend_from_slice(&one);
+        datagram.extend_from_slice(&[0xff; 7]);
+        let evs = parse(&datagram);
+        assert_eq!(evs.len(), 2);
         assert_eq!(evs[0].prefix, "lg/x/0/d");
         assert_eq!(evs[0].uid, Some(1005));
         assert_eq!(evs[0].seq, Some(7));
-        assert_eq!(evs[0].destination, Some("127.0.0.2".parse().unwrap()));
+        assert_eq!(evs[0].destination, Some("127.0.0.2".parse().expect("ip")));
         assert_eq!(evs[0].port, Some(5432));
         assert_eq!(evs[0].protocol, Some(6));
+        // Truncated anywhere: no panic, whatever decodes.
+        for cut in 0..one.len() {
+            let _ = parse(&one[..cut]);
+        }
     }
 }

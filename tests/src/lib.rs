@@ -109,6 +109,16 @@ fn id_of(flag: &str, name: &str) -> Option<u32> {
 
 /// Creates the test accounts once per machine (useradd is serialized with a
 /// file lock: test binaries run in parallel).
+/// The last `max` bytes of `text` (at a char boundary): what an assertion
+/// prints of a log, never the whole of it.
+pub fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
 pub fn users() -> &'static Users {
     static USERS: OnceLock<Users> = OnceLock::new();
     USERS.get_or_init(|| {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use loopguard_tests::{timing_target, users, Sandbox};
+use loopguard_tests::{tail, timing_target, users, Sandbox};
 use nix::sys::signal::Signal;
 
 fn policy(alice: &str, extra: &str) -> String {
@@ -666,4 +666,65 @@ fn audit_filters_take_only_known_words() {
         log.to_str().expect("utf-8"),
     ])
     .ok();
+}
+
+/// The policy file is watched with inotify: an edit in place, a
+/// config-management rename over it and a Kubernetes ConfigMap's `..data`
+/// symlink swap each take effect without a signal.
+#[test]
+fn edits_renames_and_configmap_swaps_take_effect_without_a_signal() {
+    let u = users();
+    let mut sb = Sandbox::new("run-watch");
+    let only = |name: &str| {
+        format!(
+            "version = 1\n[[service]]\nname = \"db\"\nport = 8888\nallow_users = [\"{name}\"]\n"
+        )
+    };
+    // The ConfigMap layout: policy.toml -> ..data/policy.toml,
+    // ..data -> ..v1.
+    let conf = sb.dir.join("conf");
+    let v1 = conf.join("..v1");
+    std::fs::create_dir_all(&v1).expect("mkdir");
+    std::fs::write(v1.join("policy.toml"), only(&u.alice.name)).expect("write");
+    std::os::unix::fs::symlink("..v1", conf.join("..data")).expect("symlink");
+    let file = conf.join("policy.toml");
+    std::os::unix::fs::symlink("..data/policy.toml", &file).expect("symlink");
+    let d = sb.start_daemon(&file, &[]);
+    let bob = |sb: &Sandbox| sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8888"]);
+    assert_eq!(bob(&sb), "connect=EPERM");
+
+    let wait_for = |sb: &Sandbox, want: &str, what: &str| {
+        let deadline = Instant::now() + timing_target(Duration::from_secs(10));
+        loop {
+            let got = bob(sb);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: bob still gets {got}; daemon log tail: {}",
+                tail(&d.log(), 2000)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // 1. The ConfigMap swap: a new version directory, ..data renamed onto it.
+    let v2 = conf.join("..v2");
+    std::fs::create_dir_all(&v2).expect("mkdir");
+    std::fs::write(v2.join("policy.toml"), only(&u.bob.name)).expect("write");
+    std::os::unix::fs::symlink("..v2", conf.join("..data_tmp")).expect("symlink");
+    std::fs::rename(conf.join("..data_tmp"), conf.join("..data")).expect("swap");
+    wait_for(&sb, "connect=ok", "after the ConfigMap swap");
+
+    // 2. Config management: a temporary file renamed over the target.
+    let tmp = v2.join(".policy.toml.tmp");
+    std::fs::write(&tmp, only(&u.alice.name)).expect("write");
+    std::fs::rename(&tmp, v2.join("policy.toml")).expect("rename");
+    wait_for(&sb, "connect=EPERM", "after a rename over the file");
+
+    // 3. An editor writing in place.
+    std::fs::write(v2.join("policy.toml"), only(&u.bob.name)).expect("write");
+    wait_for(&sb, "connect=ok", "after an edit in place");
+    assert!(d.log().contains("file changed"), "{}", tail(&d.log(), 2000));
 }

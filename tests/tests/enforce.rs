@@ -60,8 +60,13 @@ allow_users = ["{}", 0]
     assert_eq!(v["layers"][0], "bpf");
     let web = &v["services"][0];
     assert_eq!(web["name"], "web");
-    assert_eq!(web["denied"], 11, "{status:?}", status = status.stdout);
-    assert_eq!(web["allowed"], 21);
+    assert_eq!(
+        web["attempts"]["deny"],
+        11,
+        "{status:?}",
+        status = status.stdout
+    );
+    assert_eq!(web["attempts"]["allow"], 21);
 }
 
 #[test]
@@ -216,9 +221,9 @@ allow_users = ["{}"]
     );
     let v: serde_json::Value =
         serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
-    assert_eq!(v["services"][0]["would_deny"], 2);
-    assert_eq!(v["services"][0]["denied"], 0);
-    assert_eq!(v["services"][0]["allowed"], 1);
+    assert_eq!(v["services"][0]["attempts"]["would-deny"], 2);
+    assert_eq!(v["services"][0]["attempts"]["deny"], 0);
+    assert_eq!(v["services"][0]["attempts"]["allow"], 1);
 }
 
 #[test]

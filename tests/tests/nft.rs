@@ -74,9 +74,9 @@ fn nft_layer_alone_refuses_every_route() {
     let v: serde_json::Value =
         serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
     assert_eq!(v["layers"], serde_json::json!(["nft"]));
-    assert_eq!(v["services"][0]["packets_denied"], 10, "{v}");
-    assert_eq!(v["services"][1]["packets_denied"], 20, "{v}");
-    assert_eq!(v["services"][0]["denied"], 0, "no eBPF layer");
+    assert_eq!(v["services"][0]["packets"]["deny"], 10, "{v}");
+    assert_eq!(v["services"][1]["packets"]["deny"], 20, "{v}");
+    assert_eq!(v["services"][0]["attempts"]["deny"], 0, "no eBPF layer");
 
     // A re-apply that puts a new service first (so every index moves)
     // keeps each service's count, by name.
@@ -92,7 +92,7 @@ fn nft_layer_alone_refuses_every_route() {
         v["services"]
             .as_array()
             .and_then(|a| a.iter().find(|s| s["name"] == name))
-            .map(|s| s["packets_denied"].clone())
+            .map(|s| s["packets"]["deny"].clone())
     };
     assert_eq!(denied("web"), Some(10.into()), "{v}");
     assert_eq!(denied("statsd"), Some(20.into()), "{v}");
@@ -116,7 +116,7 @@ fn nft_layer_alone_refuses_every_route() {
     let statsd = v["services"]
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == "statsd"))
-        .map(|s| s["packets_denied"].clone());
+        .map(|s| s["packets"]["deny"].clone());
     assert_eq!(statsd, Some(21.into()), "20 before the move, 1 after: {v}");
 }
 

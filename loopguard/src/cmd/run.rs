@@ -12,7 +12,6 @@ use std::{
     fs,
     io::{self, Write as _},
     net::SocketAddr,
-    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -34,14 +33,19 @@ use loopguard::{
 use loopguard_common::{
     Event, COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS,
 };
+use netlink_sys::{
+    protocols::{NETLINK_NETFILTER, NETLINK_ROUTE},
+    Socket,
+};
 use nix::fcntl::{Flock, FlockArg};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use sd_notify::NotifyState;
 use tokio::{
-    io::{unix::AsyncFd, AsyncReadExt as _, AsyncWriteExt as _},
+    io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
 };
 
@@ -633,7 +637,7 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
     tokio::spawn(watch_layers(daemon.clone()));
     tokio::spawn(watch_file(args.file.clone(), daemon.clone()));
 
-    notify_systemd("READY=1\nSTATUS=enforcing");
+    notify_systemd(&[NotifyState::Ready, NotifyState::Status("enforcing")]);
     log::info!("ready");
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
@@ -641,7 +645,7 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                notify_systemd("RELOADING=1");
+                notify_reloading();
                 let mut d = lock(&daemon);
                 // logrotate moves the file and sends SIGHUP: write to a new
                 // one at the path from now on.
@@ -652,13 +656,13 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
                 }
                 d.reload("SIGHUP");
                 drop(d);
-                notify_systemd("READY=1");
+                notify_systemd(&[NotifyState::Ready]);
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    notify_systemd("STOPPING=1");
+    notify_systemd(&[NotifyState::Stopping]);
     log::info!("stopping; enforcement stays in force (pinned)");
     Ok(())
 }
@@ -701,8 +705,8 @@ async fn read_events(ring: RingBuf<MapData>, daemon: Arc<Mutex<Daemon>>) {
 
 /// Refusals of the nftables layer, from NFLOG; gaps in the kernel's
 /// sequence numbers are reported as dropped.
-async fn read_packets(sock: OwnedFd, daemon: Arc<Mutex<Daemon>>) {
-    // SAFETY: the OwnedFd lives inside the AsyncFd.
+async fn read_packets(sock: Socket, daemon: Arc<Mutex<Daemon>>) {
+    // SAFETY: the socket owns its fd and lives inside the AsyncFd.
     let Ok(fd) = (unsafe { AsyncFd::register(sock) }) else {
         return;
     };
@@ -778,7 +782,7 @@ async fn watch_local_table(daemon: Arc<Mutex<Daemon>>) {
             return;
         }
     };
-    // SAFETY: the OwnedFd lives inside the AsyncFd.
+    // SAFETY: the socket owns its fd and lives inside the AsyncFd.
     let Ok(fd) = (unsafe { AsyncFd::register(sock) }) else {
         return;
     };
@@ -841,14 +845,14 @@ fn sync_local_table(d: &mut Daemon) -> bool {
 /// (a stat each; unpinning detaches the programs and sends no event).
 async fn watch_layers(daemon: Arc<Mutex<Daemon>>) {
     const NFNLGRP_NFTABLES: u32 = 7;
-    let sock = match host::netlink_socket(libc::NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1)) {
+    let sock = match host::netlink_socket(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1)) {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot watch nftables changes: {e}");
             return;
         }
     };
-    // SAFETY: the OwnedFd lives inside the AsyncFd.
+    // SAFETY: the socket owns its fd and lives inside the AsyncFd.
     let Ok(fd) = (unsafe { AsyncFd::register(sock) }) else {
         return;
     };
@@ -883,7 +887,7 @@ fn release_memory() {
 /// Reads every pending message of a netlink socket whose messages only
 /// say "something changed". A full socket buffer (ENOBUFS) lost some:
 /// the caller's re-read covers them too.
-fn drain(fd: &OwnedFd, buf: &mut [u8]) {
+fn drain(fd: &Socket, buf: &mut [u8]) {
     loop {
         match recv_nonblocking(fd, buf) {
             Ok(n) if n > 0 => continue,
@@ -894,26 +898,13 @@ fn drain(fd: &OwnedFd, buf: &mut [u8]) {
 }
 
 /// One datagram from a netlink socket, without blocking.
-fn recv_nonblocking(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: recv into our buffer, within its length.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+fn recv_nonblocking(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+    sock.recv(&mut &mut buf[..], libc::MSG_DONTWAIT)
 }
 
-fn rtnetlink_socket() -> io::Result<OwnedFd> {
+fn rtnetlink_socket() -> io::Result<Socket> {
     host::netlink_socket(
-        libc::NETLINK_ROUTE,
+        NETLINK_ROUTE,
         (libc::RTMGRP_IPV4_IFADDR
             | libc::RTMGRP_IPV6_IFADDR
             | libc::RTMGRP_IPV4_ROUTE
@@ -921,8 +912,12 @@ fn rtnetlink_socket() -> io::Result<OwnedFd> {
     )
 }
 
-/// Reloads when the file's identity or contents change, after it has been
-/// quiet for 300 ms (editors write in several steps).
+/// Reloads when the file's identity or contents change, once it has been
+/// quiet for 300 ms (editors and config management write in several
+/// steps). inotify watches the file's directory, and its target's when the
+/// file is a symlink: an edit in place, a rename over it and a Kubernetes
+/// ConfigMap's `..data` swap all show there. Without inotify (the watch
+/// limit reached), the file is polled every two seconds.
 async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
     let stamp = |p: &Path| -> Option<(SystemTime, u64, u64)> {
         use std::os::unix::fs::MetadataExt as _;
@@ -934,29 +929,123 @@ async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
             )
         })
     };
+    // One pending wake-up is enough: a burst of events is one look.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut dirs = watched_directories(&file);
+    let mut watcher = watch_directories(&dirs, watched_names(&file), tx.clone());
+    if let Err(e) = &watcher {
+        log::warn!(
+            "cannot watch {} with inotify ({e}); polling it every 2 s",
+            file.display()
+        );
+    }
     let mut seen = stamp(&file);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
-        tick.tick().await;
+        if watcher.is_ok() {
+            if rx.recv().await.is_none() {
+                return;
+            }
+            // Debounce: wait until the file is quiet, for at most 2 s.
+            let settle = Instant::now() + Duration::from_secs(2);
+            while let Ok(Some(())) =
+                tokio::time::timeout(Duration::from_millis(300), rx.recv()).await
+            {
+                if Instant::now() > settle {
+                    break;
+                }
+            }
+        } else {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        // The symlink may point elsewhere now: watch where it points.
+        let now_dirs = watched_directories(&file);
+        if now_dirs != dirs || watcher.is_err() {
+            dirs = now_dirs;
+            watcher = watch_directories(&dirs, watched_names(&file), tx.clone());
+            if let Err(e) = &watcher {
+                log::warn!(
+                    "cannot watch {} with inotify ({e}); polling it every 2 s",
+                    file.display()
+                );
+            }
+        }
         let now = stamp(&file);
         if now == seen || now.is_none() {
             continue;
         }
-        // Debounce: wait until the file stops changing.
-        let mut settled = now;
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let again = stamp(&file);
-            if again == settled {
-                break;
-            }
-            settled = again;
-        }
-        seen = settled;
-        notify_systemd("RELOADING=1");
+        seen = now;
+        notify_reloading();
         lock(&daemon).reload("file changed");
-        notify_systemd("READY=1");
+        notify_systemd(&[NotifyState::Ready]);
     }
+}
+
+/// The directory holding `file`, and the one holding its target when it
+/// is a symlink that leads elsewhere.
+fn watched_directories(file: &Path) -> Vec<PathBuf> {
+    let parent = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut dirs = vec![parent(file)];
+    if let Ok(target) = fs::canonicalize(file) {
+        let dir = parent(&target);
+        if fs::canonicalize(&dirs[0]).ok().as_ref() != Some(&dir) {
+            dirs.push(dir);
+        }
+    }
+    dirs
+}
+
+/// The names, within the watched directories, whose change may change
+/// what `file` reads: its own, and each name its symlinks go through
+/// (`..data` for a ConfigMap). Other entries of the directory (the audit
+/// log, an editor's swap file) wake nothing.
+fn watched_names(file: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<std::ffi::OsString> = file.file_name().into_iter().map(Into::into).collect();
+    let mut at = file.to_path_buf();
+    // A bounded walk: symlink loops end it.
+    for _ in 0..8 {
+        let Ok(target) = fs::read_link(&at) else {
+            break;
+        };
+        for part in target.components() {
+            if let std::path::Component::Normal(n) = part {
+                names.push(n.to_os_string());
+            }
+        }
+        at = match at.parent() {
+            Some(dir) => dir.join(&target),
+            None => target,
+        };
+    }
+    names
+}
+
+/// An inotify watch on `dirs`; an event on one of `names` is a wake-up on
+/// `tx`.
+fn watch_directories(
+    dirs: &[PathBuf],
+    names: Vec<std::ffi::OsString>,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = event.is_ok_and(|e| {
+            e.need_rescan()
+                || e.paths.iter().any(|p| {
+                    p.file_name()
+                        .is_some_and(|n| names.iter().any(|m| m.as_os_str() == n))
+                })
+        });
+        if relevant {
+            let _ = tx.try_send(());
+        }
+    })?;
+    for dir in dirs {
+        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
 }
 
 /// Scrapes served at once; a connection beyond them is closed at once (a
@@ -967,9 +1056,10 @@ const METRICS_CONNECTIONS: usize = 16;
 const METRICS_DEADLINE: Duration = Duration::from_secs(5);
 
 async fn metrics_server(listener: tokio::net::TcpListener, daemon: Arc<Mutex<Daemon>>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let permits = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
-        let mut conn = match listener.accept().await {
+        let conn = match listener.accept().await {
             Ok((conn, _)) => conn,
             Err(e) => {
                 // Out of file descriptors (or another transient error):
@@ -986,64 +1076,70 @@ async fn metrics_server(listener: tokio::net::TcpListener, daemon: Arc<Mutex<Dae
         let daemon = daemon.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let serve = async {
-                let mut buf = vec![0u8; 4096];
-                let mut len = 0;
-                while len < buf.len() {
-                    match conn.read(&mut buf[len..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            len += n;
-                            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let request = String::from_utf8_lossy(&buf[..len]);
-                let response = if request.starts_with("GET /metrics") {
-                    let body = {
-                        let mut d = lock(&daemon);
-                        let paths = d.paths.clone();
-                        if let Some(plan) = d.current.clone() {
-                            let base = d.packet_base.clone();
-                            d.metrics.refresh(&paths, &plan, &base);
-                        }
-                        d.metrics.encode()
-                    };
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .to_string()
-                };
-                let _ = conn.write_all(response.as_bytes()).await;
-            };
+            let service = hyper::service::service_fn(move |req| {
+                let response = metrics_response(&daemon, &req);
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_DEADLINE)
+                .keep_alive(false)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(conn), service);
             // A slow or idle client loses its connection at the deadline.
-            let _ = tokio::time::timeout(METRICS_DEADLINE, serve).await;
+            let _ = tokio::time::timeout(METRICS_DEADLINE, served).await;
         });
     }
 }
 
-/// `sd_notify(3)`: a datagram to $NOTIFY_SOCKET, when systemd set one.
-fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
+/// `GET /metrics`: OpenMetrics text; anything else 404 (405 for another
+/// method on /metrics).
+fn metrics_response(
+    daemon: &Arc<Mutex<Daemon>>,
+    req: &hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    use hyper::{header, Method, Response, StatusCode};
+    let empty = |status: StatusCode| {
+        let mut r = Response::new(http_body_util::Full::default());
+        *r.status_mut() = status;
+        r
     };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
+    if req.uri().path() != "/metrics" {
+        return empty(StatusCode::NOT_FOUND);
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return empty(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let body = {
+        let mut d = lock(daemon);
+        let paths = d.paths.clone();
+        if let Some(plan) = d.current.clone() {
+            let base = d.packet_base.clone();
+            d.metrics.refresh(&paths, &plan, &base);
+        }
+        d.metrics.encode()
     };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt as _;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
-    } else {
-        sock.send_to(state.as_bytes(), Path::new(&path))
-    };
-    if let Err(e) = result {
+    let mut r = Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    r
+}
+
+/// `sd_notify(3)`, when systemd set $NOTIFY_SOCKET (a no-op otherwise).
+fn notify_systemd(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
         log::debug!("sd_notify: {e}");
+    }
+}
+
+/// RELOADING=1 with the MONOTONIC_USEC that `Type=notify-reload` wants.
+fn notify_reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify_systemd(&[NotifyState::Reloading, now]),
+        Err(_) => notify_systemd(&[NotifyState::Reloading]),
     }
 }

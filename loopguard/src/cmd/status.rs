@@ -6,6 +6,7 @@ use loopguard::{
     ebpf::{self, Maps},
     host, nft,
     paths::InstancePaths,
+    policy::Mode,
     state::State,
 };
 use loopguard_common::{COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS};
@@ -19,19 +20,26 @@ pub struct Args {
     format: Format,
 }
 
-/// Attempts counted by the eBPF layer, and packets by the nftables layer
-/// (a denied TCP attempt is one SYN; audit mode counts would-deny packets
-/// as denied). The nftables layer counts allowed packets for the default
-/// only: counting them per service would put a counter on every new
-/// connection's path.
+/// Counts in the one vocabulary of events and metrics: `allow`, `deny`,
+/// `would-deny`.
+#[derive(Serialize, Default, Clone, Copy)]
+struct Actions {
+    /// Absent where the layer does not count allowed traffic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow: Option<u64>,
+    deny: u64,
+    #[serde(rename = "would-deny")]
+    would_deny: u64,
+}
+
+/// Attempts judged by the eBPF layer, and packets by the nftables layer (a
+/// refused TCP attempt is one SYN). The nftables layer counts allowed
+/// packets for the default only: counting them per service would put a
+/// counter on every new connection's path.
 #[derive(Serialize, Default, Clone, Copy)]
 struct Counts {
-    allowed: u64,
-    denied: u64,
-    would_deny: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    packets_allowed: Option<u64>,
-    packets_denied: u64,
+    attempts: Actions,
+    packets: Actions,
 }
 
 #[derive(Serialize)]
@@ -79,9 +87,11 @@ struct Status {
 fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
     let get = |kind| maps.counter(slot, bucket, kind).unwrap_or(0);
     Counts {
-        allowed: get(COUNT_ALLOWED),
-        denied: get(COUNT_DENIED),
-        would_deny: get(COUNT_WOULD_DENY),
+        attempts: Actions {
+            allow: Some(get(COUNT_ALLOWED)),
+            deny: get(COUNT_DENIED),
+            would_deny: get(COUNT_WOULD_DENY),
+        },
         ..Counts::default()
     }
 }
@@ -172,21 +182,35 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             .unwrap_or_default();
         let refused = packets.refused_by_index(plan);
         let default_packets = (packets.default_allowed, packets.default_denied);
-        let with_packets = |mut c: Counts, i: usize| {
-            c.packets_denied = refused.get(i).copied().unwrap_or(0);
+        // The nftables layer lets an audit-mode service's packets through:
+        // what it counts for one is would-deny.
+        let refused_packets = |n: u64, mode: Mode| match mode {
+            Mode::Audit => Actions {
+                would_deny: n,
+                ..Actions::default()
+            },
+            Mode::Enforce => Actions {
+                deny: n,
+                ..Actions::default()
+            },
+        };
+        let with_packets = |mut c: Counts, i: usize, mode: Mode| {
+            c.packets = refused_packets(refused.get(i).copied().unwrap_or(0), mode);
             c
         };
         if let (Some(maps), Some(slot)) = (&maps, slot) {
             status.default_counts = counts(maps, slot, DEFAULT_BUCKET);
         }
-        status.default_counts.packets_allowed = Some(default_packets.0);
-        status.default_counts.packets_denied = default_packets.1;
+        status.default_counts.packets = Actions {
+            allow: Some(default_packets.0),
+            ..refused_packets(default_packets.1, plan.mode)
+        };
         for (i, s) in plan.services.iter().enumerate() {
             let c = match (&maps, slot) {
                 (Some(maps), Some(slot)) => counts(maps, slot, i as u32),
                 _ => Counts::default(),
             };
-            let c = with_packets(c, i);
+            let c = with_packets(c, i, s.mode);
             status.services.push(ServiceStatus {
                 name: s.name.clone(),
                 location: s.location.clone(),
@@ -253,14 +277,15 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             let c = &status.default_counts;
             writeln!(
                 out,
-                "default:   {} ({}): allowed {} denied {} would-deny {}; packets allowed {} denied {}",
+                "default:   {} ({}): attempts allow {} deny {} would-deny {}; packets allow {} deny {} would-deny {}",
                 status.default.as_deref().unwrap_or("?"),
                 status.mode.as_deref().unwrap_or("?"),
-                c.allowed,
-                c.denied,
-                c.would_deny,
-                c.packets_allowed.unwrap_or(0),
-                c.packets_denied
+                c.attempts.allow.unwrap_or(0),
+                c.attempts.deny,
+                c.attempts.would_deny,
+                c.packets.allow.unwrap_or(0),
+                c.packets.deny,
+                c.packets.would_deny
             )?;
             let row = |cols: [&str; 12]| {
                 format!(
@@ -290,26 +315,27 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                     "LIST",
                     "UIDS",
                     "BIND",
-                    "ALLOWED",
-                    "DENIED",
+                    "ALLOW",
+                    "DENY",
                     "WOULD-DENY",
                     "PKT-ALLOW",
-                    "PKT-DENY"
+                    "PKT-REFUSED"
                 ])
             )?;
             for s in &status.services {
                 let n = [
                     s.uids as u64,
-                    s.counts.allowed,
-                    s.counts.denied,
-                    s.counts.would_deny,
-                    s.counts.packets_denied,
+                    s.counts.attempts.allow.unwrap_or(0),
+                    s.counts.attempts.deny,
+                    s.counts.attempts.would_deny,
+                    s.counts.packets.deny + s.counts.packets.would_deny,
                 ]
                 .map(|v| v.to_string());
                 let bind = s.bind_uids.map_or("-".to_string(), |v| v.to_string());
                 let pkt_allow = s
                     .counts
-                    .packets_allowed
+                    .packets
+                    .allow
                     .map_or("-".to_string(), |v| v.to_string());
                 writeln!(
                     out,
