@@ -24,19 +24,103 @@ pub struct Label {
     pub primary: bool,
 }
 
+/// What a diagnostic is about: a stable identifier for scripts, docs and
+/// the gate (`cuts-off-root` is matched as a type, never as text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Code {
+    Syntax,
+    Type,
+    Value,
+    UnknownKey,
+    MissingKey,
+    Version,
+    Name,
+    Port,
+    Address,
+    Addresses,
+    Id,
+    NoList,
+    BothLists,
+    DuplicateName,
+    AmbiguousOverlap,
+    SameMatch,
+    UnknownUser,
+    UnknownGroup,
+    CutsOffRoot,
+    BindEphemeral,
+}
+
+impl Code {
+    /// Every code, in the order the README lists them.
+    pub const ALL: [Code; 20] = [
+        Code::Syntax,
+        Code::Type,
+        Code::Value,
+        Code::UnknownKey,
+        Code::MissingKey,
+        Code::Version,
+        Code::Name,
+        Code::Port,
+        Code::Address,
+        Code::Addresses,
+        Code::Id,
+        Code::NoList,
+        Code::BothLists,
+        Code::DuplicateName,
+        Code::AmbiguousOverlap,
+        Code::SameMatch,
+        Code::UnknownUser,
+        Code::UnknownGroup,
+        Code::CutsOffRoot,
+        Code::BindEphemeral,
+    ];
+
+    /// The code as printed and documented, e.g. `unknown-key`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Syntax => "syntax",
+            Code::Type => "type",
+            Code::Value => "value",
+            Code::UnknownKey => "unknown-key",
+            Code::MissingKey => "missing-key",
+            Code::Version => "version",
+            Code::Name => "name",
+            Code::Port => "port",
+            Code::Address => "address",
+            Code::Addresses => "addresses",
+            Code::Id => "id",
+            Code::NoList => "no-list",
+            Code::BothLists => "both-lists",
+            Code::DuplicateName => "duplicate-name",
+            Code::AmbiguousOverlap => "ambiguous-overlap",
+            Code::SameMatch => "same-match",
+            Code::UnknownUser => "unknown-user",
+            Code::UnknownGroup => "unknown-group",
+            Code::CutsOffRoot => "cuts-off-root",
+            Code::BindEphemeral => "bind-ephemeral",
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One problem in one policy file. Spans are byte ranges into its source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
     pub severity: Severity,
-    /// Stable identifier, e.g. `unknown-key`, for scripts and docs.
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
     pub labels: Vec<Label>,
     pub notes: Vec<String>,
 }
 
 impl Diagnostic {
-    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn error(code: Code, message: impl Into<String>) -> Self {
         Self {
             severity: Severity::Error,
             code,
@@ -46,7 +130,7 @@ impl Diagnostic {
         }
     }
 
-    pub fn warning(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn warning(code: Code, message: impl Into<String>) -> Self {
         Self {
             severity: Severity::Warning,
             ..Self::error(code, message)
@@ -144,7 +228,7 @@ impl Report<'_> {
                 })
                 .collect();
             let cs = CsDiagnostic::new(severity)
-                .with_code(d.code)
+                .with_code(d.code.as_str())
                 .with_message(&d.message)
                 .with_labels(labels)
                 .with_notes(d.notes.clone());
@@ -211,7 +295,7 @@ pub struct Record {
     pub line: usize,
     pub column: usize,
     pub severity: Severity,
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
     pub labels: Vec<RecordLabel>,
     pub notes: Vec<String>,

@@ -6,6 +6,7 @@
 //! -> [`compile`] (a [`compile::Plan`]) -> [`ebpf`] (maps in the kernel).
 
 pub mod audit;
+pub mod check;
 pub mod compile;
 pub mod diag;
 pub mod ebpf;

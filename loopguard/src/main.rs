@@ -3,7 +3,7 @@
 
 mod cmd;
 
-use std::{io, path::PathBuf, process::ExitCode};
+use std::{io, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use loopguard::{ebpf::EbpfError, host::HostError, nft::NftError, paths};
@@ -216,31 +216,4 @@ fn report(err: &anyhow::Error, verbose: bool) -> ExitCode {
         }
     }
     ExitCode::from(code)
-}
-
-/// Reads a policy file with the path in the error.
-pub fn read_policy(path: &PathBuf) -> anyhow::Result<String> {
-    use anyhow::Context as _;
-    let bytes =
-        std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
-    String::from_utf8(bytes).map_err(|e| {
-        // Where the first bad byte is, the way an editor counts.
-        let bytes = e.as_bytes();
-        let at = e.utf8_error().valid_up_to();
-        let before = &bytes[..at];
-        let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-        let line_start = before
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(0, |i| i + 1);
-        let col = String::from_utf8_lossy(&before[line_start..])
-            .chars()
-            .count()
-            + 1;
-        anyhow::anyhow!(
-            "{}:{line}:{col}: not UTF-8 (byte 0x{:02x}); policy files are UTF-8 text",
-            path.display(),
-            bytes[at]
-        )
-    })
 }

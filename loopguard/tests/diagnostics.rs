@@ -56,8 +56,10 @@ fn json_records_carry_line_and_column() {
         diagnostics: &diags,
     }
     .records();
-    let got: Vec<(usize, usize, &str)> =
-        records.iter().map(|r| (r.line, r.column, r.code)).collect();
+    let got: Vec<(usize, usize, &str)> = records
+        .iter()
+        .map(|r| (r.line, r.column, r.code.as_str()))
+        .collect();
     assert_eq!(got, [(2, 1, "unknown-key"), (7, 1, "unknown-key")]);
 }
 
@@ -113,4 +115,19 @@ fn default_is_a_reserved_service_name() {
     let (_, diags) = policy::load("d.toml", text);
     assert_eq!(diags.len(), 1, "{diags:?}");
     assert!(diags[0].message.contains("reserved"), "{diags:?}");
+}
+
+/// Every diagnostic code is documented in the README, in the words the
+/// JSON records carry.
+#[test]
+fn every_code_is_documented_under_its_name() {
+    let readme = std::fs::read_to_string("../README.md").expect("README");
+    for code in loopguard::diag::Code::ALL {
+        let json = serde_json::to_string(&code).expect("json");
+        assert_eq!(json, format!("\"{code}\""), "serialized as printed");
+        assert!(
+            readme.contains(&format!("`{code}`")),
+            "README lacks `{code}`"
+        );
+    }
 }

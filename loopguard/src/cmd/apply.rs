@@ -18,8 +18,9 @@ use loopguard::{
 };
 use nix::fcntl::{Flock, FlockArg};
 
+use super::read_policy;
 use super::{check_source, counts, plural, timed};
-use crate::{exit, read_policy};
+use crate::exit;
 
 #[derive(clap::Args)]
 #[command(
@@ -128,7 +129,7 @@ pub struct Prepared {
 /// Reads, checks, resolves and compiles a policy file. `Ok(Err(text))` is a
 /// refusal: the rendered diagnostics and a last line saying why.
 pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, String>> {
-    let source = read_policy(&file.to_path_buf())?;
+    let source = read_policy(file)?;
     let checked = check_source(file, source, Some(&SystemDirectory));
     if let Some(refusal) = checked.refusal(force) {
         let mut text = checked.report().render_human();

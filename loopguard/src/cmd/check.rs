@@ -53,7 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<u8> {
     let mut problems = false;
     let mut files = Vec::new();
     for path in &args.files {
-        let source = match crate::read_policy(path) {
+        let source = match super::read_policy(path) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("loopguard: {e:#}");

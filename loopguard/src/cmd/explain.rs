@@ -16,7 +16,8 @@ use loopguard::{
 use serde::Serialize;
 
 use super::check_source;
-use crate::{exit, read_policy, Format};
+use super::read_policy;
+use crate::{exit, Format};
 
 #[derive(clap::Args)]
 #[command(

@@ -9,7 +9,7 @@ use super::{
     AddrSet, BindGuard, IdList, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span,
     Verdict, POLICY_VERSION,
 };
-use crate::diag::Diagnostic;
+use crate::diag::{Code, Diagnostic};
 
 const ROOT_KEYS: &[&str] = &["version", "default", "mode", "log_allowed", "service"];
 const SERVICE_KEYS: &[&str] = &[
@@ -40,7 +40,7 @@ pub fn parse(file: &str, source: Arc<str>) -> (Option<Policy>, Vec<Diagnostic>) 
         let diags = errors
             .into_iter()
             .map(|e| {
-                let d = Diagnostic::error("syntax", format!("invalid TOML: {}", e.message))
+                let d = Diagnostic::error(Code::Syntax, format!("invalid TOML: {}", e.message))
                     .primary(e.span, "here");
                 match e.first {
                     Some(first) => d.secondary(first, "first defined here"),
@@ -69,14 +69,14 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 impl Parser {
-    fn error(&mut self, code: &'static str, span: Span, message: String, label: &str) {
+    fn error(&mut self, code: Code, span: Span, message: String, label: &str) {
         self.diags
             .push(Diagnostic::error(code, message).primary(span, label));
     }
 
     fn wrong_type(&mut self, key: &str, v: &Value, expected: &str) {
         self.error(
-            "type",
+            Code::Type,
             span(v),
             format!("`{key}` must be {expected}, found {}", type_name(v)),
             &format!("expected {expected}"),
@@ -87,7 +87,7 @@ impl Parser {
         for key in table.keys() {
             if !known.contains(&&*key.name) {
                 let d = Diagnostic::error(
-                    "unknown-key",
+                    Code::UnknownKey,
                     format!("unknown key `{}` in {what}", key.name),
                 )
                 .primary(key.pos.range(), "not a policy key")
@@ -106,14 +106,14 @@ impl Parser {
 
         match table.get("version") {
             None => self.diags.push(
-                Diagnostic::error("missing-key", "missing `version`")
+                Diagnostic::error(Code::MissingKey, "missing `version`")
                     .primary(0..0, "the policy starts here")
                     .note(format!("add `version = {POLICY_VERSION}` at the top")),
             ),
             Some(v) => match v.as_integer() {
                 Some(POLICY_VERSION) => {}
                 Some(n) => self.error(
-                    "version",
+                    Code::Version,
                     span(v),
                     format!("unsupported policy version {n}"),
                     &format!("this loopguard reads version {POLICY_VERSION}"),
@@ -173,7 +173,7 @@ impl Parser {
             None => {
                 let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
                 self.error(
-                    "value",
+                    Code::Value,
                     span(v),
                     format!("`{key}` must be one of {}, found \"{s}\"", names.join(", ")),
                     "unknown value",
@@ -210,7 +210,7 @@ impl Parser {
                     .min_by_key(|s| s.start)
                     .unwrap_or_else(|| span(item));
                 self.error(
-                    "missing-key",
+                    Code::MissingKey,
                     at,
                     "service without a `name`".into(),
                     "in this service",
@@ -224,7 +224,7 @@ impl Parser {
                 }
                 Some(n) if !valid_name(n) => {
                     self.diags.push(
-                        Diagnostic::error("name", format!("invalid service name \"{n}\""))
+                        Diagnostic::error(Code::Name, format!("invalid service name \"{n}\""))
                             .primary(span(v), "not a valid name")
                             .note("names match [a-z0-9][a-z0-9_-]{0,31}"),
                     );
@@ -232,7 +232,7 @@ impl Parser {
                 }
                 Some("default") => {
                     self.diags.push(
-                        Diagnostic::error("name", "the service name \"default\" is reserved")
+                        Diagnostic::error(Code::Name, "the service name \"default\" is reserved")
                             .primary(span(v), "reserved")
                             .note("metrics and status name the policy's default `default`; choose another name"),
                     );
@@ -249,7 +249,7 @@ impl Parser {
         let ports = match table.get("port") {
             None => {
                 self.error(
-                    "missing-key",
+                    Code::MissingKey,
                     here.clone(),
                     "service without a `port`".into(),
                     "this service",
@@ -286,7 +286,7 @@ impl Parser {
             (false, true) => Some(ListKind::Deny),
             (false, false) => {
                 self.diags.push(
-                    Diagnostic::error("no-list", "service has neither an allow-list nor a deny-list")
+                    Diagnostic::error(Code::NoList, "service has neither an allow-list nor a deny-list")
                         .primary(here.clone(), "this service")
                         .note("add `allow_users`/`allow_groups` (only they may connect) or `deny_users`/`deny_groups` (they may not)"),
                 );
@@ -294,7 +294,7 @@ impl Parser {
             }
             (true, true) => {
                 let mut d = Diagnostic::error(
-                    "both-lists",
+                    Code::BothLists,
                     "service has both an allow-list and a deny-list",
                 )
                 .primary(here.clone(), "this service")
@@ -359,7 +359,7 @@ impl Parser {
                 Some(p) => Some(PortRange { first: p, last: p }),
                 None => {
                     self.error(
-                        "port",
+                        Code::Port,
                         span(v),
                         format!("port {n} is out of range"),
                         "ports are 1-65535",
@@ -379,7 +379,7 @@ impl Parser {
                 match parsed {
                     None => {
                         self.error(
-                            "port",
+                            Code::Port,
                             span(v),
                             format!("invalid port range \"{s}\""),
                             "expected \"PORT\" or \"FIRST-LAST\"",
@@ -392,7 +392,7 @@ impl Parser {
                         }
                         (Some(_), Some(_)) => {
                             self.error(
-                                "port",
+                                Code::Port,
                                 span(v),
                                 format!("port range \"{s}\" is reversed"),
                                 &format!("did you mean \"{b}-{a}\"?"),
@@ -401,7 +401,7 @@ impl Parser {
                         }
                         _ => {
                             self.error(
-                                "port",
+                                Code::Port,
                                 span(v),
                                 format!("port range \"{s}\" is out of range"),
                                 "ports are 1-65535",
@@ -429,7 +429,7 @@ impl Parser {
         };
         if items.is_empty() {
             self.error(
-                "addresses",
+                Code::Addresses,
                 span(v),
                 "`addresses` is empty".into(),
                 "list addresses, or leave the key out for every loopback route",
@@ -453,7 +453,7 @@ impl Parser {
             match parse_net(s) {
                 Err(msg) => {
                     self.error(
-                        "address",
+                        Code::Address,
                         span(item),
                         format!("invalid address \"{s}\""),
                         &msg,
@@ -465,7 +465,7 @@ impl Parser {
         }
         if let (Some(l), false) = (&loopback, nets.is_empty()) {
             let mut d = Diagnostic::error(
-                "addresses",
+                Code::Addresses,
                 "`loopback` already covers every other address listed",
             )
             .primary(l.clone(), "every route to this host");
@@ -500,7 +500,7 @@ impl Parser {
                     Ok(id) if id != u32::MAX => Some(IdRef::Id(id)),
                     _ => {
                         self.error(
-                            "id",
+                            Code::Id,
                             span(item),
                             format!("{n} is not a valid id"),
                             "ids are 0-4294967294",
@@ -515,7 +515,7 @@ impl Parser {
                         Some(IdRef::Name(s.to_string()))
                     } else {
                         self.error(
-                            "id",
+                            Code::Id,
                             span(item),
                             format!("\"{s}\" is not a valid {what} name"),
                             "invalid name",

@@ -10,7 +10,7 @@ use std::{
 use uzers::os::unix::GroupExt as _;
 
 use super::{IdList, IdRef, Policy, Span};
-use crate::diag::Diagnostic;
+use crate::diag::{Code, Diagnostic};
 
 /// Where account names come from: NSS on the host, a fixed table in tests.
 pub trait Directory {
@@ -120,7 +120,7 @@ impl Resolver<'_> {
                         uids.insert(uid);
                     }
                     None => self.diags.push(
-                        Diagnostic::error("unknown-user", format!("unknown user \"{n}\""))
+                        Diagnostic::error(Code::UnknownUser, format!("unknown user \"{n}\""))
                             .primary(span, "no such user on this host")
                             .note("use a numeric uid, or `check --offline` for a policy meant for another host"),
                     ),
@@ -132,7 +132,7 @@ impl Resolver<'_> {
             match self.dir.group_members(value) {
                 Some(members) => uids.extend(members),
                 None => self.diags.push(
-                    Diagnostic::error("unknown-group", format!("unknown group \"{value}\""))
+                    Diagnostic::error(Code::UnknownGroup, format!("unknown group \"{value}\""))
                         .primary(span, "no such group on this host"),
                 ),
             }

@@ -9,7 +9,7 @@ use std::{
 use super::{
     Destination, IdRef, ListKind, Policy, PortRange, Resolved, Service, Transport, Verdict,
 };
-use crate::diag::Diagnostic;
+use crate::diag::{Code, Diagnostic};
 
 /// Local services a host needs; a `default = "deny"` policy that cuts root
 /// off from them breaks name resolution and more.
@@ -48,7 +48,7 @@ pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
         if let Some(first) = seen.get(s.name.as_str()) {
             diags.push(
                 Diagnostic::error(
-                    "duplicate-name",
+                    Code::DuplicateName,
                     format!("duplicate service name \"{}\"", s.name),
                 )
                 .primary(s.name_span.clone(), "second use")
@@ -72,7 +72,7 @@ pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
         let shown = names.len().min(MAX_NAMED);
         let more = names.len() - shown;
         let mut d = Diagnostic::error(
-            "same-match",
+            Code::SameMatch,
             format!(
                 "{} services match exactly the same traffic ({}): {}{}",
                 g.len(),
@@ -113,7 +113,7 @@ pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
             if overlaps == MAX_OVERLAPS {
                 diags.push(
                     Diagnostic::error(
-                        "ambiguous-overlap",
+                        Code::AmbiguousOverlap,
                         format!("more than {MAX_OVERLAPS} pairs of services overlap ambiguously; the rest are not listed"),
                     )
                     .primary(b.name_span.clone(), "this one, and more"),
@@ -128,7 +128,7 @@ pub fn validate(policy: &Policy) -> Vec<Diagnostic> {
             };
             diags.push(
                 Diagnostic::error(
-                    "ambiguous-overlap",
+                    Code::AmbiguousOverlap,
                     format!("services \"{}\" and \"{}\" overlap and neither contains the other", first.name, second.name),
                 )
                 .primary(second.name_span.clone(), format!("matches {}", second.describe()))
@@ -242,7 +242,7 @@ pub fn lint(
         };
         diags.push(
             Diagnostic::warning(
-                "bind-ephemeral",
+                Code::BindEphemeral,
                 format!(
                     "bind-guarded port {first} lies in {whose} ephemeral port range {}: the kernel may hand it to any connect(), and no bind() happens to refuse",
                     ephemeral.range
@@ -281,7 +281,7 @@ pub fn lint(
         if !allowed {
             diags.push(
                 Diagnostic::warning(
-                    "cuts-off-root",
+                    Code::CutsOffRoot,
                     format!("root could not reach {what} on {ip}:{port}/{}", transport.as_str()),
                 )
                 .primary(span, label)
