@@ -42,6 +42,15 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// A clock whose CLOCK_MONOTONIC `started_ns` is `offset_ns` before
+    /// real time: for replaying recorded events, and for tests.
+    pub fn at(offset_ns: i128, started_ns: u64) -> Clock {
+        Clock {
+            offset_ns,
+            started_ns,
+        }
+    }
+
     pub fn now() -> Clock {
         let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))

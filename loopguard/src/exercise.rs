@@ -35,6 +35,19 @@ impl Directory for Everyone {
     }
 }
 
+/// The plan of `text` with made-up accounts (every name resolves), or
+/// `None` if the file has errors: for snapshot tests of what loopguard
+/// builds from a policy, on any machine.
+pub fn plan_of(file: &str, text: &str) -> Option<compile::Plan> {
+    let (policy, diags) = policy::load(file, text);
+    let policy = policy?;
+    if diags.iter().any(|d| d.is_error()) {
+        return None;
+    }
+    let resolved = policy::resolve(&policy, &Everyone).ok()?;
+    compile::compile(&policy, &resolved).ok()
+}
+
 /// Runs `text` through every stage. Must not panic, whatever the text.
 pub fn policy_text(text: &str) {
     let (policy, diags) = policy::load("fuzz.toml", text);

@@ -8,50 +8,66 @@
 //! tool's `nft flush ruleset`, deleted pins or an interrupted `apply` (its
 //! journal is left behind) all show up here.
 
-use crate::{ebpf, nft, paths::InstancePaths, state::State};
+use crate::{
+    engine::{self, InForce, LayerKind},
+    paths::InstancePaths,
+    state::State,
+};
 
 /// One way the kernel differs from the state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Drift {
-    /// The state lists the eBPF layer, but its programs are not attached
-    /// (link pins gone).
-    BpfMissing,
-    /// The eBPF layer enforces another plan (or none).
-    BpfOther { found: Option<String> },
-    /// The state lists the nftables layer, but the table is gone.
-    NftMissing,
-    /// The table holds another plan, or was altered.
-    NftOther { found: Option<String> },
+    /// The state lists the layer, but nothing of it is in force (eBPF:
+    /// link pins gone; nftables: the table gone).
+    Missing { layer: LayerKind },
+    /// The layer enforces another plan (or none): altered or replaced.
+    Other {
+        layer: LayerKind,
+        found: Option<String>,
+    },
     /// An `apply` of this plan was interrupted: its journal is left.
     Interrupted { plan: String },
     /// A layer the state does not list is in force (an interrupted apply
     /// that changed layers, or another process).
-    Unexpected { layer: &'static str },
+    Unexpected { layer: LayerKind },
+}
+
+impl Drift {
+    /// The layer a repair must put back, if any.
+    pub fn damaged(&self) -> Option<LayerKind> {
+        match self {
+            Drift::Missing { layer } | Drift::Other { layer, .. } => Some(*layer),
+            Drift::Interrupted { .. } | Drift::Unexpected { .. } => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Drift {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let plan = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".into());
         match self {
-            Drift::BpfMissing => f.write_str("eBPF layer missing: its programs are not attached"),
-            Drift::BpfOther { found } => {
-                write!(f, "eBPF layer enforces plan {} instead", plan(found))
-            }
-            Drift::NftMissing => f.write_str("nftables layer missing: its table is gone"),
-            Drift::NftOther { found } => {
-                write!(
-                    f,
-                    "nftables table holds plan {} instead (altered or replaced)",
-                    plan(found)
-                )
-            }
+            Drift::Missing { layer } => write!(
+                f,
+                "{} layer missing: {}",
+                layer.title(),
+                match layer {
+                    LayerKind::Bpf => "its programs are not attached",
+                    LayerKind::Nft => "its table is gone",
+                }
+            ),
+            Drift::Other { layer, found } => write!(
+                f,
+                "{} layer enforces plan {} instead (altered or replaced)",
+                layer.title(),
+                found.as_deref().unwrap_or("none")
+            ),
             Drift::Interrupted { plan } => write!(
                 f,
                 "an apply of plan {plan} was interrupted; the next apply converges both layers"
             ),
             Drift::Unexpected { layer } => write!(
                 f,
-                "the {layer} layer is in force but the state does not list it"
+                "the {} layer is in force but the state does not list it",
+                layer.title()
             ),
         }
     }
@@ -61,34 +77,19 @@ impl std::fmt::Display for Drift {
 /// state's plan on every layer the state lists).
 pub fn drift(paths: &InstancePaths, state: &State) -> Vec<Drift> {
     let mut out = Vec::new();
-    let want = &state.plan.id;
-    if state.layers.iter().any(|l| l == "bpf") {
-        if !ebpf::is_installed(paths) {
-            out.push(Drift::BpfMissing);
-        } else {
-            let found = ebpf::Maps::open_pinned(paths)
-                .ok()
-                .and_then(|m| ebpf::plan_in_force(&m).ok().flatten())
-                .map(|id| format!("{id:016x}"));
-            if found.as_ref() != Some(want) {
-                out.push(Drift::BpfOther { found });
+    for layer in engine::layers() {
+        let kind = layer.kind();
+        let listed = state.layers.contains(&kind);
+        match layer.in_force(paths) {
+            // Nothing known, so nothing reported: a repair would only guess.
+            InForce::Unknown => {}
+            InForce::Absent if listed => out.push(Drift::Missing { layer: kind }),
+            InForce::Plan(found) if listed && found.as_ref() != Some(&state.plan.id) => {
+                out.push(Drift::Other { layer: kind, found });
             }
+            InForce::Plan(_) if !listed => out.push(Drift::Unexpected { layer: kind }),
+            _ => {}
         }
-    }
-    let wants_nft = state.layers.iter().any(|l| l == "nft");
-    match nft::plan_in_force(&paths.instance) {
-        // nft cannot be asked (missing, out of memory): nothing known, so
-        // nothing reported; a repair would only guess.
-        Err(e) => log::debug!("nftables layer not checked: {e}"),
-        Ok(None) if wants_nft => out.push(Drift::NftMissing),
-        Ok(Some(found)) if wants_nft && found.as_ref() != Some(want) => {
-            out.push(Drift::NftOther { found });
-        }
-        Ok(Some(_)) if !wants_nft => out.push(Drift::Unexpected { layer: "nftables" }),
-        Ok(_) => {}
-    }
-    if !state.layers.iter().any(|l| l == "bpf") && ebpf::is_installed(paths) {
-        out.push(Drift::Unexpected { layer: "eBPF" });
     }
     // A journal of the plan the state already records: the crash came
     // after the state was saved, nothing to converge.

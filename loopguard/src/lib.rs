@@ -2,14 +2,17 @@
 //! host's loopback, and enforces it with eBPF programs on the cgroup v2
 //! socket address hooks.
 //!
-//! Data flows one way: policy file -> [`policy`] (parse, validate, resolve)
-//! -> [`compile`] (a [`compile::Plan`]) -> [`ebpf`] (maps in the kernel).
+//! Data flows one way: policy file -> [`check`] and [`policy`] (parse,
+//! validate, resolve) -> [`compile`] (a [`compile::Plan`]) -> [`engine`]
+//! (the layers, [`ebpf`] and [`nft`], behind one seam) -> [`state`].
 
 pub mod audit;
+pub mod change;
 pub mod check;
 pub mod compile;
 pub mod diag;
 pub mod ebpf;
+pub mod engine;
 #[doc(hidden)]
 pub mod exercise;
 pub mod health;

@@ -168,7 +168,7 @@ fn address_regions(nets: &[IpNet]) -> BTreeMap<u32, Region> {
 
 /// Version of the table's layout. A table of another layout (an older
 /// loopguard) is replaced whole, never updated in place.
-pub const LAYOUT: u32 = 7;
+pub const LAYOUT: u32 = 8;
 
 /// An interval key of a verdict map or refusal set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -228,12 +228,38 @@ fn families() -> impl Iterator<Item = String> {
         .flat_map(|t| ["4", "6", "host"].map(move |f| format!("{f}_{}", proto(t))))
 }
 
-fn content_name(prefix: &str, content: &impl std::hash::Hash) -> String {
-    use std::hash::{BuildHasher as _, BuildHasherDefault};
-    // A fixed-key hasher: names must not change between runs.
-    let h = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-        .hash_one(content);
-    format!("{prefix}_{h:016x}")
+/// `<prefix>_<16 hex digits>`: the start of the SHA-256 of `bytes`. Names
+/// are persisted (in the table, compared by the next apply), so the hash
+/// is a specified one, over an explicit encoding, never std's `Hash`.
+fn content_name(prefix: &str, bytes: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::digest(bytes);
+    let mut name = String::with_capacity(prefix.len() + 17);
+    name.push_str(prefix);
+    name.push('_');
+    for b in &digest[..8] {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name
+}
+
+/// A uid set's name: its sorted uids, little-endian.
+fn uid_set_name(uids: &[u32]) -> String {
+    let bytes: Vec<u8> = uids.iter().flat_map(|u| u.to_le_bytes()).collect();
+    content_name("u", &bytes)
+}
+
+/// A verdict chain's name: its uid set's name, list kind and mode.
+fn verdict_chain_name(set: &str, list: ListKind, mode: Mode) -> String {
+    let list = match list {
+        ListKind::Allow => "allow",
+        ListKind::Deny => "deny",
+    };
+    let mode = match mode {
+        Mode::Enforce => "enforce",
+        Mode::Audit => "audit",
+    };
+    content_name("v", format!("{set}\0{list}\0{mode}").as_bytes())
 }
 
 impl Spec {
@@ -243,7 +269,7 @@ impl Spec {
             .uid_sets
             .iter()
             .map(|uids| {
-                let name = content_name("u", uids);
+                let name = uid_set_name(uids);
                 uid_sets.insert(name.clone(), uids.clone());
                 name
             })
@@ -258,7 +284,7 @@ impl Spec {
                     .entry((s.uid_set, s.list, s.mode))
                     .or_insert_with(|| {
                         let set = set_names[s.uid_set as usize].clone();
-                        let name = content_name("v", &(&set, s.list, s.mode));
+                        let name = verdict_chain_name(&set, s.list, s.mode);
                         chains.insert(name.clone(), (set, s.list, s.mode));
                         name.into()
                     })
@@ -949,6 +975,23 @@ pub fn refusal_counts(table: &str, sets: &[String]) -> Result<HashMap<String, u6
 
 #[cfg(test)]
 mod tests {
+
+    /// Names are persisted in tables: a change of encoding or hash must
+    /// be a new [`LAYOUT`], never a silent rename.
+    #[test]
+    fn content_names_are_pinned() {
+        assert_eq!(uid_set_name(&[0, 1000]), uid_set_name(&[0, 1000]));
+        assert_ne!(uid_set_name(&[0, 1000]), uid_set_name(&[1000]));
+        assert_eq!(uid_set_name(&[]), "u_e3b0c44298fc1c14", "sha256 of nothing");
+        let set = uid_set_name(&[1000]);
+        assert_ne!(
+            verdict_chain_name(&set, ListKind::Allow, Mode::Enforce),
+            verdict_chain_name(&set, ListKind::Allow, Mode::Audit)
+        );
+        assert_eq!(LAYOUT, 8, "names below are of layout 8");
+        assert_eq!(set, "u_79ff7fbc96a0a611");
+    }
+
     use super::*;
 
     #[test]

@@ -23,6 +23,15 @@ pub struct InstancePaths {
     pub state_dir: PathBuf,
     /// The applied plan and its metadata, JSON.
     pub state_file: PathBuf,
+    /// The journal of an `apply` under way (or interrupted).
+    pub pending_file: PathBuf,
+    /// `/run/loopguard`, where the locks live.
+    pub state_root: PathBuf,
+    /// Serializes apply, remove and repair (`<instance>.lock`; never
+    /// deleted, so a waiter never locks a file nobody else sees).
+    pub lock_file: PathBuf,
+    /// Held by the one `run` of the instance (`<instance>.run`, its pid).
+    pub run_lock_file: PathBuf,
 }
 
 impl InstancePaths {
@@ -40,7 +49,11 @@ impl InstancePaths {
             links_dir: pin_dir.join("links"),
             pin_dir,
             state_file: state_dir.join("state.json"),
+            pending_file: state_dir.join("pending.json"),
             state_dir,
+            state_root: state_root.to_path_buf(),
+            lock_file: state_root.join(format!("{instance}.lock")),
+            run_lock_file: state_root.join(format!("{instance}.run")),
         }
     }
 }

@@ -20,7 +20,7 @@ pub struct State {
     pub applied_at: String,
     /// Which kernel slot holds this plan.
     pub slot: u32,
-    pub layers: Vec<String>,
+    pub layers: Vec<crate::engine::LayerKind>,
     pub plan: Plan,
     /// Layout of the nftables table ([`crate::nft::LAYOUT`]; 0: none or
     /// unknown), so a table of another layout is replaced, not updated.
@@ -97,7 +97,7 @@ impl State {
 }
 
 fn pending_file(paths: &InstancePaths) -> PathBuf {
-    paths.state_dir.join("pending.json")
+    paths.pending_file.clone()
 }
 
 fn read(path: &Path) -> Result<Option<State>, StateError> {

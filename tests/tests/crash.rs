@@ -103,7 +103,7 @@ fn apply_killed_at_every_step_leaves_whole_policies_and_the_next_apply_converges
         assert!(drift.contains("interrupted"), "{step}: {drift}");
         // The state still names A: a layer on B is named as drift.
         assert_eq!(
-            drift.contains("nftables table holds plan"),
+            drift.contains("nftables layer enforces plan"),
             nft == "B",
             "{step}: {drift}"
         );

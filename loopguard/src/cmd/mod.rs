@@ -8,12 +8,39 @@ pub mod remove;
 pub mod run;
 pub mod status;
 
-pub use loopguard::check::{check_source, read_policy, timed, Refusal};
+use std::path::PathBuf;
 
-/// `1 service`, `3 services`
-pub fn plural(n: usize, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+pub use loopguard::check::{check_source, read_policy, Refusal};
+use loopguard::engine::{LayerSet, Options};
+
+/// How to enforce: the arguments `apply` and `run` share.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EnforceArgs {
+    /// Attach under this cgroup v2 directory instead of the root: only
+    /// processes in its subtree are guarded.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Enforcement layers: eBPF socket hooks, the nftables table, or both
+    /// (with both, a layer the host lacks is skipped with a warning).
+    #[arg(long, value_enum, default_value_t = LayerSet::Both)]
+    pub layers: LayerSet,
+    /// Enforce even a policy that would cut root off from essential local
+    /// services (see `check`'s warnings).
+    #[arg(long)]
+    pub force: bool,
 }
+
+impl EnforceArgs {
+    pub fn options(&self) -> Options {
+        Options {
+            cgroup: self.cgroup.clone(),
+            layers: self.layers,
+            force: self.force,
+        }
+    }
+}
+
+pub use loopguard::engine::plural;
 
 /// `3 errors, 1 warning`
 pub fn counts(errors: usize, warnings: usize) -> String {

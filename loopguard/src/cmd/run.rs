@@ -21,18 +21,16 @@ use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
 use loopguard::{
     audit::{self, AuditLog, Clock, UserNames},
-    compile::{Action, Plan},
+    compile::Plan,
     ebpf::{self, Maps},
+    engine::{self, LayerKind, LayerSet, Options},
     health::Drift,
     host, nft,
-    paths::{InstancePaths, STATE_ROOT},
-    policy::Mode,
+    paths::InstancePaths,
     scope::LocalTable,
     state::State,
 };
-use loopguard_common::{
-    Event, COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS,
-};
+use loopguard_common::Event;
 use netlink_sys::{
     protocols::{NETLINK_NETFILTER, NETLINK_ROUTE},
     Socket,
@@ -49,7 +47,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
-use super::apply::{self, Layers, Options};
+use super::EnforceArgs;
 use crate::exit;
 
 #[derive(clap::Args)]
@@ -60,12 +58,8 @@ pub struct Args {
     /// The policy file (watched for changes).
     #[arg(value_name = "FILE")]
     file: PathBuf,
-    #[arg(long, value_name = "PATH")]
-    cgroup: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = Layers::Both)]
-    layers: Layers,
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    enforce: EnforceArgs,
     /// Also append events here [default: /var/log/loopguard/INSTANCE.jsonl].
     #[arg(long, value_name = "PATH")]
     audit_log: Option<PathBuf>,
@@ -185,62 +179,20 @@ impl Metrics {
                 .get(i)
                 .map_or("default".to_string(), |s| s.name.clone())
         };
-        if let Ok(maps) = Maps::open_pinned(paths) {
-            if let Ok(slot) = maps.config().map(|c| c.active_slot) {
-                if slot < SLOTS {
-                    for i in 0..=plan.services.len() {
-                        let bucket = if i == plan.services.len() {
-                            DEFAULT_BUCKET
-                        } else {
-                            i as u32
-                        };
-                        for (kind, action) in [
-                            (COUNT_ALLOWED, Action::Allow),
-                            (COUNT_DENIED, Action::Deny),
-                            (COUNT_WOULD_DENY, Action::WouldDeny),
-                        ] {
-                            let v = maps.counter(slot, bucket, kind).unwrap_or(0);
-                            current.push((
-                                AttemptLabels {
-                                    service: name(i),
-                                    layer: "bpf".into(),
-                                    action: action.as_str().into(),
-                                },
-                                v,
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        if let Ok(counts) = nft::counters(&paths.instance) {
-            let nft_count = |i: usize, action: Action, v: u64| {
-                (
+        for layer in engine::layers() {
+            let Some(counts) = layer.counts(paths, plan, packet_base) else {
+                continue;
+            };
+            for c in counts {
+                current.push((
                     AttemptLabels {
-                        service: name(i),
-                        layer: "nft".into(),
-                        action: action.as_str().into(),
+                        service: name(c.bucket),
+                        layer: layer.kind().to_string(),
+                        action: c.action.as_str().into(),
                     },
-                    v,
-                )
-            };
-            let counts = counts.plus(packet_base);
-            // A refusal of an audit-mode service is a would-deny: the
-            // packet went through.
-            let refused = |mode: Mode| match mode {
-                Mode::Enforce => Action::Deny,
-                Mode::Audit => Action::WouldDeny,
-            };
-            for (i, d) in counts.refused_by_index(plan).into_iter().enumerate() {
-                current.push(nft_count(i, refused(plan.services[i].mode), d));
+                    c.value,
+                ));
             }
-            let default = plan.services.len();
-            current.push(nft_count(default, Action::Allow, counts.default_allowed));
-            current.push(nft_count(
-                default,
-                refused(plan.mode),
-                counts.default_denied,
-            ));
         }
         for (labels, value) in current {
             let last = self.seen.insert(labels.clone(), value).unwrap_or(0);
@@ -286,7 +238,7 @@ struct Daemon {
     /// apply (config management running `loopguard apply` under the daemon).
     state_seen: Option<(SystemTime, u64, u64)>,
     /// Layers of the policy in force (from the last state read).
-    applied_layers: Vec<String>,
+    applied_layers: Vec<LayerKind>,
     last_repair: Option<Instant>,
     repairs_in_a_row: u32,
 }
@@ -311,7 +263,7 @@ impl Daemon {
 
     fn reload_inner(&mut self, why: &str) -> bool {
         let started = Instant::now();
-        let prepared = match apply::prepare(&self.file, self.opts.force) {
+        let prepared = match engine::prepare(&self.file, self.opts.force) {
             Ok(Ok(p)) => p,
             Ok(Err(refusal)) => {
                 log::error!("{why}: policy not applied; the running policy stays\n{refusal}");
@@ -325,11 +277,11 @@ impl Daemon {
         if !prepared.warnings.is_empty() {
             log::warn!("{}", prepared.warnings);
         }
-        let committed = apply::commit(&self.opts, &self.paths, prepared);
+        let committed = engine::apply(&self.opts, &self.paths, prepared);
         release_memory();
         match committed {
             Ok(state) => {
-                log::info!("{why}: {}", apply::summary(&state, started.elapsed()));
+                log::info!("{why}: {}", engine::summary(&state, started.elapsed()));
                 self.applied_layers = state.layers.clone();
                 self.remember(state.plan.clone());
                 self.current = Some(state.plan);
@@ -372,11 +324,13 @@ impl Daemon {
     /// altered. `nft_changed`: an nftables event arrived (else only the
     /// eBPF pins, a stat each, are looked at).
     fn repair(&mut self, nft_changed: bool) {
-        // The cheap look, every second: a stat per link pin, against the
-        // layers of the policy in force (known without reading the state).
-        let bpf_gone =
-            self.applied_layers.iter().any(|l| l == "bpf") && !ebpf::is_installed(&self.paths);
-        if !bpf_gone && !nft_changed {
+        // The cheap look, every second (a stat per eBPF link pin), against
+        // the layers of the policy in force (known without reading the
+        // state); the nftables layer announces its changes as events.
+        let gone = engine::layers().iter().any(|l| {
+            self.applied_layers.contains(&l.kind()) && l.still_there(&self.paths) == Some(false)
+        });
+        if !gone && !nft_changed {
             return;
         }
         // A damage that a repair did not cure is not retried in a loop.
@@ -390,7 +344,7 @@ impl Daemon {
         // Under the instance lock, never waiting for it: an apply or remove
         // from a shell holds it while it changes the layers (no damage), and
         // the next event or tick looks again.
-        let _lock = match apply::try_lock(&self.paths) {
+        let _lock = match engine::try_lock(&self.paths) {
             Ok(Some(l)) => l,
             Ok(None) => return,
             Err(e) => {
@@ -402,14 +356,7 @@ impl Daemon {
             return;
         };
         let drift = loopguard::health::drift(&self.paths, &state);
-        let damaged: Vec<&'static str> = drift
-            .iter()
-            .filter_map(|d| match d {
-                Drift::BpfMissing | Drift::BpfOther { .. } => Some("bpf"),
-                Drift::NftMissing | Drift::NftOther { .. } => Some("nft"),
-                Drift::Interrupted { .. } | Drift::Unexpected { .. } => None,
-            })
-            .collect();
+        let damaged: Vec<LayerKind> = drift.iter().filter_map(Drift::damaged).collect();
         if damaged.is_empty() {
             self.repairs_in_a_row = 0;
             return;
@@ -421,7 +368,7 @@ impl Daemon {
             self.metrics
                 .repairs
                 .get_or_create(&LayerLabels {
-                    layer: (*layer).to_string(),
+                    layer: layer.to_string(),
                 })
                 .inc();
         }
@@ -432,23 +379,16 @@ impl Daemon {
         // cgroup), not what this daemon would apply.
         let opts = Options {
             cgroup: Some(state.cgroup.clone()),
-            layers: match (
-                state.layers.iter().any(|l| l == "bpf"),
-                state.layers.iter().any(|l| l == "nft"),
-            ) {
-                (true, false) => Layers::Bpf,
-                (false, true) => Layers::Nft,
-                _ => Layers::Both,
-            },
+            layers: LayerSet::of(&state.layers),
             force: true,
         };
-        let prepared = apply::Prepared {
+        let prepared = engine::Prepared {
             plan: state.plan,
             policy_path: state.policy_path,
             warnings: String::new(),
         };
-        match apply::commit_locked(&opts, &self.paths, prepared) {
-            Ok(state) => log::info!("repaired: {}", apply::summary(&state, started.elapsed())),
+        match engine::apply_locked(&opts, &self.paths, prepared) {
+            Ok(state) => log::info!("repaired: {}", engine::summary(&state, started.elapsed())),
             Err(e) => log::error!("repair failed: {e:#}"),
         }
     }
@@ -543,15 +483,15 @@ impl Daemon {
 
 pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("run")?;
-    loopguard::state::private_dir(Path::new(STATE_ROOT))
-        .with_context(|| format!("failed to create {STATE_ROOT}"))?;
-    let run_lock = Path::new(STATE_ROOT).join(format!("{}.run", paths.instance));
-    let lock_file = loopguard::state::open_lock_file(&run_lock)
+    loopguard::state::private_dir(&paths.state_root)
+        .with_context(|| format!("failed to create {}", paths.state_root.display()))?;
+    let run_lock = &paths.run_lock_file;
+    let lock_file = loopguard::state::open_lock_file(run_lock)
         .with_context(|| format!("failed to open {}", run_lock.display()))?;
     let mut lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            let pid = fs::read_to_string(&run_lock).unwrap_or_default();
+            let pid = fs::read_to_string(run_lock).unwrap_or_default();
             anyhow::bail!(
                 "another `loopguard run` is running for instance {} (pid {}); stop it first",
                 paths.instance,
@@ -573,11 +513,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         .with_context(|| format!("failed to open the audit log {}", log_path.display()))?;
     let mut daemon = Daemon {
         paths: paths.clone(),
-        opts: Options {
-            cgroup: args.cgroup.clone(),
-            layers: args.layers,
-            force: args.force,
-        },
+        opts: args.enforce.options(),
         file: args.file.clone(),
         plans: HashMap::new(),
         unknown_plan: None,
@@ -810,32 +746,40 @@ async fn watch_local_table(daemon: Arc<Mutex<Daemon>>) {
     }
 }
 
-/// Copies the local table into the eBPF layer; false when that failed.
+/// Copies the kernel's local table into every layer that keeps a copy;
+/// false when that failed.
 fn sync_local_table(d: &mut Daemon) -> bool {
-    if !ebpf::is_installed(&d.paths) {
-        return true;
-    }
-    let result = LocalTable::read()
-        .map_err(anyhow::Error::new)
-        .and_then(|table| {
-            let mut maps = Maps::open_pinned(&d.paths)?;
-            let changed = ebpf::sync_local(&mut maps, &table)?;
-            Ok((table.len(), changed))
-        });
-    match result {
-        Ok((len, changed)) => {
-            d.metrics.local_prefixes.set(len as i64);
-            if changed > 0 {
-                log::debug!("local table: {len} prefixes, {changed} entries changed");
-            }
-            true
-        }
+    let table = match LocalTable::read() {
+        Ok(t) => t,
         Err(e) => {
             d.metrics.local_failures.inc();
-            log::error!("local routing table not fully guarded by the eBPF layer: {e:#}");
-            false
+            log::error!("cannot read the kernel's local routing table: {e}");
+            return false;
+        }
+    };
+    d.metrics.local_prefixes.set(table.len() as i64);
+    let mut synced = true;
+    for mut layer in engine::layers() {
+        match layer.sync_local(&d.paths, &table) {
+            Ok(Some(changed)) if changed > 0 => log::debug!(
+                "local table: {} prefixes, {changed} {} entries changed",
+                table.len(),
+                layer.kind()
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                synced = false;
+                log::error!(
+                    "local routing table not fully guarded by the {} layer: {e:#}",
+                    layer.kind().title()
+                );
+            }
         }
     }
+    if !synced {
+        d.metrics.local_failures.inc();
+    }
+    synced
 }
 
 /// Notices a layer removed or altered behind loopguard's back and puts the

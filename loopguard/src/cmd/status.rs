@@ -102,7 +102,7 @@ pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     // wait for it, a little, under the instance lock.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let _lock = loop {
-        match super::apply::try_lock(paths)? {
+        match loopguard::engine::try_lock(paths)? {
             Some(l) => break Some(l),
             None if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50));

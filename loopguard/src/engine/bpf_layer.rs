@@ -1,0 +1,186 @@
+//! The eBPF layer behind the [`Layer`] seam: staging fills the inactive
+//! slot (installing and attaching the programs first, with no policy in
+//! force, if they are not pinned yet); the commit flips the active slot.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use loopguard_common::{COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS};
+
+use super::layer::{Context, Count, InForce, Layer, LayerKind};
+use crate::{
+    check::timed,
+    compile::{Action, Plan},
+    ebpf::{self, Installed},
+    host,
+    nft::PacketCounts,
+    paths::InstancePaths,
+    scope::LocalTable,
+    state::State,
+};
+
+#[derive(Default)]
+pub struct BpfLayer {
+    /// The pinned maps and the slot staged for the new plan.
+    staged: Option<(Installed, u32)>,
+    /// The slot flipped to, once committed.
+    committed: Option<u32>,
+}
+
+impl Layer for BpfLayer {
+    fn kind(&self) -> LayerKind {
+        LayerKind::Bpf
+    }
+
+    fn available(&self, _ctx: &Context<'_>) -> anyhow::Result<()> {
+        host::check_kernel()?;
+        host::ensure_bpffs(Path::new(crate::paths::BPFFS))?;
+        Ok(())
+    }
+
+    fn stage(&mut self, ctx: &Context<'_>, plan: &Plan) -> anyhow::Result<()> {
+        if let Some(prev) = ctx.previous {
+            if ebpf::is_installed(ctx.paths) && prev.cgroup != ctx.cgroup {
+                anyhow::bail!(
+                    "instance {} is attached to {}, not {}; run `loopguard --instance {} remove` first or use another --instance",
+                    ctx.paths.instance,
+                    prev.cgroup.display(),
+                    ctx.cgroup.display(),
+                    ctx.paths.instance
+                );
+            }
+        }
+        let local =
+            LocalTable::read().context("failed to read the kernel's local routing table")?;
+        let mut installed = timed("ebpf: install", || {
+            ebpf::install(ctx.paths, ctx.cgroup, ctx.netns_cookie)
+        })
+        .context("failed to install the eBPF layer")?;
+        let result = ebpf::sync_local(&mut installed.maps, &local).and_then(|_| {
+            timed("ebpf: stage", || {
+                // Counters carry over by service name only from a plan
+                // known to be the one in force.
+                let in_force = ctx.in_force(LayerKind::Bpf).map(|s| &s.plan);
+                ebpf::stage(&mut installed.maps, plan, in_force)
+            })
+        });
+        match result {
+            Ok(slot) => {
+                self.staged = Some((installed, slot));
+                Ok(())
+            }
+            Err(e) => {
+                if installed.fresh {
+                    let _ = ebpf::remove_pins(ctx.paths);
+                }
+                Err(anyhow::Error::new(e).context("failed to write the policy"))
+            }
+        }
+    }
+
+    fn commit(&mut self, ctx: &Context<'_>, _plan: &Plan) -> anyhow::Result<()> {
+        let Some((installed, slot)) = self.staged.as_mut() else {
+            anyhow::bail!("internal error: the eBPF layer was not staged");
+        };
+        ebpf::flip(&mut installed.maps, *slot, ctx.netns_cookie)
+            .context("failed to switch the eBPF layer to the new policy")?;
+        self.committed = Some(*slot);
+        Ok(())
+    }
+
+    fn abandon(&mut self, ctx: &Context<'_>) {
+        if let Some((installed, _)) = self.staged.take() {
+            if installed.fresh {
+                let _ = ebpf::remove_pins(ctx.paths);
+            }
+        }
+    }
+
+    fn roll_back(&mut self, ctx: &Context<'_>) -> anyhow::Result<()> {
+        let Some((mut installed, _)) = self.staged.take() else {
+            return Ok(());
+        };
+        self.committed = None;
+        if installed.fresh {
+            ebpf::remove_pins(ctx.paths)?;
+            return Ok(());
+        }
+        // The previous plan is still whole in the other slot.
+        match ctx.previous.filter(|p| p.layers.contains(&LayerKind::Bpf)) {
+            Some(prev) => Ok(ebpf::flip(
+                &mut installed.maps,
+                prev.slot,
+                ctx.netns_cookie,
+            )?),
+            None => {
+                ebpf::remove_pins(ctx.paths)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn record(&self, state: &mut State) {
+        state.slot = self.committed.unwrap_or(0);
+    }
+
+    fn remove(&mut self, paths: &InstancePaths) -> anyhow::Result<bool> {
+        ebpf::remove_pins(paths).context("failed to remove the eBPF layer")
+    }
+
+    fn in_force(&self, paths: &InstancePaths) -> InForce {
+        if !ebpf::is_installed(paths) {
+            return InForce::Absent;
+        }
+        InForce::Plan(
+            ebpf::Maps::open_pinned(paths)
+                .ok()
+                .and_then(|m| ebpf::plan_in_force(&m).ok().flatten())
+                .map(|id| format!("{id:016x}")),
+        )
+    }
+
+    fn still_there(&self, paths: &InstancePaths) -> Option<bool> {
+        Some(ebpf::is_installed(paths))
+    }
+
+    fn counts(&self, paths: &InstancePaths, plan: &Plan, _: &PacketCounts) -> Option<Vec<Count>> {
+        let maps = ebpf::Maps::open_pinned(paths).ok()?;
+        let slot = maps.config().ok()?.active_slot;
+        if slot >= SLOTS {
+            return None;
+        }
+        let mut out = Vec::with_capacity(3 * (plan.services.len() + 1));
+        for i in 0..=plan.services.len() {
+            let bucket = if i == plan.services.len() {
+                DEFAULT_BUCKET
+            } else {
+                i as u32
+            };
+            for (kind, action) in [
+                (COUNT_ALLOWED, Action::Allow),
+                (COUNT_DENIED, Action::Deny),
+                (COUNT_WOULD_DENY, Action::WouldDeny),
+            ] {
+                out.push(Count {
+                    bucket: i,
+                    action,
+                    value: maps.counter(slot, bucket, kind).unwrap_or(0),
+                });
+            }
+        }
+        Some(out)
+    }
+
+    fn sync_local(
+        &mut self,
+        paths: &InstancePaths,
+        table: &LocalTable,
+    ) -> anyhow::Result<Option<usize>> {
+        if !ebpf::is_installed(paths) {
+            return Ok(None);
+        }
+        let mut maps = ebpf::Maps::open_pinned(paths)?;
+        Ok(Some(ebpf::sync_local(&mut maps, table)?))
+    }
+}

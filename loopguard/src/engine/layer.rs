@@ -1,0 +1,190 @@
+//! The seam between the engine and an enforcement layer: the eBPF socket
+//! hooks ([`super::bpf_layer`]) and the nftables table
+//! ([`super::nft_layer`]) each implement [`Layer`], and the engine never
+//! asks which one it holds. Tests drive the engine with fake layers.
+
+use std::{fmt, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    compile::{Action, Plan},
+    nft::PacketCounts,
+    paths::InstancePaths,
+    scope::LocalTable,
+    state::State,
+};
+
+/// One count a layer keeps: how many attempts (or packets) of the plan's
+/// service `bucket` (`plan.services.len()`: the default) ended in
+/// `action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Count {
+    pub bucket: usize,
+    pub action: Action,
+    pub value: u64,
+}
+
+/// One enforcement layer. Its name is the word of `--layers`, the state
+/// file, `status` and the metrics' `layer` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    /// eBPF programs on the cgroup's socket hooks.
+    Bpf,
+    /// The nftables table `inet <instance>`.
+    Nft,
+}
+
+impl LayerKind {
+    pub const ALL: [LayerKind; 2] = [LayerKind::Bpf, LayerKind::Nft];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerKind::Bpf => "bpf",
+            LayerKind::Nft => "nft",
+        }
+    }
+
+    /// What people call it in messages.
+    pub fn title(self) -> &'static str {
+        match self {
+            LayerKind::Bpf => "eBPF",
+            LayerKind::Nft => "nftables",
+        }
+    }
+}
+
+impl fmt::Display for LayerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The layers asked for (`--layers bpf|nft|both`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayerSet {
+    Bpf,
+    Nft,
+    #[default]
+    Both,
+}
+
+impl LayerSet {
+    pub fn contains(self, kind: LayerKind) -> bool {
+        matches!(
+            (self, kind),
+            (LayerSet::Both, _) | (LayerSet::Bpf, LayerKind::Bpf) | (LayerSet::Nft, LayerKind::Nft)
+        )
+    }
+
+    /// More than one layer: one the host lacks is skipped with a warning.
+    pub fn is_several(self) -> bool {
+        self == LayerSet::Both
+    }
+
+    /// The set holding exactly `kinds` (both when empty or all).
+    pub fn of(kinds: &[LayerKind]) -> LayerSet {
+        match (
+            kinds.contains(&LayerKind::Bpf),
+            kinds.contains(&LayerKind::Nft),
+        ) {
+            (true, false) => LayerSet::Bpf,
+            (false, true) => LayerSet::Nft,
+            _ => LayerSet::Both,
+        }
+    }
+}
+
+/// What a layer is asked about the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InForce {
+    /// Nothing of the layer is in force.
+    Absent,
+    /// In force, carrying this plan id (`None`: none, or unreadable).
+    Plan(Option<String>),
+    /// The layer cannot be asked (its tool missing, out of memory):
+    /// nothing is known, so nothing is judged.
+    Unknown,
+}
+
+/// What every layer's step is given.
+pub struct Context<'a> {
+    pub paths: &'a InstancePaths,
+    /// The cgroup the eBPF layer attaches to (resolved).
+    pub cgroup: &'a Path,
+    /// The state of the apply before this one.
+    pub previous: Option<&'a State>,
+    /// Whether the kernel enforces exactly what `previous` records: only
+    /// then may a layer update itself in place.
+    pub trusted: bool,
+    /// `SO_NETNS_COOKIE` of this network namespace (0: unknown).
+    pub netns_cookie: u64,
+}
+
+impl Context<'_> {
+    /// The previous state, when it lists `kind` and the kernel is known to
+    /// enforce it.
+    pub fn in_force(&self, kind: LayerKind) -> Option<&State> {
+        self.previous
+            .filter(|p| self.trusted && p.layers.contains(&kind))
+    }
+}
+
+/// One enforcement layer, driven by the engine as a two-phase commit:
+/// every layer stages (nothing in force changes), then each commits in
+/// order; a failed commit rolls the committed ones back in reverse.
+pub trait Layer {
+    fn kind(&self) -> LayerKind;
+
+    /// Whether this host can enforce with the layer; the error says why
+    /// not (with several layers asked for, the engine skips it).
+    fn available(&self, ctx: &Context<'_>) -> anyhow::Result<()>;
+
+    /// Everything up to the commit, changing nothing in force.
+    fn stage(&mut self, ctx: &Context<'_>, plan: &Plan) -> anyhow::Result<()>;
+
+    /// Puts the staged plan in force: the layer's one atomic step.
+    fn commit(&mut self, ctx: &Context<'_>, plan: &Plan) -> anyhow::Result<()>;
+
+    /// A staged plan that will not be committed: undo what staging
+    /// created (never what is in force).
+    fn abandon(&mut self, ctx: &Context<'_>);
+
+    /// After a later layer failed: put back what was in force before the
+    /// commit.
+    fn roll_back(&mut self, ctx: &Context<'_>) -> anyhow::Result<()>;
+
+    /// Writes what the next apply and the readers need into the state.
+    fn record(&self, state: &mut State);
+
+    /// Takes the layer out of force entirely; whether anything was there.
+    fn remove(&mut self, paths: &InstancePaths) -> anyhow::Result<bool>;
+
+    /// Which plan the kernel enforces on this layer.
+    fn in_force(&self, paths: &InstancePaths) -> InForce;
+
+    /// A cheap look, for a daemon's every-second check: `Some(false)` when
+    /// the layer is known to be gone, `None` when only a read-back can
+    /// tell (the nftables layer announces its changes as netlink events).
+    fn still_there(&self, paths: &InstancePaths) -> Option<bool>;
+
+    /// What the layer counted for `plan`, in force now (`packet_base`: the
+    /// counts carried over from replaced nftables objects); `None` when the
+    /// layer is not there to ask.
+    fn counts(
+        &self,
+        paths: &InstancePaths,
+        plan: &Plan,
+        packet_base: &PacketCounts,
+    ) -> Option<Vec<Count>>;
+
+    /// Copies the kernel's local table into the layer, if it keeps a copy
+    /// (the nftables layer asks the kernel per packet); `Ok(None)` when it
+    /// keeps none or is not installed, else the entries changed.
+    fn sync_local(
+        &mut self,
+        paths: &InstancePaths,
+        table: &LocalTable,
+    ) -> anyhow::Result<Option<usize>>;
+}

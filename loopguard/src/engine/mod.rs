@@ -1,0 +1,425 @@
+//! The engine: everything after the [`Plan`]. It checks and compiles a
+//! file ([`prepare`]), then puts the plan in force on the enforcement
+//! layers as one unit and records it ([`apply`]), under the instance lock;
+//! [`remove`] takes every layer out. Commands parse arguments, call the
+//! engine and print.
+//!
+//! ```text
+//!  file ─► check ─► compile ─► Plan ─► engine ──► journal
+//!                                        │
+//!                   stage all layers ◄───┘  (nothing in force changes)
+//!                   commit nft, then flip bpf  (each atomic)
+//!                   on failure: roll back the committed, in reverse
+//!                                        │
+//!                                        └──► state (journal dropped)
+//! ```
+//!
+//! The layers sit behind one seam, [`Layer`]; the engine never asks which
+//! one it holds, and its unit tests drive it with fake layers.
+
+mod bpf_layer;
+mod layer;
+mod nft_layer;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use nix::fcntl::{Flock, FlockArg};
+
+pub use self::{
+    bpf_layer::BpfLayer,
+    layer::{Context, Count, InForce, Layer, LayerKind, LayerSet},
+    nft_layer::NftLayer,
+};
+use crate::{
+    check::{check_source, read_policy, timed, Refusal},
+    compile::{self, Plan},
+    host,
+    paths::InstancePaths,
+    policy::SystemDirectory,
+    state::State,
+};
+
+/// Every layer, in commit order: the nftables transaction first, then the
+/// eBPF flip (a failed flip puts the previous table back).
+pub fn layers() -> Vec<Box<dyn Layer>> {
+    vec![Box::new(NftLayer::default()), Box::new(BpfLayer::default())]
+}
+
+/// How to enforce.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Attach under this cgroup v2 directory instead of the root.
+    pub cgroup: Option<PathBuf>,
+    pub layers: LayerSet,
+    /// Enforce even what would cut root off from essential services.
+    pub force: bool,
+}
+
+/// A checked and compiled policy, ready to enforce.
+pub struct Prepared {
+    pub plan: Plan,
+    pub policy_path: PathBuf,
+    /// Rendered warnings, if any.
+    pub warnings: String,
+}
+
+/// A file `apply` will not enforce.
+#[derive(Debug)]
+pub struct Refused {
+    pub why: Refusal,
+    /// The rendered diagnostics and a last line saying why.
+    pub report: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.report)
+    }
+}
+
+/// Reads, checks, resolves and compiles a policy file.
+pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, Refused>> {
+    let source = read_policy(file)?;
+    let checked = check_source(file, source, Some(&SystemDirectory));
+    if let Some(why) = checked.refusal(force) {
+        let mut report = checked.report().render_human();
+        report.push_str(&format!(
+            "loopguard: not applied: {} ({}, {}): {}; the policy in force is unchanged\n",
+            checked.file,
+            plural(checked.errors(), "error"),
+            plural(checked.warnings(), "warning"),
+            why.says()
+        ));
+        return Ok(Err(Refused { why, report }));
+    }
+    let warnings = if checked.warnings() > 0 {
+        checked.report().render_human()
+    } else {
+        String::new()
+    };
+    let (Some(policy), Some(resolved)) = (&checked.policy, &checked.resolved) else {
+        anyhow::bail!("internal error: a checked policy without errors has no resolution");
+    };
+    let mut plan = timed("compile", || compile::compile(policy, resolved))
+        .context("failed to compile the policy")?;
+    let policy_path =
+        fs::canonicalize(file).with_context(|| format!("failed to resolve {}", file.display()))?;
+    plan.file = policy_path.display().to_string();
+    Ok(Ok(Prepared {
+        plan,
+        policy_path,
+        warnings,
+    }))
+}
+
+/// Serializes apply, remove and repair of one instance. The lock file is
+/// never deleted (a waiter would lock a file nobody else sees): `remove`
+/// leaves it, a few bytes on tmpfs.
+pub fn lock(paths: &InstancePaths) -> anyhow::Result<Flock<fs::File>> {
+    lock_with(paths, FlockArg::LockExclusive)
+}
+
+/// The instance lock if nobody holds it (`Ok(None)`: an apply, a remove or
+/// a repair is under way).
+pub fn try_lock(paths: &InstancePaths) -> anyhow::Result<Option<Flock<fs::File>>> {
+    match lock_with(paths, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err(e)
+            if e.downcast_ref::<nix::errno::Errno>() == Some(&nix::errno::Errno::EWOULDBLOCK) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn lock_with(paths: &InstancePaths, how: FlockArg) -> anyhow::Result<Flock<fs::File>> {
+    let root = &paths.state_root;
+    crate::state::private_dir(root)
+        .with_context(|| format!("failed to create {}", root.display()))?;
+    let path = &paths.lock_file;
+    let file = crate::state::open_lock_file(path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    Flock::lock(file, how).map_err(|(_, e)| {
+        anyhow::Error::new(e).context(format!("failed to lock {}", path.display()))
+    })
+}
+
+/// Aborts the process at a named step when `LOOPGUARD_FAULT` names it
+/// (`STEP`, or `STEP@N` for the N-th time the step is reached, e.g. a
+/// daemon's first reload): crash-consistency tests kill `apply` and `run`
+/// at exact points instead of racing a signal against a clock. The steps:
+/// `after-journal`, `after-stage`, `after-nft`, `after-flip`,
+/// `before-state`.
+pub fn fault(step: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static REACHED: AtomicUsize = AtomicUsize::new(0);
+    let Ok(want) = std::env::var("LOOPGUARD_FAULT") else {
+        return;
+    };
+    let (name, nth) = match want.split_once('@') {
+        Some((name, n)) => (name, n.parse().unwrap_or(1)),
+        None => (want.as_str(), 1),
+    };
+    if name == step && REACHED.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+        eprintln!("loopguard: LOOPGUARD_FAULT={want}: aborting");
+        std::process::abort();
+    }
+}
+
+/// The fault step after a layer's commit.
+fn committed_step(kind: LayerKind) -> &'static str {
+    match kind {
+        LayerKind::Nft => "after-nft",
+        LayerKind::Bpf => "after-flip",
+    }
+}
+
+/// Enforces a prepared policy and records it; returns the new state.
+pub fn apply(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyhow::Result<State> {
+    let _lock = lock(paths)?;
+    apply_locked(opts, paths, prepared)
+}
+
+/// [`apply`] for a caller that holds the instance [`lock`] already.
+pub fn apply_locked(
+    opts: &Options,
+    paths: &InstancePaths,
+    prepared: Prepared,
+) -> anyhow::Result<State> {
+    // Read under the lock: another apply may have finished meanwhile.
+    let previous = timed("load state", || State::load(paths).ok().flatten());
+    if let Some(prev) = &previous {
+        crate::health::same_namespace(paths, prev).map_err(anyhow::Error::msg)?;
+    }
+    // The state is a record, not the truth: when the kernel differs from
+    // it (a crash between the layers' commits, another tool's flush, an
+    // interrupted apply), nothing is updated in place: every layer is
+    // rewritten whole from the new plan.
+    let drift = previous
+        .as_ref()
+        .map(|p| timed("read back", || crate::health::drift(paths, p)))
+        .unwrap_or_default();
+    for d in &drift {
+        log::warn!("recovering: {d}");
+    }
+    let cookie = host::netns_cookie().unwrap_or(0);
+    let mut state = State {
+        policy_path: prepared.policy_path,
+        cgroup: opts.cgroup.clone().unwrap_or_default(),
+        applied_at: jiff::Timestamp::now().to_string(),
+        slot: 0,
+        layers: Vec::new(),
+        plan: prepared.plan,
+        nft_layout: 0,
+        packet_base: Default::default(),
+        netns_cookie: cookie,
+    };
+    // The journal goes first: whatever happens to this process from here
+    // on, the next command knows an apply of this plan was under way.
+    timed("journal", || state.save_pending(paths))
+        .context("failed to record the apply; nothing changed")?;
+    fault("after-journal");
+    let cgroup = host::attach_cgroup(opts.cgroup.as_deref());
+    let mut all = layers();
+    let result = cgroup
+        .map_err(|e| EnforceError::from(anyhow::Error::new(e)))
+        .and_then(|cgroup| {
+            let ctx = Context {
+                paths,
+                cgroup: &cgroup,
+                previous: previous.as_ref(),
+                trusted: drift.is_empty(),
+                netns_cookie: cookie,
+            };
+            state.cgroup = cgroup.clone();
+            enforce(&mut all, opts.layers, &ctx, &state.plan)
+        });
+    let enforced = match result {
+        Ok(e) => e,
+        Err(failure) => {
+            // A failure before anything in force changed (the usual case:
+            // every step before the commit undoes itself) is no
+            // interrupted apply; after, the journal stays for the next
+            // command to converge.
+            if !failure.changed {
+                let _ = State::clear_pending(paths);
+            }
+            return Err(failure.error);
+        }
+    };
+    fault("before-state");
+    state.applied_at = jiff::Timestamp::now().to_string();
+    for layer in &all {
+        if enforced.contains(&layer.kind()) {
+            layer.record(&mut state);
+        }
+    }
+    state.layers = enforced;
+    timed("save state", || state.save(paths))?;
+    State::clear_pending(paths)?;
+    Ok(state)
+}
+
+/// Why [`enforce`] failed, and whether anything in force changed first.
+#[derive(Debug)]
+pub struct EnforceError {
+    pub error: anyhow::Error,
+    pub changed: bool,
+}
+
+impl From<anyhow::Error> for EnforceError {
+    fn from(error: anyhow::Error) -> Self {
+        EnforceError {
+            error,
+            changed: false,
+        }
+    }
+}
+
+/// Puts `plan` in force on the layers `want` names, as one unit: every
+/// layer stages (nothing in force changes; a failure abandons what was
+/// staged), then each commits in order; a failed commit rolls back the
+/// committed layers in reverse, so the previous policy stays whole.
+/// Layers not wanted are removed last. Returns the layers in force.
+pub fn enforce(
+    all: &mut [Box<dyn Layer>],
+    want: LayerSet,
+    ctx: &Context<'_>,
+    plan: &Plan,
+) -> Result<Vec<LayerKind>, EnforceError> {
+    let mut chosen = Vec::new();
+    for (i, layer) in all.iter().enumerate() {
+        if !want.contains(layer.kind()) {
+            continue;
+        }
+        match layer.available(ctx) {
+            Ok(()) => chosen.push(i),
+            Err(e) if want.is_several() => log::warn!(
+                "{} layer unavailable ({e:#}); enforcing without it",
+                layer.kind().title()
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if chosen.is_empty() {
+        return Err(anyhow::anyhow!("no enforcement layer is available on this host").into());
+    }
+
+    for (n, &i) in chosen.iter().enumerate() {
+        if let Err(e) = all[i].stage(ctx, plan) {
+            for &j in chosen[..=n].iter().rev() {
+                all[j].abandon(ctx);
+            }
+            let kind = all[i].kind().title();
+            return Err(e
+                .context(format!(
+                    "{kind} layer: staging failed; the policy in force is unchanged"
+                ))
+                .into());
+        }
+    }
+    fault("after-stage");
+
+    for (n, &i) in chosen.iter().enumerate() {
+        if let Err(e) = all[i].commit(ctx, plan) {
+            for &j in &chosen[n..] {
+                all[j].abandon(ctx);
+            }
+            let mut restored = true;
+            for &j in chosen[..n].iter().rev() {
+                if let Err(r) = all[j].roll_back(ctx) {
+                    restored = false;
+                    log::error!(
+                        "could not put the previous policy back on the {} layer: {r:#}",
+                        all[j].kind().title()
+                    );
+                }
+            }
+            let says = match (n, restored) {
+                (0, _) => "the policy in force is unchanged",
+                (_, true) => "the previous policy is back in force",
+                (_, false) => "the layers may now disagree; the next apply converges them",
+            };
+            let kind = all[i].kind().title();
+            return Err(EnforceError {
+                error: e.context(format!("{kind} layer: commit failed; {says}")),
+                changed: n > 0,
+            });
+        }
+        fault(committed_step(all[i].kind()));
+    }
+
+    // Layers no longer wanted go, after the wanted ones are in force.
+    let mut in_force: Vec<LayerKind> = chosen.iter().map(|&i| all[i].kind()).collect();
+    for layer in all.iter_mut() {
+        if !in_force.contains(&layer.kind()) {
+            layer.remove(ctx.paths).map_err(|error| EnforceError {
+                error,
+                changed: true,
+            })?;
+        }
+    }
+    // Named in one order everywhere (state, status, summaries).
+    in_force.sort();
+    Ok(in_force)
+}
+
+/// What [`remove`] found and deleted.
+pub struct Removed {
+    pub layers: Vec<LayerKind>,
+    pub state: bool,
+}
+
+/// Takes every layer of the instance out of force and deletes its state.
+pub fn remove(paths: &InstancePaths) -> anyhow::Result<Removed> {
+    let _lock = lock(paths)?;
+    if let Some(state) = State::load(paths).ok().flatten() {
+        crate::health::same_namespace(paths, &state).map_err(anyhow::Error::msg)?;
+    }
+    let mut removed = Vec::new();
+    for mut layer in layers() {
+        if layer.remove(paths)? {
+            removed.push(layer.kind());
+        }
+    }
+    let state = paths.state_dir.exists();
+    if state {
+        fs::remove_dir_all(&paths.state_dir)
+            .with_context(|| format!("failed to remove {}", paths.state_dir.display()))?;
+    }
+    Ok(Removed {
+        layers: removed,
+        state,
+    })
+}
+
+/// `applied 1a2b3c4d5e6f (/etc/loopguard/policy.toml): 3 services, ...`
+pub fn summary(state: &State, took: std::time::Duration) -> String {
+    let hash = state.plan.hash.trim_start_matches("sha256:");
+    let names: Vec<&str> = state.layers.iter().map(|l| l.as_str()).collect();
+    let mut layers = format!("layers {}", names.join("+"));
+    if state.layers.contains(&LayerKind::Bpf) {
+        layers.push_str(&format!(" (bpf on {})", state.cgroup.display()));
+    }
+    format!(
+        "applied {} ({}): {}, {}, {layers}, {} ms",
+        &hash[..12.min(hash.len())],
+        state.policy_path.display(),
+        plural(state.plan.services.len(), "service"),
+        plural(state.plan.uid_count(), "uid"),
+        took.as_millis()
+    )
+}
+
+/// `1 service`, `3 services`
+pub fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+#[cfg(test)]
+mod tests;
