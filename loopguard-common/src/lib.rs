@@ -214,14 +214,22 @@ pub struct Event {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all are #[repr(C)], Copy, made of integers, with explicit
-    // padding fields, so any bit pattern is valid.
+    //! All are #[repr(C)], Copy, made of integers, with explicit padding
+    //! fields, so any bit pattern is valid.
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::SlotConfig {}
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::ServiceEntry {}
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::DecisionKey {}
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::UidKey {}
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::BindEntry {}
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::AddrKey {}
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::Event {}
 }

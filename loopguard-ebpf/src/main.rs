@@ -102,34 +102,34 @@ mod programs {
     const IPPROTO_MPTCP: u32 = 262;
 
     #[cgroup_sock_addr(connect4)]
-    pub fn loopguard_connect4(ctx: SockAddrContext) -> i32 {
+    pub(crate) fn loopguard_connect4(ctx: SockAddrContext) -> i32 {
         check_v4(&ctx, HOOK_CONNECT4)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
-    pub fn loopguard_sendmsg4(ctx: SockAddrContext) -> i32 {
+    pub(crate) fn loopguard_sendmsg4(ctx: SockAddrContext) -> i32 {
         check_v4(&ctx, HOOK_SENDMSG4)
     }
 
     #[cgroup_sock_addr(connect6)]
-    pub fn loopguard_connect6(ctx: SockAddrContext) -> i32 {
+    pub(crate) fn loopguard_connect6(ctx: SockAddrContext) -> i32 {
         check_v6(&ctx, HOOK_CONNECT6)
     }
 
     #[cgroup_sock_addr(sendmsg6)]
-    pub fn loopguard_sendmsg6(ctx: SockAddrContext) -> i32 {
+    pub(crate) fn loopguard_sendmsg6(ctx: SockAddrContext) -> i32 {
         check_v6(&ctx, HOOK_SENDMSG6)
     }
 
     #[cgroup_sock_addr(bind4)]
-    pub fn loopguard_bind4(ctx: SockAddrContext) -> i32 {
+    pub(crate) fn loopguard_bind4(ctx: SockAddrContext) -> i32 {
         // SAFETY: the kernel hands every sock_addr program a valid context.
         let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
         check_bind(&ctx, sa, mapped4(sa.user_ip4), HOOK_BIND4)
     }
 
     #[cgroup_sock_addr(bind6)]
-    pub fn loopguard_bind6(ctx: SockAddrContext) -> i32 {
+    pub(crate) fn loopguard_bind6(ctx: SockAddrContext) -> i32 {
         // SAFETY: as in loopguard_bind4.
         let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
         check_bind(&ctx, sa, words6(&sa.user_ip6), HOOK_BIND6)
@@ -460,7 +460,7 @@ mod programs {
     /// Counts the verdict, records the event the policy asks for, and
     /// returns what the hook answers.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, reason = "inlined into each hook: one flat call, no struct on the eBPF stack")]
     fn finish(
         slot: u32,
         bucket: u32,
@@ -493,7 +493,7 @@ mod programs {
 
     /// Writes one event, or counts it as dropped when the ring is full.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, reason = "inlined: the event fields, passed flat")]
     fn record(slot: u32, bucket: u32, kind: u32, proto: u32, hook: u8, port: u32, addr: [u8; 16]) {
         match EVENTS.reserve::<Event>(0) {
             Some(mut entry) => {
@@ -534,7 +534,7 @@ mod programs {
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         // A reachable panic must fail verification (an unbounded loop),
         // never be undefined behaviour.
-        #[allow(clippy::empty_loop)]
+        #[allow(clippy::empty_loop, reason = "an infinite loop fails verification: a reachable panic cannot load")]
         loop {}
     }
 }

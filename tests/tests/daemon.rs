@@ -685,7 +685,7 @@ fn edits_renames_and_configmap_swaps_take_effect_without_a_signal() {
     let conf = sb.dir.join("conf");
     let v1 = conf.join("..v1");
     std::fs::create_dir_all(&v1).expect("mkdir");
-    std::fs::write(v1.join("policy.toml"), only(&u.alice.name)).expect("write");
+    std::fs::write(v1.join("policy.toml"), only(u.alice.name)).expect("write");
     std::os::unix::fs::symlink("..v1", conf.join("..data")).expect("symlink");
     let file = conf.join("policy.toml");
     std::os::unix::fs::symlink("..data/policy.toml", &file).expect("symlink");
@@ -712,19 +712,19 @@ fn edits_renames_and_configmap_swaps_take_effect_without_a_signal() {
     // 1. The ConfigMap swap: a new version directory, ..data renamed onto it.
     let v2 = conf.join("..v2");
     std::fs::create_dir_all(&v2).expect("mkdir");
-    std::fs::write(v2.join("policy.toml"), only(&u.bob.name)).expect("write");
+    std::fs::write(v2.join("policy.toml"), only(u.bob.name)).expect("write");
     std::os::unix::fs::symlink("..v2", conf.join("..data_tmp")).expect("symlink");
     std::fs::rename(conf.join("..data_tmp"), conf.join("..data")).expect("swap");
     wait_for(&sb, "connect=ok", "after the ConfigMap swap");
 
     // 2. Config management: a temporary file renamed over the target.
     let tmp = v2.join(".policy.toml.tmp");
-    std::fs::write(&tmp, only(&u.alice.name)).expect("write");
+    std::fs::write(&tmp, only(u.alice.name)).expect("write");
     std::fs::rename(&tmp, v2.join("policy.toml")).expect("rename");
     wait_for(&sb, "connect=EPERM", "after a rename over the file");
 
     // 3. An editor writing in place.
-    std::fs::write(v2.join("policy.toml"), only(&u.bob.name)).expect("write");
+    std::fs::write(v2.join("policy.toml"), only(u.bob.name)).expect("write");
     wait_for(&sb, "connect=ok", "after an edit in place");
     assert!(d.log().contains("file changed"), "{}", tail(&d.log(), 2000));
 }

@@ -457,7 +457,7 @@ impl Drop for Bench {
     }
 }
 
-pub fn bench(quick: bool, sizes: &[usize]) -> Result<()> {
+pub(crate) fn bench(quick: bool, sizes: &[usize]) -> Result<()> {
     let root = workspace_root();
     crate::build_bins(&root, true)?;
     let mut s = if quick {

@@ -60,7 +60,7 @@ const RESULT_MARKER: &str = "LOOPGUARD-VM-RESULT rc=";
 
 /// Kernels to test: `6.1` and `6.12` (Debian packages), `host`, `all`, or
 /// a comma-separated list.
-pub fn vm_test(kernel: &str) -> Result<()> {
+pub(crate) fn vm_test(kernel: &str) -> Result<()> {
     let mut kernels: Vec<&str> = Vec::new();
     for k in kernel.split(',') {
         match k {

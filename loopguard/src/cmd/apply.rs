@@ -11,7 +11,7 @@ use crate::exit;
 #[command(
     after_help = "Examples:\n  loopguard apply /etc/loopguard/policy.toml\n  loopguard apply policy.toml --dry-run\n  loopguard --instance ci apply policy.toml --cgroup /sys/fs/cgroup/ci.slice"
 )]
-pub struct Args {
+pub(crate) struct Args {
     /// The policy file.
     #[arg(value_name = "FILE")]
     file: PathBuf,
@@ -22,7 +22,7 @@ pub struct Args {
     enforce: EnforceArgs,
 }
 
-pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
+pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let started = Instant::now();
     if !args.dry_run {
         host::require_root("apply")?;

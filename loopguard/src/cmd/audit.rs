@@ -19,7 +19,7 @@ use crate::{exit, Format};
 #[command(
     after_help = "Examples:\n  loopguard audit --since 1h --action deny\n  loopguard audit --follow --format json --service postgres"
 )]
-pub struct Args {
+pub(crate) struct Args {
     /// Keep printing events as they are written.
     #[arg(long)]
     follow: bool,
@@ -152,7 +152,7 @@ fn human(v: &Value) -> String {
     )
 }
 
-pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
+pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let path = args
         .file
         .clone()

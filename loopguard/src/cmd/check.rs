@@ -12,7 +12,7 @@ use crate::{exit, Format};
 #[command(
     after_help = "Examples:\n  loopguard check policy.toml\n  loopguard check --offline --format json hosts/*.toml"
 )]
-pub struct Args {
+pub(crate) struct Args {
     /// Do not resolve user and group names (for policies meant for other
     /// hosts, e.g. in an ops repo's CI).
     #[arg(long)]
@@ -47,7 +47,7 @@ struct JsonReport {
     files: Vec<FileReport>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<u8> {
+pub(crate) fn run(args: Args) -> anyhow::Result<u8> {
     let mut out = std::io::stdout().lock();
     let mut unreadable = false;
     let mut problems = false;

@@ -24,7 +24,7 @@ use crate::{exit, Format};
     group(clap::ArgGroup::new("who").required(true).args(["user", "uid"])),
     after_help = "Examples:\n  loopguard explain --user app --to 127.0.0.1:5432\n  loopguard explain --uid 1005 --to '[::1]:6379' --policy policy.toml\n  loopguard explain --user mallory --bind --to 0.0.0.0:5432"
 )]
-pub struct Args {
+pub(crate) struct Args {
     /// User name.
     #[arg(long)]
     user: Option<String>,
@@ -69,7 +69,7 @@ struct Explanation {
     policy_hash: String,
 }
 
-pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
+pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let dir = SystemDirectory;
     let uid = match (&args.user, args.uid) {
         (_, Some(uid)) => uid,

@@ -1,21 +1,21 @@
 //! One module per subcommand.
 
-pub mod apply;
-pub mod audit;
-pub mod check;
-pub mod explain;
-pub mod remove;
-pub mod run;
-pub mod status;
+pub(crate) mod apply;
+pub(crate) mod audit;
+pub(crate) mod check;
+pub(crate) mod explain;
+pub(crate) mod remove;
+pub(crate) mod run;
+pub(crate) mod status;
 
 use std::path::PathBuf;
 
-pub use loopguard::check::{check_source, read_policy, Refusal};
+pub(crate) use loopguard::check::{check_source, read_policy, Refusal};
 use loopguard::engine::{LayerSet, Options};
 
 /// How to enforce: the arguments `apply` and `run` share.
 #[derive(clap::Args, Clone, Debug)]
-pub struct EnforceArgs {
+pub(crate) struct EnforceArgs {
     /// Attach under this cgroup v2 directory instead of the root: only
     /// processes in its subtree are guarded.
     #[arg(long, value_name = "PATH")]
@@ -31,7 +31,7 @@ pub struct EnforceArgs {
 }
 
 impl EnforceArgs {
-    pub fn options(&self) -> Options {
+    pub(crate) fn options(&self) -> Options {
         Options {
             cgroup: self.cgroup.clone(),
             layers: self.layers,
@@ -40,10 +40,10 @@ impl EnforceArgs {
     }
 }
 
-pub use loopguard::engine::plural;
+pub(crate) use loopguard::engine::plural;
 
 /// `3 errors, 1 warning`
-pub fn counts(errors: usize, warnings: usize) -> String {
+pub(crate) fn counts(errors: usize, warnings: usize) -> String {
     format!(
         "{}, {}",
         plural(errors, "error"),

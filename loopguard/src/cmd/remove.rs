@@ -4,7 +4,7 @@ use loopguard::{engine, host, paths::InstancePaths};
 
 use crate::exit;
 
-pub fn run(paths: &InstancePaths) -> anyhow::Result<u8> {
+pub(crate) fn run(paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("remove")?;
     let removed = engine::remove(paths)?;
     if removed.layers.is_empty() && !removed.state {

@@ -54,7 +54,7 @@ use crate::exit;
 #[command(
     after_help = "Examples:\n  loopguard run /etc/loopguard/policy.toml\n  loopguard run policy.toml --audit-log /var/log/loopguard/audit.jsonl --metrics 127.0.0.1:9477"
 )]
-pub struct Args {
+pub(crate) struct Args {
     /// The policy file (watched for changes).
     #[arg(value_name = "FILE")]
     file: PathBuf,
@@ -481,7 +481,7 @@ impl Daemon {
     }
 }
 
-pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
+pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("run")?;
     loopguard::state::private_dir(&paths.state_root)
         .with_context(|| format!("failed to create {}", paths.state_root.display()))?;

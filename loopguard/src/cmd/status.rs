@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::{exit, Format};
 
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     #[arg(long, value_enum, default_value_t)]
     format: Format,
 }
@@ -96,7 +96,7 @@ fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
     }
 }
 
-pub fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
+pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("status")?;
     // An apply (or a daemon's reload or repair) under way is no drift:
     // wait for it, a little, under the instance lock.

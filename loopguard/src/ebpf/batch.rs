@@ -55,7 +55,7 @@ fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
 }
 
 /// Whether an error means "this kernel or map type has no batch command".
-pub fn unsupported(e: &io::Error) -> bool {
+pub(super) fn unsupported(e: &io::Error) -> bool {
     // ENOTSUPP (524) is the kernel-internal code some map types return.
     matches!(
         e.raw_os_error(),
@@ -65,7 +65,7 @@ pub fn unsupported(e: &io::Error) -> bool {
 
 /// Writes `keys[i] -> values[i * per_key .. (i + 1) * per_key]`; `per_key`
 /// is the number of CPUs for per-CPU maps, 1 otherwise.
-pub fn update<K: Pod, V: Pod>(
+pub(super) fn update<K: Pod, V: Pod>(
     map: &MapData,
     keys: &[K],
     values: &[V],
@@ -90,7 +90,7 @@ pub fn update<K: Pod, V: Pod>(
 }
 
 /// Deletes `keys` (hash maps).
-pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<()> {
+pub(super) fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -104,11 +104,15 @@ pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<()> {
 }
 
 /// Every entry of a hash map.
-pub fn entries<K: Pod, V: Pod>(map: &MapData, max_entries: usize) -> io::Result<Vec<(K, V)>> {
+pub(super) fn entries<K: Pod, V: Pod>(
+    map: &MapData,
+    max_entries: usize,
+) -> io::Result<Vec<(K, V)>> {
     let chunk = max_entries.clamp(1, 4096);
     let mut out = Vec::new();
     // SAFETY: Pod types are plain bytes; all-zero is a valid value.
     let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+    // SAFETY: as for the keys.
     let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
     let mut token = 0u64;
     let mut first = true;
@@ -146,7 +150,7 @@ pub fn entries<K: Pod, V: Pod>(map: &MapData, max_entries: usize) -> io::Result<
 /// read: at the end of an array the kernel stops one short (its generic
 /// batch lookup ends when there is no next key), so the caller reads the
 /// rest one by one.
-pub fn array_range<V: Pod>(
+pub(super) fn array_range<V: Pod>(
     map: &MapData,
     start: u32,
     len: usize,

@@ -25,7 +25,7 @@ use super::Span;
 
 /// Byte range in the source, compact: files over 4 GiB are refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Pos {
+pub(super) struct Pos {
     pub start: u32,
     pub end: u32,
 }
@@ -56,19 +56,19 @@ impl Pos {
         }
     }
 
-    pub fn range(self) -> Span {
+    pub(super) fn range(self) -> Span {
         self.start as usize..self.end as usize
     }
 }
 
 #[derive(Debug)]
-pub struct Value {
+pub(super) struct Value {
     pub pos: Pos,
     pub kind: Kind,
 }
 
 #[derive(Debug)]
-pub enum Kind {
+pub(super) enum Kind {
     /// Boxed twice: a thin pointer keeps every value at 24 bytes (a
     /// million uids are a million values).
     String(Box<Box<str>>),
@@ -83,7 +83,7 @@ pub enum Kind {
 }
 
 #[derive(Debug, Default)]
-pub struct Array {
+pub(super) struct Array {
     items: Items,
     /// Made by `[[name]]` headers (and so extendable by them).
     of_tables: bool,
@@ -106,7 +106,7 @@ impl Default for Items {
 }
 
 /// An array item: a value in the tree, or one rebuilt from a compact array.
-pub enum Item<'a> {
+pub(super) enum Item<'a> {
     Borrowed(&'a Value),
     Owned(Value),
 }
@@ -122,18 +122,18 @@ impl std::ops::Deref for Item<'_> {
 }
 
 impl Array {
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         match &self.items {
             Items::Values(v) => v.len(),
             Items::Uints(v) => v.len(),
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = Item<'_>> + '_ {
+    pub(super) fn iter(&self) -> impl Iterator<Item = Item<'_>> + '_ {
         let (values, uints) = match &self.items {
             Items::Values(v) => (&v[..], &[][..]),
             Items::Uints(u) => (&[][..], &u[..]),
@@ -168,13 +168,13 @@ impl Array {
 }
 
 #[derive(Debug)]
-pub struct Key {
+pub(super) struct Key {
     pub name: Box<str>,
     pub pos: Pos,
 }
 
 #[derive(Debug, Default)]
-pub struct Table {
+pub(super) struct Table {
     entries: IndexMap<Box<str>, (Pos, Value)>,
     /// Defined by a `[name]` header (a second header is an error).
     header: bool,
@@ -185,47 +185,47 @@ pub struct Table {
 }
 
 impl Value {
-    pub fn as_table(&self) -> Option<&Table> {
+    pub(super) fn as_table(&self) -> Option<&Table> {
         match &self.kind {
             Kind::Table(t) => Some(t),
             _ => None,
         }
     }
 
-    pub fn as_array(&self) -> Option<&Array> {
+    pub(super) fn as_array(&self) -> Option<&Array> {
         match &self.kind {
             Kind::Array(a) => Some(a),
             _ => None,
         }
     }
 
-    pub fn as_str(&self) -> Option<&str> {
+    pub(super) fn as_str(&self) -> Option<&str> {
         match &self.kind {
             Kind::String(s) => Some(s),
             _ => None,
         }
     }
 
-    pub fn as_integer(&self) -> Option<i64> {
+    pub(super) fn as_integer(&self) -> Option<i64> {
         match self.kind {
             Kind::Integer(n) => Some(n),
             _ => None,
         }
     }
 
-    pub fn as_bool(&self) -> Option<bool> {
+    pub(super) fn as_bool(&self) -> Option<bool> {
         match self.kind {
             Kind::Boolean(b) => Some(b),
             _ => None,
         }
     }
 
-    pub fn span(&self) -> Span {
+    pub(super) fn span(&self) -> Span {
         self.pos.range()
     }
 
     /// "a string", "an integer", ... for messages.
-    pub fn type_name(&self) -> &'static str {
+    pub(super) fn type_name(&self) -> &'static str {
         match self.kind {
             Kind::String(_) => "a string",
             Kind::Integer(_) => "an integer",
@@ -239,12 +239,12 @@ impl Value {
 }
 
 impl Table {
-    pub fn get(&self, key: &str) -> Option<&Value> {
+    pub(super) fn get(&self, key: &str) -> Option<&Value> {
         self.entries.get(key).map(|(_, v)| v)
     }
 
     /// Keys in file order.
-    pub fn keys(&self) -> impl Iterator<Item = Key> + '_ {
+    pub(super) fn keys(&self) -> impl Iterator<Item = Key> + '_ {
         self.entries.iter().map(|(name, (pos, _))| Key {
             name: name.clone(),
             pos: *pos,
@@ -255,7 +255,7 @@ impl Table {
 /// A problem in the document: message, where, and where the clashing
 /// definition is (for duplicates).
 #[derive(Debug, PartialEq, Eq)]
-pub struct SyntaxError {
+pub(super) struct SyntaxError {
     pub message: String,
     pub span: Span,
     pub first: Option<Span>,
@@ -263,7 +263,7 @@ pub struct SyntaxError {
 
 /// Reads a document. Returns the root table (`None` when the document has
 /// errors) and every error found.
-pub fn parse(source: &str) -> (Option<Value>, Vec<SyntaxError>) {
+pub(super) fn parse(source: &str) -> (Option<Value>, Vec<SyntaxError>) {
     if u32::try_from(source.len()).is_err() {
         let e = SyntaxError {
             message: "the file is larger than 4 GiB".into(),
