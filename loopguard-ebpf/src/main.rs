@@ -460,7 +460,10 @@ mod programs {
     /// Counts the verdict, records the event the policy asks for, and
     /// returns what the hook answers.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments, reason = "inlined into each hook: one flat call, no struct on the eBPF stack")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "inlined into each hook: one flat call, no struct on the eBPF stack"
+    )]
     fn finish(
         slot: u32,
         bucket: u32,
@@ -493,7 +496,10 @@ mod programs {
 
     /// Writes one event, or counts it as dropped when the ring is full.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments, reason = "inlined: the event fields, passed flat")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "inlined: the event fields, passed flat"
+    )]
     fn record(slot: u32, bucket: u32, kind: u32, proto: u32, hook: u8, port: u32, addr: [u8; 16]) {
         match EVENTS.reserve::<Event>(0) {
             Some(mut entry) => {
@@ -534,7 +540,10 @@ mod programs {
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         // A reachable panic must fail verification (an unbounded loop),
         // never be undefined behaviour.
-        #[allow(clippy::empty_loop, reason = "an infinite loop fails verification: a reachable panic cannot load")]
+        #[allow(
+            clippy::empty_loop,
+            reason = "an infinite loop fails verification: a reachable panic cannot load"
+        )]
         loop {}
     }
 }

@@ -292,6 +292,45 @@ pub fn enforce(
     ctx: &Context<'_>,
     plan: &Plan,
 ) -> Result<Vec<LayerKind>, EnforceError> {
+    let chosen = choose(all, want, ctx)?;
+    for (n, &i) in chosen.iter().enumerate() {
+        if let Err(e) = all[i].stage(ctx, plan) {
+            for &j in chosen[..=n].iter().rev() {
+                all[j].abandon(ctx);
+            }
+            let kind = all[i].kind().title();
+            let says = format!("{kind} layer: staging failed; the policy in force is unchanged");
+            return Err(e.context(says).into());
+        }
+    }
+    fault("after-stage");
+    for (n, &i) in chosen.iter().enumerate() {
+        if let Err(e) = all[i].commit(ctx, plan) {
+            return Err(undo(all, &chosen, n, ctx, e));
+        }
+        fault(committed_step(all[i].kind()));
+    }
+    // Layers no longer wanted go, after the wanted ones are in force.
+    let mut in_force: Vec<LayerKind> = chosen.iter().map(|&i| all[i].kind()).collect();
+    for layer in all.iter_mut().filter(|l| !in_force.contains(&l.kind())) {
+        layer.remove(ctx.paths).map_err(|error| EnforceError {
+            error,
+            changed: true,
+        })?;
+    }
+    // Named in one order everywhere (state, status, summaries).
+    in_force.sort();
+    Ok(in_force)
+}
+
+/// The indexes of the layers to enforce with: those `want` names that the
+/// host has (one it lacks is skipped with a warning when several were
+/// asked for, else an error).
+fn choose(
+    all: &[Box<dyn Layer>],
+    want: LayerSet,
+    ctx: &Context<'_>,
+) -> Result<Vec<usize>, EnforceError> {
     let mut chosen = Vec::new();
     for (i, layer) in all.iter().enumerate() {
         if !want.contains(layer.kind()) {
@@ -309,64 +348,42 @@ pub fn enforce(
     if chosen.is_empty() {
         return Err(anyhow::anyhow!("no enforcement layer is available on this host").into());
     }
+    Ok(chosen)
+}
 
-    for (n, &i) in chosen.iter().enumerate() {
-        if let Err(e) = all[i].stage(ctx, plan) {
-            for &j in chosen[..=n].iter().rev() {
-                all[j].abandon(ctx);
-            }
-            let kind = all[i].kind().title();
-            return Err(e
-                .context(format!(
-                    "{kind} layer: staging failed; the policy in force is unchanged"
-                ))
-                .into());
+/// After the commit of `chosen[n]` failed with `e`: abandons it and the
+/// layers after it, rolls the committed ones back in reverse, and says
+/// what is in force.
+fn undo(
+    all: &mut [Box<dyn Layer>],
+    chosen: &[usize],
+    n: usize,
+    ctx: &Context<'_>,
+    e: anyhow::Error,
+) -> EnforceError {
+    for &j in &chosen[n..] {
+        all[j].abandon(ctx);
+    }
+    let mut restored = true;
+    for &j in chosen[..n].iter().rev() {
+        if let Err(r) = all[j].roll_back(ctx) {
+            restored = false;
+            log::error!(
+                "could not put the previous policy back on the {} layer: {r:#}",
+                all[j].kind().title()
+            );
         }
     }
-    fault("after-stage");
-
-    for (n, &i) in chosen.iter().enumerate() {
-        if let Err(e) = all[i].commit(ctx, plan) {
-            for &j in &chosen[n..] {
-                all[j].abandon(ctx);
-            }
-            let mut restored = true;
-            for &j in chosen[..n].iter().rev() {
-                if let Err(r) = all[j].roll_back(ctx) {
-                    restored = false;
-                    log::error!(
-                        "could not put the previous policy back on the {} layer: {r:#}",
-                        all[j].kind().title()
-                    );
-                }
-            }
-            let says = match (n, restored) {
-                (0, _) => "the policy in force is unchanged",
-                (_, true) => "the previous policy is back in force",
-                (_, false) => "the layers may now disagree; the next apply converges them",
-            };
-            let kind = all[i].kind().title();
-            return Err(EnforceError {
-                error: e.context(format!("{kind} layer: commit failed; {says}")),
-                changed: n > 0,
-            });
-        }
-        fault(committed_step(all[i].kind()));
+    let says = match (n, restored) {
+        (0, _) => "the policy in force is unchanged",
+        (_, true) => "the previous policy is back in force",
+        (_, false) => "the layers may now disagree; the next apply converges them",
+    };
+    let kind = all[chosen[n]].kind().title();
+    EnforceError {
+        error: e.context(format!("{kind} layer: commit failed; {says}")),
+        changed: n > 0,
     }
-
-    // Layers no longer wanted go, after the wanted ones are in force.
-    let mut in_force: Vec<LayerKind> = chosen.iter().map(|&i| all[i].kind()).collect();
-    for layer in all.iter_mut() {
-        if !in_force.contains(&layer.kind()) {
-            layer.remove(ctx.paths).map_err(|error| EnforceError {
-                error,
-                changed: true,
-            })?;
-        }
-    }
-    // Named in one order everywhere (state, status, summaries).
-    in_force.sort();
-    Ok(in_force)
 }
 
 /// What [`remove`] found and deleted.
