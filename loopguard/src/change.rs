@@ -16,7 +16,7 @@ pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
             None => String::new(),
         };
         format!(
-            "{} ({}/{} on {}, {:?}-list of {} uids{bind}, {:?})",
+            "{} ({}/{} on {}, {}-list of {} uids{bind}, {})",
             s.name,
             match s.protocol {
                 Protocol::Tcp => "tcp",
@@ -29,14 +29,13 @@ pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
             p.uid_sets[s.uid_set as usize].len(),
             s.mode
         )
-        .to_lowercase()
     };
     let Some(old) = old else {
         lines.push("install: no policy is applied to this instance yet".into());
         for s in &new.services {
             lines.push(format!("+ service {}", summary(new, s)));
         }
-        lines.push(format!("  default {:?}, mode {:?}", new.default, new.mode).to_lowercase());
+        lines.push(format!("  default {}, mode {}", new.default, new.mode));
         return lines;
     };
     if old.hash == new.hash && old == new {
@@ -46,7 +45,7 @@ pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
     if old.default != new.default || old.mode != new.mode {
         lines.push(
             format!(
-                "~ default {:?} mode {:?} -> default {:?} mode {:?}",
+                "~ default {} mode {} -> default {} mode {}",
                 old.default, old.mode, new.default, new.mode
             )
             .to_lowercase(),

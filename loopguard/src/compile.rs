@@ -493,7 +493,7 @@ impl Plan {
             None => (
                 self.default == Verdict::Deny,
                 self.mode,
-                format!("no service matches; default is {:?}", self.default).to_lowercase(),
+                format!("no service matches; default is {}", self.default),
             ),
             Some(i) => {
                 let s = &self.services[i];

@@ -173,8 +173,8 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         status.policy_path = Some(state.policy_path.display().to_string());
         status.applied_at = Some(state.applied_at.clone());
         status.cgroup = Some(state.cgroup.display().to_string());
-        status.default = Some(format!("{:?}", plan.default).to_lowercase());
-        status.mode = Some(format!("{:?}", plan.mode).to_lowercase());
+        status.default = Some(plan.default.to_string());
+        status.mode = Some(plan.mode.to_string());
         let slot = active.filter(|s| *s < SLOTS);
         let packets = packet_counts
             .clone()
@@ -214,11 +214,11 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             status.services.push(ServiceStatus {
                 name: s.name.clone(),
                 location: s.location.clone(),
-                protocol: format!("{:?}", s.protocol).to_lowercase(),
+                protocol: s.protocol.to_string(),
                 ports: s.ports.to_string(),
                 addresses: s.addresses.to_string(),
-                list: format!("{:?}", s.list).to_lowercase(),
-                mode: format!("{:?}", s.mode).to_lowercase(),
+                list: s.list.to_string(),
+                mode: s.mode.to_string(),
                 uids: plan.uid_sets[s.uid_set as usize].len(),
                 bind_uids: s.bind_set.map(|b| plan.uid_sets[b as usize].len()),
                 counts: c,

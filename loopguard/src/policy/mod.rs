@@ -49,6 +49,29 @@ pub enum Protocol {
     Any,
 }
 
+/// The words of the policy file, printed as written there.
+macro_rules! words {
+    ($ty:ty { $($variant:ident => $word:literal),+ $(,)? }) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(<$ty>::$variant => $word,)+
+                }
+            }
+        }
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+words!(Verdict { Allow => "allow", Deny => "deny" });
+words!(Mode { Enforce => "enforce", Audit => "audit" });
+words!(Protocol { Tcp => "tcp", Udp => "udp", Any => "any" });
+words!(ListKind { Allow => "allow", Deny => "deny" });
+
 /// The transport of one connection attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
