@@ -17,11 +17,12 @@ use loopguard_common::{
     Event, COUNT_ALLOWED, COUNT_DENIED, DEFAULT_BUCKET, HOOK_BIND4, HOOK_BIND6, HOOK_CONNECT4,
     HOOK_CONNECT6, PROTO_TCP,
 };
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     compile::Plan,
-    policy::{Destination, ListKind, Mode, Transport, Verdict},
+    nft::{LogPrefix, PrefixBucket},
+    policy::{Destination, ListKind, Mode, Transport},
 };
 
 /// Where `run` writes events and `audit` reads them, unless told otherwise.
@@ -99,21 +100,185 @@ impl UserNames {
 /// The Elastic Common Schema version the events follow.
 pub const ECS_VERSION: &str = "8.11.0";
 
-/// The categorisation fields every event carries, so it indexes into
-/// Elastic as it is (SPEC §5): a refusal is a `denied` connection that
-/// failed; an allowed or would-be-refused one an `allowed` connection that
-/// went through.
-fn ecs(m: &mut Map<String, Value>, kind: u32) {
-    let (kind_type, outcome) = match kind {
-        COUNT_DENIED => ("denied", "failure"),
-        _ => ("allowed", "success"),
-    };
-    m.insert("event.kind".into(), json!("event"));
-    m.insert("event.category".into(), json!(["network"]));
-    m.insert("event.type".into(), json!(["connection", kind_type]));
-    m.insert("event.outcome".into(), json!(outcome));
-    m.insert("host.name".into(), json!(host_name()));
-    m.insert("ecs.version".into(), json!(ECS_VERSION));
+/// `event.action`: the words of events, metrics, `status` and filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditAction {
+    Allow,
+    Deny,
+    WouldDeny,
+    /// Events lost to a full buffer (`loopguard.dropped` says how many).
+    Dropped,
+}
+
+impl AuditAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::Allow => "allow",
+            AuditAction::Deny => "deny",
+            AuditAction::WouldDeny => "would-deny",
+            AuditAction::Dropped => "dropped",
+        }
+    }
+
+    fn of_count(kind: u32) -> AuditAction {
+        match kind {
+            COUNT_ALLOWED => AuditAction::Allow,
+            COUNT_DENIED => AuditAction::Deny,
+            _ => AuditAction::WouldDeny,
+        }
+    }
+}
+
+/// `loopguard.layer`: the eBPF hook that decided, or the nftables layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLayer {
+    Connect,
+    Sendmsg,
+    Bind,
+    Packet,
+}
+
+impl EventLayer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventLayer::Connect => "connect",
+            EventLayer::Sendmsg => "sendmsg",
+            EventLayer::Bind => "bind",
+            EventLayer::Packet => "packet",
+        }
+    }
+}
+
+/// One line of the audit stream (SPEC §5), written by `run` and read by
+/// `audit`. Fields in SPEC order, named as the Elastic Common Schema names
+/// them; a field that does not apply (no service matched, a packet knows
+/// no process) is left out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    #[serde(rename = "@timestamp")]
+    pub timestamp: String,
+    #[serde(rename = "event.action")]
+    pub action: AuditAction,
+    #[serde(rename = "event.reason")]
+    pub reason: String,
+    #[serde(
+        rename = "loopguard.service",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub service: Option<String>,
+    #[serde(
+        rename = "loopguard.mode",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mode: Option<Mode>,
+    #[serde(rename = "loopguard.layer")]
+    pub layer: EventLayer,
+    #[serde(rename = "user.id", default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(rename = "user.name", default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(rename = "group.id", default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(
+        rename = "process.pid",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pid: Option<u32>,
+    #[serde(
+        rename = "process.name",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub process: Option<String>,
+    #[serde(
+        rename = "network.transport",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub transport: Option<Transport>,
+    #[serde(
+        rename = "network.type",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub network_type: Option<String>,
+    #[serde(
+        rename = "destination.ip",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ip: Option<IpAddr>,
+    #[serde(
+        rename = "destination.port",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub port: Option<u16>,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub ecs: Option<Ecs>,
+    /// Recorded while no daemon was reading: its time is when it
+    /// happened, not when it was read.
+    #[serde(
+        rename = "loopguard.backlog",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub backlog: bool,
+    #[serde(
+        rename = "loopguard.dropped",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dropped: Option<u64>,
+}
+
+/// The categorisation fields every attempt's event carries, so it indexes
+/// into Elastic as it is (SPEC §5): a refusal is a `denied` connection
+/// that failed; an allowed or would-be-refused one an `allowed` connection
+/// that went through.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ecs {
+    #[serde(rename = "event.kind")]
+    pub kind: String,
+    #[serde(rename = "event.category")]
+    pub category: Vec<String>,
+    #[serde(rename = "event.type")]
+    pub types: Vec<String>,
+    #[serde(rename = "event.outcome")]
+    pub outcome: String,
+    #[serde(rename = "host.name")]
+    pub host: String,
+    #[serde(rename = "ecs.version")]
+    pub version: String,
+}
+
+impl Ecs {
+    fn of(action: AuditAction) -> Ecs {
+        let (kind_type, outcome) = match action {
+            AuditAction::Deny => ("denied", "failure"),
+            _ => ("allowed", "success"),
+        };
+        Ecs {
+            kind: "event".into(),
+            category: vec!["network".into()],
+            types: vec!["connection".into(), kind_type.into()],
+            outcome: outcome.into(),
+            host: host_name().into(),
+            version: ECS_VERSION.into(),
+        }
+    }
+}
+
+impl AuditRecord {
+    /// One JSON line (without the newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
 }
 
 /// This host's name, read once.
@@ -127,36 +292,20 @@ fn host_name() -> &'static str {
     })
 }
 
-fn action_name(kind: u32) -> &'static str {
-    match kind {
-        COUNT_ALLOWED => "allow",
-        COUNT_DENIED => "deny",
-        _ => "would-deny",
-    }
-}
-
-/// Why the plan decided so, as `event.reason`.
-fn reason(plan: Option<&Plan>, bucket: u32, kind: u32) -> (Option<String>, String, &'static str) {
+/// Why the plan decided so, as `event.reason`, with the service and mode.
+fn reason(plan: Option<&Plan>, bucket: u32, kind: u32) -> (Option<String>, String, Mode) {
     let Some(plan) = plan else {
-        return (None, "policy no longer loaded".into(), "enforce");
-    };
-    let mode_name = |m: Mode| match m {
-        Mode::Enforce => "enforce",
-        Mode::Audit => "audit",
+        return (None, "policy no longer loaded".into(), Mode::Enforce);
     };
     if bucket == DEFAULT_BUCKET {
-        let default = match plan.default {
-            Verdict::Allow => "allow",
-            Verdict::Deny => "deny",
-        };
         return (
             None,
-            format!("no service matches; default is {default}"),
-            mode_name(plan.mode),
+            format!("no service matches; default is {}", plan.default),
+            plan.mode,
         );
     }
     match plan.services.get(bucket as usize) {
-        None => (None, "unknown service".into(), "enforce"),
+        None => (None, "unknown service".into(), Mode::Enforce),
         Some(s) => {
             let why = match (s.list, kind == COUNT_ALLOWED) {
                 (ListKind::Allow, true) => "uid allowed",
@@ -167,78 +316,66 @@ fn reason(plan: Option<&Plan>, bucket: u32, kind: u32) -> (Option<String>, Strin
             (
                 Some(s.name.clone()),
                 format!("service {}: {why}", s.name),
-                mode_name(s.mode),
+                s.mode,
             )
         }
     }
 }
 
-/// One event of the eBPF layer as a SPEC §5 record (fields in SPEC order).
-pub fn record(ev: &Event, plan: Option<&Plan>, clock: &Clock, names: &mut UserNames) -> Value {
-    let (service, reason, mode) = reason(plan, ev.bucket, u32::from(ev.action));
+/// One event of the eBPF layer as a SPEC §5 record.
+pub fn record(
+    ev: &Event,
+    plan: Option<&Plan>,
+    clock: &Clock,
+    names: &mut UserNames,
+) -> AuditRecord {
+    let kind = u32::from(ev.action);
+    let (service, reason, mode) = reason(plan, ev.bucket, kind);
     let ip = normalize_display(ev.addr);
     let comm_len = ev
         .comm
         .iter()
         .position(|b| *b == 0)
         .unwrap_or(ev.comm.len());
-    let mut m = Map::new();
-    m.insert("@timestamp".into(), json!(clock.timestamp(ev.ktime_ns)));
-    m.insert(
-        "event.action".into(),
-        json!(action_name(u32::from(ev.action))),
-    );
     let layer = match ev.hook {
-        HOOK_CONNECT4 | HOOK_CONNECT6 => "connect",
-        HOOK_BIND4 | HOOK_BIND6 => "bind",
-        _ => "sendmsg",
+        HOOK_CONNECT4 | HOOK_CONNECT6 => EventLayer::Connect,
+        HOOK_BIND4 | HOOK_BIND6 => EventLayer::Bind,
+        _ => EventLayer::Sendmsg,
     };
-    let reason = if layer == "bind" {
+    let reason = match (&service, layer) {
         // The bind hooks judge the service's bind list, not its allow- or
         // deny-list.
-        match &service {
-            Some(name) if u32::from(ev.action) == COUNT_ALLOWED => {
-                format!("service {name}: uid may bind")
-            }
-            Some(name) => format!("service {name}: uid may not bind"),
-            None => reason,
+        (Some(name), EventLayer::Bind) if kind == COUNT_ALLOWED => {
+            format!("service {name}: uid may bind")
         }
-    } else {
-        reason
+        (Some(name), EventLayer::Bind) => format!("service {name}: uid may not bind"),
+        _ => reason,
     };
-    m.insert("event.reason".into(), json!(reason));
-    m.insert("loopguard.service".into(), json!(service));
-    m.insert("loopguard.mode".into(), json!(mode));
-    m.insert("loopguard.layer".into(), json!(layer));
-    m.insert("user.id".into(), json!(ev.uid));
-    m.insert("user.name".into(), json!(names.get(ev.uid)));
-    m.insert("group.id".into(), json!(ev.gid));
-    m.insert("process.pid".into(), json!(ev.pid));
-    m.insert(
-        "process.name".into(),
-        json!(String::from_utf8_lossy(&ev.comm[..comm_len])),
-    );
-    m.insert(
-        "network.transport".into(),
-        json!(if u32::from(ev.proto) == PROTO_TCP {
-            "tcp"
+    let action = AuditAction::of_count(kind);
+    AuditRecord {
+        timestamp: clock.timestamp(ev.ktime_ns),
+        action,
+        reason,
+        service,
+        mode: Some(mode),
+        layer,
+        uid: Some(ev.uid),
+        user: names.get(ev.uid),
+        gid: Some(ev.gid),
+        pid: Some(ev.pid),
+        process: Some(String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned()),
+        transport: Some(if u32::from(ev.proto) == PROTO_TCP {
+            Transport::Tcp
         } else {
-            "udp"
+            Transport::Udp
         }),
-    );
-    m.insert(
-        "network.type".into(),
-        json!(if ip.is_ipv4() { "ipv4" } else { "ipv6" }),
-    );
-    m.insert("destination.ip".into(), json!(ip.to_string()));
-    m.insert("destination.port".into(), json!(ev.port));
-    ecs(&mut m, u32::from(ev.action));
-    if clock.is_backlog(ev.ktime_ns) {
-        // Recorded while no daemon was reading; its time is when it
-        // happened, not when it was read.
-        m.insert("loopguard.backlog".into(), json!(true));
+        network_type: Some(if ip.is_ipv4() { "ipv4" } else { "ipv6" }.into()),
+        ip: Some(ip),
+        port: Some(ev.port),
+        ecs: Some(Ecs::of(action)),
+        backlog: clock.is_backlog(ev.ktime_ns),
+        dropped: None,
     }
-    Value::Object(m)
 }
 
 /// The destination as the process gave it; IPv4 (and IPv4-mapped) shown
@@ -258,90 +395,86 @@ pub fn packet_record(
     table: &str,
     plan: Option<&Plan>,
     names: &mut UserNames,
-) -> Option<Value> {
-    let rest = ev.prefix.strip_prefix(crate::nft::LOG_PREFIX)?;
-    let (t, rest) = rest.split_once('/')?;
-    if t != table {
+) -> Option<AuditRecord> {
+    let prefix = LogPrefix::parse(&ev.prefix)?;
+    if prefix.table != table {
         return None;
     }
-    let (bucket, action) = rest.split_once('/')?;
-    // Services share the chain that logs (`v<k>`), so the packet's own
-    // destination names the service. A logged packet was in scope (the
-    // base chain's fib lookup said so).
-    let bucket = if bucket == "default" {
-        DEFAULT_BUCKET
-    } else {
-        let transport = match ev.protocol {
-            Some(6) => Transport::Tcp,
-            Some(17) => Transport::Udp,
-            _ => return None,
-        };
-        let (ip, port) = (ev.destination?, ev.port?);
-        plan.and_then(|p| p.service_for(transport, &Destination::in_scope(ip), port))
-            .map_or(u32::MAX, |i| i as u32) // no such service: "unknown service"
+    // Services share the chain that logs, so the packet's own destination
+    // names the service. A logged packet was in scope (the base chain's
+    // fib lookup said so).
+    let transport = match ev.protocol {
+        Some(6) => Some(Transport::Tcp),
+        Some(17) => Some(Transport::Udp),
+        _ => None,
     };
-    let kind = if action == "w" {
+    let bucket = match prefix.bucket {
+        PrefixBucket::Default => DEFAULT_BUCKET,
+        PrefixBucket::Chain(_) => {
+            let (ip, port) = (ev.destination?, ev.port?);
+            plan.and_then(|p| p.service_for(transport?, &Destination::in_scope(ip), port))
+                .map_or(u32::MAX, |i| i as u32) // no such service: "unknown service"
+        }
+    };
+    let kind = if prefix.would_deny {
         loopguard_common::COUNT_WOULD_DENY
     } else {
         COUNT_DENIED
     };
     let (service, reason, mode) = reason(plan, bucket, kind);
-    let mut m = Map::new();
-    m.insert(
-        "@timestamp".into(),
-        json!(format!("{:.9}", jiff::Timestamp::now())),
-    );
-    m.insert("event.action".into(), json!(action_name(kind)));
-    m.insert("event.reason".into(), json!(reason));
-    m.insert("loopguard.service".into(), json!(service));
-    m.insert("loopguard.mode".into(), json!(mode));
-    m.insert("loopguard.layer".into(), json!("packet"));
-    m.insert("user.id".into(), json!(ev.uid));
-    m.insert("user.name".into(), json!(ev.uid.and_then(|u| names.get(u))));
-    m.insert("group.id".into(), json!(ev.gid));
-    // A packet no longer knows its process.
-    m.insert("process.pid".into(), Value::Null);
-    m.insert("process.name".into(), Value::Null);
-    m.insert(
-        "network.transport".into(),
-        json!(match ev.protocol {
-            Some(6) => "tcp",
-            Some(17) => "udp",
-            _ => "unknown",
-        }),
-    );
-    m.insert(
-        "network.type".into(),
-        json!(if ev.destination.is_some_and(|d| d.is_ipv6()) {
-            "ipv6"
-        } else {
-            "ipv4"
-        }),
-    );
-    m.insert(
-        "destination.ip".into(),
-        json!(ev.destination.map(|d| d.to_string())),
-    );
-    m.insert("destination.port".into(), json!(ev.port));
-    ecs(&mut m, kind);
-    Some(Value::Object(m))
+    let action = AuditAction::of_count(kind);
+    Some(AuditRecord {
+        timestamp: format!("{:.9}", jiff::Timestamp::now()),
+        action,
+        reason,
+        service,
+        mode: Some(mode),
+        layer: EventLayer::Packet,
+        uid: ev.uid,
+        user: ev.uid.and_then(|u| names.get(u)),
+        gid: ev.gid,
+        // A packet no longer knows its process.
+        pid: None,
+        process: None,
+        transport,
+        network_type: Some(
+            if ev.destination.is_some_and(|d| d.is_ipv6()) {
+                "ipv6"
+            } else {
+                "ipv4"
+            }
+            .into(),
+        ),
+        ip: ev.destination,
+        port: ev.port,
+        ecs: Some(Ecs::of(action)),
+        backlog: false,
+        dropped: None,
+    })
 }
 
 /// `event.action = "dropped"`: events lost since the last report.
-pub fn dropped_record(count: u64, layer: &str) -> Value {
-    let mut m = Map::new();
-    m.insert(
-        "@timestamp".into(),
-        json!(format!("{:.9}", jiff::Timestamp::now())),
-    );
-    m.insert("event.action".into(), json!("dropped"));
-    m.insert(
-        "event.reason".into(),
-        json!(format!("{count} events lost: the event buffer was full")),
-    );
-    m.insert("loopguard.layer".into(), json!(layer));
-    m.insert("loopguard.dropped".into(), json!(count));
-    Value::Object(m)
+pub fn dropped_record(count: u64, layer: EventLayer) -> AuditRecord {
+    AuditRecord {
+        timestamp: format!("{:.9}", jiff::Timestamp::now()),
+        action: AuditAction::Dropped,
+        reason: format!("{count} events lost: the event buffer was full"),
+        service: None,
+        mode: None,
+        layer,
+        uid: None,
+        user: None,
+        gid: None,
+        pid: None,
+        process: None,
+        transport: None,
+        network_type: None,
+        ip: None,
+        port: None,
+        ecs: None,
+        backlog: false,
+        dropped: Some(count),
+    }
 }
 
 /// An append-only JSON-lines file that never grows past `max_bytes`: at

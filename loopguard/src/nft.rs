@@ -90,8 +90,62 @@ fn nft(payload: &str, extra: &[&str]) -> Result<String, nftables::helper::Nftabl
     )
 }
 
-/// Start of the NFLOG prefix: `lg/<table>/<service index|default>/<d|w>`.
-pub const LOG_PREFIX: &str = "lg/";
+/// The NFLOG prefix of the nftables layer's log rules,
+/// `lg/<table>/<verdict chain|default>/<d|w>`: written here, parsed by
+/// [`crate::audit`]. (Services share verdict chains, so the prefix says
+/// only which chain refused; the packet's destination names the
+/// service.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogPrefix {
+    pub table: String,
+    pub bucket: PrefixBucket,
+    /// An audit-mode refusal (the packet went through).
+    pub would_deny: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrefixBucket {
+    /// A service's verdict chain (shared by services of one uid set, list
+    /// kind and mode).
+    Chain(String),
+    Default,
+}
+
+impl LogPrefix {
+    const START: &'static str = "lg/";
+
+    pub fn parse(text: &str) -> Option<LogPrefix> {
+        let rest = text.strip_prefix(Self::START)?;
+        let (table, rest) = rest.split_once('/')?;
+        let (bucket, action) = rest.split_once('/')?;
+        let bucket = match bucket {
+            "default" => PrefixBucket::Default,
+            "" => return None,
+            chain => PrefixBucket::Chain(chain.to_string()),
+        };
+        let would_deny = match action {
+            "w" => true,
+            "d" => false,
+            _ => return None,
+        };
+        Some(LogPrefix {
+            table: table.to_string(),
+            bucket,
+            would_deny,
+        })
+    }
+}
+
+impl std::fmt::Display for LogPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bucket = match &self.bucket {
+            PrefixBucket::Chain(chain) => chain.as_str(),
+            PrefixBucket::Default => "default",
+        };
+        let action = if self.would_deny { "w" } else { "d" };
+        write!(f, "{}{}/{bucket}/{action}", Self::START, self.table)
+    }
+}
 
 /// The NFLOG group of an instance: stable, in 20000..60000, derived from
 /// its name (FNV-1a) so instances side by side rarely share one (and the
@@ -600,7 +654,16 @@ fn dispatch_chain(t: Transport) -> String {
 /// Deny action: reset for TCP, drop for UDP; audit mode logs only.
 fn deny_exprs(table: &str, mode: Mode, bucket: &str, count: Option<Value>) -> Vec<Vec<Value>> {
     let group = log_group(table);
-    let log = |a: &str| json!({"log": {"prefix": format!("{LOG_PREFIX}{table}/{bucket}/{a}"), "group": group}});
+    let prefix = |would_deny: bool| LogPrefix {
+        table: table.to_string(),
+        bucket: if bucket == "default" {
+            PrefixBucket::Default
+        } else {
+            PrefixBucket::Chain(bucket.to_string())
+        },
+        would_deny,
+    };
+    let log = |a: &str| json!({"log": {"prefix": prefix(a == "w").to_string(), "group": group}});
     let with_count = |mut e: Vec<Value>| {
         if let Some(c) = &count {
             e.insert(e.len() - 1, c.clone());

@@ -10,8 +10,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use loopguard::{audit::default_log_path, paths::InstancePaths};
-use serde_json::Value;
+use loopguard::{
+    audit::{default_log_path, AuditAction, AuditRecord},
+    paths::InstancePaths,
+};
 
 use crate::{exit, Format};
 
@@ -37,31 +39,10 @@ pub(crate) struct Args {
     uid: Option<u32>,
     /// Only this action (an unknown one is an error, not an empty result).
     #[arg(long, value_enum)]
-    action: Option<ActionArg>,
+    action: Option<AuditAction>,
     /// The audit log [default: /var/log/loopguard/INSTANCE.jsonl].
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
-}
-
-/// The words of `event.action`, as everywhere else (events, metrics,
-/// status, docs).
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum ActionArg {
-    Allow,
-    Deny,
-    WouldDeny,
-    Dropped,
-}
-
-impl ActionArg {
-    fn as_str(self) -> &'static str {
-        match self {
-            ActionArg::Allow => loopguard::compile::Action::Allow.as_str(),
-            ActionArg::Deny => loopguard::compile::Action::Deny.as_str(),
-            ActionArg::WouldDeny => loopguard::compile::Action::WouldDeny.as_str(),
-            ActionArg::Dropped => "dropped",
-        }
-    }
 }
 
 fn parse_since(s: &str) -> anyhow::Result<jiff::Timestamp> {
@@ -86,69 +67,47 @@ struct Filter {
     since: Option<jiff::Timestamp>,
     service: Option<String>,
     uid: Option<u32>,
-    action: Option<ActionArg>,
+    action: Option<AuditAction>,
 }
 
 impl Filter {
-    fn keep(&self, v: &Value) -> bool {
-        if let Some(since) = self.since {
-            let ts = v["@timestamp"]
-                .as_str()
-                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
-            if ts.is_some_and(|t| t < since) {
-                return false;
-            }
-        }
-        if self
-            .service
-            .as_deref()
-            .is_some_and(|s| v["loopguard.service"].as_str() != Some(s))
-        {
-            return false;
-        }
-        if self
-            .uid
-            .is_some_and(|u| v["user.id"].as_u64() != Some(u64::from(u)))
-        {
-            return false;
-        }
-        if self
-            .action
-            .is_some_and(|a| v["event.action"].as_str() != Some(a.as_str()))
-        {
-            return false;
-        }
-        true
+    fn keep(&self, r: &AuditRecord) -> bool {
+        let ts = r.timestamp.parse::<jiff::Timestamp>().ok();
+        !(self
+            .since
+            .is_some_and(|since| ts.is_some_and(|t| t < since))
+            || self
+                .service
+                .as_deref()
+                .is_some_and(|s| r.service.as_deref() != Some(s))
+            || self.uid.is_some_and(|u| r.uid != Some(u))
+            || self.action.is_some_and(|a| r.action != a))
     }
 }
 
-fn human(v: &Value) -> String {
-    let s = |k: &str| {
-        v[k].as_str()
-            .map(String::from)
-            .unwrap_or_else(|| v[k].to_string())
-    };
-    if v["event.action"] == "dropped" {
+fn human(r: &AuditRecord) -> String {
+    let or = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    if r.action == AuditAction::Dropped {
         return format!(
             "{} dropped {} events ({})",
-            s("@timestamp"),
-            s("loopguard.dropped"),
-            s("loopguard.layer")
+            r.timestamp,
+            r.dropped.unwrap_or(0),
+            r.layer.as_str()
         );
     }
     format!(
         "{} {:<10} uid {} ({}) pid {} {} -> {}:{}/{} [{}] {}",
-        s("@timestamp"),
-        s("event.action"),
-        s("user.id"),
-        s("user.name"),
-        s("process.pid"),
-        s("process.name"),
-        s("destination.ip"),
-        s("destination.port"),
-        s("network.transport"),
-        s("loopguard.layer"),
-        s("event.reason"),
+        r.timestamp,
+        r.action.as_str(),
+        or(r.uid.map(|u| u.to_string())),
+        or(r.user.clone()),
+        or(r.pid.map(|p| p.to_string())),
+        or(r.process.clone()),
+        or(r.ip.map(|i| i.to_string())),
+        or(r.port.map(|p| p.to_string())),
+        or(r.transport.map(|t| t.as_str().to_string())),
+        r.layer.as_str(),
+        r.reason,
     )
 }
 
@@ -165,7 +124,8 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     };
     let mut out = io::stdout().lock();
     let print = |line: &str, out: &mut io::StdoutLock<'_>| -> io::Result<()> {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
+        // A line of another version or a torn write: skipped.
+        let Ok(v) = serde_json::from_str::<AuditRecord>(line) else {
             return Ok(());
         };
         if !filter.keep(&v) {

@@ -316,8 +316,8 @@ impl Daemon {
         }
     }
 
-    fn emit(&mut self, value: &serde_json::Value) {
-        self.emit_all(&[value.to_string()]);
+    fn emit(&mut self, record: &audit::AuditRecord) {
+        self.emit_all(&[record.to_line()]);
     }
 
     /// Puts the applied state back when a layer it lists is missing or
@@ -477,7 +477,7 @@ impl Daemon {
             self.learn_plan(ev.plan_id);
         }
         let plan = self.plans.get(&ev.plan_id).or(self.current.as_ref());
-        audit::record(ev, plan, &self.clock, &mut self.names).to_string()
+        audit::record(ev, plan, &self.clock, &mut self.names).to_line()
     }
 }
 
@@ -674,7 +674,7 @@ async fn read_packets(sock: Socket, daemon: Arc<Mutex<Daemon>>) {
                 }
                 let plan = d.current.clone();
                 if let Some(v) = audit::packet_record(&ev, &table, plan.as_ref(), &mut d.names) {
-                    lines.push(v.to_string());
+                    lines.push(v.to_line());
                 }
             }
         }
@@ -683,7 +683,7 @@ async fn read_packets(sock: Socket, daemon: Arc<Mutex<Daemon>>) {
         d.emit_all(&lines);
         if lost > 0 {
             d.metrics.dropped.inc_by(lost);
-            d.emit(&audit::dropped_record(lost, "packet"));
+            d.emit(&audit::dropped_record(lost, audit::EventLayer::Packet));
         }
     }
 }
@@ -701,7 +701,10 @@ async fn report_dropped(paths: InstancePaths, daemon: Arc<Mutex<Daemon>>) {
         if now > last {
             let mut d = lock(&daemon);
             d.metrics.dropped.inc_by(now - last);
-            d.emit(&audit::dropped_record(now - last, "connect"));
+            d.emit(&audit::dropped_record(
+                now - last,
+                audit::EventLayer::Connect,
+            ));
             last = now;
         }
     }
