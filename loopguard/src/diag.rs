@@ -188,19 +188,14 @@ impl<'a> LineIndex<'a> {
 
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
-        let offset = floor_char_boundary(self.source, offset.min(self.source.len()));
+        let offset = self
+            .source
+            .floor_char_boundary(offset.min(self.source.len()));
         let line = self.starts.partition_point(|s| *s <= offset);
         let start = self.starts[line - 1];
         let col = self.source[start..offset].chars().count() + 1;
         (line, col)
     }
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 impl Report<'_> {
@@ -283,8 +278,10 @@ impl Report<'_> {
 }
 
 fn clamp(source: &str, span: &Range<usize>) -> Range<usize> {
-    let start = floor_char_boundary(source, span.start.min(source.len()));
-    let end = floor_char_boundary(source, span.end.min(source.len())).max(start);
+    let start = source.floor_char_boundary(span.start.min(source.len()));
+    let end = source
+        .floor_char_boundary(span.end.min(source.len()))
+        .max(start);
     start..end
 }
 

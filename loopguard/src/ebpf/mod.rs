@@ -304,7 +304,7 @@ fn load_and_attach(
     }
     // Audit events read pid and comm, which socket address programs may
     // only from 6.0 on; older kernels load the programs without them.
-    let events: u8 = u8::from(crate::host::kernel_version().1 >= (6, 0));
+    let events: u8 = u8::from(crate::host::kernel_at_least(6, 0));
     let mut ebpf = EbpfLoader::new()
         .override_global("LG_EVENTS_ENABLED", &events, true)
         .load(EBPF_OBJECT)
