@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use loopguard_tests::{users, Sandbox, TestUser};
+use loopguard_tests::{tail, users, Sandbox, TestUser};
 
 const PORTS: [u16; 2] = [7101, 7102];
 
@@ -252,7 +252,11 @@ fn run_killed_mid_reload_is_reported_and_its_restart_converges() {
     std::fs::write(&p, policy(&u.bob)).expect("edit");
     d.signal(nix::sys::signal::Signal::SIGHUP);
     d.wait_exit(30);
-    assert!(d.log().contains("LOOPGUARD_FAULT"), "{}", d.log());
+    assert!(
+        d.log().contains("LOOPGUARD_FAULT"),
+        "{}",
+        tail(&d.log(), 4000)
+    );
     assert_eq!(layers(&sb), ("A".into(), "B".into()), "split at the fault");
     let (code, v) = status(&sb);
     assert_eq!(code, 5, "{v}");

@@ -270,11 +270,11 @@ fn sighup_with_a_broken_policy_keeps_the_old_one_then_picks_up_the_fix() {
         assert!(
             Instant::now() < deadline,
             "diagnostics not logged: {}",
-            d.log()
+            tail(&d.log(), 4000)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(d.log().contains("p.toml:4:8"), "{}", d.log());
+    assert!(d.log().contains("p.toml:4:8"), "{}", tail(&d.log(), 4000));
     assert_eq!(
         sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
         "connect=EPERM",
@@ -291,7 +291,7 @@ fn sighup_with_a_broken_policy_keeps_the_old_one_then_picks_up_the_fix() {
         assert!(
             Instant::now() < deadline,
             "fixed policy not picked up: {}",
-            d.log()
+            tail(&d.log(), 4000)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -381,7 +381,11 @@ fn metrics_move_one_run_per_instance_and_sigterm_keeps_enforcement() {
     while std::path::Path::new(&format!("/proc/{}", d.pid)).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(d.log().contains("enforcement stays"), "{}", d.log());
+    assert!(
+        d.log().contains("enforcement stays"),
+        "{}",
+        tail(&d.log(), 4000)
+    );
     assert_eq!(
         sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
         "connect=EPERM"
@@ -474,10 +478,18 @@ fn idle_connections_cannot_starve_the_metrics_endpoint_or_the_daemon() {
     d.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !d.log().contains("SIGHUP: applied") {
-        assert!(Instant::now() < deadline, "reload failed: {}", d.log());
+        assert!(
+            Instant::now() < deadline,
+            "reload failed: {}",
+            tail(&d.log(), 4000)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!d.log().contains("Too many open files"), "{}", d.log());
+    assert!(
+        !d.log().contains("Too many open files"),
+        "{}",
+        tail(&d.log(), 4000)
+    );
 }
 
 #[test]
@@ -506,7 +518,12 @@ fn events_name_the_service_of_a_policy_applied_by_another_process() {
     let hook = |e: &serde_json::Value| e["process.pid"] == pid;
     let events = d.wait_events(10, "bob's would-deny", |evs| evs.iter().any(hook));
     let e = events.iter().find(|e| hook(e)).expect("seen");
-    assert_eq!(e["loopguard.service"], "nobody-watch", "{e}\n{}", d.log());
+    assert_eq!(
+        e["loopguard.service"],
+        "nobody-watch",
+        "{e}\n{}",
+        tail(&d.log(), 4000)
+    );
     assert_eq!(e["loopguard.mode"], "audit", "{e}");
     assert_eq!(e["event.action"], "would-deny", "{e}");
     // The packet layer's copy (outside the cgroup only nftables judges).
@@ -601,7 +618,11 @@ fn a_flushed_ruleset_is_put_back_within_a_second_and_counted() {
         scrape.contains("loopguard_layer_repairs_total{layer=\"nft\"} 1"),
         "{scrape}"
     );
-    assert!(d.log().contains("nftables layer missing"), "{}", d.log());
+    assert!(
+        d.log().contains("nftables layer missing"),
+        "{}",
+        tail(&d.log(), 4000)
+    );
     assert_eq!(sb.lg(&["status"]).code, 0, "status is clean again");
 }
 
@@ -625,7 +646,7 @@ fn logrotate_move_and_sighup_write_to_the_new_file() {
         assert!(
             Instant::now() < deadline,
             "no new log after SIGHUP: {}",
-            d.log()
+            tail(&d.log(), 4000)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
