@@ -6,6 +6,7 @@
 //! validate, resolve) -> [`compile`] (a [`compile::Plan`]) -> [`engine`]
 //! (the layers, [`ebpf`] and [`nft`], behind one seam) -> [`state`].
 
+pub mod access;
 pub mod audit;
 pub mod change;
 pub mod check;

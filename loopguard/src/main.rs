@@ -91,6 +91,9 @@ enum Command {
     Audit(cmd::audit::Args),
     /// Detach and delete every program, pin and file of this instance (root).
     Remove,
+    /// The change in access between two policy files: who gains or loses
+    /// access to which service, scopes widened, enforcement weakened.
+    Diff(cmd::diff::Args),
 }
 
 fn main() -> ExitCode {
@@ -148,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Run(args) => cmd::run::run(args, &paths),
         Command::Audit(args) => cmd::audit::run(args, &paths),
         Command::Remove => cmd::remove::run(&paths),
+        Command::Diff(args) => cmd::diff::run(args),
     }
 }
 

@@ -1,0 +1,480 @@
+//! The change in *access* between two policy files, as a reviewer of a
+//! pull request needs it: who gains or loses access to which service,
+//! services added or removed, what a service matches widened or narrowed,
+//! enforcement weakened, bind guards dropped, the default changed.
+//!
+//! Computed offline from the parsed policies (names stay names: an added
+//! group is `group dbadmins`, whoever is in it), services matched by name.
+//! A change that alters no access (services reordered, comments, a user
+//! list reordered, `log_allowed`) is no change.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::policy::{
+    AddrSet, IdList, ListKind, Mode, Policy, PortRange, Protocol, Service, Verdict,
+};
+
+/// One identity as a policy names it: `user alice`, `uid 1000`,
+/// `group dbadmins`, `gid 27`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(into = "String")]
+pub struct Identity(String);
+
+impl From<Identity> for String {
+    fn from(i: Identity) -> String {
+        i.0
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn identities(users: &IdList, groups: &IdList) -> BTreeSet<Identity> {
+    let mut out = BTreeSet::new();
+    for (id, _) in users.iter() {
+        out.insert(Identity(match id {
+            crate::policy::IdRef::Name(n) => format!("user {n}"),
+            crate::policy::IdRef::Id(i) => format!("uid {i}"),
+        }));
+    }
+    for (id, _) in groups.iter() {
+        out.insert(Identity(match id {
+            crate::policy::IdRef::Name(n) => format!("group {n}"),
+            crate::policy::IdRef::Id(i) => format!("gid {i}"),
+        }));
+    }
+    out
+}
+
+/// How what a service matches changed along one dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Matches more than before (and all it did).
+    Widened,
+    /// Matches less than before (and nothing new).
+    Narrowed,
+    /// Matches other things: some more, some less.
+    Moved,
+}
+
+/// A before and after, with how it changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Changed<T> {
+    pub old: T,
+    pub new: T,
+    pub change: Scope,
+}
+
+/// What happened to one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceChange {
+    Added,
+    Removed,
+    Changed,
+}
+
+/// The change to one service's access.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceDiff {
+    pub name: String,
+    pub change: ServiceChange,
+    /// What it matches, as `tcp/5432 on loopback` (the new one, or the old
+    /// one for a removed service).
+    pub matches: String,
+    /// Identities that may now reach it and could not before (an allow-list
+    /// entry added, a deny-list entry removed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gains: Vec<Identity>,
+    /// Identities that could reach it and no longer may.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loses: Vec<Identity>,
+    /// The list switched between allow- and deny-list: who may reach it is
+    /// turned around.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub list: Option<(ListKind, ListKind)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Changed<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<Changed<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Changed<Protocol>>,
+    /// `enforce` -> `audit` weakens: refusals are only logged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<(Mode, Mode)>,
+    /// The bind guard: dropped, added, or who may bind changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<BindDiff>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BindDiff {
+    /// `dropped` (anyone may bind its ports now), `added`, or `changed`.
+    pub change: ServiceChange,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gains: Vec<Identity>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loses: Vec<Identity>,
+}
+
+/// Everything that changes in access from one policy to the next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AccessDiff {
+    pub old: String,
+    pub new: String,
+    /// Whether access changes at all (the exit code says the same).
+    pub changed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default: Option<(Verdict, Verdict)>,
+    /// The policy-wide mode (the default's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<(Mode, Mode)>,
+    pub services: Vec<ServiceDiff>,
+}
+
+fn scope_of(widens: bool, narrows: bool) -> Scope {
+    match (widens, narrows) {
+        (true, false) => Scope::Widened,
+        (false, true) => Scope::Narrowed,
+        _ => Scope::Moved,
+    }
+}
+
+fn ports_change(old: PortRange, new: PortRange) -> Option<Changed<String>> {
+    (old != new).then(|| {
+        let covers = |a: PortRange, b: PortRange| a.first <= b.first && b.last <= a.last;
+        Changed {
+            old: old.to_string(),
+            new: new.to_string(),
+            change: scope_of(covers(new, old), covers(old, new)),
+        }
+    })
+}
+
+fn addresses_change(old: &AddrSet, new: &AddrSet) -> Option<Changed<String>> {
+    (old != new).then(|| {
+        let covers = |a: &AddrSet, b: &AddrSet| match (a, b) {
+            (AddrSet::Loopback, _) => true,
+            (AddrSet::Nets(_), AddrSet::Loopback) => false,
+            (AddrSet::Nets(outer), AddrSet::Nets(inner)) => {
+                inner.iter().all(|i| outer.iter().any(|o| o.contains(i)))
+            }
+        };
+        Changed {
+            old: old.to_string(),
+            new: new.to_string(),
+            change: scope_of(covers(new, old), covers(old, new)),
+        }
+    })
+}
+
+fn protocol_change(old: Protocol, new: Protocol) -> Option<Changed<Protocol>> {
+    (old != new).then(|| Changed {
+        old,
+        new,
+        change: match (old, new) {
+            (_, Protocol::Any) => Scope::Widened,
+            (Protocol::Any, _) => Scope::Narrowed,
+            _ => Scope::Moved,
+        },
+    })
+}
+
+fn bind_change(old: &Service, new: &Service) -> Option<BindDiff> {
+    let ids = |s: &Service| s.bind.as_ref().map(|b| identities(&b.users, &b.groups));
+    match (ids(old), ids(new)) {
+        (None, None) => None,
+        (Some(_), None) => Some(BindDiff {
+            change: ServiceChange::Removed,
+            gains: Vec::new(),
+            loses: Vec::new(),
+        }),
+        (None, Some(_)) => Some(BindDiff {
+            change: ServiceChange::Added,
+            gains: Vec::new(),
+            loses: Vec::new(),
+        }),
+        (Some(a), Some(b)) if a == b => None,
+        (Some(a), Some(b)) => Some(BindDiff {
+            change: ServiceChange::Changed,
+            gains: b.difference(&a).cloned().collect(),
+            loses: a.difference(&b).cloned().collect(),
+        }),
+    }
+}
+
+fn service_change(old: &Service, new: &Service) -> Option<ServiceDiff> {
+    let (was, now) = (
+        identities(&old.users, &old.groups),
+        identities(&new.users, &new.groups),
+    );
+    let (mut gains, mut loses, mut list) = (Vec::new(), Vec::new(), None);
+    if old.list != new.list {
+        list = Some((old.list, new.list));
+    } else {
+        let added: Vec<Identity> = now.difference(&was).cloned().collect();
+        let removed: Vec<Identity> = was.difference(&now).cloned().collect();
+        // An allow-list entry grants; a deny-list entry takes away.
+        (gains, loses) = match new.list {
+            ListKind::Allow => (added, removed),
+            ListKind::Deny => (removed, added),
+        };
+    }
+    let d = ServiceDiff {
+        name: new.name.clone(),
+        change: ServiceChange::Changed,
+        matches: new.describe(),
+        gains,
+        loses,
+        list,
+        ports: ports_change(old.ports, new.ports),
+        addresses: addresses_change(&old.addresses, &new.addresses),
+        protocol: protocol_change(old.protocol, new.protocol),
+        mode: (old.mode != new.mode).then_some((old.mode, new.mode)),
+        bind: bind_change(old, new),
+    };
+    let unchanged = d.gains.is_empty()
+        && d.loses.is_empty()
+        && d.list.is_none()
+        && d.ports.is_none()
+        && d.addresses.is_none()
+        && d.protocol.is_none()
+        && d.mode.is_none()
+        && d.bind.is_none();
+    (!unchanged).then_some(d)
+}
+
+fn whole(s: &Service, change: ServiceChange) -> ServiceDiff {
+    ServiceDiff {
+        name: s.name.clone(),
+        change,
+        matches: s.describe(),
+        gains: Vec::new(),
+        loses: Vec::new(),
+        list: None,
+        ports: None,
+        addresses: None,
+        protocol: None,
+        mode: None,
+        bind: None,
+    }
+}
+
+fn by_name(p: &Policy) -> std::collections::HashMap<&str, &Service> {
+    p.services.iter().map(|s| (s.name.as_str(), s)).collect()
+}
+
+/// The access diff from `old` to `new`. Linear in the number of services
+/// (services are matched by name through a map).
+pub fn diff(old: &Policy, new: &Policy) -> AccessDiff {
+    let (was, now) = (by_name(old), by_name(new));
+    let mut services = Vec::new();
+    for s in &old.services {
+        if !now.contains_key(s.name.as_str()) {
+            services.push(whole(s, ServiceChange::Removed));
+        }
+    }
+    for s in &new.services {
+        match was.get(s.name.as_str()) {
+            None => services.push(whole(s, ServiceChange::Added)),
+            Some(o) => services.extend(service_change(o, s)),
+        }
+    }
+    let default = (old.default != new.default).then_some((old.default, new.default));
+    let mode = (old.mode != new.mode).then_some((old.mode, new.mode));
+    AccessDiff {
+        old: old.file.clone(),
+        new: new.file.clone(),
+        changed: default.is_some() || mode.is_some() || !services.is_empty(),
+        default,
+        mode,
+        services,
+    }
+}
+
+impl AccessDiff {
+    /// One line per change, for a terminal.
+    pub fn human(&self) -> String {
+        if !self.changed {
+            return format!("no change in access from {} to {}\n", self.old, self.new);
+        }
+        let mut out = format!("access changes from {} to {}:\n", self.old, self.new);
+        for line in self.lines() {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// A Markdown summary for a pull-request comment (`--format github`).
+    pub fn markdown(&self) -> String {
+        if !self.changed {
+            return format!(
+                "### loopguard: no change in access\n\n`{}` → `{}`: who may reach which service is unchanged.\n",
+                self.old, self.new
+            );
+        }
+        let weakened = self.weakenings();
+        let mut out = format!(
+            "### loopguard: access changes\n\n`{}` → `{}`{}\n\n",
+            self.old,
+            self.new,
+            if weakened > 0 {
+                format!(
+                    " — **{weakened} weakening{}**",
+                    if weakened == 1 { "" } else { "s" }
+                )
+            } else {
+                String::new()
+            }
+        );
+        for line in self.lines() {
+            out.push_str(&format!("- {}\n", line.trim_start()));
+        }
+        out
+    }
+
+    /// Changes that open access or loosen enforcement: gains, widened
+    /// scopes, enforce -> audit, bind guards dropped, default allow.
+    pub fn weakenings(&self) -> usize {
+        let mut n = usize::from(matches!(self.default, Some((_, Verdict::Allow))))
+            + usize::from(matches!(self.mode, Some((Mode::Enforce, Mode::Audit))));
+        for s in &self.services {
+            n +=
+                usize::from(!s.gains.is_empty())
+                    + usize::from(s.list.is_some())
+                    + usize::from(matches!(s.mode, Some((Mode::Enforce, Mode::Audit))))
+                    + usize::from(s.bind.as_ref().is_some_and(|b| {
+                        b.change == ServiceChange::Removed || !b.gains.is_empty()
+                    }))
+                    + usize::from(s.change == ServiceChange::Removed);
+        }
+        n
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some((a, b)) = self.default {
+            out.push(format!("~ default {a} -> {b} (traffic no service matches)"));
+        }
+        if let Some((a, b)) = self.mode {
+            let how = if b == Mode::Audit {
+                ": WEAKENED, refusals only logged"
+            } else {
+                ""
+            };
+            out.push(format!("~ mode {a} -> {b}{how}"));
+        }
+        let list = |ids: &[Identity]| {
+            ids.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for s in &self.services {
+            match s.change {
+                ServiceChange::Added => {
+                    out.push(format!("+ service {} added ({})", s.name, s.matches));
+                    continue;
+                }
+                ServiceChange::Removed => {
+                    out.push(format!(
+                        "- service {} removed ({}): its traffic falls to the default",
+                        s.name, s.matches
+                    ));
+                    continue;
+                }
+                ServiceChange::Changed => {}
+            }
+            let name = &s.name;
+            if !s.gains.is_empty() {
+                out.push(format!(
+                    "+ {name}: {} gain{} access",
+                    list(&s.gains),
+                    if s.gains.len() == 1 { "s" } else { "" }
+                ));
+            }
+            if !s.loses.is_empty() {
+                out.push(format!(
+                    "- {name}: {} lose{} access",
+                    list(&s.loses),
+                    if s.loses.len() == 1 { "s" } else { "" }
+                ));
+            }
+            if let Some((a, b)) = s.list {
+                out.push(format!(
+                    "~ {name}: {a}-list -> {b}-list (who may reach it is turned around)"
+                ));
+            }
+            if let Some(p) = &s.ports {
+                out.push(format!(
+                    "~ {name}: ports {} -> {} ({})",
+                    p.old,
+                    p.new,
+                    scope_word(p.change)
+                ));
+            }
+            if let Some(a) = &s.addresses {
+                out.push(format!(
+                    "~ {name}: addresses {} -> {} ({})",
+                    a.old,
+                    a.new,
+                    scope_word(a.change)
+                ));
+            }
+            if let Some(p) = &s.protocol {
+                out.push(format!(
+                    "~ {name}: protocol {} -> {} ({})",
+                    p.old,
+                    p.new,
+                    scope_word(p.change)
+                ));
+            }
+            if let Some((a, b)) = s.mode {
+                let how = if b == Mode::Audit {
+                    ": WEAKENED, refusals only logged"
+                } else {
+                    ""
+                };
+                out.push(format!("~ {name}: mode {a} -> {b}{how}"));
+            }
+            if let Some(b) = &s.bind {
+                match b.change {
+                    ServiceChange::Removed => out.push(format!(
+                        "- {name}: bind guard DROPPED (any user may listen on its ports)"
+                    )),
+                    ServiceChange::Added => out.push(format!("+ {name}: bind guard added")),
+                    ServiceChange::Changed => {
+                        if !b.gains.is_empty() {
+                            out.push(format!(
+                                "+ {name}: {} may now bind its ports",
+                                list(&b.gains)
+                            ));
+                        }
+                        if !b.loses.is_empty() {
+                            out.push(format!(
+                                "- {name}: {} may no longer bind its ports",
+                                list(&b.loses)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn scope_word(s: Scope) -> &'static str {
+    match s {
+        Scope::Widened => "widened",
+        Scope::Narrowed => "narrowed",
+        Scope::Moved => "moved",
+    }
+}
