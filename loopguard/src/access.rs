@@ -175,7 +175,7 @@ fn addresses_change(old: &AddrSet, new: &AddrSet) -> Option<Changed<String>> {
 }
 
 fn protocol_change(old: Protocol, new: Protocol) -> Option<Changed<Protocol>> {
-    (old != new).then(|| Changed {
+    (old != new).then_some(Changed {
         old,
         new,
         change: match (old, new) {

@@ -217,7 +217,3 @@ pub fn netlink_socket(protocol: isize, groups: u32) -> io::Result<netlink_sys::S
     Ok(sock)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-}
