@@ -216,4 +216,3 @@ pub fn netlink_socket(protocol: isize, groups: u32) -> io::Result<netlink_sys::S
     sock.set_non_blocking(true)?;
     Ok(sock)
 }
-

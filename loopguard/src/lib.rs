@@ -10,6 +10,7 @@ pub mod access;
 pub mod audit;
 pub mod change;
 pub mod check;
+pub mod ci;
 pub mod compile;
 pub mod diag;
 pub mod ebpf;

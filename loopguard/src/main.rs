@@ -158,11 +158,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
 /// One line on stderr (the whole cause chain, `: `-joined) and the exit
 /// code for the kind of failure. A closed stdout is not an error.
 fn report(err: &anyhow::Error, verbose: bool) -> ExitCode {
-    if err
-        .chain()
-        .filter_map(|e| e.downcast_ref::<io::Error>())
-        .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
-    {
+    let broken_pipe = |e: &(dyn std::error::Error + 'static)| {
+        e.downcast_ref::<io::Error>()
+            .map(io::Error::kind)
+            .or_else(|| {
+                e.downcast_ref::<serde_json::Error>()
+                    .and_then(|j| j.io_error_kind())
+            })
+            == Some(io::ErrorKind::BrokenPipe)
+    };
+    if err.chain().any(broken_pipe) {
         return ExitCode::from(exit::OK);
     }
     // One line: stop at a verifier failure, whose source carries the whole

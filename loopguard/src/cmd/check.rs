@@ -6,7 +6,18 @@ use loopguard::policy::SystemDirectory;
 use serde::Serialize;
 
 use super::{check_source, counts};
-use crate::{exit, Format};
+use crate::exit;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+enum CheckFormat {
+    #[default]
+    Human,
+    Json,
+    /// SARIF 2.1.0, for code-scanning uploads.
+    Sarif,
+    /// GitHub Actions workflow commands: annotations on the pull request.
+    Github,
+}
 
 #[derive(clap::Args)]
 #[command(
@@ -22,7 +33,7 @@ pub(crate) struct Args {
     #[arg(long)]
     force: bool,
     #[arg(long, value_enum, default_value_t)]
-    format: Format,
+    format: CheckFormat,
     /// Policy files.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
@@ -52,6 +63,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<u8> {
     let mut unreadable = false;
     let mut problems = false;
     let mut files = Vec::new();
+    let mut records = Vec::new();
     for path in &args.files {
         let source = match super::read_policy(path) {
             Ok(s) => s,
@@ -67,7 +79,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<u8> {
         let refusal = checked.refusal(args.force);
         problems |= refusal.is_some();
         match args.format {
-            Format::Human => {
+            CheckFormat::Human => {
                 out.write_all(checked.report().render_human().as_bytes())?;
                 let services = checked.policy.as_ref().map_or(0, |p| p.services.len());
                 match refusal {
@@ -87,7 +99,13 @@ pub(crate) fn run(args: Args) -> anyhow::Result<u8> {
                     )?,
                 }
             }
-            Format::Json => files.push(FileReport {
+            CheckFormat::Sarif | CheckFormat::Github => {
+                records.extend(checked.report().records());
+                // A file apply refuses without an error diagnostic (it
+                // cuts root off): the warning is there; CI fails by the
+                // exit code.
+            }
+            CheckFormat::Json => files.push(FileReport {
                 file: checked.file.clone(),
                 ok: refusal.is_none(),
                 apply_refuses: refusal.map(|r| match r {
@@ -101,7 +119,15 @@ pub(crate) fn run(args: Args) -> anyhow::Result<u8> {
             }),
         }
     }
-    if let Format::Json = args.format {
+    match args.format {
+        CheckFormat::Sarif => {
+            serde_json::to_writer_pretty(&mut out, &loopguard::ci::sarif(&records))?;
+            writeln!(out)?;
+        }
+        CheckFormat::Github => out.write_all(loopguard::ci::github(&records).as_bytes())?,
+        CheckFormat::Human | CheckFormat::Json => {}
+    }
+    if let CheckFormat::Json = args.format {
         let report = JsonReport {
             ok: !problems && !unreadable,
             files,

@@ -6,6 +6,7 @@
 
 mod parse;
 mod resolve;
+mod schema;
 mod toml;
 mod validate;
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use parse::parse;
 pub use parse::valid_name;
 pub use resolve::{resolve, Directory, Resolved, SystemDirectory};
+pub use schema::policy_schema;
 pub use validate::{lint, validate, EphemeralPorts, ESSENTIAL_SERVICES};
 
 use crate::diag::Diagnostic;

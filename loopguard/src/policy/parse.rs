@@ -11,8 +11,8 @@ use super::{
 };
 use crate::diag::{Code, Diagnostic};
 
-const ROOT_KEYS: &[&str] = &["version", "default", "mode", "log_allowed", "service"];
-const SERVICE_KEYS: &[&str] = &[
+pub(super) const ROOT_KEYS: &[&str] = &["version", "default", "mode", "log_allowed", "service"];
+pub(super) const SERVICE_KEYS: &[&str] = &[
     "name",
     "port",
     "protocol",
