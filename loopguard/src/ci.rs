@@ -74,7 +74,7 @@ pub fn sarif(records: &[Record]) -> Sarif {
             };
             let mut text = r.message.clone();
             for note in &r.notes {
-                text.push_str("\n");
+                text.push('\n');
                 text.push_str(note);
             }
             SarifResult::builder()
