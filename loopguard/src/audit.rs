@@ -198,7 +198,8 @@ pub struct AuditRecord {
     #[serde(
         rename = "network.transport",
         default,
-        skip_serializing_if = "Option::is_none"
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_transport"
     )]
     pub transport: Option<Transport>,
     #[serde(
@@ -235,6 +236,18 @@ pub struct AuditRecord {
         skip_serializing_if = "Option::is_none"
     )]
     pub dropped: Option<u64>,
+}
+
+/// `tcp`, `udp`, or (older logs: `"unknown"`) nothing.
+fn lenient_transport<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Transport>, D::Error> {
+    let word = Option::<String>::deserialize(d)?;
+    Ok(match word.as_deref() {
+        Some("tcp") => Some(Transport::Tcp),
+        Some("udp") => Some(Transport::Udp),
+        _ => None,
+    })
 }
 
 /// The categorisation fields every attempt's event carries, so it indexes
@@ -411,8 +424,9 @@ pub fn packet_record(
     let bucket = match prefix.bucket {
         PrefixBucket::Default => DEFAULT_BUCKET,
         PrefixBucket::Chain(_) => {
-            let (ip, port) = (ev.destination?, ev.port?);
-            plan.and_then(|p| p.service_for(transport?, &Destination::in_scope(ip), port))
+            // Only TCP and UDP reach a verdict chain.
+            let (transport, ip, port) = (transport?, ev.destination?, ev.port?);
+            plan.and_then(|p| p.service_for(transport, &Destination::in_scope(ip), port))
                 .map_or(u32::MAX, |i| i as u32) // no such service: "unknown service"
         }
     };

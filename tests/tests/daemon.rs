@@ -749,3 +749,56 @@ fn edits_renames_and_configmap_swaps_take_effect_without_a_signal() {
     wait_for(&sb, "connect=ok", "after an edit in place");
     assert!(d.log().contains("file changed"), "{}", tail(&d.log(), 2000));
 }
+
+/// Re-pointing a symlink in the middle of the path (`current -> rel2`) and
+/// a policy directory deleted and made again both take effect: the
+/// symlink's directory is watched, and a slow look every 5 s catches what
+/// inotify cannot see.
+#[test]
+fn a_repointed_directory_symlink_and_a_recreated_directory_are_followed() {
+    let u = users();
+    let mut sb = Sandbox::new("run-watch2");
+    let only = |name: &str| {
+        format!(
+            "version = 1\n[[service]]\nname = \"db\"\nport = 8888\nallow_users = [\"{name}\"]\n"
+        )
+    };
+    let root = sb.dir.join("lg");
+    for (rel, who) in [("rel1", u.alice.name), ("rel2", u.bob.name)] {
+        std::fs::create_dir_all(root.join(rel)).expect("mkdir");
+        std::fs::write(root.join(rel).join("policy.toml"), only(who)).expect("write");
+    }
+    std::os::unix::fs::symlink("rel1", root.join("current")).expect("symlink");
+    let file = root.join("current").join("policy.toml");
+    let d = sb.start_daemon(&file, &["-v"]);
+    let bob = |sb: &Sandbox| sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8888"]);
+    assert_eq!(bob(&sb), "connect=EPERM");
+    let wait_for = |sb: &Sandbox, want: &str, what: &str| {
+        let deadline = Instant::now() + timing_target(Duration::from_secs(15));
+        loop {
+            let got = bob(sb);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: bob still gets {got}; daemon log tail: {}",
+                tail(&d.log(), 2000)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // `ln -sfn rel2 current`, atomically.
+    std::os::unix::fs::symlink("rel2", root.join("current.new")).expect("symlink");
+    std::fs::rename(root.join("current.new"), root.join("current")).expect("swap");
+    wait_for(&sb, "connect=ok", "after re-pointing current");
+
+    // The release directory deleted and made again, with alice only.
+    std::fs::remove_dir_all(root.join("rel2")).expect("rm -r");
+    std::fs::create_dir_all(root.join("rel2")).expect("mkdir");
+    std::fs::write(root.join("rel2").join("policy.toml"), only(u.alice.name)).expect("write");
+    wait_for(&sb, "connect=EPERM", "after the directory was made again");
+    // And an edit in the new directory is seen too.
+    std::fs::write(root.join("rel2").join("policy.toml"), only(u.bob.name)).expect("write");
+    wait_for(&sb, "connect=ok", "after an edit in the new directory");
+}

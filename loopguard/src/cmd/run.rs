@@ -461,7 +461,7 @@ impl Daemon {
             }
             Ok(_) => {
                 log::warn!(
-                    "events decided by plan {id:016x}, which neither the state nor the journal holds: decoded with the plan in force"
+                    "events decided by plan {id:016x}, which neither the state nor the journal holds: recorded without a service"
                 );
                 self.unknown_plan = Some(id);
             }
@@ -476,7 +476,13 @@ impl Daemon {
         if ev.plan_id != 0 && !self.plans.contains_key(&ev.plan_id) {
             self.learn_plan(ev.plan_id);
         }
-        let plan = self.plans.get(&ev.plan_id).or(self.current.as_ref());
+        // A plan found nowhere is not guessed at: the record says the
+        // policy that decided is not loaded rather than name a service
+        // of another plan.
+        let plan = match ev.plan_id {
+            0 => self.current.as_ref(),
+            id => self.plans.get(&id),
+        };
         audit::record(ev, plan, &self.clock, &mut self.names).to_line()
     }
 }
@@ -617,27 +623,48 @@ async fn read_events(ring: RingBuf<MapData>, daemon: Arc<Mutex<Daemon>>) {
             return;
         };
         let ring = guard.get_inner_mut();
-        let mut d = lock(&daemon);
-        d.follow_state();
-        // Drain in bounded batches: memory stays flat however long the
-        // flood, and the writes are large.
-        let mut lines = Vec::with_capacity(1024);
-        while let Some(item) = ring.next() {
-            if item.len() >= size_of::<Event>() {
-                // SAFETY: the kernel wrote an Event (repr(C), any bits valid).
-                let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                lines.push(d.event(&ev));
+        let more = {
+            let mut d = lock(&daemon);
+            d.follow_state();
+            // Drain in bounded batches: memory stays flat however long
+            // the flood, and the writes are large. At most
+            // EVENTS_PER_WAKEUP before the other tasks (signals, repair,
+            // metrics) get a turn.
+            let mut lines = Vec::with_capacity(1024);
+            let mut taken = 0;
+            let mut more = false;
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<Event>() {
+                    // SAFETY: the kernel wrote an Event (repr(C), any bits valid).
+                    let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    lines.push(d.event(&ev));
+                }
+                if lines.len() == 1024 {
+                    d.emit_all(&lines);
+                    lines.clear();
+                }
+                taken += 1;
+                if taken == EVENTS_PER_WAKEUP {
+                    more = true;
+                    break;
+                }
             }
-            if lines.len() == 1024 {
-                d.emit_all(&lines);
-                lines.clear();
-            }
+            d.emit_all(&lines);
+            more
+        };
+        if more {
+            // Still readable: come back after the others had their turn.
+            tokio::task::yield_now().await;
+        } else {
+            guard.clear_ready();
         }
-        d.emit_all(&lines);
-        drop(d);
-        guard.clear_ready();
     }
 }
+
+/// Events (or NFLOG datagrams) read in one turn of the event loop; a flood
+/// cannot starve signals, repair or the metrics endpoint.
+const EVENTS_PER_WAKEUP: usize = 16 * 1024;
+const DATAGRAMS_PER_WAKEUP: usize = 64;
 
 /// Refusals of the nftables layer, from NFLOG; gaps in the kernel's
 /// sequence numbers are reported as dropped.
@@ -654,17 +681,25 @@ async fn read_packets(sock: Socket, daemon: Arc<Mutex<Daemon>>) {
         };
         let mut lines = Vec::new();
         let mut lost = 0u64;
-        loop {
+        // Whether the socket may hold more than this turn took.
+        let mut more = true;
+        for _ in 0..DATAGRAMS_PER_WAKEUP {
             let n = match recv_nonblocking(guard.get_inner(), &mut buf) {
-                Ok(0) => break,
+                Ok(0) => {
+                    more = false;
+                    break;
+                }
                 Ok(n) => n,
                 // Overflow: the sequence gap says how much was lost.
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
-                Err(_) => break,
+                Err(_) => {
+                    more = false;
+                    break;
+                }
             };
-            let mut d = lock(&daemon);
-            d.follow_state();
-            let table = d.paths.instance.clone();
+            let mut locked = lock(&daemon);
+            locked.follow_state();
+            let d = &mut *locked;
             for ev in loopguard::nflog::parse(&buf[..n]) {
                 if let Some(seq) = ev.seq {
                     if let Some(expected) = next_seq {
@@ -672,18 +707,27 @@ async fn read_packets(sock: Socket, daemon: Arc<Mutex<Daemon>>) {
                     }
                     next_seq = Some(seq.wrapping_add(1));
                 }
-                let plan = d.current.clone();
-                if let Some(v) = audit::packet_record(&ev, &table, plan.as_ref(), &mut d.names) {
+                // The plan is borrowed, never copied per packet.
+                if let Some(v) =
+                    audit::packet_record(&ev, &d.paths.instance, d.current.as_ref(), &mut d.names)
+                {
                     lines.push(v.to_line());
                 }
             }
         }
-        guard.clear_ready();
-        let mut d = lock(&daemon);
-        d.emit_all(&lines);
-        if lost > 0 {
-            d.metrics.dropped.inc_by(lost);
-            d.emit(&audit::dropped_record(lost, audit::EventLayer::Packet));
+        {
+            let mut d = lock(&daemon);
+            d.emit_all(&lines);
+            if lost > 0 {
+                d.metrics.dropped.inc_by(lost);
+                d.emit(&audit::dropped_record(lost, audit::EventLayer::Packet));
+            }
+        }
+        if more {
+            // Still readable: come back after the others had their turn.
+            tokio::task::yield_now().await;
+        } else {
+            guard.clear_ready();
         }
     }
 }
@@ -889,8 +933,18 @@ async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
     let mut seen = stamp(&file);
     loop {
         if watcher.is_ok() {
-            if rx.recv().await.is_none() {
-                return;
+            // inotify, with a slow look as a safety net: a watched
+            // directory deleted and made again, a file system that sends
+            // no events (NFS, FUSE), a mount over the directory.
+            match tokio::time::timeout(SAFETY_NET, rx.recv()).await {
+                Ok(None) => return,
+                Ok(Some(())) => {}
+                Err(_) => {
+                    let quiet = stamp(&file) == seen && watched_directories(&file) == dirs;
+                    if quiet {
+                        continue;
+                    }
+                }
             }
             // Debounce: wait until the file is quiet, for at most 2 s.
             let settle = Instant::now() + Duration::from_secs(2);
@@ -917,6 +971,7 @@ async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
             }
         }
         let now = stamp(&file);
+        log::debug!("policy file: looked ({now:?}, was {seen:?})");
         if now == seen || now.is_none() {
             continue;
         }
@@ -927,18 +982,45 @@ async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
     }
 }
 
-/// The directory holding `file`, and the one holding its target when it
-/// is a symlink that leads elsewhere.
-fn watched_directories(file: &Path) -> Vec<PathBuf> {
+/// How often the watched file is looked at even without an event.
+const SAFETY_NET: Duration = Duration::from_secs(5);
+
+/// A watched directory: its path and identity (device, inode), so a
+/// directory removed and made again at the same path is watched anew.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WatchedDir {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+/// The directory holding `file`, the one holding its target when it is a
+/// symlink that leads elsewhere, and the directory of every symlink on
+/// the way (`/etc/lg/current -> release-1`: `/etc/lg`, where `current`
+/// is re-pointed).
+fn watched_directories(file: &Path) -> Vec<WatchedDir> {
+    use std::os::unix::fs::MetadataExt as _;
     let parent = |p: &Path| match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut dirs = vec![parent(file)];
+    let mut paths = vec![parent(file)];
     if let Ok(target) = fs::canonicalize(file) {
-        let dir = parent(&target);
-        if fs::canonicalize(&dirs[0]).ok().as_ref() != Some(&dir) {
-            dirs.push(dir);
+        paths.push(parent(&target));
+    }
+    // Bounded by the path's depth.
+    for ancestor in file.ancestors().skip(1) {
+        if fs::symlink_metadata(ancestor).is_ok_and(|m| m.file_type().is_symlink()) {
+            paths.push(parent(ancestor));
+        }
+    }
+    let mut dirs: Vec<WatchedDir> = Vec::new();
+    for path in paths {
+        let id = fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+        if !dirs
+            .iter()
+            .any(|d| d.path == path || (id.is_some() && d.id == id))
+        {
+            dirs.push(WatchedDir { path, id });
         }
     }
     dirs
@@ -950,6 +1032,12 @@ fn watched_directories(file: &Path) -> Vec<PathBuf> {
 /// log, an editor's swap file) wake nothing.
 fn watched_names(file: &Path) -> Vec<std::ffi::OsString> {
     let mut names: Vec<std::ffi::OsString> = file.file_name().into_iter().map(Into::into).collect();
+    // Symlinks on the way: their names, in their directories.
+    for ancestor in file.ancestors().skip(1) {
+        if fs::symlink_metadata(ancestor).is_ok_and(|m| m.file_type().is_symlink()) {
+            names.extend(ancestor.file_name().map(Into::into));
+        }
+    }
     let mut at = file.to_path_buf();
     // A bounded walk: symlink loops end it.
     for _ in 0..8 {
@@ -972,7 +1060,7 @@ fn watched_names(file: &Path) -> Vec<std::ffi::OsString> {
 /// An inotify watch on `dirs`; an event on one of `names` is a wake-up on
 /// `tx`.
 fn watch_directories(
-    dirs: &[PathBuf],
+    dirs: &[WatchedDir],
     names: Vec<std::ffi::OsString>,
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> notify::Result<notify::RecommendedWatcher> {
@@ -990,7 +1078,7 @@ fn watch_directories(
         }
     })?;
     for dir in dirs {
-        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        watcher.watch(&dir.path, notify::RecursiveMode::NonRecursive)?;
     }
     Ok(watcher)
 }

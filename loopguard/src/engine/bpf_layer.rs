@@ -26,6 +26,9 @@ pub struct BpfLayer {
     staged: Option<(Installed, u32)>,
     /// The slot flipped to, once committed.
     committed: Option<u32>,
+    /// The active slot before this apply (read when staging), which a
+    /// roll back restores exactly (a slot, or none).
+    active_before: Option<u32>,
 }
 
 impl Layer for BpfLayer {
@@ -57,6 +60,7 @@ impl Layer for BpfLayer {
             ebpf::install(ctx.paths, ctx.cgroup, ctx.netns_cookie)
         })
         .context("failed to install the eBPF layer")?;
+        self.active_before = installed.maps.config().ok().map(|c| c.active_slot);
         let result = ebpf::sync_local(&mut installed.maps, &local).and_then(|_| {
             timed("ebpf: stage", || {
                 // Counters carry over by service name only from a plan
@@ -106,13 +110,10 @@ impl Layer for BpfLayer {
             ebpf::remove_pins(ctx.paths)?;
             return Ok(());
         }
-        // The previous plan is still whole in the other slot.
-        match ctx.previous.filter(|p| p.layers.contains(&LayerKind::Bpf)) {
-            Some(prev) => Ok(ebpf::flip(
-                &mut installed.maps,
-                prev.slot,
-                ctx.netns_cookie,
-            )?),
+        // What was active before is still whole: the stage wrote the other
+        // slot.
+        match self.active_before {
+            Some(slot) => Ok(ebpf::flip(&mut installed.maps, slot, ctx.netns_cookie)?),
             None => {
                 ebpf::remove_pins(ctx.paths)?;
                 Ok(())

@@ -332,21 +332,28 @@ fn choose(
     ctx: &Context<'_>,
 ) -> Result<Vec<usize>, EnforceError> {
     let mut chosen = Vec::new();
+    let mut last_error = None;
     for (i, layer) in all.iter().enumerate() {
         if !want.contains(layer.kind()) {
             continue;
         }
         match layer.available(ctx) {
             Ok(()) => chosen.push(i),
-            Err(e) if want.is_several() => log::warn!(
-                "{} layer unavailable ({e:#}); enforcing without it",
-                layer.kind().title()
-            ),
+            Err(e) if want.is_several() => {
+                log::warn!(
+                    "{} layer unavailable ({e:#}); enforcing without it",
+                    layer.kind().title()
+                );
+                last_error = Some(e);
+            }
             Err(e) => return Err(e.into()),
         }
     }
     if chosen.is_empty() {
-        return Err(anyhow::anyhow!("no enforcement layer is available on this host").into());
+        let e = last_error.unwrap_or_else(|| anyhow::anyhow!("no layer asked for"));
+        return Err(e
+            .context("no enforcement layer is available on this host")
+            .into());
     }
     Ok(chosen)
 }
