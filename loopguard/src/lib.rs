@@ -23,5 +23,6 @@ pub mod nflog;
 pub mod nft;
 pub mod paths;
 pub mod policy;
+pub mod scan;
 pub mod scope;
 pub mod state;

@@ -94,6 +94,10 @@ enum Command {
     /// The change in access between two policy files: who gains or loses
     /// access to which service, scopes widened, enforcement weakened.
     Diff(cmd::diff::Args),
+    /// Every TCP listener and bound UDP socket: owner, process, unit, the
+    /// service that guards it (or none), and which are reachable from the
+    /// network; `--format toml` writes a starter policy.
+    Scan(cmd::scan::Args),
 }
 
 fn main() -> ExitCode {
@@ -152,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Audit(args) => cmd::audit::run(args, &paths),
         Command::Remove => cmd::remove::run(&paths),
         Command::Diff(args) => cmd::diff::run(args),
+        Command::Scan(args) => cmd::scan::run(args, &paths),
     }
 }
 

@@ -26,7 +26,15 @@ use crate::{status, workspace_root};
 /// Integration test binaries (of the loopguard-tests package) run in the
 /// guest. The Redis end-to-end test stays on the host: it needs a full
 /// Debian service.
-const GUEST_TESTS: &[&str] = &["enforce", "lifecycle", "nft", "daemon", "routes", "crash"];
+const GUEST_TESTS: &[&str] = &[
+    "enforce",
+    "lifecycle",
+    "nft",
+    "daemon",
+    "routes",
+    "crash",
+    "scan",
+];
 
 /// Host programs the tests call, copied into the guest with their libraries.
 const GUEST_PROGRAMS: &[&str] = &[

@@ -7,6 +7,7 @@ pub(crate) mod diff;
 pub(crate) mod explain;
 pub(crate) mod remove;
 pub(crate) mod run;
+pub(crate) mod scan;
 pub(crate) mod status;
 
 use std::path::PathBuf;

@@ -511,6 +511,30 @@ fn main() {
             }
             tally.print();
         }
+        "serve" => {
+            // serve ADDR:PORT [tcp|udp]: listen (or bind, for UDP) there
+            // and stay, for `scan` to find.
+            let at = target();
+            let udp = args.get(2).map(String::as_str) == Some("udp");
+            let kind = if udp {
+                socket2::Type::DGRAM
+            } else {
+                socket2::Type::STREAM
+            };
+            let s = opts.socket(&at, kind);
+            s.set_reuse_address(true).ok();
+            if let Err(e) = s.bind(&at.into()) {
+                die(&format!("serve: bind: {}", errno_name(&e)));
+            }
+            if !udp {
+                s.listen(16)
+                    .unwrap_or_else(|e| die(&format!("serve: listen: {e}")));
+            }
+            println!("serving");
+            loop {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+        }
         "hold" => {
             let to = target();
             let n: usize = args
