@@ -64,7 +64,7 @@ pub fn listeners() -> io::Result<Vec<Listener>> {
             dump(family, protocol, states, &mut out)?;
         }
     }
-    out.sort_by(|a, b| (a.port, a.protocol, a.address).cmp(&(b.port, b.protocol, b.address)));
+    out.sort_by_key(|l| (l.port, l.protocol, l.address));
     out.dedup_by(|a, b| a.inode == b.inode && a.inode != 0);
     annotate(&mut out);
     Ok(out)
