@@ -19,6 +19,7 @@ pub mod engine;
 pub mod exercise;
 pub mod health;
 pub mod host;
+pub mod learn;
 pub mod nflog;
 pub mod nft;
 pub mod paths;

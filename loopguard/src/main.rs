@@ -98,6 +98,9 @@ enum Command {
     /// service that guards it (or none), and which are reachable from the
     /// network; `--format toml` writes a starter policy.
     Scan(cmd::scan::Args),
+    /// From audit-mode events, the allow-lists that would have let exactly
+    /// the observed traffic through: a policy, or changes to --policy.
+    Learn(cmd::learn::Args),
 }
 
 fn main() -> ExitCode {
@@ -157,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Remove => cmd::remove::run(&paths),
         Command::Diff(args) => cmd::diff::run(args),
         Command::Scan(args) => cmd::scan::run(args, &paths),
+        Command::Learn(args) => cmd::learn::run(args),
     }
 }
 

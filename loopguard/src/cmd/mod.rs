@@ -5,6 +5,7 @@ pub(crate) mod audit;
 pub(crate) mod check;
 pub(crate) mod diff;
 pub(crate) mod explain;
+pub(crate) mod learn;
 pub(crate) mod remove;
 pub(crate) mod run;
 pub(crate) mod scan;
