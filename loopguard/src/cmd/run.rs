@@ -90,6 +90,8 @@ struct Metrics {
     repairs: Family<LayerLabels, Counter>,
     reload_failures: Counter,
     file_matches: Gauge,
+    accounts_refreshed: Gauge,
+    accounts_refresh_failures: Counter,
     seen: HashMap<AttemptLabels, u64>,
 }
 
@@ -110,6 +112,18 @@ impl Metrics {
         let repairs = Family::<LayerLabels, Counter>::default();
         let reload_failures = Counter::default();
         let file_matches = Gauge::default();
+        let accounts_refreshed = Gauge::default();
+        let accounts_refresh_failures = Counter::default();
+        registry.register(
+            "accounts_resolved_timestamp_seconds",
+            "Unix time the policy's users and groups were last resolved after a change to the user database",
+            accounts_refreshed.clone(),
+        );
+        registry.register(
+            "accounts_refresh_failures",
+            "Changes to the user database that could not be enforced (the policy no longer resolves, or its file holds unapplied edits)",
+            accounts_refresh_failures.clone(),
+        );
         registry.register(
             "policy_reload_failures",
             "Reloads that left the running policy in force (a broken edit, a failed apply)",
@@ -166,6 +180,8 @@ impl Metrics {
             repairs,
             reload_failures,
             file_matches,
+            accounts_refreshed,
+            accounts_refresh_failures,
             seen: HashMap::new(),
         }
     }
@@ -277,6 +293,12 @@ impl Daemon {
         if !prepared.warnings.is_empty() {
             log::warn!("{}", prepared.warnings);
         }
+        self.commit(why, prepared, started)
+    }
+
+    /// Enforces a prepared policy and makes it the one events are decoded
+    /// with.
+    fn commit(&mut self, why: &str, prepared: engine::Prepared, started: Instant) -> bool {
         let committed = engine::apply(&self.opts, &self.paths, prepared);
         release_memory();
         match committed {
@@ -299,6 +321,56 @@ impl Daemon {
         }
     }
 
+    /// The user database changed (`/etc/passwd`, `/etc/group`): names and
+    /// groups of the policy in force are resolved again and, when a
+    /// service's uids changed, both layers are updated in place. Each
+    /// change is logged (`user lgt-bob added to service db via group
+    /// lgt-live`).
+    fn refresh_accounts(&mut self) {
+        let Some(current) = self.current.clone() else {
+            return;
+        };
+        // Only the file that is in force is re-resolved: an edit not yet
+        // applied (a broken one) is the file watcher's business.
+        let on_disk = fs::read(&self.file)
+            .ok()
+            .map(|b| loopguard::compile::source_hash(&String::from_utf8_lossy(&b)));
+        if on_disk.as_ref() != Some(&current.hash) {
+            log::warn!(
+                "the user database changed, but {} holds edits not in force: group membership not refreshed",
+                self.file.display()
+            );
+            self.metrics.accounts_refresh_failures.inc();
+            return;
+        }
+        let started = Instant::now();
+        let prepared = match engine::prepare(&self.file, self.opts.force) {
+            Ok(Ok(p)) => p,
+            Ok(Err(refused)) => {
+                log::error!("accounts changed: the policy no longer resolves; the running policy stays\n{refused}");
+                self.metrics.accounts_refresh_failures.inc();
+                return;
+            }
+            Err(e) => {
+                log::error!("accounts changed: {e:#}; the running policy stays");
+                self.metrics.accounts_refresh_failures.inc();
+                return;
+            }
+        };
+        self.metrics
+            .accounts_refreshed
+            .set(jiff::Timestamp::now().as_second());
+        if prepared.plan.id == current.id {
+            log::debug!("accounts changed; no service's uids did");
+            return;
+        }
+        let changes = membership_changes(&current, &prepared);
+        if self.commit("accounts changed", prepared, started) {
+            for c in changes {
+                log::info!("{c}");
+            }
+        }
+    }
     /// Writes records to stdout and the audit log, one write each per batch.
     fn emit_all(&mut self, lines: &[String]) {
         if lines.is_empty() {
@@ -386,6 +458,7 @@ impl Daemon {
             plan: state.plan,
             policy_path: state.policy_path,
             warnings: String::new(),
+            policy: None,
         };
         match engine::apply_locked(&opts, &self.paths, prepared) {
             Ok(state) => log::info!("repaired: {}", engine::summary(&state, started.elapsed())),
@@ -578,6 +651,7 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
     tokio::spawn(watch_local_table(daemon.clone()));
     tokio::spawn(watch_layers(daemon.clone()));
     tokio::spawn(watch_file(args.file.clone(), daemon.clone()));
+    tokio::spawn(watch_accounts(daemon.clone()));
 
     notify_systemd(&[NotifyState::Ready, NotifyState::Status("enforcing")]);
     log::info!("ready");
@@ -790,6 +864,75 @@ async fn watch_local_table(daemon: Arc<Mutex<Daemon>>) {
         drain(guard.get_inner(), &mut buf);
         guard.clear_ready();
         synced = sync_local_table(&mut lock(&daemon));
+    }
+}
+
+/// What a re-resolution changed, one line per uid and service: `user
+/// lgt-bob added to service db via group lgt-live`.
+fn membership_changes(old: &Plan, new: &engine::Prepared) -> Vec<String> {
+    use loopguard::policy::{Directory as _, SystemDirectory};
+    let dir = SystemDirectory;
+    let mut names = UserNames::default();
+    let mut who = |uid: u32| {
+        names
+            .get(uid)
+            .map_or(format!("uid {uid}"), |n| format!("user {n}"))
+    };
+    let mut out = Vec::new();
+    for s in &new.plan.services {
+        let now = &new.plan.uid_sets[s.uid_set as usize];
+        let was: &[u32] = old
+            .services
+            .iter()
+            .find(|o| o.name == s.name)
+            .map_or(&[], |o| &old.uid_sets[o.uid_set as usize]);
+        let listed = new
+            .policy
+            .as_ref()
+            .and_then(|p| p.services.iter().find(|ps| ps.name == s.name));
+        for uid in now.iter().filter(|u| !was.contains(u)) {
+            let via = listed
+                .and_then(|ps| {
+                    ps.groups.iter().find_map(|(g, _)| {
+                        dir.group_members(g)
+                            .is_some_and(|m| m.contains(uid))
+                            .then(|| format!(" via group {g}"))
+                    })
+                })
+                .unwrap_or_default();
+            out.push(format!("{} added to service {}{via}", who(*uid), s.name));
+        }
+        for uid in was.iter().filter(|u| !now.contains(u)) {
+            out.push(format!(
+                "{} removed from service {} (no longer listed, or no longer in its groups)",
+                who(*uid),
+                s.name
+            ));
+        }
+    }
+    out
+}
+
+/// Watches the user database and re-resolves the policy in force when it
+/// changes (debounced: `useradd` and `gpasswd` write several files).
+async fn watch_accounts(daemon: Arc<Mutex<Daemon>>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let names = vec!["passwd".into(), "group".into()];
+    let dirs = [WatchedDir {
+        path: PathBuf::from("/etc"),
+        id: None,
+    }];
+    let _watcher = match watch_directories(&dirs, names, tx) {
+        Ok(w) => w,
+        Err(e) => {
+            log::error!("cannot watch the user database (/etc/passwd, /etc/group): {e}; group membership is as of the last apply");
+            return;
+        }
+    };
+    while rx.recv().await.is_some() {
+        while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+        }
+        lock(&daemon).refresh_accounts();
     }
 }
 

@@ -69,6 +69,10 @@ struct Status {
     policy_hash: Option<String>,
     policy_path: Option<String>,
     applied_at: Option<String>,
+    /// When the policy's users and groups were last resolved to uids:
+    /// every apply, and every refresh `run` makes when the user database
+    /// changes.
+    names_resolved_at: Option<String>,
     cgroup: Option<String>,
     default: Option<String>,
     mode: Option<String>,
@@ -144,6 +148,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         policy_hash: None,
         policy_path: None,
         applied_at: None,
+        names_resolved_at: None,
         cgroup: None,
         default: None,
         mode: None,
@@ -172,6 +177,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         status.policy_hash = Some(plan.hash.clone());
         status.policy_path = Some(state.policy_path.display().to_string());
         status.applied_at = Some(state.applied_at.clone());
+        status.names_resolved_at = Some(state.applied_at.clone());
         status.cgroup = Some(state.cgroup.display().to_string());
         status.default = Some(plan.default.to_string());
         status.mode = Some(plan.mode.to_string());
@@ -253,7 +259,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             )?;
             writeln!(
                 out,
-                "applied:   {} (plan {})",
+                "applied:   {} (plan {}; users and groups resolved then)",
                 status.applied_at.as_deref().unwrap_or("?"),
                 status.plan_id.as_deref().unwrap_or("?")
             )?;

@@ -65,6 +65,9 @@ pub struct Prepared {
     pub policy_path: PathBuf,
     /// Rendered warnings, if any.
     pub warnings: String,
+    /// The parsed file (what its lists name, before resolution), when it
+    /// was read from a file.
+    pub policy: Option<crate::policy::Policy>,
 }
 
 /// A file `apply` will not enforce.
@@ -113,6 +116,7 @@ pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, Refu
         plan,
         policy_path,
         warnings,
+        policy: checked.policy,
     }))
 }
 
