@@ -101,6 +101,20 @@ enum Command {
     /// From audit-mode events, the allow-lists that would have let exactly
     /// the observed traffic through: a policy, or changes to --policy.
     Learn(cmd::learn::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell), e.g. `loopguard completions bash >
+    /// /usr/share/bash-completion/completions/loopguard`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page per command (loopguard.8, loopguard-apply.8, ...)
+    /// into DIR: what packaging installs.
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -142,6 +156,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// `loopguard.8` and `loopguard-<command>.8` for every visible command.
+fn manpages(dir: &std::path::Path) -> anyhow::Result<u8> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let command = <Cli as clap::CommandFactory>::command();
+    let write = |name: &str, cmd: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.8"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).section("8").render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("failed to write {}", path.display()))
+    };
+    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("loopguard-{}", sub.get_name());
+        write(&name, sub.clone().name(name.clone()))?;
+    }
+    write("loopguard", command)?;
+    Ok(exit::OK)
+}
+
 fn run(cli: Cli) -> anyhow::Result<u8> {
     if !paths::valid_instance(&cli.instance) {
         anyhow::bail!(
@@ -161,6 +194,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Diff(args) => cmd::diff::run(args),
         Command::Scan(args) => cmd::scan::run(args, &paths),
         Command::Learn(args) => cmd::learn::run(args),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "loopguard", &mut io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Manpages { dir } => manpages(&dir),
     }
 }
 

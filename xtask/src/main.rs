@@ -11,32 +11,62 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod dist;
 mod vm;
 
-/// Debian packages: LLVM 22 for bpf-linker (same major as nightly's LLVM),
-/// nft, bpftool (tests inspect attachments), iproute2 and util-linux
-/// (namespaces), passwd (test users), redis (the end-to-end test and demo).
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "nftables",
-    // The bench compares classic iptables owner rules (iptables-legacy).
-    "iptables",
-    "bpftool",
-    "iproute2",
-    "util-linux",
-    "passwd",
-    "redis-server",
-    "redis-tools",
-    // vm-test: Debian kernels booted under qemu from a busybox initramfs.
-    "qemu-system-x86",
-    "busybox-static",
-    "cpio",
-    "kmod",
-    "xz-utils",
-    "zstd",
-    "binutils",
-];
+/// What a task needs installed; each task installs only its own list,
+/// says what before installing, and never removes a package.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    /// Building: the eBPF toolchain (LLVM 22 for bpf-linker).
+    Build,
+    /// The integration tests: nft, bpftool (attachments are inspected),
+    /// iproute2 and util-linux (namespaces), passwd (test users and
+    /// groups), redis (the end-to-end test).
+    Test,
+    /// The demo: a real Redis behind loopguard.
+    Demo,
+    /// The kernel matrix: Debian kernels under qemu from a busybox
+    /// initramfs.
+    Vm,
+    /// The benchmark: classic iptables owner rules for comparison.
+    Bench,
+}
+
+impl Need {
+    fn packages(self) -> &'static [&'static str] {
+        match self {
+            Need::Build => &["llvm-22-dev", "libpolly-22-dev"],
+            Need::Test => &[
+                "nftables",
+                "bpftool",
+                "iproute2",
+                "util-linux",
+                "passwd",
+                "redis-server",
+                "redis-tools",
+            ],
+            Need::Demo => &[
+                "nftables",
+                "bpftool",
+                "iproute2",
+                "util-linux",
+                "redis-server",
+                "redis-tools",
+            ],
+            Need::Vm => &[
+                "qemu-system-x86",
+                "busybox-static",
+                "cpio",
+                "kmod",
+                "xz-utils",
+                "zstd",
+                "binutils",
+            ],
+            Need::Bench => &["nftables", "iptables", "iproute2", "util-linux", "passwd"],
+        }
+    }
+}
 
 /// Accounts the integration tests create; removed after `test`.
 const TEST_USERS: &[&str] = &["lgt-alice", "lgt-bob", "lgt-carol", "lgt-dave"];
@@ -87,6 +117,14 @@ enum Task {
         #[arg(long, default_value_t = 60, value_name = "SECONDS")]
         time: u64,
     },
+    /// Build the release binary, man pages (clap_mangen), shell completions
+    /// (clap_complete) and a .deb (cargo-deb, installed when missing) into
+    /// target/dist/. `--check` (root) then installs the .deb, checks what
+    /// it put in place, purges it and checks nothing is left.
+    Dist {
+        #[arg(long)]
+        check: bool,
+    },
     /// Setup, then show loopguard refusing and allowing real connections to
     /// a real Redis, inside a network namespace and child cgroup it creates
     /// and removes. Needs root.
@@ -106,24 +144,28 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Setup => setup(),
+        Task::Setup => setup(&[Need::Build, Need::Test, Need::Demo, Need::Vm, Need::Bench]),
         Task::Test { args } => {
-            setup()?;
+            setup(&[Need::Build, Need::Test])?;
             test(&args)
         }
         Task::VmTest { kernel } => {
-            setup()?;
+            setup(&[Need::Build, Need::Test, Need::Vm])?;
             vm::vm_test(&kernel)
         }
         Task::Bench { quick, sizes } => {
-            setup()?;
+            setup(&[Need::Build, Need::Bench])?;
             bench::bench(quick, &sizes)
         }
         Task::Demo => {
-            setup()?;
+            setup(&[Need::Build, Need::Demo])?;
             demo()
         }
         Task::Fuzz { time } => fuzz(time),
+        Task::Dist { check } => {
+            setup(&[Need::Build])?;
+            dist::dist(check)
+        }
     }
 }
 
@@ -179,7 +221,7 @@ fn remove_cgroup(cgroup: &Path) {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -226,7 +268,7 @@ fn fuzz(secs: u64) -> Result<()> {
     .context("the fuzzer found a crash: its input is in fuzz/artifacts/policy/; make it a regression test in loopguard/tests/fuzz/")
 }
 
-fn status(cmd: &mut Command) -> Result<()> {
+pub(crate) fn status(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
     let s = cmd
         .status()
@@ -237,24 +279,24 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn succeeds(cmd: &mut Command) -> bool {
+pub(crate) fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn setup() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn setup(needs: &[Need]) -> Result<()> {
+    let mut missing: Vec<&str> = needs
         .iter()
-        .copied()
+        .flat_map(|n| n.packages().iter().copied())
         .filter(|p| {
             !Command::new("dpkg-query")
                 .args(["-W", "-f=${Status}", p])
@@ -262,14 +304,27 @@ fn setup() -> Result<()> {
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
+    missing.sort_unstable();
+    missing.dedup();
     if !missing.is_empty() {
         if !is_root() {
             bail!("missing Debian packages {missing:?}; run as root to install them");
         }
+        eprintln!(
+            "xtask: installing {} (apt-get, never removing a package)",
+            missing.join(", ")
+        );
         status(Command::new("apt-get").args(["update", "-q"]))?;
         status(
             Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
+                // --no-remove: abort rather than remove anything installed.
+                .args([
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "--no-remove",
+                ])
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
@@ -307,7 +362,7 @@ fn setup() -> Result<()> {
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
     }
-    eprintln!("xtask: setup complete (apt packages, rust-src for nightly, bpf-linker)");
+    eprintln!("xtask: setup complete ({needs:?}: apt packages, rust-src for nightly, bpf-linker)");
     Ok(())
 }
 

@@ -1,0 +1,139 @@
+//! `cargo xtask dist`: the release binary, man pages, completions and a
+//! .deb, into target/dist/; `--check` installs the package, checks it,
+//! purges it and checks nothing is left.
+
+use std::{fs, path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{is_root, status, succeeds, workspace_root};
+
+pub(crate) fn dist(check: bool) -> Result<()> {
+    let root = workspace_root();
+    let out = root.join("target/dist");
+    status(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "loopguard",
+    ]))?;
+    let bin = root.join("target/release/loopguard");
+    // Man pages, gzipped as Debian ships them (-n: no timestamp, so the
+    // package is reproducible).
+    let man = out.join("man");
+    let _ = fs::remove_dir_all(&man);
+    status(Command::new(&bin).arg("manpages").arg(&man))?;
+    for page in fs::read_dir(&man).context("man pages")? {
+        status(Command::new("gzip").args(["-9nf"]).arg(page?.path()))?;
+    }
+    let completions = out.join("completions");
+    fs::create_dir_all(&completions)?;
+    for (shell, file) in [
+        ("bash", "loopguard.bash"),
+        ("zsh", "_loopguard"),
+        ("fish", "loopguard.fish"),
+    ] {
+        let text = Command::new(&bin)
+            .args(["completions", shell])
+            .output()
+            .with_context(|| format!("loopguard completions {shell}"))?;
+        if !text.status.success() {
+            bail!("loopguard completions {shell} failed");
+        }
+        fs::write(completions.join(file), text.stdout)?;
+    }
+    if !succeeds(Command::new("cargo").args(["deb", "--version"])) {
+        eprintln!("xtask: installing cargo-deb (cargo install --locked cargo-deb)");
+        status(Command::new("cargo").args(["install", "--locked", "cargo-deb"]))?;
+    }
+    status(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["deb", "-p", "loopguard", "--no-build", "--output"])
+            .arg(&out),
+    )?;
+    let deb = fs::read_dir(&out)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("no .deb in target/dist")?;
+    eprintln!("xtask: built {}", deb.display());
+    if check {
+        check_package(&deb)?;
+    }
+    Ok(())
+}
+
+/// Installs `deb`, checks what it put in place, purges it and checks that
+/// nothing of it is left.
+fn check_package(deb: &Path) -> Result<()> {
+    if !is_root() {
+        bail!("dist --check installs the package: run as root");
+    }
+    if succeeds(Command::new("dpkg").args(["-s", "loopguard"])) {
+        bail!("a loopguard package is installed already; dist --check will not touch it");
+    }
+    status(Command::new("dpkg").arg("-i").arg(deb))?;
+    let files = Command::new("dpkg").args(["-L", "loopguard"]).output()?;
+    let files: Vec<String> = String::from_utf8_lossy(&files.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let result = (|| -> Result<()> {
+        let version = Command::new("/usr/sbin/loopguard")
+            .arg("--version")
+            .output()?;
+        let version = String::from_utf8_lossy(&version.stdout);
+        if !version.starts_with("loopguard ") {
+            bail!("/usr/sbin/loopguard --version printed {version:?}");
+        }
+        if !succeeds(Command::new("man").args(["-w", "loopguard-apply"])) {
+            bail!("man -w loopguard-apply finds no page");
+        }
+        for f in [
+            "/usr/share/bash-completion/completions/loopguard",
+            "/usr/share/zsh/vendor-completions/_loopguard",
+            "/usr/share/fish/vendor_completions.d/loopguard.fish",
+            "/lib/systemd/system/loopguard.service",
+            "/etc/logrotate.d/loopguard",
+            "/etc/loopguard/policy.toml",
+        ] {
+            if !Path::new(f).exists() {
+                bail!("{f} is not installed");
+            }
+        }
+        if !succeeds(Command::new("getent").args(["group", "loopguard-audit"])) {
+            bail!("postinst did not create the loopguard-audit group");
+        }
+        // The shipped policy is one the installed binary accepts.
+        status(Command::new("/usr/sbin/loopguard").args(["check", "/etc/loopguard/policy.toml"]))?;
+        Ok(())
+    })();
+    status(Command::new("dpkg").args(["-P", "loopguard"]))?;
+    result?;
+    let left: Vec<&String> = files
+        .iter()
+        .filter(|f| {
+            let p = Path::new(f.as_str());
+            // Directories other packages share stay (/usr/share/man/...).
+            p.exists() && !p.is_dir()
+        })
+        .collect();
+    if !left.is_empty() {
+        bail!("dpkg -P left {left:?}");
+    }
+    for gone in [
+        "/etc/loopguard",
+        "/var/log/loopguard",
+        "/sys/fs/bpf/loopguard",
+    ] {
+        if Path::new(gone).exists() {
+            bail!("dpkg -P left {gone}");
+        }
+    }
+    if succeeds(Command::new("getent").args(["group", "loopguard-audit"])) {
+        bail!("dpkg -P left the loopguard-audit group");
+    }
+    eprintln!("xtask: dist check: installed, checked, purged; nothing left");
+    Ok(())
+}
