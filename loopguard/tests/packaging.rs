@@ -1,0 +1,62 @@
+//! What packaging installs is generated from the CLI itself: completions
+//! for each shell and a man page per visible command.
+
+use std::process::Command;
+
+#[test]
+fn completions_for_every_packaged_shell() {
+    for (shell, marker) in [
+        ("bash", "_loopguard()"),
+        ("zsh", "#compdef loopguard"),
+        ("fish", "complete -c loopguard"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_loopguard"))
+            .args(["completions", shell])
+            .output()
+            .expect("run");
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(marker),
+            "{shell}: {}",
+            &text[..text.len().min(200)]
+        );
+        assert!(
+            text.contains("apply") && text.contains("scan"),
+            "{shell} knows the commands"
+        );
+    }
+}
+
+#[test]
+fn a_man_page_per_command() {
+    let dir = std::env::temp_dir().join(format!("lg-man-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_loopguard"))
+        .arg("manpages")
+        .arg(&dir)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "loopguard",
+        "loopguard-apply",
+        "loopguard-check",
+        "loopguard-run",
+        "loopguard-scan",
+        "loopguard-diff",
+        "loopguard-learn",
+    ] {
+        let text = std::fs::read_to_string(dir.join(format!("{page}.8")))
+            .unwrap_or_else(|e| panic!("{page}.8: {e}"));
+        assert!(text.contains(".TH"), "{page}.8 is a man page");
+    }
+    assert!(
+        !dir.join("loopguard-manpages.8").exists(),
+        "the hidden command has no page"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
