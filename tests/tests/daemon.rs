@@ -689,6 +689,30 @@ fn audit_filters_take_only_known_words() {
     .ok();
 }
 
+/// A policy allowing only `name` to port 8888 (the watcher tests).
+fn only(name: &str) -> String {
+    format!("version = 1\n[[service]]\nname = \"db\"\nport = 8888\nallow_users = [\"{name}\"]\n")
+}
+
+/// Waits until bob's connect to port 8888 answers `want` (the policy file
+/// was followed), within `secs` (stretched under emulation).
+fn wait_bob(sb: &Sandbox, d: &loopguard_tests::Daemon, secs: u64, want: &str, what: &str) {
+    let bob = &users().bob;
+    let deadline = Instant::now() + timing_target(Duration::from_secs(secs));
+    loop {
+        let got = sb.probe(Some(bob), &["tcp", "127.0.0.1:8888"]);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: bob still gets {got}; daemon log tail: {}",
+            tail(&d.log(), 2000)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The policy file is watched with inotify: an edit in place, a
 /// config-management rename over it and a Kubernetes ConfigMap's `..data`
 /// symlink swap each take effect without a signal.
@@ -696,11 +720,6 @@ fn audit_filters_take_only_known_words() {
 fn edits_renames_and_configmap_swaps_take_effect_without_a_signal() {
     let u = users();
     let mut sb = Sandbox::new("run-watch");
-    let only = |name: &str| {
-        format!(
-            "version = 1\n[[service]]\nname = \"db\"\nport = 8888\nallow_users = [\"{name}\"]\n"
-        )
-    };
     // The ConfigMap layout: policy.toml -> ..data/policy.toml,
     // ..data -> ..v1.
     let conf = sb.dir.join("conf");
@@ -711,24 +730,12 @@ fn edits_renames_and_configmap_swaps_take_effect_without_a_signal() {
     let file = conf.join("policy.toml");
     std::os::unix::fs::symlink("..data/policy.toml", &file).expect("symlink");
     let d = sb.start_daemon(&file, &[]);
-    let bob = |sb: &Sandbox| sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8888"]);
-    assert_eq!(bob(&sb), "connect=EPERM");
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8888"]),
+        "connect=EPERM"
+    );
 
-    let wait_for = |sb: &Sandbox, want: &str, what: &str| {
-        let deadline = Instant::now() + timing_target(Duration::from_secs(10));
-        loop {
-            let got = bob(sb);
-            if got == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: bob still gets {got}; daemon log tail: {}",
-                tail(&d.log(), 2000)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let secs = 10;
 
     // 1. The ConfigMap swap: a new version directory, ..data renamed onto it.
     let v2 = conf.join("..v2");
@@ -736,17 +743,23 @@ fn edits_renames_and_configmap_swaps_take_effect_without_a_signal() {
     std::fs::write(v2.join("policy.toml"), only(u.bob.name)).expect("write");
     std::os::unix::fs::symlink("..v2", conf.join("..data_tmp")).expect("symlink");
     std::fs::rename(conf.join("..data_tmp"), conf.join("..data")).expect("swap");
-    wait_for(&sb, "connect=ok", "after the ConfigMap swap");
+    wait_bob(&sb, &d, secs, "connect=ok", "after the ConfigMap swap");
 
     // 2. Config management: a temporary file renamed over the target.
     let tmp = v2.join(".policy.toml.tmp");
     std::fs::write(&tmp, only(u.alice.name)).expect("write");
     std::fs::rename(&tmp, v2.join("policy.toml")).expect("rename");
-    wait_for(&sb, "connect=EPERM", "after a rename over the file");
+    wait_bob(
+        &sb,
+        &d,
+        secs,
+        "connect=EPERM",
+        "after a rename over the file",
+    );
 
     // 3. An editor writing in place.
     std::fs::write(v2.join("policy.toml"), only(u.bob.name)).expect("write");
-    wait_for(&sb, "connect=ok", "after an edit in place");
+    wait_bob(&sb, &d, secs, "connect=ok", "after an edit in place");
     assert!(d.log().contains("file changed"), "{}", tail(&d.log(), 2000));
 }
 
@@ -758,11 +771,6 @@ fn edits_renames_and_configmap_swaps_take_effect_without_a_signal() {
 fn a_repointed_directory_symlink_and_a_recreated_directory_are_followed() {
     let u = users();
     let mut sb = Sandbox::new("run-watch2");
-    let only = |name: &str| {
-        format!(
-            "version = 1\n[[service]]\nname = \"db\"\nport = 8888\nallow_users = [\"{name}\"]\n"
-        )
-    };
     let root = sb.dir.join("lg");
     for (rel, who) in [("rel1", u.alice.name), ("rel2", u.bob.name)] {
         std::fs::create_dir_all(root.join(rel)).expect("mkdir");
@@ -771,34 +779,34 @@ fn a_repointed_directory_symlink_and_a_recreated_directory_are_followed() {
     std::os::unix::fs::symlink("rel1", root.join("current")).expect("symlink");
     let file = root.join("current").join("policy.toml");
     let d = sb.start_daemon(&file, &["-v"]);
-    let bob = |sb: &Sandbox| sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8888"]);
-    assert_eq!(bob(&sb), "connect=EPERM");
-    let wait_for = |sb: &Sandbox, want: &str, what: &str| {
-        let deadline = Instant::now() + timing_target(Duration::from_secs(15));
-        loop {
-            let got = bob(sb);
-            if got == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: bob still gets {got}; daemon log tail: {}",
-                tail(&d.log(), 2000)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8888"]),
+        "connect=EPERM"
+    );
+    let secs = 15;
     // `ln -sfn rel2 current`, atomically.
     std::os::unix::fs::symlink("rel2", root.join("current.new")).expect("symlink");
     std::fs::rename(root.join("current.new"), root.join("current")).expect("swap");
-    wait_for(&sb, "connect=ok", "after re-pointing current");
+    wait_bob(&sb, &d, secs, "connect=ok", "after re-pointing current");
 
     // The release directory deleted and made again, with alice only.
     std::fs::remove_dir_all(root.join("rel2")).expect("rm -r");
     std::fs::create_dir_all(root.join("rel2")).expect("mkdir");
     std::fs::write(root.join("rel2").join("policy.toml"), only(u.alice.name)).expect("write");
-    wait_for(&sb, "connect=EPERM", "after the directory was made again");
+    wait_bob(
+        &sb,
+        &d,
+        secs,
+        "connect=EPERM",
+        "after the directory was made again",
+    );
     // And an edit in the new directory is seen too.
     std::fs::write(root.join("rel2").join("policy.toml"), only(u.bob.name)).expect("write");
-    wait_for(&sb, "connect=ok", "after an edit in the new directory");
+    wait_bob(
+        &sb,
+        &d,
+        secs,
+        "connect=ok",
+        "after an edit in the new directory",
+    );
 }
