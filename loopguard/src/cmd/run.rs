@@ -344,7 +344,44 @@ impl Daemon {
             return;
         }
         let started = Instant::now();
-        let prepared = match engine::prepare(&self.file, self.opts.force) {
+        // A name that vanished must not hold back the other changes (a
+        // revocation above all): it resolves to no one, and is said.
+        let system = loopguard::policy::SystemDirectory;
+        let lenient = loopguard::policy::LenientDirectory {
+            inner: &system,
+            vanished: Default::default(),
+        };
+        let prepared = engine::prepare_with(&self.file, self.opts.force, &lenient);
+        for name in lenient.vanished.borrow().iter() {
+            log::warn!(
+                "{name} named in {} no longer exists: it now matches no one",
+                self.file.display()
+            );
+        }
+        // On a deny-list, a vanished name is not let go: its uid's
+        // processes may well run on (userdel kills nothing).
+        if let Ok(Ok(p)) = &prepared {
+            let on_deny_list = |what: &str| {
+                p.policy.as_ref().is_some_and(|policy| {
+                    policy.services.iter().any(|s| {
+                        s.list == loopguard::policy::ListKind::Deny
+                            && s.users
+                                .iter()
+                                .map(|(id, _)| format!("user {id}"))
+                                .chain(s.groups.iter().map(|(id, _)| format!("group {id}")))
+                                .any(|n| n == what)
+                    })
+                })
+            };
+            if let Some(name) = lenient.vanished.borrow().iter().find(|n| on_deny_list(n)) {
+                log::error!(
+                    "{name} is on a deny-list and no longer exists: membership not refreshed (its processes may run on); restore it or edit the policy"
+                );
+                self.metrics.accounts_refresh_failures.inc();
+                return;
+            }
+        }
+        let prepared = match prepared {
             Ok(Ok(p)) => p,
             Ok(Err(refused)) => {
                 log::error!("accounts changed: the policy no longer resolves; the running policy stays\n{refused}");
@@ -900,11 +937,22 @@ fn membership_changes(old: &Plan, new: &engine::Prepared) -> Vec<String> {
                     })
                 })
                 .unwrap_or_default();
-            out.push(format!("{} added to service {}{via}", who(*uid), s.name));
+            if *uid == loopguard::policy::VANISHED_UID {
+                continue;
+            }
+            let what = match s.list {
+                loopguard::policy::ListKind::Allow => "added to service",
+                loopguard::policy::ListKind::Deny => "now on the deny-list of service",
+            };
+            out.push(format!("{} {what} {}{via}", who(*uid), s.name));
         }
         for uid in was.iter().filter(|u| !now.contains(u)) {
+            let what = match s.list {
+                loopguard::policy::ListKind::Allow => "removed from service",
+                loopguard::policy::ListKind::Deny => "no longer on the deny-list of service",
+            };
             out.push(format!(
-                "{} removed from service {} (no longer listed, or no longer in its groups)",
+                "{} {what} {} (no longer listed, or no longer in its groups)",
                 who(*uid),
                 s.name
             ));
@@ -929,9 +977,31 @@ async fn watch_accounts(daemon: Arc<Mutex<Daemon>>) {
             return;
         }
     };
+    // The files' identities: only a real change re-resolves.
+    let stamp = || -> Vec<Option<(SystemTime, u64, u64)>> {
+        use std::os::unix::fs::MetadataExt as _;
+        ["/etc/passwd", "/etc/group"]
+            .iter()
+            .map(|f| {
+                fs::metadata(f).ok().map(|m| {
+                    (
+                        m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        m.len(),
+                        m.ino(),
+                    )
+                })
+            })
+            .collect()
+    };
+    let mut seen = stamp();
     while rx.recv().await.is_some() {
         while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
         }
+        let now = stamp();
+        if now == seen {
+            continue;
+        }
+        seen = now;
         lock(&daemon).refresh_accounts();
     }
 }
@@ -1209,12 +1279,15 @@ fn watch_directories(
 ) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading a file is no change: reloads and name lookups open
+        // the very files watched, and must not wake the watch again.
         let relevant = event.is_ok_and(|e| {
             e.need_rescan()
-                || e.paths.iter().any(|p| {
-                    p.file_name()
-                        .is_some_and(|n| names.iter().any(|m| m.as_os_str() == n))
-                })
+                || !matches!(e.kind, notify::EventKind::Access(_))
+                    && e.paths.iter().any(|p| {
+                        p.file_name()
+                            .is_some_and(|n| names.iter().any(|m| m.as_os_str() == n))
+                    })
         });
         if relevant {
             let _ = tx.try_send(());

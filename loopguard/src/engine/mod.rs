@@ -86,8 +86,17 @@ impl std::fmt::Display for Refused {
 
 /// Reads, checks, resolves and compiles a policy file.
 pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, Refused>> {
+    prepare_with(file, force, &SystemDirectory)
+}
+
+/// [`prepare`] with names resolved through `dir`.
+pub fn prepare_with(
+    file: &Path,
+    force: bool,
+    dir: &dyn crate::policy::Directory,
+) -> anyhow::Result<Result<Prepared, Refused>> {
     let source = read_policy(file)?;
-    let checked = check_source(file, source, Some(&SystemDirectory));
+    let checked = check_source(file, source, Some(dir));
     if let Some(why) = checked.refusal(force) {
         let mut report = checked.report().render_human();
         report.push_str(&format!(

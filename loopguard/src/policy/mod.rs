@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use parse::parse;
 pub use parse::valid_name;
-pub use resolve::{resolve, Directory, Resolved, SystemDirectory};
+pub use resolve::{resolve, Directory, LenientDirectory, Resolved, SystemDirectory, VANISHED_UID};
 pub use schema::policy_schema;
 pub use validate::{lint, validate, EphemeralPorts, ESSENTIAL_SERVICES};
 

@@ -54,6 +54,40 @@ impl Directory for SystemDirectory {
     }
 }
 
+/// A uid no process runs as ((uid_t)-2): what a user who no longer exists
+/// resolves to under [`LenientDirectory`].
+pub const VANISHED_UID: u32 = u32::MAX - 1;
+
+/// For re-resolving a policy already in force after the user database
+/// changed: a name that no longer exists is no error (that would keep
+/// every other change, a revocation included, from being enforced). A
+/// deleted user resolves to [`VANISHED_UID`], a deleted group to no
+/// members; what vanished is recorded.
+pub struct LenientDirectory<'a> {
+    pub inner: &'a dyn Directory,
+    pub vanished: std::cell::RefCell<Vec<String>>,
+}
+
+impl Directory for LenientDirectory<'_> {
+    fn uid_of(&self, name: &str) -> Option<u32> {
+        self.inner.uid_of(name).or_else(|| {
+            self.vanished.borrow_mut().push(format!("user {name}"));
+            Some(VANISHED_UID)
+        })
+    }
+
+    fn user_name(&self, uid: u32) -> Option<String> {
+        self.inner.user_name(uid)
+    }
+
+    fn group_members(&self, group: &IdRef) -> Option<Vec<u32>> {
+        self.inner.group_members(group).or_else(|| {
+            self.vanished.borrow_mut().push(format!("group {group}"));
+            Some(Vec::new())
+        })
+    }
+}
+
 /// The uids of each service, in policy order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resolved {
