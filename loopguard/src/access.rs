@@ -111,6 +111,18 @@ pub struct ServiceDiff {
     /// The bind guard: dropped, added, or who may bind changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bind: Option<BindDiff>,
+    /// For an added or removed service: its list and who is on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listed: Option<Listed>,
+    /// Whether this change opens access (see [`AccessDiff::weakenings`]).
+    pub weakens: bool,
+}
+
+/// A service's list as a whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Listed {
+    pub kind: ListKind,
+    pub who: Vec<Identity>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -136,6 +148,9 @@ pub struct AccessDiff {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<(Mode, Mode)>,
     pub services: Vec<ServiceDiff>,
+    /// The new policy's default (scope changes are judged against it).
+    #[serde(skip)]
+    pub default_now: Verdict,
 }
 
 fn scope_of(widens: bool, narrows: bool) -> Scope {
@@ -238,6 +253,15 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceDiff> {
         protocol: protocol_change(old.protocol, new.protocol),
         mode: (old.mode != new.mode).then_some((old.mode, new.mode)),
         bind: bind_change(old, new),
+        listed: if old.list == new.list {
+            None
+        } else {
+            Some(Listed {
+                kind: new.list,
+                who: now.iter().cloned().collect(),
+            })
+        },
+        weakens: false,
     };
     let unchanged = d.gains.is_empty()
         && d.loses.is_empty()
@@ -263,6 +287,46 @@ fn whole(s: &Service, change: ServiceChange) -> ServiceDiff {
         protocol: None,
         mode: None,
         bind: None,
+        listed: Some(Listed {
+            kind: s.list,
+            who: identities(&s.users, &s.groups).into_iter().collect(),
+        }),
+        weakens: false,
+    }
+}
+
+/// Whether a change to one service opens access, judged against the
+/// default of the new policy: under `allow`, a service restricts, so
+/// removing it or narrowing what it matches opens; under `deny`, a
+/// service grants, so adding it or widening it opens. A deny-list service
+/// grants everyone it does not name, so adding one opens under any
+/// default (it may sit inside a stricter service). Gains, a list turned
+/// around, enforce -> audit and a bind guard dropped or widened always
+/// open.
+fn weakens(d: &ServiceDiff, default: Verdict) -> bool {
+    let scope = |c: &Option<Changed<String>>| c.as_ref().map(|c| c.change);
+    let protocol = d.protocol.as_ref().map(|c| c.change);
+    let scope_opens = [scope(&d.ports), scope(&d.addresses), protocol]
+        .into_iter()
+        .flatten()
+        .any(|c| match default {
+            Verdict::Allow => c != Scope::Widened,
+            Verdict::Deny => c != Scope::Narrowed,
+        });
+    match d.change {
+        ServiceChange::Added => {
+            default == Verdict::Deny || d.listed.as_ref().is_some_and(|l| l.kind == ListKind::Deny)
+        }
+        ServiceChange::Removed => default == Verdict::Allow,
+        ServiceChange::Changed => {
+            !d.gains.is_empty()
+                || d.list.is_some()
+                || scope_opens
+                || matches!(d.mode, Some((Mode::Enforce, Mode::Audit)))
+                || d.bind
+                    .as_ref()
+                    .is_some_and(|b| b.change == ServiceChange::Removed || !b.gains.is_empty())
+        }
     }
 }
 
@@ -286,6 +350,9 @@ pub fn diff(old: &Policy, new: &Policy) -> AccessDiff {
             Some(o) => services.extend(service_change(o, s)),
         }
     }
+    for d in &mut services {
+        d.weakens = weakens(d, new.default);
+    }
     let default = (old.default != new.default).then_some((old.default, new.default));
     let mode = (old.mode != new.mode).then_some((old.mode, new.mode));
     AccessDiff {
@@ -295,6 +362,7 @@ pub fn diff(old: &Policy, new: &Policy) -> AccessDiff {
         default,
         mode,
         services,
+        default_now: new.default,
     }
 }
 
@@ -340,22 +408,13 @@ impl AccessDiff {
         out
     }
 
-    /// Changes that open access or loosen enforcement: gains, widened
-    /// scopes, enforce -> audit, bind guards dropped, default allow.
+    /// Changes that open access or loosen enforcement: the default made
+    /// `allow`, enforce -> audit, and each service whose change opens
+    /// access ([`ServiceDiff::weakens`]).
     pub fn weakenings(&self) -> usize {
-        let mut n = usize::from(matches!(self.default, Some((_, Verdict::Allow))))
-            + usize::from(matches!(self.mode, Some((Mode::Enforce, Mode::Audit))));
-        for s in &self.services {
-            n +=
-                usize::from(!s.gains.is_empty())
-                    + usize::from(s.list.is_some())
-                    + usize::from(matches!(s.mode, Some((Mode::Enforce, Mode::Audit))))
-                    + usize::from(s.bind.as_ref().is_some_and(|b| {
-                        b.change == ServiceChange::Removed || !b.gains.is_empty()
-                    }))
-                    + usize::from(s.change == ServiceChange::Removed);
-        }
-        n
+        usize::from(matches!(self.default, Some((_, Verdict::Allow))))
+            + usize::from(matches!(self.mode, Some((Mode::Enforce, Mode::Audit))))
+            + self.services.iter().filter(|s| s.weakens).count()
     }
 
     fn lines(&self) -> Vec<String> {
@@ -377,16 +436,31 @@ impl AccessDiff {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        // Under `allow` a service restricts: matching less opens; under
+        // `deny` it grants: matching more opens.
+        let opens = |c: Scope| match (self.default_now, c) {
+            (Verdict::Allow, Scope::Widened) | (Verdict::Deny, Scope::Narrowed) => "",
+            _ => ": OPENS ACCESS",
+        };
         for s in &self.services {
             match s.change {
                 ServiceChange::Added => {
-                    out.push(format!("+ service {} added ({})", s.name, s.matches));
+                    out.push(format!(
+                        "+ service {} added ({}; {}){}",
+                        s.name,
+                        s.matches,
+                        listed_words(s.listed.as_ref()),
+                        if s.weakens { ": OPENS ACCESS" } else { "" }
+                    ));
                     continue;
                 }
                 ServiceChange::Removed => {
                     out.push(format!(
-                        "- service {} removed ({}): its traffic falls to the default",
-                        s.name, s.matches
+                        "- service {} removed ({}; {}): its traffic falls to the default{}",
+                        s.name,
+                        s.matches,
+                        listed_words(s.listed.as_ref()),
+                        if s.weakens { ": OPENS ACCESS" } else { "" }
                     ));
                     continue;
                 }
@@ -409,31 +483,35 @@ impl AccessDiff {
             }
             if let Some((a, b)) = s.list {
                 out.push(format!(
-                    "~ {name}: {a}-list -> {b}-list (who may reach it is turned around)"
+                    "~ {name}: {a}-list -> {b}-list (who may reach it is turned around; now {})",
+                    listed_words(s.listed.as_ref())
                 ));
             }
             if let Some(p) = &s.ports {
                 out.push(format!(
-                    "~ {name}: ports {} -> {} ({})",
+                    "~ {name}: ports {} -> {} ({}){}",
                     p.old,
                     p.new,
-                    scope_word(p.change)
+                    scope_word(p.change),
+                    opens(p.change)
                 ));
             }
             if let Some(a) = &s.addresses {
                 out.push(format!(
-                    "~ {name}: addresses {} -> {} ({})",
+                    "~ {name}: addresses {} -> {} ({}){}",
                     a.old,
                     a.new,
-                    scope_word(a.change)
+                    scope_word(a.change),
+                    opens(a.change)
                 ));
             }
             if let Some(p) = &s.protocol {
                 out.push(format!(
-                    "~ {name}: protocol {} -> {} ({})",
+                    "~ {name}: protocol {} -> {} ({}){}",
                     p.old,
                     p.new,
-                    scope_word(p.change)
+                    scope_word(p.change),
+                    opens(p.change)
                 ));
             }
             if let Some((a, b)) = s.mode {
@@ -468,6 +546,23 @@ impl AccessDiff {
             }
         }
         out
+    }
+}
+
+/// `allow-list of user app, group dbadmins`, `deny-list of nobody`.
+fn listed_words(l: Option<&Listed>) -> String {
+    match l {
+        None => String::new(),
+        Some(l) if l.who.is_empty() => format!("an empty {}-list", l.kind),
+        Some(l) => format!(
+            "{}-list of {}",
+            l.kind,
+            l.who
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 

@@ -25,9 +25,12 @@ use crate::{
     policy::{Destination, ListKind, Mode, Transport},
 };
 
+/// loopguard's log directory (systemd's `LogsDirectory=loopguard`).
+pub const LOG_DIR: &str = "/var/log/loopguard";
+
 /// Where `run` writes events and `audit` reads them, unless told otherwise.
 pub fn default_log_path(instance: &str) -> PathBuf {
-    Path::new("/var/log/loopguard").join(format!("{instance}.jsonl"))
+    Path::new(LOG_DIR).join(format!("{instance}.jsonl"))
 }
 
 /// Group that may read the audit log, when it exists.
@@ -516,6 +519,16 @@ impl AuditLog {
                     "{} is not a directory (a symlink?); refusing to write the audit log there",
                     dir.display()
                 )));
+            }
+            // loopguard's own log directory (systemd makes it root:root
+            // 0750 at each start) lets the audit group in; another
+            // directory given with --audit-log is left as it is.
+            if dir == Path::new(LOG_DIR) {
+                if let Some(g) = uzers::get_group_by_name(AUDIT_GROUP) {
+                    let gid = nix::unistd::Gid::from_raw(g.gid());
+                    let _ = nix::unistd::chown(dir, None, Some(gid));
+                    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o750));
+                }
             }
         }
         let file = Self::open_file(path)?;

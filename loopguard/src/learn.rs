@@ -33,6 +33,8 @@ impl std::fmt::Display for Who {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Seen {
     pub attempts: u64,
+    /// Of those, refused in enforce mode (the rest were allowed).
+    pub would_deny: u64,
     pub first: String,
     pub last: String,
 }
@@ -74,9 +76,12 @@ fn as_list<S: serde::Serializer>(
 }
 
 impl Observed {
-    /// Takes one record of the audit stream.
+    /// Takes one record of the audit stream. Only connections and
+    /// datagrams count: a bind is listening, not reaching.
     pub fn add(&mut self, r: &AuditRecord) {
-        if !matches!(r.action, AuditAction::WouldDeny | AuditAction::Allow) {
+        if !matches!(r.action, AuditAction::WouldDeny | AuditAction::Allow)
+            || r.layer == crate::audit::EventLayer::Bind
+        {
             self.skipped += 1;
             return;
         }
@@ -105,10 +110,14 @@ impl Observed {
             .entry(who)
             .or_insert(Seen {
                 attempts: 0,
+                would_deny: 0,
                 first: r.timestamp.clone(),
                 last: r.timestamp.clone(),
             });
         seen.attempts += 1;
+        if r.action == AuditAction::WouldDeny {
+            seen.would_deny += 1;
+        }
         // RFC 3339 UTC timestamps of one width order as text.
         if r.timestamp < seen.first {
             seen.first = r.timestamp.clone();
@@ -130,22 +139,52 @@ impl Observed {
              version = 1\n",
             self.events
         );
-        let ports_of: BTreeMap<&Option<String>, usize> =
-            self.targets.keys().fold(BTreeMap::new(), |mut m, t| {
-                *m.entry(&t.service).or_default() += 1;
-                m
-            });
-        let mut names = std::collections::HashSet::new();
+        // One service per (protocol, port): two recorded services (a
+        // rename across the logs, or a port decided once by a service and
+        // once by the default) must not become two services that match
+        // the same traffic.
+        let mut merged: BTreeMap<(u16, Transport), Merged<'_>> = BTreeMap::new();
         for (t, seen) in &self.targets {
-            let udp = if t.protocol == Transport::Udp {
+            let entry = merged.entry((t.port, t.protocol)).or_default();
+            if entry.0.is_none() {
+                entry.0 = t.service.as_ref();
+            }
+            for (who, s) in seen {
+                let m = entry.1.entry(who).or_insert_with(|| Seen {
+                    attempts: 0,
+                    would_deny: 0,
+                    first: s.first.clone(),
+                    last: s.last.clone(),
+                });
+                m.attempts += s.attempts;
+                m.would_deny += s.would_deny;
+                if s.first < m.first {
+                    m.first = s.first.clone();
+                }
+                if s.last > m.last {
+                    m.last = s.last.clone();
+                }
+            }
+        }
+        let ports_of: BTreeMap<&String, usize> =
+            merged
+                .values()
+                .filter_map(|(n, _)| *n)
+                .fold(BTreeMap::new(), |mut m, n| {
+                    *m.entry(n).or_default() += 1;
+                    m
+                });
+        let mut names = std::collections::HashSet::new();
+        for ((port, protocol), (service, seen)) in &merged {
+            let udp = if *protocol == Transport::Udp {
                 "-udp"
             } else {
                 ""
             };
-            let base = match &t.service {
-                Some(s) if ports_of.get(&t.service) == Some(&1) => s.clone(),
-                Some(s) => format!("{}-{}{udp}", &s[..s.len().min(20)], t.port),
-                None => format!("port-{}{udp}", t.port),
+            let base = match service {
+                Some(s) if ports_of.get(s) == Some(&1) => (*s).clone(),
+                Some(s) => format!("{}-{port}{udp}", &s[..s.len().min(20)]),
+                None => format!("port-{port}{udp}"),
             };
             let mut name = base.clone();
             let mut n = 2;
@@ -154,13 +193,13 @@ impl Observed {
                 n += 1;
             }
             out.push_str(&format!(
-                "\n[[service]]\nname = \"{name}\"\nport = {}\nprotocol = \"{}\"\nallow_users = [\n",
-                t.port,
-                t.protocol.as_str()
+                "\n[[service]]\nname = \"{name}\"\nport = {port}\nprotocol = \"{}\"\nallow_users = [\n",
+                protocol.as_str()
             ));
             for (who, s) in seen {
                 let entry = match who {
-                    Who::User(n) => format!("\"{}\"", n.replace('\\', "\\\\").replace('"', "\\\"")),
+                    Who::User(n) if crate::policy::valid_account_name(n) => format!("{n:?}"),
+                    Who::User(_) => continue,
                     Who::Uid(u) => u.to_string(),
                 };
                 out.push_str(&format!(
@@ -187,17 +226,14 @@ impl Observed {
                 .as_ref()
                 .and_then(|n| policy.services.iter().find(|s| &s.name == n));
             for (who, s) in seen {
-                let listed = service.is_some_and(|svc| {
-                    svc.users.iter().any(|(id, _)| match (id, who) {
-                        (crate::policy::IdRef::Name(a), Who::User(b)) => a == b,
-                        (crate::policy::IdRef::Id(a), Who::Uid(b)) => a == b,
-                        _ => false,
-                    })
-                });
+                // What got through already needs nothing; a would-deny
+                // is what the file must change to let through.
+                if s.would_deny == 0 {
+                    continue;
+                }
                 let change = match service {
-                    Some(svc) if svc.list == ListKind::Allow && !listed => Change::AddToAllowList,
-                    Some(svc) if svc.list == ListKind::Deny => Change::OnDenyList,
-                    Some(_) => continue,
+                    Some(svc) if svc.list == ListKind::Allow => Change::AddToAllowList,
+                    Some(_) => Change::OnDenyList,
                     None => Change::NoService,
                 };
                 out.push(Proposal {
@@ -213,6 +249,10 @@ impl Observed {
         out
     }
 }
+
+/// One (port, protocol) of a learned policy: the first service name
+/// recorded for it, and who was seen.
+type Merged<'a> = (Option<&'a String>, BTreeMap<&'a Who, Seen>);
 
 /// What `learn --policy` proposes for one identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -262,5 +302,65 @@ impl std::fmt::Display for Proposal {
                 self.who
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::EventLayer;
+
+    fn record(
+        action: &str,
+        layer: &str,
+        service: Option<&str>,
+        user: &str,
+        port: u16,
+    ) -> AuditRecord {
+        let mut v = serde_json::json!({
+            "@timestamp": "2026-11-30T00:00:00.000000000Z",
+            "event.action": action,
+            "event.reason": "r",
+            "loopguard.layer": layer,
+            "user.id": 1000,
+            "user.name": user,
+            "network.transport": "tcp",
+            "destination.port": port,
+        });
+        if let Some(s) = service {
+            v["loopguard.service"] = s.into();
+        }
+        serde_json::from_value(v).expect("a record")
+    }
+
+    #[test]
+    fn binds_are_not_reaching_and_one_port_is_one_service() {
+        let mut o = Observed::default();
+        o.add(&record("would-deny", "bind", Some("db"), "mallory", 5432));
+        o.add(&record("would-deny", "connect", Some("db"), "alice", 5432));
+        // The same port decided by the default (another address): merged.
+        o.add(&record("would-deny", "packet", None, "bob", 5432));
+        o.add(&record("dropped", "connect", None, "x", 1));
+        assert_eq!(o.events, 2);
+        let text = o.policy("log");
+        assert_eq!(text.matches("[[service]]").count(), 1, "{text}");
+        assert!(
+            text.contains("\"alice\"") && text.contains("\"bob\""),
+            "{text}"
+        );
+        assert!(!text.contains("mallory"), "a bind is not access: {text}");
+        let _ = EventLayer::Bind;
+    }
+
+    #[test]
+    fn the_learned_policy_reads_back() {
+        let mut o = Observed::default();
+        o.add(&record("would-deny", "connect", Some("db"), "alice", 5432));
+        o.add(&record("allow", "connect", Some("db"), "bob", 5432));
+        o.add(&record("would-deny", "connect", None, "carol", 8080));
+        let text = o.policy("log");
+        let (policy, diags) = crate::policy::load("learned.toml", text.as_str());
+        assert!(diags.is_empty(), "{diags:?}\n{text}");
+        assert_eq!(policy.expect("parses").services.len(), 2);
     }
 }

@@ -37,6 +37,11 @@ fn each_change_in_access_is_named() {
         ),
         ("audit.toml", "redis: mode enforce -> audit: WEAKENED"),
         ("bind-dropped.toml", "postgres: bind guard DROPPED"),
+        // Under default allow a service restricts: matching less opens.
+        (
+            "port-narrowed.toml",
+            "metrics: ports 9100-9199 -> 9100-9149 (narrowed): OPENS ACCESS",
+        ),
     ] {
         let (code, out) = diff(file, "human");
         assert_eq!(code, 1, "{file}: {out}");

@@ -65,11 +65,21 @@ fn plan(args: &Args, paths: &InstancePaths) -> anyhow::Result<Option<Plan>> {
 pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let listeners = scan::listeners().context("failed to list sockets (sock_diag)")?;
     let plan = plan(&args, paths)?;
+    // The service deciding for the listener's address (its loopback
+    // address for the wildcard). A wildcard listener is reachable at every
+    // address: a service limited to some addresses guards only those.
     let guard = |l: &Listener| -> Option<String> {
         let plan = plan.as_ref()?;
         let dest = Destination::in_scope(scan::loopback_target(l));
-        plan.service_for(l.protocol, &dest, l.port)
-            .map(|i| plan.services[i].name.clone())
+        let i = plan.service_for(l.protocol, &dest, l.port)?;
+        let s = &plan.services[i];
+        let partial = l.address.is_unspecified()
+            && !matches!(s.addresses, loopguard::policy::AddrSet::Loopback);
+        Some(if partial {
+            format!("{} (at {} only)", s.name, s.addresses)
+        } else {
+            s.name.clone()
+        })
     };
     let mut out = std::io::stdout().lock();
     match args.format {
@@ -142,6 +152,15 @@ fn display_addr(l: &Listener) -> String {
 /// audit mode: nothing is refused until the operator has read the audit
 /// stream and set `mode = "enforce"`.
 fn starter_policy(listeners: &[Listener]) -> String {
+    // An unconnected UDP socket on the wildcard at an ephemeral port is
+    // most likely a client's (autobound by its first sendto): guarding it
+    // would guard a port the kernel hands out again.
+    let ephemeral = loopguard::host::ephemeral_ports().range;
+    let (clients, listeners): (Vec<&Listener>, Vec<&Listener>) = listeners.iter().partition(|l| {
+        l.protocol == Transport::Udp
+            && l.address.is_unspecified()
+            && ephemeral.contains_port(l.port)
+    });
     let mut by_port: BTreeMap<(u16, Transport), Vec<&Listener>> = BTreeMap::new();
     for l in listeners {
         by_port.entry((l.port, l.protocol)).or_default().push(l);
@@ -158,11 +177,24 @@ fn starter_policy(listeners: &[Listener]) -> String {
          version = 1\n\
          mode = \"audit\"\n"
     );
+    for l in &clients {
+        out.push_str(&format!(
+            "# skipped: {} on {}:{}/udp, an ephemeral port (a client's socket, most likely)\n",
+            printable(l.process.as_deref().unwrap_or("?")),
+            display_addr(l),
+            l.port
+        ));
+    }
     let mut taken = std::collections::HashSet::new();
     for ((port, protocol), ls) in &by_port {
         let mut owners: Vec<String> = vec!["root".into()];
         for l in ls {
-            let o = l.user.clone().unwrap_or_else(|| l.uid.to_string());
+            // A name the policy reader would refuse is written as its uid.
+            let o = l
+                .user
+                .clone()
+                .filter(|n| loopguard::policy::valid_account_name(n))
+                .unwrap_or_else(|| l.uid.to_string());
             if !owners.contains(&o) {
                 owners.push(o);
             }
@@ -179,7 +211,7 @@ fn starter_policy(listeners: &[Listener]) -> String {
         for l in ls {
             out.push_str(&format!(
                 "# {} (pid {}{}) on {}:{}/{}{}\n",
-                l.process.as_deref().unwrap_or("?"),
+                printable(l.process.as_deref().unwrap_or("?")),
                 l.pid.map_or("?".into(), |p| p.to_string()),
                 l.unit
                     .as_ref()
@@ -209,6 +241,14 @@ fn starter_policy(listeners: &[Listener]) -> String {
         ));
     }
     out
+}
+
+/// Text from the kernel (a process's `comm`, which its owner sets) made
+/// safe for a comment line: control characters become `?`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// `redis-server-6379` (or `-udp` for UDP): a valid, readable name.

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use parse::parse;
-pub use parse::valid_name;
+pub use parse::{valid_account_name, valid_name};
 pub use resolve::{resolve, Directory, LenientDirectory, Resolved, SystemDirectory, VANISHED_UID};
 pub use schema::policy_schema;
 pub use validate::{lint, validate, EphemeralPorts, ESSENTIAL_SERVICES};

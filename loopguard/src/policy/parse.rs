@@ -559,7 +559,7 @@ pub fn valid_name(n: &str) -> bool {
 }
 
 /// Names as useradd/groupadd and NSS accept them, loosely.
-fn valid_account_name(n: &str) -> bool {
+pub fn valid_account_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 256
         && !n.starts_with('-')

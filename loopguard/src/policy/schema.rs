@@ -50,7 +50,7 @@ fn service_key(key: &str) -> Option<Value> {
         "port" => json!({
             "oneOf": [
                 {"type": "integer", "minimum": 1, "maximum": 65535},
-                {"type": "string", "pattern": "^[0-9]{1,5}-[0-9]{1,5}$"}
+                {"type": "string", "pattern": "^[0-9]{1,5}(-[0-9]{1,5})?$"}
             ],
             "description": "A port, or an inclusive range like \"8000-8099\"."
         }),
