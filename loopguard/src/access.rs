@@ -295,6 +295,16 @@ fn whole(s: &Service, change: ServiceChange) -> ServiceDiff {
     }
 }
 
+/// Whether a change in what a service matches opens access: under an
+/// `allow` default a service restricts, so matching less (or other
+/// things) opens; under `deny` it grants, so matching more does.
+fn scope_opens(default: Verdict, change: Scope) -> bool {
+    match default {
+        Verdict::Allow => change != Scope::Widened,
+        Verdict::Deny => change != Scope::Narrowed,
+    }
+}
+
 /// Whether a change to one service opens access, judged against the
 /// default of the new policy: under `allow`, a service restricts, so
 /// removing it or narrowing what it matches opens; under `deny`, a
@@ -309,10 +319,7 @@ fn weakens(d: &ServiceDiff, default: Verdict) -> bool {
     let scope_opens = [scope(&d.ports), scope(&d.addresses), protocol]
         .into_iter()
         .flatten()
-        .any(|c| match default {
-            Verdict::Allow => c != Scope::Widened,
-            Verdict::Deny => c != Scope::Narrowed,
-        });
+        .any(|c| scope_opens(default, c));
     match d.change {
         ServiceChange::Added => {
             default == Verdict::Deny || d.listed.as_ref().is_some_and(|l| l.kind == ListKind::Deny)
@@ -436,11 +443,12 @@ impl AccessDiff {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        // Under `allow` a service restricts: matching less opens; under
-        // `deny` it grants: matching more opens.
-        let opens = |c: Scope| match (self.default_now, c) {
-            (Verdict::Allow, Scope::Widened) | (Verdict::Deny, Scope::Narrowed) => "",
-            _ => ": OPENS ACCESS",
+        let opens = |c: Scope| {
+            if scope_opens(self.default_now, c) {
+                ": OPENS ACCESS"
+            } else {
+                ""
+            }
         };
         for s in &self.services {
             match s.change {
