@@ -644,6 +644,10 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         last_repair: None,
         repairs_in_a_row: 0,
     };
+    // Read before the start's apply: a change from then on is followed,
+    // however late the watchers first run.
+    let policy_stamp = stamp(&args.file);
+    let accounts_stamp: Vec<Stamp> = ACCOUNT_FILES.iter().map(|f| stamp(Path::new(f))).collect();
     if !daemon.reload("start") {
         return Ok(exit::PROBLEMS);
     }
@@ -652,7 +656,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         .build()
         .context("failed to start the async runtime")?;
     let daemon = Arc::new(Mutex::new(daemon));
-    runtime.block_on(serve(daemon, args))?;
+    runtime.block_on(serve(daemon, args, policy_stamp, accounts_stamp))?;
     Ok(exit::OK)
 }
 
@@ -660,7 +664,12 @@ fn lock(d: &Arc<Mutex<Daemon>>) -> std::sync::MutexGuard<'_, Daemon> {
     d.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
+async fn serve(
+    daemon: Arc<Mutex<Daemon>>,
+    args: Args,
+    policy_stamp: Stamp,
+    accounts_stamp: Vec<Stamp>,
+) -> anyhow::Result<()> {
     let paths = lock(&daemon).paths.clone();
 
     if let Some(addr) = args.metrics {
@@ -687,8 +696,8 @@ async fn serve(daemon: Arc<Mutex<Daemon>>, args: Args) -> anyhow::Result<()> {
     }
     tokio::spawn(watch_local_table(daemon.clone()));
     tokio::spawn(watch_layers(daemon.clone()));
-    tokio::spawn(watch_file(args.file.clone(), daemon.clone()));
-    tokio::spawn(watch_accounts(daemon.clone()));
+    tokio::spawn(watch_file(args.file.clone(), daemon.clone(), policy_stamp));
+    tokio::spawn(watch_accounts(daemon.clone(), accounts_stamp));
 
     notify_systemd(&[NotifyState::Ready, NotifyState::Status("enforcing")]);
     log::info!("ready");
@@ -961,9 +970,26 @@ fn membership_changes(old: &Plan, new: &engine::Prepared) -> Vec<String> {
     out
 }
 
+/// A file's identity and contents, cheaply: modified time, size, inode.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(p: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(p).ok().map(|m| {
+        (
+            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            m.len(),
+            m.ino(),
+        )
+    })
+}
+
+/// The user database files whose change re-resolves names.
+const ACCOUNT_FILES: [&str; 2] = ["/etc/passwd", "/etc/group"];
+
 /// Watches the user database and re-resolves the policy in force when it
 /// changes (debounced: `useradd` and `gpasswd` write several files).
-async fn watch_accounts(daemon: Arc<Mutex<Daemon>>) {
+async fn watch_accounts(daemon: Arc<Mutex<Daemon>>, resolved: Vec<Stamp>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let names = vec!["passwd".into(), "group".into()];
     let dirs = [WatchedDir {
@@ -977,27 +1003,19 @@ async fn watch_accounts(daemon: Arc<Mutex<Daemon>>) {
             return;
         }
     };
-    // The files' identities: only a real change re-resolves.
-    let stamp = || -> Vec<Option<(SystemTime, u64, u64)>> {
-        use std::os::unix::fs::MetadataExt as _;
-        ["/etc/passwd", "/etc/group"]
+    // The files' identities (as resolved at start): only a real change
+    // re-resolves.
+    let stamps = || {
+        ACCOUNT_FILES
             .iter()
-            .map(|f| {
-                fs::metadata(f).ok().map(|m| {
-                    (
-                        m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                        m.len(),
-                        m.ino(),
-                    )
-                })
-            })
-            .collect()
+            .map(|f| stamp(Path::new(f)))
+            .collect::<Vec<_>>()
     };
-    let mut seen = stamp();
+    let mut seen = resolved;
     while rx.recv().await.is_some() {
         while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
         }
-        let now = stamp();
+        let now = stamps();
         if now == seen {
             continue;
         }
@@ -1122,17 +1140,7 @@ fn rtnetlink_socket() -> io::Result<Socket> {
 /// file is a symlink: an edit in place, a rename over it and a Kubernetes
 /// ConfigMap's `..data` swap all show there. Without inotify (the watch
 /// limit reached), the file is polled every two seconds.
-async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
-    let stamp = |p: &Path| -> Option<(SystemTime, u64, u64)> {
-        use std::os::unix::fs::MetadataExt as _;
-        fs::metadata(p).ok().map(|m| {
-            (
-                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                m.len(),
-                m.ino(),
-            )
-        })
-    };
+async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>, applied: Stamp) {
     // One pending wake-up is enough: a burst of events is one look.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut dirs = watched_directories(&file);
@@ -1143,7 +1151,9 @@ async fn watch_file(file: PathBuf, daemon: Arc<Mutex<Daemon>>) {
             file.display()
         );
     }
-    let mut seen = stamp(&file);
+    // What the start applied (read before it): a change made before this
+    // task first ran is a change too.
+    let mut seen = applied;
     loop {
         if watcher.is_ok() {
             // inotify, with a slow look as a safety net: a watched
