@@ -451,28 +451,25 @@ impl AccessDiff {
             }
         };
         for s in &self.services {
-            match s.change {
-                ServiceChange::Added => {
-                    out.push(format!(
-                        "+ service {} added ({}; {}){}",
-                        s.name,
-                        s.matches,
-                        listed_words(s.listed.as_ref()),
-                        if s.weakens { ": OPENS ACCESS" } else { "" }
-                    ));
-                    continue;
-                }
-                ServiceChange::Removed => {
-                    out.push(format!(
-                        "- service {} removed ({}; {}): its traffic falls to the default{}",
-                        s.name,
-                        s.matches,
-                        listed_words(s.listed.as_ref()),
-                        if s.weakens { ": OPENS ACCESS" } else { "" }
-                    ));
-                    continue;
-                }
-                ServiceChange::Changed => {}
+            let (sign, what) = match s.change {
+                ServiceChange::Added => ("+", "added"),
+                ServiceChange::Removed => ("-", "removed"),
+                ServiceChange::Changed => ("", ""),
+            };
+            if !what.is_empty() {
+                out.push(format!(
+                    "{sign} service {} {what} ({}; {}){}{}",
+                    s.name,
+                    s.matches,
+                    listed_words(s.listed.as_ref()),
+                    if s.change == ServiceChange::Removed {
+                        ": its traffic falls to the default"
+                    } else {
+                        ""
+                    },
+                    if s.weakens { ": OPENS ACCESS" } else { "" }
+                ));
+                continue;
             }
             let name = &s.name;
             if !s.gains.is_empty() {
