@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout below changes. A pinned instance with another
 /// ABI is not reused by `apply` (it asks for `remove` first).
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Two policy slots: `apply` fills the inactive one, then flips
 /// [`Config::active_slot`]. Programs read the slot once per call, so each
@@ -28,6 +28,14 @@ pub const MAX_NETS: u32 = 4_096;
 pub const MAX_DECISIONS: u32 = 1 << 18;
 /// (uid set, uid) membership entries per slot.
 pub const MAX_UID_ENTRIES: u32 = 1 << 20;
+/// (set, cgroup id) membership entries per slot.
+pub const MAX_CGROUP_ENTRIES: u32 = 1 << 16;
+/// Deepest cgroup level a list may name. A verdict looks up the calling
+/// process's ancestor at each level the policy names ([`SlotConfig::
+/// cgroup_levels`]): at most this many lookups, and only when its uid is
+/// not on the list already.
+pub const MAX_CGROUP_LEVEL: u32 = 16;
+
 /// Prefixes of the kernel's `local` routing table (and the fixed broadcast
 /// and multicast ranges) the programs can hold: at least 65,536 (SPEC §1).
 pub const MAX_LOCAL_PREFIXES: u32 = 1 << 17;
@@ -102,6 +110,10 @@ pub struct SlotConfig {
     /// return at once.
     pub has_binds: u8,
     pub _pad: [u8; 3],
+    /// Bit `n` set: some list names a cgroup at level `n` (1..=
+    /// [`MAX_CGROUP_LEVEL`]); 0 when no list names a cgroup.
+    pub cgroup_levels: u32,
+    pub _pad2: u32,
     /// The plan this slot holds (`Plan::id`), so what is in force can be
     /// read back from the kernel.
     pub plan_id: u64,
@@ -157,6 +169,16 @@ pub struct UidKey {
     pub uid: u32,
 }
 
+/// Key of `LG_CGROUPS`: presence means processes in cgroup `cgroup_id`
+/// (the cgroup2 directory's inode number) or below it are in `uid_set`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CgroupKey {
+    pub slot: u32,
+    pub uid_set: u32,
+    pub cgroup_id: u64,
+}
+
 /// Data of an `LG_ADDR_ATOMS` LPM-trie key. The prefix length counts the
 /// 32 slot bits plus the address bits. Addresses are IPv6, IPv4 as
 /// IPv4-mapped (`::ffff:a.b.c.d`), in network byte order.
@@ -210,6 +232,8 @@ pub struct Event {
     pub addr: [u8; 16],
     /// `comm` of the calling thread, NUL-padded.
     pub comm: [u8; 16],
+    /// cgroup v2 id of the calling process (`bpf_get_current_cgroup_id`).
+    pub cgroup_id: u64,
 }
 
 #[cfg(feature = "user")]
@@ -226,6 +250,8 @@ mod pod {
     unsafe impl aya::Pod for super::DecisionKey {}
     // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::UidKey {}
+    // SAFETY: repr(C) integers with explicit padding: any bits are valid.
+    unsafe impl aya::Pod for super::CgroupKey {}
     // SAFETY: repr(C) integers with explicit padding: any bits are valid.
     unsafe impl aya::Pod for super::BindEntry {}
     // SAFETY: repr(C) integers with explicit padding: any bits are valid.

@@ -32,7 +32,10 @@ mod programs {
         bindings::{bpf_sock, bpf_sock_addr},
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-            generated::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+            generated::{
+                bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+                bpf_get_netns_cookie, bpf_ktime_get_ns,
+            },
         },
         macros::{cgroup_sock_addr, map},
         maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
@@ -40,12 +43,13 @@ mod programs {
         EbpfContext as _,
     };
     use loopguard_common::{
-        counter_index, AddrKey, BindEntry, Config, DecisionKey, Event, ServiceEntry, SlotConfig,
-        UidKey, ADDR_KEY_SLOT_BITS, BIND_WILDCARD_ATOM, COUNTER_ENTRIES, COUNT_ALLOWED,
+        counter_index, AddrKey, BindEntry, CgroupKey, Config, DecisionKey, Event, ServiceEntry,
+        SlotConfig, UidKey, ADDR_KEY_SLOT_BITS, BIND_WILDCARD_ATOM, COUNTER_ENTRIES, COUNT_ALLOWED,
         COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, EVENTS_RING_BYTES, HOOK_BIND4, HOOK_BIND6,
         HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, LIST_ALLOW, LOCAL_KEY_BITS,
-        LOCAL_LOCAL, MAX_DECISIONS, MAX_LOCAL_PREFIXES, MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES,
-        MODE_AUDIT, MODE_ENFORCE, NO_SET, PORT_SPACE, PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_DENY,
+        LOCAL_LOCAL, MAX_CGROUP_ENTRIES, MAX_CGROUP_LEVEL, MAX_DECISIONS, MAX_LOCAL_PREFIXES,
+        MAX_NETS, MAX_SERVICES, MAX_UID_ENTRIES, MODE_AUDIT, MODE_ENFORCE, NO_SET, PORT_SPACE,
+        PROTO_TCP, PROTO_UDP, SLOTS, VERDICT_DENY,
     };
 
     /// `BPF_F_NO_PREALLOC`: the big hash maps are sized for the largest
@@ -73,6 +77,11 @@ mod programs {
     #[map(name = "LG_UIDS")]
     static UIDS: HashMap<UidKey, u8> =
         HashMap::with_max_entries(SLOTS * MAX_UID_ENTRIES, NO_PREALLOC);
+    /// cgroups on a list: (slot, set, cgroup id) present when processes in
+    /// that cgroup or below are on the set's list.
+    #[map(name = "LG_CGROUPS")]
+    static CGROUPS: HashMap<CgroupKey, u8> =
+        HashMap::with_max_entries(SLOTS * MAX_CGROUP_ENTRIES, NO_PREALLOC);
     /// The kernel's `local` routing table (every prefix it delivers to this
     /// host: interface addresses, AnyIP routes, broadcast and anycast
     /// addresses) plus the multicast ranges and the limited broadcast,
@@ -339,6 +348,39 @@ mod programs {
         UIDS.get_ptr(UidKey { slot, uid_set, uid }).is_some()
     }
 
+    /// Whether the calling process is on a service's list: its uid is, or
+    /// it runs in a listed cgroup or below one. One lookup per cgroup
+    /// level the policy names (at most `MAX_CGROUP_LEVEL`), and only for
+    /// a uid not listed already.
+    #[inline(always)]
+    fn is_listed(slot: u32, slot_config: &SlotConfig, uid_set: u32) -> bool {
+        if is_member(slot, uid_set, bpf_get_current_uid_gid() as u32) {
+            return true;
+        }
+        let levels = slot_config.cgroup_levels;
+        let mut level = 1;
+        while level <= MAX_CGROUP_LEVEL && levels >> level != 0 {
+            if levels & (1 << level) != 0 {
+                // SAFETY: a plain helper call; 0 when the process's cgroup
+                // is above `level`.
+                let cgroup_id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+                if cgroup_id == 0 {
+                    return false;
+                }
+                let key = CgroupKey {
+                    slot,
+                    uid_set,
+                    cgroup_id,
+                };
+                if CGROUPS.get_ptr(key).is_some() {
+                    return true;
+                }
+            }
+            level += 1;
+        }
+        false
+    }
+
     /// `addr` is where the kernel will deliver (unspecified resolved);
     /// `requested` what the process asked for (for the event).
     #[inline(always)]
@@ -377,7 +419,7 @@ mod programs {
                 let Some(entry) = SERVICES.get(slot * MAX_SERVICES + service) else {
                     return ALLOW;
                 };
-                let member = is_member(slot, entry.uid_set, bpf_get_current_uid_gid() as u32);
+                let member = is_listed(slot, &slot_config, entry.uid_set);
                 bucket = service;
                 deny_verdict = member != (entry.list_kind == LIST_ALLOW);
                 mode = entry.mode;
@@ -524,6 +566,8 @@ mod programs {
                     plan_id,
                     addr,
                     comm,
+                    // SAFETY: a plain helper call.
+                    cgroup_id: unsafe { bpf_get_current_cgroup_id() },
                 });
                 entry.submit(0);
             }

@@ -84,9 +84,99 @@ impl Clock {
 #[derive(Default)]
 pub struct UserNames {
     cache: HashMap<u32, Option<String>>,
+    /// cgroup id -> path relative to the cgroup2 root.
+    cgroups: HashMap<u64, String>,
+    /// Where cgroup2 is mounted (looked up at the first cgroup).
+    cgroup_root: Option<Option<PathBuf>>,
+    /// When the cgroup tree was last walked.
+    walked: Option<std::time::Instant>,
+}
+
+/// The tree is walked for an unknown cgroup id at most this often.
+const WALK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most cgroups remembered (and visited by one walk).
+const MAX_CGROUP_NAMES: usize = 65_536;
+
+/// Every cgroup under `root` by id (its directory's inode number), breadth
+/// first, with an explicit queue (no recursion on a tree anyone can deepen)
+/// and at most [`MAX_CGROUP_NAMES`] directories.
+fn walk_cgroups(root: &Path, into: &mut HashMap<u64, String>) {
+    use std::os::unix::fs::DirEntryExt as _;
+    let mut queue = std::collections::VecDeque::from([String::new()]);
+    while let Some(rel) = queue.pop_front() {
+        let Ok(entries) = fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if into.len() >= MAX_CGROUP_NAMES {
+                return;
+            }
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            into.insert(e.ino(), path.clone());
+            queue.push_back(path);
+        }
+    }
 }
 
 impl UserNames {
+    /// The path of cgroup `id`, which process `pid` ran in: its
+    /// `/proc/PID/cgroup` entry, taken only when that directory's id is
+    /// `id` (the process may have moved, or exited). Found paths are
+    /// remembered; a miss costs one small read and one `stat`.
+    pub fn cgroup(&mut self, id: u64, pid: u32) -> Option<String> {
+        use std::os::unix::fs::MetadataExt as _;
+        if id == 0 {
+            return None;
+        }
+        if let Some(path) = self.cgroups.get(&id) {
+            return Some(path.clone());
+        }
+        let root = self
+            .cgroup_root
+            .get_or_insert_with(|| crate::host::cgroup2_root().ok())
+            .clone()?;
+        let from_proc = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|text| {
+                let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+                let path = path.trim_start_matches('/').to_string();
+                let meta = fs::metadata(root.join(&path)).ok()?;
+                (meta.ino() == id).then_some(path)
+            });
+        let path = match from_proc {
+            Some(p) => p,
+            // The process is gone (a short-lived client) or moved: look
+            // through the tree, at most once a second.
+            None => {
+                if self.walked.is_some_and(|at| at.elapsed() < WALK_EVERY) {
+                    return None;
+                }
+                self.walked = Some(std::time::Instant::now());
+                self.cgroups.clear();
+                walk_cgroups(&root, &mut self.cgroups);
+                return self.cgroups.get(&id).cloned();
+            }
+        };
+        if self.cgroups.len() > MAX_CGROUP_NAMES {
+            self.cgroups.clear();
+        }
+        let path = if path.is_empty() {
+            "/".to_string()
+        } else {
+            path
+        };
+        self.cgroups.insert(id, path.clone());
+        Some(path)
+    }
+
     pub fn get(&mut self, uid: u32) -> Option<String> {
         if self.cache.len() > 4096 {
             self.cache.clear();
@@ -198,6 +288,14 @@ pub struct AuditRecord {
         skip_serializing_if = "Option::is_none"
     )]
     pub process: Option<String>,
+    /// The cgroup v2 path the process ran in (relative to the cgroup2
+    /// root; `/` for the root), for the eBPF layer's events.
+    #[serde(
+        rename = "loopguard.cgroup",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cgroup: Option<String>,
     #[serde(
         rename = "network.transport",
         default,
@@ -380,6 +478,7 @@ pub fn record(
         gid: Some(ev.gid),
         pid: Some(ev.pid),
         process: Some(String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned()),
+        cgroup: names.cgroup(ev.cgroup_id, ev.pid),
         transport: Some(if u32::from(ev.proto) == PROTO_TCP {
             Transport::Tcp
         } else {
@@ -453,6 +552,7 @@ pub fn packet_record(
         // A packet no longer knows its process.
         pid: None,
         process: None,
+        cgroup: None,
         transport,
         network_type: Some(
             if ev.destination.is_some_and(|d| d.is_ipv6()) {
@@ -484,6 +584,7 @@ pub fn dropped_record(count: u64, layer: EventLayer) -> AuditRecord {
         gid: None,
         pid: None,
         process: None,
+        cgroup: None,
         transport: None,
         network_type: None,
         ip: None,

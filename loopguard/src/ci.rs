@@ -31,6 +31,7 @@ fn describe(code: Code) -> &'static str {
         Code::SameMatch => "Services that match exactly the same traffic.",
         Code::UnknownUser => "A user name this host does not know.",
         Code::UnknownGroup => "A group name this host does not know.",
+        Code::Cgroup => "An invalid cgroup path.",
         Code::CutsOffRoot => "The policy would cut root off from essential local services.",
         Code::BindEphemeral => "A bind guard on ports in the ephemeral range.",
     }

@@ -23,9 +23,10 @@ use loopguard_common::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::policy::ResolvedCgroup;
 use crate::policy::{
-    classify, AddrSet, Destination, ListKind, Mode, Policy, PortRange, Protocol, Resolved,
-    Transport, Verdict,
+    classify, AddrSet, CgroupPath, Destination, ListKind, Mode, Policy, PortRange, Protocol,
+    Resolved, Transport, Verdict,
 };
 use crate::scope::LocalTable;
 
@@ -104,6 +105,10 @@ pub struct Plan {
     pub services: Vec<PlanService>,
     /// Sorted uid lists.
     pub uid_sets: Vec<Vec<u32>>,
+    /// The cgroups of each uid set (by the same index), sorted; empty when
+    /// no list names a cgroup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup_sets: Vec<Vec<ResolvedCgroup>>,
     /// Atom `i + 1` is `port_atoms[i]`; sorted, disjoint.
     pub port_atoms: Vec<PortRange>,
     /// Atom `i + 1` is `nets[i]`.
@@ -112,6 +117,13 @@ pub struct Plan {
     /// Bind guards, sorted by key; empty when no service has one.
     #[serde(default)]
     pub binds: Vec<BindDecision>,
+}
+
+/// Who makes an attempt: a uid and, when known, the cgroup it runs in.
+#[derive(Clone, Copy, Debug)]
+pub struct Client<'a> {
+    pub uid: u32,
+    pub cgroup: Option<&'a CgroupPath>,
 }
 
 /// What happens to one attempt.
@@ -175,8 +187,8 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     let mut services = Vec::with_capacity(policy.services.len());
     let lines = crate::diag::LineIndex::new(&policy.source);
     for (s, r) in policy.services.iter().zip(&resolved.services) {
-        let uid_set = sets.intern(&r.uids);
-        let bind_set = r.bind_uids.as_deref().map(|u| sets.intern(u));
+        let uid_set = sets.intern(&r.uids, &r.cgroups);
+        let bind_set = r.bind_uids.as_deref().map(|u| sets.intern(u, &[]));
         services.push(PlanService {
             name: s.name.clone(),
             location: {
@@ -230,6 +242,16 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     }
     let binds = bind_decisions(&services, &port_atoms, &nets, &mut sets);
     let uid_sets = sets.sets;
+    let cgroup_sets = if sets.cgroups.iter().all(Vec::is_empty) {
+        Vec::new()
+    } else {
+        sets.cgroups
+    };
+    too_large(
+        "cgroup entries",
+        cgroup_sets.iter().map(Vec::len).sum(),
+        loopguard_common::MAX_CGROUP_ENTRIES,
+    )?;
     too_large("bind decision entries", binds.len(), MAX_DECISIONS)?;
     too_large(
         "uid entries",
@@ -256,6 +278,7 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
         log_allowed: policy.log_allowed,
         services,
         uid_sets,
+        cgroup_sets,
         port_atoms,
         nets,
         decisions,
@@ -265,22 +288,28 @@ pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileErro
     Ok(plan)
 }
 
-/// Sorted uid lists, interned: equal lists share one index (services of
-/// one team, and bind cells with the same intersection).
+/// Sorted uid lists with their cgroups, interned: equal lists share one
+/// index (services of one team, and bind cells with the same
+/// intersection).
 #[derive(Default)]
 struct UidSets {
     sets: Vec<Vec<u32>>,
-    index: HashMap<Vec<u32>, u32>,
+    cgroups: Vec<Vec<ResolvedCgroup>>,
+    /// uids -> the sets with those uids (almost always one).
+    index: HashMap<Vec<u32>, Vec<u32>>,
 }
 
 impl UidSets {
-    fn intern(&mut self, uids: &[u32]) -> u32 {
-        if let Some(&i) = self.index.get(uids) {
-            return i;
+    fn intern(&mut self, uids: &[u32], cgroups: &[ResolvedCgroup]) -> u32 {
+        if let Some(same) = self.index.get(uids) {
+            if let Some(&i) = same.iter().find(|&&i| self.cgroups[i as usize] == cgroups) {
+                return i;
+            }
         }
         let i = self.sets.len() as u32;
         self.sets.push(uids.to_vec());
-        self.index.insert(uids.to_vec(), i);
+        self.cgroups.push(cgroups.to_vec());
+        self.index.entry(uids.to_vec()).or_default().push(i);
         i
     }
 }
@@ -366,8 +395,8 @@ fn bind_decisions(
             port_atom,
             addr_atom,
             service: cell.service,
-            uid_set: sets.intern(&cell.all),
-            enforce_set: cell.enforce.map(|e| sets.intern(&e)),
+            uid_set: sets.intern(&cell.all, &[]),
+            enforce_set: cell.enforce.map(|e| sets.intern(&e, &[])),
         })
         .collect()
 }
@@ -480,6 +509,47 @@ impl Plan {
         port: u16,
         local: &LocalTable,
     ) -> Evaluation {
+        let client = Client { uid, cgroup: None };
+        self.evaluate_client(&client, transport, ip, port, local)
+    }
+
+    /// Why `client` is on set `set`'s list, if it is: its uid, or the
+    /// listed cgroup it runs in or below.
+    pub fn listed_by(&self, set: u32, client: &Client<'_>) -> Option<String> {
+        if self.uid_sets[set as usize]
+            .binary_search(&client.uid)
+            .is_ok()
+        {
+            return Some(format!("uid {}", client.uid));
+        }
+        let cgroup = client.cgroup?;
+        let listed = self.cgroup_sets.get(set as usize)?;
+        listed
+            .iter()
+            .find(|c| {
+                let p = c.path.as_str();
+                cgroup.as_str() == p
+                    || cgroup
+                        .as_str()
+                        .strip_prefix(p)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            })
+            .map(|c| match c.id {
+                Some(_) => format!("cgroup {}", c.path),
+                None => format!("cgroup {} (absent when applied)", c.path),
+            })
+    }
+
+    /// [`Plan::evaluate`] for a process known by its uid and cgroup.
+    pub fn evaluate_client(
+        &self,
+        client: &Client<'_>,
+        transport: Transport,
+        ip: IpAddr,
+        port: u16,
+        local: &LocalTable,
+    ) -> Evaluation {
+        let uid = client.uid;
         let Some(dest) = classify(ip, local) else {
             return Evaluation {
                 action: Action::Allow,
@@ -497,15 +567,13 @@ impl Plan {
             ),
             Some(i) => {
                 let s = &self.services[i];
-                let listed = self.uid_sets[s.uid_set as usize]
-                    .binary_search(&uid)
-                    .is_ok();
-                let deny = listed != (s.list == ListKind::Allow);
-                let why = match (s.list, listed) {
-                    (ListKind::Allow, true) => "uid allowed",
-                    (ListKind::Allow, false) => "uid not allowed",
-                    (ListKind::Deny, true) => "uid denied",
-                    (ListKind::Deny, false) => "uid not denied",
+                let by = self.listed_by(s.uid_set, client);
+                let deny = by.is_some() != (s.list == ListKind::Allow);
+                let why = match (s.list, by) {
+                    (ListKind::Allow, Some(by)) => format!("{by} allowed"),
+                    (ListKind::Allow, None) => format!("uid {uid} not allowed"),
+                    (ListKind::Deny, Some(by)) => format!("{by} denied"),
+                    (ListKind::Deny, None) => format!("uid {uid} not denied"),
                 };
                 (deny, s.mode, format!("service {}: {why}", s.name))
             }
@@ -919,6 +987,106 @@ allow_users = [1]
             "equal uid lists share one set"
         );
         assert_eq!(plan.port_atom(3), 0, "unguarded port");
+    }
+
+    /// `system.slice/app.service` exists (id 42); nothing else does.
+    struct WithCgroups;
+    impl Directory for WithCgroups {
+        fn uid_of(&self, _: &str) -> Option<u32> {
+            None
+        }
+        fn user_name(&self, _: u32) -> Option<String> {
+            None
+        }
+        fn group_members(&self, _: &IdRef) -> Option<Vec<u32>> {
+            None
+        }
+        fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
+            (path.as_str() == "system.slice/app.service").then_some(42)
+        }
+    }
+
+    #[test]
+    fn cgroups_join_the_list_they_are_on() {
+        let text = "version = 1\n\
+            [[service]]\nname = \"a\"\nport = 1\nallow_users = [5]\nallow_cgroups = [\"/system.slice/app.service/\", \"later.slice\"]\n\
+            [[service]]\nname = \"b\"\nport = 2\nallow_users = [5]\n\
+            [[service]]\nname = \"c\"\nport = 3\ndeny_cgroups = [\"system.slice/app.service\"]\n";
+        let (p, diags) = policy::load("t.toml", text);
+        assert!(diags.is_empty(), "{diags:?}");
+        let p = p.expect("policy");
+        let r = policy::resolve(&p, &WithCgroups).expect("resolves");
+        let plan = compile(&p, &r).expect("compiles");
+        // Same uids, other cgroups: not one set.
+        assert_ne!(plan.services[0].uid_set, plan.services[1].uid_set);
+        let set = &plan.cgroup_sets[plan.services[0].uid_set as usize];
+        let listed: Vec<(&str, Option<u64>)> =
+            set.iter().map(|c| (c.path.as_str(), c.id)).collect();
+        assert_eq!(
+            listed,
+            [
+                ("later.slice", None),
+                ("system.slice/app.service", Some(42))
+            ]
+        );
+        let local = LocalTable::from_prefixes([]);
+        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let at = |uid, cgroup: Option<&str>, port| {
+            let path = cgroup.map(|c| CgroupPath::new(c).expect("path"));
+            let client = Client {
+                uid,
+                cgroup: path.as_ref(),
+            };
+            plan.evaluate_client(&client, Transport::Tcp, ip, port, &local)
+        };
+        let below = Some("system.slice/app.service/worker");
+        assert_eq!(at(9, below, 1).action, Action::Allow, "a child cgroup");
+        assert_eq!(
+            at(9, Some("system.slice/app.service"), 1).action,
+            Action::Allow
+        );
+        assert_eq!(
+            at(9, Some("system.slice/app.serviceX"), 1).action,
+            Action::Deny
+        );
+        assert_eq!(at(9, None, 1).action, Action::Deny);
+        assert_eq!(at(5, None, 1).action, Action::Allow);
+        assert_eq!(at(9, below, 2).action, Action::Deny, "b lists no cgroup");
+        assert_eq!(at(9, below, 3).action, Action::Deny, "on c's deny-list");
+        assert_eq!(at(9, None, 3).action, Action::Allow);
+        assert!(at(9, below, 1)
+            .reason
+            .contains("cgroup system.slice/app.service allowed"));
+        // The ids are part of what is enforced.
+        let r2 = policy::resolve(&p, &NoNames).expect("resolves");
+        assert_ne!(compile(&p, &r2).expect("compiles").id, plan.id);
+    }
+
+    #[test]
+    fn cgroup_paths_are_checked() {
+        for (bad, why) in [
+            ("", "root"),
+            ("/", "root"),
+            ("a//b", "empty part"),
+            ("a/../b", ".."),
+            ("./a", "."),
+            ("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q", "17 levels"),
+        ] {
+            assert!(CgroupPath::new(bad).is_err(), "{bad:?} ({why})");
+            let text = format!(
+                "version = 1\n[[service]]\nname = \"a\"\nport = 1\nallow_cgroups = [{bad:?}]\n"
+            );
+            let (_, diags) = policy::load("t.toml", text.as_str());
+            assert!(
+                diags.iter().any(|d| d.code == crate::diag::Code::Cgroup),
+                "{bad:?}: {diags:?}"
+            );
+        }
+        let p = CgroupPath::new("/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/").expect("16 levels");
+        assert_eq!((p.as_str().len(), p.level()), (31, 16));
+        let text = "version = 1\n[[service]]\nname = \"a\"\nport = 1\nallow_users = [1]\ndeny_cgroups = [\"x\"]\n";
+        let (_, diags) = policy::load("t.toml", text);
+        assert!(diags.iter().any(|d| d.code == crate::diag::Code::BothLists));
     }
 
     #[test]

@@ -47,13 +47,14 @@ pub enum Code {
     SameMatch,
     UnknownUser,
     UnknownGroup,
+    Cgroup,
     CutsOffRoot,
     BindEphemeral,
 }
 
 impl Code {
     /// Every code, in the order the README lists them.
-    pub const ALL: [Code; 20] = [
+    pub const ALL: [Code; 21] = [
         Code::Syntax,
         Code::Type,
         Code::Value,
@@ -72,6 +73,7 @@ impl Code {
         Code::SameMatch,
         Code::UnknownUser,
         Code::UnknownGroup,
+        Code::Cgroup,
         Code::CutsOffRoot,
         Code::BindEphemeral,
     ];
@@ -97,6 +99,7 @@ impl Code {
             Code::SameMatch => "same-match",
             Code::UnknownUser => "unknown-user",
             Code::UnknownGroup => "unknown-group",
+            Code::Cgroup => "cgroup",
             Code::CutsOffRoot => "cuts-off-root",
             Code::BindEphemeral => "bind-ephemeral",
         }

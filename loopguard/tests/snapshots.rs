@@ -105,6 +105,7 @@ fn an_audit_record() {
         plan_id: p.id_number(),
         addr,
         comm,
+        cgroup_id: 0,
     };
     // 2026-11-30T00:00:00Z at CLOCK_MONOTONIC 0.
     let clock = loopguard::audit::Clock::at(1_796_000_000_000_000_000, 0);

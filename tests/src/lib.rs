@@ -384,6 +384,15 @@ impl Sandbox {
         probe_output(self.probe_cmd(user, args), args)
     }
 
+    /// Runs the probe as `user` in our namespace, in `cgroup` (a cgroup
+    /// below ours, or another one).
+    pub fn probe_in(&self, user: Option<&TestUser>, cgroup: &Path, args: &[&str]) -> String {
+        let mut cmd = self.probe_cmd_outside(user, &[]);
+        cmd.arg("--cgroup").arg(cgroup);
+        cmd.args(args);
+        probe_output(cmd, args)
+    }
+
     /// Runs the probe as `user` in our namespace but outside our cgroup.
     pub fn probe_outside(&self, user: Option<&TestUser>, args: &[&str]) -> String {
         probe_output(self.probe_cmd_outside(user, args), args)
@@ -616,28 +625,39 @@ impl Sandbox {
                 run(Command::new(loopguard_bin()).args(["--instance", &self.instance, "remove"]));
         }
         if self.cgroup.exists() {
-            if let Ok(procs) = fs::read_to_string(self.cgroup.join("cgroup.procs")) {
-                for pid in procs
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::SIGKILL,
-                    );
-                }
-            }
-            for _ in 0..50 {
-                if fs::remove_dir(&self.cgroup).is_ok() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            remove_cgroup(&self.cgroup);
         }
         if self.netns_path.exists() {
             let _ = run(Command::new("ip").args(["netns", "del", &self.netns]));
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Kills every process in a cgroup and below, then removes the cgroups,
+/// deepest first (a test's own child cgroups included).
+pub fn remove_cgroup(cgroup: &Path) {
+    if let Ok(entries) = fs::read_dir(cgroup) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    if let Ok(procs) = fs::read_to_string(cgroup.join("cgroup.procs")) {
+        for pid in procs
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        }
+    }
+    for _ in 0..50 {
+        if fs::remove_dir(cgroup).is_ok() || !cgroup.exists() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

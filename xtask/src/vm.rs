@@ -34,6 +34,7 @@ const GUEST_TESTS: &[&str] = &[
     "routes",
     "crash",
     "scan",
+    "cgroups",
 ];
 
 /// Host programs the tests call, copied into the guest with their libraries.

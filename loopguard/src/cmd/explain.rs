@@ -9,7 +9,7 @@ use loopguard::{
     compile::{self, Plan},
     host,
     paths::InstancePaths,
-    policy::{Directory, SystemDirectory, Transport},
+    policy::{CgroupPath, Directory, SystemDirectory, Transport},
     scope::LocalTable,
     state::State,
 };
@@ -21,8 +21,8 @@ use crate::{exit, Format};
 
 #[derive(clap::Args)]
 #[command(
-    group(clap::ArgGroup::new("who").required(true).args(["user", "uid"])),
-    after_help = "Examples:\n  loopguard explain --user app --to 127.0.0.1:5432\n  loopguard explain --uid 1005 --to '[::1]:6379' --policy policy.toml\n  loopguard explain --user mallory --bind --to 0.0.0.0:5432"
+    group(clap::ArgGroup::new("who").required(true).args(["user", "uid", "pid"])),
+    after_help = "Examples:\n  loopguard explain --user app --to 127.0.0.1:5432\n  loopguard explain --pid 4242 --to 127.0.0.1:5432\n  loopguard explain --uid 990 --cgroup system.slice/grafana.service --to 127.0.0.1:5432\n  loopguard explain --uid 1005 --to '[::1]:6379' --policy policy.toml\n  loopguard explain --user mallory --bind --to 0.0.0.0:5432"
 )]
 pub(crate) struct Args {
     /// User name.
@@ -31,6 +31,13 @@ pub(crate) struct Args {
     /// Numeric uid.
     #[arg(long)]
     uid: Option<u32>,
+    /// A running process: its uid and its cgroup, as the kernel sees them.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// The cgroup the process runs in, relative to the cgroup2 root (e.g.
+    /// system.slice/grafana.service), for lists that name cgroups.
+    #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+    cgroup: Option<String>,
     /// Destination, e.g. 127.0.0.1:5432 or [::1]:6379 (with --bind: the
     /// address to bind, e.g. 0.0.0.0:5432).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -60,6 +67,8 @@ struct Explanation {
     attempt: &'static str,
     uid: u32,
     user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<String>,
     destination: String,
     protocol: &'static str,
     in_scope: bool,
@@ -71,12 +80,22 @@ struct Explanation {
 
 pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let dir = SystemDirectory;
-    let uid = match (&args.user, args.uid) {
-        (_, Some(uid)) => uid,
-        (Some(name), None) => dir
-            .uid_of(name)
-            .ok_or_else(|| anyhow!("unknown user {name:?}"))?,
-        (None, None) => unreachable!("clap requires --user or --uid"),
+    let (uid, cgroup) = match (&args.user, args.uid, args.pid) {
+        (_, _, Some(pid)) => process_identity(pid)?,
+        (_, Some(uid), None) => (uid, None),
+        (Some(name), None, None) => (
+            dir.uid_of(name)
+                .ok_or_else(|| anyhow!("unknown user {name:?}"))?,
+            None,
+        ),
+        (None, None, None) => unreachable!("clap requires --user, --uid or --pid"),
+    };
+    let cgroup = match (cgroup, &args.cgroup) {
+        (Some(c), _) => Some(c),
+        (None, Some(text)) => {
+            Some(CgroupPath::new(text).map_err(|why| anyhow!("--cgroup {text:?}: {why}"))?)
+        }
+        (None, None) => None,
     };
     let plan: Plan = match &args.policy {
         Some(file) => {
@@ -111,7 +130,11 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let eval = if args.bind {
         plan.evaluate_bind(uid, transport, ip, port, &local)
     } else {
-        plan.evaluate(uid, transport, ip, port, &local)
+        let client = compile::Client {
+            uid,
+            cgroup: cgroup.as_ref(),
+        };
+        plan.evaluate_client(&client, transport, ip, port, &local)
     };
     let service = eval.service.map(|i| &plan.services[i]);
     let explanation = Explanation {
@@ -119,6 +142,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         attempt: if args.bind { "bind" } else { "connect" },
         uid,
         user: dir.user_name(uid),
+        cgroup: cgroup.as_ref().map(ToString::to_string),
         destination: args.to.to_string(),
         protocol: transport.as_str(),
         in_scope: eval.destination.is_some() || (args.bind && eval.service.is_some()),
@@ -134,10 +158,13 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             writeln!(out)?;
         }
         Format::Human => {
-            let who = match &explanation.user {
+            let mut who = match &explanation.user {
                 Some(n) => format!("uid {uid} ({n})"),
                 None => format!("uid {uid}"),
             };
+            if let Some(c) = &explanation.cgroup {
+                who.push_str(&format!(" in cgroup {c}"));
+            }
             let arrow = if args.bind { "binds" } else { "->" };
             writeln!(
                 out,
@@ -174,4 +201,25 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// A running process's uid (the real one, which the kernel's checks read)
+/// and cgroup v2 path, from `/proc`.
+fn process_identity(pid: u32) -> anyhow::Result<(u32, Option<CgroupPath>)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("no process {pid} (reading /proc/{pid}/status)"))?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .ok_or_else(|| anyhow!("/proc/{pid}/status has no Uid line"))?;
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .with_context(|| format!("reading /proc/{pid}/cgroup"))?;
+    // The root cgroup ("0::/") is on no list: no path to give.
+    let cgroup = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .and_then(|p| CgroupPath::new(p).ok());
+    Ok((uid, cgroup))
 }

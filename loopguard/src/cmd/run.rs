@@ -326,7 +326,7 @@ impl Daemon {
     /// service's uids changed, both layers are updated in place. Each
     /// change is logged (`user lgt-bob added to service db via group
     /// lgt-live`).
-    fn refresh_accounts(&mut self) {
+    fn refresh_identities(&mut self, what: Identities) {
         let Some(current) = self.current.clone() else {
             return;
         };
@@ -337,7 +337,7 @@ impl Daemon {
             .map(|b| loopguard::compile::source_hash(&String::from_utf8_lossy(&b)));
         if on_disk.as_ref() != Some(&current.hash) {
             log::warn!(
-                "the user database changed, but {} holds edits not in force: group membership not refreshed",
+                "{what} changed, but {} holds edits not in force: not refreshed",
                 self.file.display()
             );
             self.metrics.accounts_refresh_failures.inc();
@@ -384,12 +384,12 @@ impl Daemon {
         let prepared = match prepared {
             Ok(Ok(p)) => p,
             Ok(Err(refused)) => {
-                log::error!("accounts changed: the policy no longer resolves; the running policy stays\n{refused}");
+                log::error!("{what} changed: the policy no longer resolves; the running policy stays\n{refused}");
                 self.metrics.accounts_refresh_failures.inc();
                 return;
             }
             Err(e) => {
-                log::error!("accounts changed: {e:#}; the running policy stays");
+                log::error!("{what} changed: {e:#}; the running policy stays");
                 self.metrics.accounts_refresh_failures.inc();
                 return;
             }
@@ -398,11 +398,11 @@ impl Daemon {
             .accounts_refreshed
             .set(jiff::Timestamp::now().as_second());
         if prepared.plan.id == current.id {
-            log::debug!("accounts changed; no service's uids did");
+            log::debug!("{what} changed; no service's list did");
             return;
         }
         let changes = membership_changes(&current, &prepared);
-        if self.commit("accounts changed", prepared, started) {
+        if self.commit(&format!("{what} changed"), prepared, started) {
             for c in changes {
                 log::info!("{c}");
             }
@@ -698,6 +698,7 @@ async fn serve(
     tokio::spawn(watch_layers(daemon.clone()));
     tokio::spawn(watch_file(args.file.clone(), daemon.clone(), policy_stamp));
     tokio::spawn(watch_accounts(daemon.clone(), accounts_stamp));
+    tokio::spawn(watch_cgroups(daemon.clone()));
 
     notify_systemd(&[NotifyState::Ready, NotifyState::Status("enforcing")]);
     log::info!("ready");
@@ -966,6 +967,31 @@ fn membership_changes(old: &Plan, new: &engine::Prepared) -> Vec<String> {
                 s.name
             ));
         }
+        let cgroups_of = |plan: &Plan, set: u32| {
+            plan.cgroup_sets
+                .get(set as usize)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let was_cgroups = old
+            .services
+            .iter()
+            .find(|o| o.name == s.name)
+            .map(|o| cgroups_of(old, o.uid_set))
+            .unwrap_or_default();
+        for c in cgroups_of(&new.plan, s.uid_set) {
+            let before = was_cgroups
+                .iter()
+                .find(|w| w.path == c.path)
+                .and_then(|w| w.id);
+            let change = match (before, c.id) {
+                (None, Some(id)) => format!("exists now (id {id})"),
+                (Some(_), None) => "is gone".to_string(),
+                (Some(a), Some(b)) if a != b => format!("was made again (id {a} -> {b})"),
+                _ => continue,
+            };
+            out.push(format!("cgroup {} of service {} {change}", c.path, s.name));
+        }
     }
     out
 }
@@ -982,6 +1008,115 @@ fn stamp(p: &Path) -> Stamp {
             m.ino(),
         )
     })
+}
+
+/// What changed under the names a policy lists.
+#[derive(Clone, Copy, Debug)]
+enum Identities {
+    /// `/etc/passwd`, `/etc/group`.
+    Accounts,
+    /// A listed cgroup appeared, went, or was made again.
+    Cgroups,
+}
+
+impl std::fmt::Display for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Identities::Accounts => "the user database",
+            Identities::Cgroups => "a listed cgroup",
+        })
+    }
+}
+
+/// Follows the cgroups the policy in force lists: one that appears, goes,
+/// or is removed and made again (a restarted unit gets a new cgroup, with
+/// a new id) updates both layers within a second. inotify watches the
+/// nearest existing directory on the way to each listed cgroup (cgroupfs
+/// reports `mkdir` and `rmdir` there); a look every two seconds is the
+/// safety net.
+async fn watch_cgroups(daemon: Arc<Mutex<Daemon>>) {
+    let Ok(root) = host::cgroup2_root() else {
+        log::debug!("no cgroup2 mount: listed cgroups are not followed");
+        return;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watched: Vec<WatchedDir> = Vec::new();
+    let mut watcher = None;
+    let mut tried: Option<Vec<Option<u64>>> = None;
+    loop {
+        // What the policy in force lists, and the ids it was applied with.
+        let listed: Vec<loopguard::policy::ResolvedCgroup> = {
+            let d = lock(&daemon);
+            let mut all: Vec<_> = d
+                .current
+                .iter()
+                .flat_map(|p| p.cgroup_sets.iter().flatten().cloned())
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        };
+        let now: Vec<Option<u64>> = listed
+            .iter()
+            .map(|c| loopguard::policy::cgroup_id_under(&root, &c.path))
+            .collect();
+        let applied: Vec<Option<u64>> = listed.iter().map(|c| c.id).collect();
+        // A refresh that failed (the file holds edits not in force) is not
+        // retried until something changes again.
+        if now != applied && tried.as_ref() != Some(&now) {
+            tried = Some(now);
+            lock(&daemon).refresh_identities(Identities::Cgroups);
+            continue;
+        }
+        let (dirs, names) = cgroup_watch_points(&root, &listed);
+        if dirs != watched || watcher.is_none() {
+            watcher = watch_directories(&dirs, names, tx.clone())
+                .map_err(|e| {
+                    log::warn!("cannot watch cgroups with inotify ({e}); looking every 2 s")
+                })
+                .ok();
+            watched = dirs;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
+        // mkdir then the unit's processes: a short settle, well inside the
+        // second.
+        while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {}
+    }
+}
+
+/// Where to watch for the listed cgroups: for each, the deepest existing
+/// directory on its path (its parent once that exists), and the names
+/// whose creation or removal there matters.
+fn cgroup_watch_points(
+    root: &Path,
+    listed: &[loopguard::policy::ResolvedCgroup],
+) -> (Vec<WatchedDir>, Vec<std::ffi::OsString>) {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut dirs: Vec<WatchedDir> = Vec::new();
+    let mut names: Vec<std::ffi::OsString> = Vec::new();
+    for c in listed {
+        let parts: Vec<&str> = c.path.as_str().split('/').collect();
+        names.extend(parts.iter().map(Into::into));
+        // Bounded: a listed path has at most MAX_CGROUP_LEVEL parts.
+        let mut dir = root.to_path_buf();
+        for part in &parts {
+            let next = dir.join(part);
+            if !next.is_dir() {
+                break;
+            }
+            dir = next;
+        }
+        if dir == root.join(c.path.as_str()) {
+            dir.pop();
+        }
+        let id = fs::metadata(&dir).ok().map(|m| (m.dev(), m.ino()));
+        if !dirs.iter().any(|d| d.path == dir) {
+            dirs.push(WatchedDir { path: dir, id });
+        }
+    }
+    names.sort();
+    names.dedup();
+    (dirs, names)
 }
 
 /// The user database files whose change re-resolves names.
@@ -1020,7 +1155,7 @@ async fn watch_accounts(daemon: Arc<Mutex<Daemon>>, resolved: Vec<Stamp>) {
             continue;
         }
         seen = now;
-        lock(&daemon).refresh_accounts();
+        lock(&daemon).refresh_identities(Identities::Accounts);
     }
 }
 

@@ -27,8 +27,8 @@ use aya::{
     EbpfLoader,
 };
 use loopguard_common::{
-    counter_index, AddrKey, BindEntry, Config, DecisionKey, ServiceEntry, SlotConfig, UidKey,
-    ABI_VERSION, ADDR_KEY_SLOT_BITS, COUNT_KINDS, DEFAULT_BUCKET, LIST_ALLOW, LIST_DENY,
+    counter_index, AddrKey, BindEntry, CgroupKey, Config, DecisionKey, ServiceEntry, SlotConfig,
+    UidKey, ABI_VERSION, ADDR_KEY_SLOT_BITS, COUNT_KINDS, DEFAULT_BUCKET, LIST_ALLOW, LIST_DENY,
     MAX_LOCAL_PREFIXES, MAX_SERVICES, MODE_AUDIT, MODE_ENFORCE, NO_SLOT, PORT_SPACE, PROTO_TCP,
     PROTO_UDP, SLOTS, VERDICT_ALLOW, VERDICT_DENY,
 };
@@ -133,6 +133,7 @@ pub struct Maps {
     pub decisions: HashMap<MapData, DecisionKey, u32>,
     pub services: Array<MapData, ServiceEntry>,
     pub uids: HashMap<MapData, UidKey, u8>,
+    pub cgroups: HashMap<MapData, CgroupKey, u8>,
     pub binds: HashMap<MapData, DecisionKey, BindEntry>,
     pub local: LpmTrie<MapData, [u8; 16], u32>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -141,7 +142,7 @@ pub struct Maps {
 }
 
 /// Pinned under `maps/`. LG_EVENTS is opened by `loopguard run`.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     "LG_CONFIG",
     "LG_SLOT_CONFIG",
     "LG_PORT_ATOMS",
@@ -149,6 +150,7 @@ pub const MAP_NAMES: [&str; 12] = [
     "LG_DECISIONS",
     "LG_SERVICES",
     "LG_UIDS",
+    "LG_CGROUPS",
     "LG_BINDS",
     "LG_LOCAL",
     "LG_COUNTERS",
@@ -177,6 +179,7 @@ impl Maps {
             decisions: typed!("LG_DECISIONS"),
             services: typed!("LG_SERVICES"),
             uids: typed!("LG_UIDS"),
+            cgroups: typed!("LG_CGROUPS"),
             binds: typed!("LG_BINDS"),
             local: typed!("LG_LOCAL"),
             counters: typed!("LG_COUNTERS"),
@@ -614,6 +617,32 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
         })
         .collect();
     sync_hash(&mut maps.uids, &uids, |k| k.slot == slot, "LG_UIDS")?;
+    let mut cgroup_levels = 0u32;
+    let cgroups: Vec<(CgroupKey, u8)> = plan
+        .cgroup_sets
+        .iter()
+        .enumerate()
+        .flat_map(|(set, cgroups)| {
+            cgroups.iter().filter_map(move |c| {
+                let key = CgroupKey {
+                    slot,
+                    uid_set: set as u32,
+                    cgroup_id: c.id?,
+                };
+                Some(((key, 1), c.path.level()))
+            })
+        })
+        .map(|(entry, level)| {
+            cgroup_levels |= 1 << level;
+            entry
+        })
+        .collect();
+    sync_hash(
+        &mut maps.cgroups,
+        &cgroups,
+        |k| k.slot == slot,
+        "LG_CGROUPS",
+    )?;
     for (i, net) in plan.nets.iter().enumerate() {
         let (addr, bits) = match net {
             ipnet::IpNet::V4(n) => (
@@ -688,6 +717,8 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
                 has_nets: u8::from(!plan.nets.is_empty()),
                 has_binds: u8::from(!plan.binds.is_empty()),
                 _pad: [0; 3],
+                cgroup_levels,
+                _pad2: 0,
                 plan_id: plan.id_number(),
             },
             0,

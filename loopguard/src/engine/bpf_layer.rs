@@ -36,6 +36,10 @@ impl Layer for BpfLayer {
         LayerKind::Bpf
     }
 
+    fn judges_cgroups(&self) -> bool {
+        true
+    }
+
     fn available(&self, _ctx: &Context<'_>) -> anyhow::Result<()> {
         host::check_kernel()?;
         host::ensure_bpffs(Path::new(crate::paths::BPFFS))?;

@@ -141,6 +141,14 @@ pub trait Layer {
     /// not (with several layers asked for, the engine skips it).
     fn available(&self, ctx: &Context<'_>) -> anyhow::Result<()>;
 
+    /// Whether the layer tells processes apart by cgroup (`allow_cgroups`
+    /// and `deny_cgroups`). One that does not lets an allow-list naming a
+    /// cgroup that exists through whole, and judges a deny-list by its
+    /// uids: it never refuses what the layer that does judge them admits.
+    fn judges_cgroups(&self) -> bool {
+        false
+    }
+
     /// Everything up to the commit, changing nothing in force.
     fn stage(&mut self, ctx: &Context<'_>, plan: &Plan) -> anyhow::Result<()>;
 

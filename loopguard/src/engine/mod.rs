@@ -306,6 +306,14 @@ pub fn enforce(
     plan: &Plan,
 ) -> Result<Vec<LayerKind>, EnforceError> {
     let chosen = choose(all, want, ctx)?;
+    if !plan.cgroup_sets.is_empty() && !chosen.iter().any(|&i| all[i].judges_cgroups()) {
+        return Err(anyhow::anyhow!(
+            "the policy lists cgroups, which only the eBPF layer tells apart \
+             (the nftables layer would have to let those services through whole): \
+             enforce with --layers bpf or both"
+        )
+        .into());
+    }
     for (n, &i) in chosen.iter().enumerate() {
         if let Err(e) = all[i].stage(ctx, plan) {
             for &j in chosen[..=n].iter().rev() {

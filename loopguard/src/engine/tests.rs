@@ -57,6 +57,9 @@ impl Layer for Fake {
     fn available(&self, _: &Context<'_>) -> anyhow::Result<()> {
         self.step(Step::Available)
     }
+    fn judges_cgroups(&self) -> bool {
+        self.kind == LayerKind::Bpf
+    }
     fn stage(&mut self, _: &Context<'_>, plan: &Plan) -> anyhow::Result<()> {
         self.step(Step::Stage)?;
         self.staged = Some(plan.id.clone());
@@ -145,6 +148,7 @@ fn plan(id: &str) -> Plan {
         log_allowed: false,
         services: Vec::new(),
         uid_sets: Vec::new(),
+        cgroup_sets: Vec::new(),
         port_atoms: Vec::new(),
         nets: Vec::new(),
         decisions: Vec::new(),
@@ -153,6 +157,10 @@ fn plan(id: &str) -> Plan {
 }
 
 fn run(rig: &mut Rig, want: LayerSet) -> Result<Vec<LayerKind>, EnforceError> {
+    run_plan(rig, want, &plan("new"))
+}
+
+fn run_plan(rig: &mut Rig, want: LayerSet, plan: &Plan) -> Result<Vec<LayerKind>, EnforceError> {
     let paths =
         InstancePaths::with_roots("fake", Path::new("/nonexistent"), Path::new("/nonexistent"));
     let ctx = Context {
@@ -162,7 +170,7 @@ fn run(rig: &mut Rig, want: LayerSet) -> Result<Vec<LayerKind>, EnforceError> {
         trusted: true,
         netns_cookie: 0,
     };
-    enforce(&mut rig.layers, want, &ctx, &plan("new"))
+    enforce(&mut rig.layers, want, &ctx, plan)
 }
 
 fn enforced(rig: &Rig) -> Vec<(LayerKind, Option<String>)> {
@@ -296,4 +304,23 @@ fn no_layer_at_all_is_an_error() {
     let e = run(&mut r, LayerSet::Both).expect_err("nothing to enforce with");
     assert!(format!("{:#}", e.error).contains("no enforcement layer"));
     assert_eq!(enforced(&r), both("old"));
+}
+
+#[test]
+fn cgroup_lists_need_a_layer_that_judges_cgroups() {
+    let mut with_cgroups = plan("new");
+    with_cgroups.uid_sets = vec![Vec::new()];
+    with_cgroups.cgroup_sets = vec![vec![crate::policy::ResolvedCgroup {
+        path: crate::policy::CgroupPath::new("app.slice").expect("path"),
+        id: Some(7),
+    }]];
+    let mut r = rig(&[]);
+    let e = run_plan(&mut r, LayerSet::Nft, &with_cgroups).expect_err("refused");
+    assert!(!e.changed);
+    assert!(format!("{:#}", e.error).contains("--layers bpf or both"));
+    assert_eq!(enforced(&r), both("old"), "the policy in force stays");
+    assert!(!r.log.borrow().iter().any(|l| l.starts_with("Stage")));
+    let mut r = rig(&[]);
+    run_plan(&mut r, LayerSet::Both, &with_cgroups).expect("both judge together");
+    assert_eq!(enforced(&r), both("new"));
 }

@@ -171,16 +171,41 @@ impl Spec {
             .collect();
         let mut chains = BTreeMap::new();
         let mut class_names: HashMap<(u32, ListKind, Mode), Rc<str>> = HashMap::new();
+        // nft cannot match a socket's cgroup through the JSON API of the
+        // nft this targets (Debian 12's 1.0.6 has no `socket cgroupv2`
+        // there), so an allow-list naming a cgroup that exists is, for
+        // this layer, a deny-list of nobody: it never refuses what the
+        // eBPF layer admits by cgroup. A deny-list is judged by its uids.
+        // The engine enforces such a policy only with the eBPF layer.
+        let nobody = uid_set_name(&[]);
+        let judged_by_cgroup = |s: &crate::compile::PlanService| {
+            s.list == ListKind::Allow
+                && plan
+                    .cgroup_sets
+                    .get(s.uid_set as usize)
+                    .is_some_and(|c| c.iter().any(|c| c.id.is_some()))
+        };
         let chain_of: Vec<Rc<str>> = plan
             .services
             .iter()
             .map(|s| {
+                let (set_index, list) = if judged_by_cgroup(s) {
+                    (u32::MAX, ListKind::Deny)
+                } else {
+                    (s.uid_set, s.list)
+                };
                 class_names
-                    .entry((s.uid_set, s.list, s.mode))
+                    .entry((set_index, list, s.mode))
                     .or_insert_with(|| {
-                        let set = set_names[s.uid_set as usize].clone();
-                        let name = verdict_chain_name(&set, s.list, s.mode);
-                        chains.insert(name.clone(), (set, s.list, s.mode));
+                        let set = match set_names.get(set_index as usize) {
+                            Some(set) => set.clone(),
+                            None => {
+                                uid_sets.insert(nobody.clone(), Vec::new());
+                                nobody.clone()
+                            }
+                        };
+                        let name = verdict_chain_name(&set, list, s.mode);
+                        chains.insert(name.clone(), (set, list, s.mode));
                         name.into()
                     })
                     .clone()

@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 pub use parse::parse;
 pub use parse::{valid_account_name, valid_name};
-pub use resolve::{resolve, Directory, LenientDirectory, Resolved, SystemDirectory, VANISHED_UID};
+pub use resolve::{
+    cgroup_id_under, resolve, Directory, LenientDirectory, Resolved, ResolvedCgroup,
+    SystemDirectory, VANISHED_UID,
+};
 pub use schema::policy_schema;
 pub use validate::{lint, validate, EphemeralPorts, ESSENTIAL_SERVICES};
 
@@ -307,6 +310,61 @@ impl IdList {
     }
 }
 
+/// Deepest cgroup a list may name (levels below the cgroup2 root). The
+/// eBPF layer looks up one ancestor of the calling process per level a
+/// policy names, so this bounds the map operations of a verdict.
+pub const MAX_CGROUP_LEVEL: u32 = loopguard_common::MAX_CGROUP_LEVEL;
+
+/// A cgroup v2 directory as a list names it: relative to the cgroup2 root,
+/// without leading or trailing `/` (`system.slice/grafana.service`). A
+/// process matches in that cgroup or below it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CgroupPath(String);
+
+impl CgroupPath {
+    /// Normalises `text` (a leading or trailing `/` is dropped, as written
+    /// in `/proc/PID/cgroup` or `docker/`), or says what is wrong with it.
+    pub fn new(text: &str) -> Result<Self, &'static str> {
+        let path = text.trim_start_matches('/').trim_end_matches('/');
+        if path.is_empty() {
+            return Err("the cgroup2 root holds every process: use `default` instead");
+        }
+        if path.len() > 4096 {
+            return Err("longer than a path may be");
+        }
+        let mut level = 0;
+        for part in path.split('/') {
+            level += 1;
+            if part.is_empty() || part == "." || part == ".." {
+                return Err("a cgroup path has no empty, `.` or `..` parts");
+            }
+            if part.contains('\0') {
+                return Err("a cgroup path has no NUL bytes");
+            }
+        }
+        if level > MAX_CGROUP_LEVEL {
+            return Err("deeper than the 16 levels loopguard looks up");
+        }
+        Ok(CgroupPath(path.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Levels below the cgroup2 root: `system.slice/x.service` is 2.
+    pub fn level(&self) -> u32 {
+        self.0.split('/').count() as u32
+    }
+}
+
+impl std::fmt::Display for CgroupPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Who may listen on a service's ports (SPEC §2, bind guard).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BindGuard {
@@ -324,6 +382,9 @@ pub struct Service {
     pub list: ListKind,
     pub users: IdList,
     pub groups: IdList,
+    /// `allow_cgroups`/`deny_cgroups`: processes in these cgroups (or
+    /// below) are on the list whatever their uid.
+    pub cgroups: Vec<(CgroupPath, Span)>,
     /// `bind_users`/`bind_groups`: who may bind the service's ports; `None`
     /// when binding is not restricted.
     pub bind: Option<BindGuard>,

@@ -6,8 +6,8 @@ use super::toml::{Kind, Table, Value};
 use ipnet::IpNet;
 
 use super::{
-    AddrSet, BindGuard, IdList, IdRef, ListKind, Mode, Policy, PortRange, Protocol, Service, Span,
-    Verdict, POLICY_VERSION,
+    AddrSet, BindGuard, CgroupPath, IdList, IdRef, ListKind, Mode, Policy, PortRange, Protocol,
+    Service, Span, Verdict, POLICY_VERSION,
 };
 use crate::diag::{Code, Diagnostic};
 
@@ -21,6 +21,8 @@ pub(super) const SERVICE_KEYS: &[&str] = &[
     "allow_groups",
     "deny_users",
     "deny_groups",
+    "allow_cgroups",
+    "deny_cgroups",
     "bind_users",
     "bind_groups",
     "mode",
@@ -274,13 +276,19 @@ impl Parser {
             Some(v) => self.addresses(v),
         };
 
-        let lists: Vec<(&str, Option<&Value>)> =
-            ["allow_users", "allow_groups", "deny_users", "deny_groups"]
-                .iter()
-                .map(|k| (*k, table.get(k)))
-                .collect();
-        let has_allow = lists[0].1.is_some() || lists[1].1.is_some();
-        let has_deny = lists[2].1.is_some() || lists[3].1.is_some();
+        let lists: Vec<(&str, Option<&Value>)> = [
+            "allow_users",
+            "allow_groups",
+            "allow_cgroups",
+            "deny_users",
+            "deny_groups",
+            "deny_cgroups",
+        ]
+        .iter()
+        .map(|k| (*k, table.get(k)))
+        .collect();
+        let has_allow = lists[..3].iter().any(|(_, v)| v.is_some());
+        let has_deny = lists[3..].iter().any(|(_, v)| v.is_some());
         let list = match (has_allow, has_deny) {
             (true, false) => Some(ListKind::Allow),
             (false, true) => Some(ListKind::Deny),
@@ -288,7 +296,7 @@ impl Parser {
                 self.diags.push(
                     Diagnostic::error(Code::NoList, "service has neither an allow-list nor a deny-list")
                         .primary(here.clone(), "this service")
-                        .note("add `allow_users`/`allow_groups` (only they may connect) or `deny_users`/`deny_groups` (they may not)"),
+                        .note("add `allow_users`/`allow_groups`/`allow_cgroups` (only they may connect) or `deny_users`/`deny_groups`/`deny_cgroups` (they may not)"),
                 );
                 None
             }
@@ -310,12 +318,13 @@ impl Parser {
                 None
             }
         };
-        let (users_key, groups_key) = match list {
-            Some(ListKind::Deny) => (lists[2].1, lists[3].1),
-            _ => (lists[0].1, lists[1].1),
+        let (users_key, groups_key, cgroups_key) = match list {
+            Some(ListKind::Deny) => (lists[3].1, lists[4].1, lists[5].1),
+            _ => (lists[0].1, lists[1].1, lists[2].1),
         };
         let users = users_key.map(|v| self.ids(v, "user")).unwrap_or_default();
         let groups = groups_key.map(|v| self.ids(v, "group")).unwrap_or_default();
+        let cgroups = cgroups_key.map(|v| self.cgroups(v)).unwrap_or_default();
         let (bind_users, bind_groups) = (table.get("bind_users"), table.get("bind_groups"));
         let bind = (bind_users.is_some() || bind_groups.is_some()).then(|| BindGuard {
             users: bind_users.map(|v| self.ids(v, "user")).unwrap_or_default(),
@@ -346,6 +355,7 @@ impl Parser {
             list: list?,
             users,
             groups,
+            cgroups,
             bind,
             mode,
             log_allowed,
@@ -483,6 +493,31 @@ impl Parser {
         }
         let nets: Vec<IpNet> = nets.into_iter().map(|(n, _)| n).collect();
         Some(AddrSet::Nets(IpNet::aggregate(&nets)))
+    }
+
+    /// `allow_cgroups`/`deny_cgroups`: cgroup v2 paths.
+    fn cgroups(&mut self, v: &Value) -> Vec<(CgroupPath, Span)> {
+        let Some(items) = v.as_array() else {
+            self.wrong_type("cgroups", v, "an array of cgroup paths");
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            let item = &*item;
+            match &item.kind {
+                Kind::String(s) => match CgroupPath::new(s) {
+                    Ok(path) => out.push((path, span(item))),
+                    Err(why) => self.error(
+                        Code::Cgroup,
+                        span(item),
+                        format!("\"{s}\" is not a cgroup path"),
+                        why,
+                    ),
+                },
+                _ => self.wrong_type("a cgroup", item, "a path relative to the cgroup2 root"),
+            }
+        }
+        out
     }
 
     fn ids(&mut self, v: &Value, what: &str) -> IdList {

@@ -9,7 +9,9 @@ use std::{
 
 use uzers::os::unix::GroupExt as _;
 
-use super::{IdList, IdRef, Policy, Span};
+use serde::{Deserialize, Serialize};
+
+use super::{CgroupPath, IdList, IdRef, Policy, Span};
 use crate::diag::{Code, Diagnostic};
 
 /// Where account names come from: NSS on the host, a fixed table in tests.
@@ -18,6 +20,20 @@ pub trait Directory {
     fn user_name(&self, uid: u32) -> Option<String>;
     /// Every member of the group, or `None` when the group does not exist.
     fn group_members(&self, group: &IdRef) -> Option<Vec<u32>>;
+    /// The id of a cgroup (its cgroup2 directory's inode number), or
+    /// `None` while it does not exist (a service not started yet is no
+    /// error).
+    fn cgroup_id(&self, _path: &CgroupPath) -> Option<u64> {
+        None
+    }
+}
+
+/// The id of `path` under the cgroup2 mount `root`: the directory's
+/// inode number, which is what `bpf_get_current_cgroup_id` returns.
+pub fn cgroup_id_under(root: &std::path::Path, path: &CgroupPath) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(root.join(path.as_str())).ok()?;
+    meta.is_dir().then(|| meta.ino())
 }
 
 /// The host's users and groups through NSS (`getpwnam`, `getgrnam`,
@@ -51,6 +67,13 @@ impl Directory for SystemDirectory {
                 .map(|u| u.uid()),
         );
         Some(uids)
+    }
+
+    fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
+        // The mount is looked up once per process, not once per entry.
+        static ROOT: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+        let root = ROOT.get_or_init(|| crate::host::cgroup2_root().ok());
+        cgroup_id_under(root.as_ref()?, path)
     }
 }
 
@@ -86,6 +109,18 @@ impl Directory for LenientDirectory<'_> {
             Some(Vec::new())
         })
     }
+
+    fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
+        self.inner.cgroup_id(path)
+    }
+}
+
+/// A listed cgroup as resolved: its path and, while it exists, its id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ResolvedCgroup {
+    pub path: CgroupPath,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
 }
 
 /// The uids of each service, in policy order.
@@ -100,6 +135,8 @@ pub struct ResolvedService {
     pub uids: Arc<[u32]>,
     /// Who may bind the service's ports, when it is bind-guarded.
     pub bind_uids: Option<Arc<[u32]>>,
+    /// Listed cgroups, sorted by path.
+    pub cgroups: Vec<ResolvedCgroup>,
 }
 
 /// Resolves every name; every unknown name is a diagnostic.
@@ -118,6 +155,19 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
                 .bind
                 .as_ref()
                 .map(|b| r.lists(&b.users, &b.groups, &s.name_span)),
+            cgroups: {
+                let mut cgroups: Vec<ResolvedCgroup> = s
+                    .cgroups
+                    .iter()
+                    .map(|(path, _)| ResolvedCgroup {
+                        path: path.clone(),
+                        id: dir.cgroup_id(path),
+                    })
+                    .collect();
+                cgroups.sort();
+                cgroups.dedup();
+                cgroups
+            },
         })
         .collect();
     if r.diags.is_empty() {

@@ -40,6 +40,13 @@ fn root_key(key: &str) -> Option<Value> {
 fn service_key(key: &str) -> Option<Value> {
     let accounts =
         |what: &str| json!({"$ref": format!("#/definitions/{ACCOUNT_LIST}"), "description": what});
+    let cgroups = |what: &str| {
+        json!({
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "description": format!("{what} Paths relative to the cgroup2 root, e.g. \"system.slice/grafana.service\".")
+        })
+    };
     Some(match key {
         "name" => json!({
             "type": "string",
@@ -64,6 +71,10 @@ fn service_key(key: &str) -> Option<Value> {
         "allow_groups" => accounts("Only members of these groups may reach the service."),
         "deny_users" => accounts("These users may not reach the service."),
         "deny_groups" => accounts("Members of these groups may not reach the service."),
+        "allow_cgroups" => cgroups("Processes in these cgroups (or below) may reach the service."),
+        "deny_cgroups" => {
+            cgroups("Processes in these cgroups (or below) may not reach the service.")
+        }
         "bind_users" => accounts("Only these users may listen on the service's ports."),
         "bind_groups" => {
             accounts("Only members of these groups may listen on the service's ports.")
@@ -81,8 +92,8 @@ pub fn policy_schema() -> Value {
             .map(|k| ((*k).to_string(), of(k).unwrap_or_else(|| json!({}))))
             .collect()
     };
-    let allow = json!({"anyOf": [{"required": ["allow_users"]}, {"required": ["allow_groups"]}]});
-    let deny = json!({"anyOf": [{"required": ["deny_users"]}, {"required": ["deny_groups"]}]});
+    let allow = json!({"anyOf": [{"required": ["allow_users"]}, {"required": ["allow_groups"]}, {"required": ["allow_cgroups"]}]});
+    let deny = json!({"anyOf": [{"required": ["deny_users"]}, {"required": ["deny_groups"]}, {"required": ["deny_cgroups"]}]});
     json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
         "$id": "https://loopguard.dev/policy.schema.json",

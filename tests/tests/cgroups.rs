@@ -1,0 +1,211 @@
+//! cgroup identities (SPEC §2): a process in a listed cgroup, or below it,
+//! is on the list whatever its uid; the same uid elsewhere is not. Under
+//! `run`, a listed cgroup removed and made again (a new id) is followed
+//! within a second. Layer by layer: the eBPF layer judges cgroups, the
+//! nftables layer never refuses what it admits, and nftables alone
+//! refuses a policy that names cgroups.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use loopguard_tests::{cgroup2_root, tail, timing_target, users, Sandbox, TestUser};
+
+/// `dir` relative to the cgroup2 root, as a policy names it.
+fn rel(dir: &Path) -> String {
+    dir.strip_prefix(cgroup2_root())
+        .expect("under the cgroup2 root")
+        .display()
+        .to_string()
+}
+
+fn mkdir(dir: &Path) -> PathBuf {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    dir.to_path_buf()
+}
+
+fn policy(app: &Path, later: &Path, other: &Path, alice: &TestUser) -> String {
+    format!(
+        "version = 1\n\
+         [[service]]\nname = \"db\"\nport = 7021\nallow_users = [{}]\nallow_cgroups = [\"{}\", \"{}\"]\n\
+         [[service]]\nname = \"cache\"\nport = 7022\ndeny_cgroups = [\"/{}/\"]\n",
+        alice.uid,
+        rel(app),
+        rel(later),
+        rel(other),
+    )
+}
+
+#[test]
+fn a_listed_cgroup_and_its_children_are_on_the_list_on_bpf_and_both() {
+    let u = users();
+    for layers in ["bpf", "both"] {
+        let sb = Sandbox::new(&format!("cg-{layers}"));
+        let app = mkdir(&sb.cgroup.join("app"));
+        let worker = mkdir(&app.join("worker"));
+        let other = mkdir(&sb.cgroup.join("other"));
+        let later = sb.cgroup.join("later");
+        let p = sb.policy("p.toml", &policy(&app, &later, &other, &u.alice));
+        sb.apply(&p, &["--layers", layers]).ok();
+
+        let db = ["tcp", "127.0.0.1:7021"];
+        let cache = ["tcp", "127.0.0.1:7022"];
+        let at = |who: &TestUser, dir: &Path, args: &[&str]| sb.probe_in(Some(who), dir, args);
+        assert_eq!(at(&u.bob, &app, &db), "connect=ok", "{layers}: bob in app");
+        assert_eq!(
+            at(&u.bob, &worker, &db),
+            "connect=ok",
+            "{layers}: below app"
+        );
+        assert_eq!(
+            at(&u.bob, &other, &db),
+            "connect=EPERM",
+            "{layers}: bob elsewhere"
+        );
+        assert_eq!(
+            sb.probe(Some(&u.bob), &db),
+            "connect=EPERM",
+            "{layers}: bob in the parent"
+        );
+        assert_eq!(
+            at(&u.alice, &other, &db),
+            "connect=ok",
+            "{layers}: a listed uid"
+        );
+        // IPv6 and UDP take the same path.
+        assert_eq!(
+            at(&u.bob, &other, &["tcp", "[::1]:7021"]),
+            "connect=EPERM",
+            "{layers}: ::1"
+        );
+        // The deny-list names `other`: bob there is refused, elsewhere not.
+        assert_eq!(
+            at(&u.bob, &other, &cache),
+            "connect=EPERM",
+            "{layers}: deny"
+        );
+        assert_eq!(
+            at(&u.bob, &app, &cache),
+            "connect=ok",
+            "{layers}: not denied"
+        );
+        // A cgroup that did not exist at apply matches nothing after a
+        // one-shot apply (no daemon follows it).
+        let later = mkdir(&later);
+        assert_eq!(
+            at(&u.bob, &later, &db),
+            "connect=EPERM",
+            "{layers}: made after apply"
+        );
+        // explain judges by path, as the kernel does by id.
+        let explain = sb.lg(&[
+            "explain",
+            "--uid",
+            &u.bob.uid.to_string(),
+            "--cgroup",
+            &format!("{}/worker", rel(&app)),
+            "--to",
+            "127.0.0.1:7021",
+            "--policy",
+            p.to_str().expect("utf-8"),
+        ]);
+        let out = explain.ok().stdout;
+        assert!(
+            out.starts_with("allow:") && out.contains(&format!("cgroup {} allowed", rel(&app))),
+            "{layers}: explain said {}",
+            tail(&out, 600)
+        );
+    }
+}
+
+#[test]
+fn nftables_alone_refuses_a_policy_that_names_cgroups() {
+    let u = users();
+    let sb = Sandbox::new("cg-nft");
+    let app = mkdir(&sb.cgroup.join("app"));
+    let p = sb.policy(
+        "p.toml",
+        &policy(&app, &sb.cgroup.join("l"), &sb.cgroup.join("o"), &u.alice),
+    );
+    let ran = sb.apply(&p, &["--layers", "nft"]);
+    assert_ne!(ran.code, 0, "applied with nft alone");
+    assert!(
+        ran.stderr.contains("--layers bpf or both"),
+        "stderr: {}",
+        tail(&ran.stderr, 600)
+    );
+    assert!(sb.nft_table().is_none(), "a table was left");
+}
+
+fn wait_for(sb: &Sandbox, who: &TestUser, dir: &Path, want: &str, what: &str, log: &str) {
+    let deadline =
+        Instant::now() + timing_target(Duration::from_secs(1)) + Duration::from_millis(500);
+    loop {
+        let got = sb.probe_in(Some(who), dir, &["tcp", "127.0.0.1:7021"]);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {got}; daemon log: {}",
+            tail(log, 2000)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn run_follows_a_listed_cgroup_made_again_within_a_second() {
+    let u = users();
+    for layers in ["bpf", "both"] {
+        let mut sb = Sandbox::new(&format!("cgrun-{layers}"));
+        let app = mkdir(&sb.cgroup.join("app"));
+        let other = mkdir(&sb.cgroup.join("other"));
+        let later = sb.cgroup.join("later");
+        let p = sb.policy("p.toml", &policy(&app, &later, &other, &u.alice));
+        let d = sb.start_daemon(&p, &["--layers", layers]);
+        assert_eq!(
+            sb.probe_in(Some(&u.bob), &app, &["tcp", "127.0.0.1:7021"]),
+            "connect=ok",
+            "{layers}: before"
+        );
+
+        // Removed and made again: a new id, followed.
+        fs::remove_dir(&app).expect("rmdir app");
+        let app = mkdir(&app);
+        wait_for(&sb, &u.bob, &app, "connect=ok", layers, &d.log());
+        // A cgroup listed before it existed, once it does.
+        let later = mkdir(&later);
+        wait_for(&sb, &u.bob, &later, "connect=ok", layers, &d.log());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let said = format!("cgroup {} of service db was made again", rel(&app));
+        while !d.log().contains(&said) {
+            assert!(
+                Instant::now() < deadline,
+                "{layers}: {said:?} not logged; {}",
+                tail(&d.log(), 2000)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+
+        // The refusal's event names the cgroup the process ran in.
+        assert_eq!(
+            sb.probe_in(Some(&u.bob), &other, &["tcp", "127.0.0.1:7021"]),
+            "connect=EPERM"
+        );
+        let other_rel = rel(&other);
+        let is_it = |e: &serde_json::Value| {
+            e["event.action"] == "deny"
+                && e["loopguard.service"] == "db"
+                && e["user.id"] == u.bob.uid
+                && e["loopguard.cgroup"] == other_rel.as_str()
+        };
+        d.wait_events(
+            10,
+            &format!("{layers}: bob's refusal in {other_rel}"),
+            |ev| ev.iter().any(is_it),
+        );
+    }
+}
