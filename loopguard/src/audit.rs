@@ -296,6 +296,15 @@ pub struct AuditRecord {
         skip_serializing_if = "Option::is_none"
     )]
     pub cgroup: Option<String>,
+    /// The systemd unit of that cgroup (its deepest `.service` or `.scope`
+    /// part), when it has one. Not `service.name`: ECS gives that to the
+    /// guarded service's name.
+    #[serde(
+        rename = "loopguard.unit",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub unit: Option<String>,
     #[serde(
         rename = "network.transport",
         default,
@@ -466,6 +475,7 @@ pub fn record(
         _ => reason,
     };
     let action = AuditAction::of_count(kind);
+    let cgroup = names.cgroup(ev.cgroup_id, ev.pid);
     AuditRecord {
         timestamp: clock.timestamp(ev.ktime_ns),
         action,
@@ -478,7 +488,8 @@ pub fn record(
         gid: Some(ev.gid),
         pid: Some(ev.pid),
         process: Some(String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned()),
-        cgroup: names.cgroup(ev.cgroup_id, ev.pid),
+        unit: cgroup.as_deref().and_then(crate::scan::unit_of),
+        cgroup,
         transport: Some(if u32::from(ev.proto) == PROTO_TCP {
             Transport::Tcp
         } else {
@@ -553,6 +564,7 @@ pub fn packet_record(
         pid: None,
         process: None,
         cgroup: None,
+        unit: None,
         transport,
         network_type: Some(
             if ev.destination.is_some_and(|d| d.is_ipv6()) {
@@ -585,6 +597,7 @@ pub fn dropped_record(count: u64, layer: EventLayer) -> AuditRecord {
         pid: None,
         process: None,
         cgroup: None,
+        unit: None,
         transport: None,
         network_type: None,
         ip: None,

@@ -74,6 +74,8 @@ pub enum Refusal {
     /// It would cut root off from essential local services; `--force`
     /// overrides.
     CutsOffRoot,
+    /// It names systemd units whose cgroups cannot be found here.
+    Units,
 }
 
 impl Refusal {
@@ -82,6 +84,7 @@ impl Refusal {
         match self {
             Refusal::Errors => "apply refuses it",
             Refusal::CutsOffRoot => "apply refuses it without --force: it would cut root off from essential local services",
+            Refusal::Units => "apply refuses it: it names systemd units, and their cgroups cannot be found on this host",
         }
     }
 }
@@ -91,6 +94,8 @@ impl Checked {
     pub fn refusal(&self, force: bool) -> Option<Refusal> {
         if self.errors() > 0 {
             Some(Refusal::Errors)
+        } else if self.diagnostics.iter().any(|d| d.code == Code::Unit) {
+            Some(Refusal::Units)
         } else if !force && self.diagnostics.iter().any(|d| d.code == Code::CutsOffRoot) {
             Some(Refusal::CutsOffRoot)
         } else {
@@ -127,8 +132,12 @@ pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) ->
         let had_errors = diagnostics.iter().any(Diagnostic::is_error);
         if let Some(dir) = dir {
             match timed("resolve", || policy::resolve(p, dir)) {
-                Ok(r) if !had_errors => resolved = Some(r),
-                Ok(_) => {}
+                Ok(r) => {
+                    diagnostics.extend(r.unresolved_units.iter().cloned());
+                    if !had_errors {
+                        resolved = Some(r);
+                    }
+                }
                 Err(d) => diagnostics.extend(d),
             }
         }

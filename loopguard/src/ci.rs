@@ -32,6 +32,7 @@ fn describe(code: Code) -> &'static str {
         Code::UnknownUser => "A user name this host does not know.",
         Code::UnknownGroup => "A group name this host does not know.",
         Code::Cgroup => "An invalid cgroup path.",
+        Code::Unit => "An invalid systemd unit name, or units on a host without systemd.",
         Code::CutsOffRoot => "The policy would cut root off from essential local services.",
         Code::BindEphemeral => "A bind guard on ports in the ephemeral range.",
     }

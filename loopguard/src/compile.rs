@@ -1084,6 +1084,12 @@ allow_users = [1]
         }
         let p = CgroupPath::new("/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/").expect("16 levels");
         assert_eq!((p.as_str().len(), p.level()), (31, 16));
+        let text =
+            "version = 1\n[[service]]\nname = \"a\"\nport = 1\nallow_units = [\"grafana\"]\n";
+        let (_, diags) = policy::load("t.toml", text);
+        assert!(diags
+            .iter()
+            .any(|d| d.code == crate::diag::Code::Unit && d.is_error()));
         let text = "version = 1\n[[service]]\nname = \"a\"\nport = 1\nallow_users = [1]\ndeny_cgroups = [\"x\"]\n";
         let (_, diags) = policy::load("t.toml", text);
         assert!(diags.iter().any(|d| d.code == crate::diag::Code::BothLists));

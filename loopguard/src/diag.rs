@@ -48,13 +48,14 @@ pub enum Code {
     UnknownUser,
     UnknownGroup,
     Cgroup,
+    Unit,
     CutsOffRoot,
     BindEphemeral,
 }
 
 impl Code {
     /// Every code, in the order the README lists them.
-    pub const ALL: [Code; 21] = [
+    pub const ALL: [Code; 22] = [
         Code::Syntax,
         Code::Type,
         Code::Value,
@@ -74,6 +75,7 @@ impl Code {
         Code::UnknownUser,
         Code::UnknownGroup,
         Code::Cgroup,
+        Code::Unit,
         Code::CutsOffRoot,
         Code::BindEphemeral,
     ];
@@ -100,6 +102,7 @@ impl Code {
             Code::UnknownUser => "unknown-user",
             Code::UnknownGroup => "unknown-group",
             Code::Cgroup => "cgroup",
+            Code::Unit => "unit",
             Code::CutsOffRoot => "cuts-off-root",
             Code::BindEphemeral => "bind-ephemeral",
         }

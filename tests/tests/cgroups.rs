@@ -209,3 +209,35 @@ fn run_follows_a_listed_cgroup_made_again_within_a_second() {
         );
     }
 }
+
+/// This machine kind runs no systemd: a policy naming units is a warning
+/// for `check` and a clear refusal for `apply`, which changes nothing.
+#[test]
+fn units_without_systemd_are_refused_clearly() {
+    if Path::new("/run/systemd/system").exists() {
+        eprintln!("SKIPPED: this host runs systemd; the refusal needs a host without it");
+        return;
+    }
+    let sb = Sandbox::new("cg-units");
+    let p = sb.policy(
+        "p.toml",
+        "version = 1\n[[service]]\nname = \"db\"\nport = 7023\nallow_units = [\"grafana.service\"]\n",
+    );
+    let file = p.to_str().expect("utf-8");
+    let check = sb.lg(&["check", file]);
+    assert_ne!(check.code, 0, "check passed: {}", tail(&check.stdout, 600));
+    let all = format!("{}{}", check.stdout, check.stderr);
+    assert!(
+        all.contains("warning[unit]") && all.contains("does not run systemd"),
+        "check said: {}",
+        tail(&all, 800)
+    );
+    let apply = sb.apply(&p, &["--layers", "bpf"]);
+    assert_ne!(apply.code, 0, "applied");
+    assert!(
+        apply.stderr.contains("names systemd units"),
+        "apply said: {}",
+        tail(&apply.stderr, 800)
+    );
+    assert!(sb.nft_table().is_none());
+}

@@ -111,6 +111,7 @@ pub(crate) fn run(args: Args) -> anyhow::Result<u8> {
                 apply_refuses: refusal.map(|r| match r {
                     super::Refusal::Errors => "errors",
                     super::Refusal::CutsOffRoot => "cuts-off-root",
+                    super::Refusal::Units => "unit",
                 }),
                 errors: checked.errors(),
                 warnings: checked.warnings(),

@@ -365,6 +365,36 @@ impl std::fmt::Display for CgroupPath {
     }
 }
 
+/// Unit types that have a cgroup of their own.
+pub const UNIT_SUFFIXES: [&str; 6] = [".service", ".scope", ".slice", ".socket", ".mount", ".swap"];
+
+/// Whether `name` is a systemd unit name with a cgroup: systemd's unit
+/// name characters, at most 255 bytes, one of [`UNIT_SUFFIXES`].
+pub fn valid_unit_name(name: &str) -> bool {
+    name.len() <= 255
+        && UNIT_SUFFIXES
+            .iter()
+            .any(|s| name.len() > s.len() && name.ends_with(s))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b))
+}
+
+/// The cgroup path systemd gives slice `name`: `a-b.slice` lives at
+/// `a.slice/a-b.slice`; `-.slice` is the root (no path).
+pub fn slice_path(name: &str) -> Option<String> {
+    let stem = name.strip_suffix(".slice")?;
+    if stem == "-" {
+        return Some(String::new());
+    }
+    let mut parts: Vec<String> = stem
+        .match_indices('-')
+        .map(|(i, _)| format!("{}.slice", &stem[..i]))
+        .collect();
+    parts.push(name.to_string());
+    Some(parts.join("/"))
+}
+
 /// Who may listen on a service's ports (SPEC §2, bind guard).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BindGuard {
@@ -385,6 +415,9 @@ pub struct Service {
     /// `allow_cgroups`/`deny_cgroups`: processes in these cgroups (or
     /// below) are on the list whatever their uid.
     pub cgroups: Vec<(CgroupPath, Span)>,
+    /// `allow_units`/`deny_units`: systemd units, each standing for its
+    /// cgroup (resolved through systemd).
+    pub units: Vec<(String, Span)>,
     /// `bind_users`/`bind_groups`: who may bind the service's ports; `None`
     /// when binding is not restricted.
     pub bind: Option<BindGuard>,

@@ -23,6 +23,8 @@ pub(super) const SERVICE_KEYS: &[&str] = &[
     "deny_groups",
     "allow_cgroups",
     "deny_cgroups",
+    "allow_units",
+    "deny_units",
     "bind_users",
     "bind_groups",
     "mode",
@@ -280,15 +282,17 @@ impl Parser {
             "allow_users",
             "allow_groups",
             "allow_cgroups",
+            "allow_units",
             "deny_users",
             "deny_groups",
             "deny_cgroups",
+            "deny_units",
         ]
         .iter()
         .map(|k| (*k, table.get(k)))
         .collect();
-        let has_allow = lists[..3].iter().any(|(_, v)| v.is_some());
-        let has_deny = lists[3..].iter().any(|(_, v)| v.is_some());
+        let has_allow = lists[..4].iter().any(|(_, v)| v.is_some());
+        let has_deny = lists[4..].iter().any(|(_, v)| v.is_some());
         let list = match (has_allow, has_deny) {
             (true, false) => Some(ListKind::Allow),
             (false, true) => Some(ListKind::Deny),
@@ -296,7 +300,7 @@ impl Parser {
                 self.diags.push(
                     Diagnostic::error(Code::NoList, "service has neither an allow-list nor a deny-list")
                         .primary(here.clone(), "this service")
-                        .note("add `allow_users`/`allow_groups`/`allow_cgroups` (only they may connect) or `deny_users`/`deny_groups`/`deny_cgroups` (they may not)"),
+                        .note("add `allow_users`/`allow_groups`/`allow_cgroups`/`allow_units` (only they may connect) or `deny_users`/`deny_groups`/`deny_cgroups`/`deny_units` (they may not)"),
                 );
                 None
             }
@@ -318,13 +322,14 @@ impl Parser {
                 None
             }
         };
-        let (users_key, groups_key, cgroups_key) = match list {
-            Some(ListKind::Deny) => (lists[3].1, lists[4].1, lists[5].1),
-            _ => (lists[0].1, lists[1].1, lists[2].1),
+        let (users_key, groups_key, cgroups_key, units_key) = match list {
+            Some(ListKind::Deny) => (lists[4].1, lists[5].1, lists[6].1, lists[7].1),
+            _ => (lists[0].1, lists[1].1, lists[2].1, lists[3].1),
         };
         let users = users_key.map(|v| self.ids(v, "user")).unwrap_or_default();
         let groups = groups_key.map(|v| self.ids(v, "group")).unwrap_or_default();
         let cgroups = cgroups_key.map(|v| self.cgroups(v)).unwrap_or_default();
+        let units = units_key.map(|v| self.units(v)).unwrap_or_default();
         let (bind_users, bind_groups) = (table.get("bind_users"), table.get("bind_groups"));
         let bind = (bind_users.is_some() || bind_groups.is_some()).then(|| BindGuard {
             users: bind_users.map(|v| self.ids(v, "user")).unwrap_or_default(),
@@ -356,6 +361,7 @@ impl Parser {
             users,
             groups,
             cgroups,
+            units,
             bind,
             mode,
             log_allowed,
@@ -515,6 +521,31 @@ impl Parser {
                     ),
                 },
                 _ => self.wrong_type("a cgroup", item, "a path relative to the cgroup2 root"),
+            }
+        }
+        out
+    }
+
+    /// `allow_units`/`deny_units`: systemd unit names.
+    fn units(&mut self, v: &Value) -> Vec<(String, Span)> {
+        let Some(items) = v.as_array() else {
+            self.wrong_type("units", v, "an array of systemd unit names");
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            let item = &*item;
+            match &item.kind {
+                Kind::String(s) if super::valid_unit_name(s) => {
+                    out.push((s.to_string(), span(item)))
+                }
+                Kind::String(s) => self.error(
+                    Code::Unit,
+                    span(item),
+                    format!("\"{s}\" is not a unit with a cgroup"),
+                    "a unit name ending in .service, .scope, .slice, .socket, .mount or .swap",
+                ),
+                _ => self.wrong_type("a unit", item, "a unit name, e.g. \"grafana.service\""),
             }
         }
         out

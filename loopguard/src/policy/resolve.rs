@@ -26,6 +26,50 @@ pub trait Directory {
     fn cgroup_id(&self, _path: &CgroupPath) -> Option<u64> {
         None
     }
+    /// The cgroup systemd runs unit `unit` in (running or not), or why it
+    /// cannot be known here.
+    fn unit_cgroup(&self, _unit: &str) -> Result<CgroupPath, String> {
+        Err("no systemd to ask".into())
+    }
+}
+
+/// Where systemd runs `unit`: its `ControlGroup` while it runs, else its
+/// slice's path and its name (where it will run once started).
+fn systemd_unit_cgroup(unit: &str) -> Result<CgroupPath, String> {
+    if !std::path::Path::new("/run/systemd/system").exists() {
+        return Err("this host does not run systemd (no /run/systemd/system)".into());
+    }
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "--property=ControlGroup", "--property=Slice", "--"])
+        .arg(unit)
+        .output()
+        .map_err(|e| format!("systemctl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "systemctl show {unit}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    unit_cgroup_from_show(unit, &String::from_utf8_lossy(&out.stdout))
+}
+
+/// The cgroup of `unit` from `systemctl show -p ControlGroup -p Slice`.
+fn unit_cgroup_from_show(unit: &str, text: &str) -> Result<CgroupPath, String> {
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .filter(|v| !v.is_empty())
+    };
+    let path = match (value("ControlGroup"), unit.ends_with(".slice")) {
+        (Some(cg), _) => cg.to_string(),
+        (None, true) => super::slice_path(unit).unwrap_or_default(),
+        (None, false) => {
+            let slice = value("Slice").unwrap_or("system.slice");
+            let slice = super::slice_path(slice).unwrap_or_default();
+            format!("{slice}/{unit}")
+        }
+    };
+    CgroupPath::new(&path).map_err(|why| format!("its cgroup {path:?}: {why}"))
 }
 
 /// The id of `path` under the cgroup2 mount `root`: the directory's
@@ -67,6 +111,10 @@ impl Directory for SystemDirectory {
                 .map(|u| u.uid()),
         );
         Some(uids)
+    }
+
+    fn unit_cgroup(&self, unit: &str) -> Result<CgroupPath, String> {
+        systemd_unit_cgroup(unit)
     }
 
     fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
@@ -113,6 +161,10 @@ impl Directory for LenientDirectory<'_> {
     fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
         self.inner.cgroup_id(path)
     }
+
+    fn unit_cgroup(&self, unit: &str) -> Result<CgroupPath, String> {
+        self.inner.unit_cgroup(unit)
+    }
 }
 
 /// A listed cgroup as resolved: its path and, while it exists, its id.
@@ -127,6 +179,9 @@ pub struct ResolvedCgroup {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resolved {
     pub services: Vec<ResolvedService>,
+    /// Units whose cgroup could not be found (no systemd): warnings for
+    /// `check`, a refusal for `apply`.
+    pub unresolved_units: Vec<Diagnostic>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -146,6 +201,7 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
         diags: Vec::new(),
         done: HashMap::new(),
     };
+    let mut unresolved = Vec::new();
     let services = policy
         .services
         .iter()
@@ -156,12 +212,30 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
                 .as_ref()
                 .map(|b| r.lists(&b.users, &b.groups, &s.name_span)),
             cgroups: {
+                let units = s.units.iter().filter_map(|(unit, span)| {
+                    match dir.unit_cgroup(unit) {
+                        Ok(path) => Some(path),
+                        Err(why) => {
+                            unresolved.push(
+                                Diagnostic::warning(
+                                    Code::Unit,
+                                    format!("unit {unit}: its cgroup cannot be found: {why}"),
+                                )
+                                .primary(span.clone(), "names a systemd unit")
+                                .note("apply refuses units it cannot find the cgroup of; name the cgroup with `allow_cgroups`/`deny_cgroups`"),
+                            );
+                            None
+                        }
+                    }
+                });
                 let mut cgroups: Vec<ResolvedCgroup> = s
                     .cgroups
                     .iter()
-                    .map(|(path, _)| ResolvedCgroup {
-                        path: path.clone(),
-                        id: dir.cgroup_id(path),
+                    .map(|(path, _)| path.clone())
+                    .chain(units)
+                    .map(|path| ResolvedCgroup {
+                        id: dir.cgroup_id(&path),
+                        path,
                     })
                     .collect();
                 cgroups.sort();
@@ -171,7 +245,10 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
         })
         .collect();
     if r.diags.is_empty() {
-        Ok(Resolved { services })
+        Ok(Resolved {
+            services,
+            unresolved_units: unresolved,
+        })
     } else {
         Err(r.diags)
     }
@@ -227,5 +304,48 @@ impl Resolver<'_> {
             self.done.insert(key, uids.clone());
         }
         uids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_map_to_their_cgroups() {
+        let cg = |unit: &str, show: &str| {
+            unit_cgroup_from_show(unit, show).map(|p| p.as_str().to_string())
+        };
+        assert_eq!(
+            cg(
+                "grafana.service",
+                "ControlGroup=/system.slice/grafana.service\nSlice=system.slice\n"
+            ),
+            Ok("system.slice/grafana.service".into())
+        );
+        // Not running: where it will run.
+        assert_eq!(
+            cg(
+                "backup.service",
+                "ControlGroup=\nSlice=system-backup.slice\n"
+            ),
+            Ok("system.slice/system-backup.slice/backup.service".into())
+        );
+        assert_eq!(
+            cg("never.service", "ControlGroup=\nSlice=\n"),
+            Ok("system.slice/never.service".into())
+        );
+        assert_eq!(
+            cg("user-1000.slice", "ControlGroup=\n"),
+            Ok("user.slice/user-1000.slice".into())
+        );
+        assert!(
+            cg("-.slice", "ControlGroup=\n").is_err(),
+            "the root is no list entry"
+        );
+        assert!(super::super::valid_unit_name("getty@tty1.service"));
+        assert!(!super::super::valid_unit_name("grafana"));
+        assert!(!super::super::valid_unit_name("a b.service"));
+        assert!(!super::super::valid_unit_name(".service"));
     }
 }

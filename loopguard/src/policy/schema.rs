@@ -75,6 +75,16 @@ fn service_key(key: &str) -> Option<Value> {
         "deny_cgroups" => {
             cgroups("Processes in these cgroups (or below) may not reach the service.")
         }
+        "allow_units" => json!({
+            "type": "array",
+            "items": {"type": "string", "pattern": "^[A-Za-z0-9:_.\\\\@-]+\\.(service|scope|slice|socket|mount|swap)$"},
+            "description": "Processes of these systemd units (their cgroups) may reach the service."
+        }),
+        "deny_units" => json!({
+            "type": "array",
+            "items": {"type": "string", "pattern": "^[A-Za-z0-9:_.\\\\@-]+\\.(service|scope|slice|socket|mount|swap)$"},
+            "description": "Processes of these systemd units (their cgroups) may not reach the service."
+        }),
         "bind_users" => accounts("Only these users may listen on the service's ports."),
         "bind_groups" => {
             accounts("Only members of these groups may listen on the service's ports.")
@@ -92,8 +102,8 @@ pub fn policy_schema() -> Value {
             .map(|k| ((*k).to_string(), of(k).unwrap_or_else(|| json!({}))))
             .collect()
     };
-    let allow = json!({"anyOf": [{"required": ["allow_users"]}, {"required": ["allow_groups"]}, {"required": ["allow_cgroups"]}]});
-    let deny = json!({"anyOf": [{"required": ["deny_users"]}, {"required": ["deny_groups"]}, {"required": ["deny_cgroups"]}]});
+    let allow = json!({"anyOf": [{"required": ["allow_users"]}, {"required": ["allow_groups"]}, {"required": ["allow_cgroups"]}, {"required": ["allow_units"]}]});
+    let deny = json!({"anyOf": [{"required": ["deny_users"]}, {"required": ["deny_groups"]}, {"required": ["deny_cgroups"]}, {"required": ["deny_units"]}]});
     json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
         "$id": "https://loopguard.dev/policy.schema.json",
