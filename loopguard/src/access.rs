@@ -51,6 +51,19 @@ fn identities(users: &IdList, groups: &IdList) -> BTreeSet<Identity> {
     out
 }
 
+/// Everyone a service's allow- or deny-list names: users, groups, cgroups
+/// (`cgroup system.slice/x.service`) and units (`unit grafana.service`).
+fn list_identities(s: &Service) -> BTreeSet<Identity> {
+    let mut out = identities(&s.users, &s.groups);
+    out.extend(
+        s.cgroups
+            .iter()
+            .map(|(p, _)| Identity(format!("cgroup {p}"))),
+    );
+    out.extend(s.units.iter().map(|(u, _)| Identity(format!("unit {u}"))));
+    out
+}
+
 /// How what a service matches changed along one dimension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -225,10 +238,7 @@ fn bind_change(old: &Service, new: &Service) -> Option<BindDiff> {
 }
 
 fn service_change(old: &Service, new: &Service) -> Option<ServiceDiff> {
-    let (was, now) = (
-        identities(&old.users, &old.groups),
-        identities(&new.users, &new.groups),
-    );
+    let (was, now) = (list_identities(old), list_identities(new));
     let (mut gains, mut loses, mut list) = (Vec::new(), Vec::new(), None);
     if old.list != new.list {
         list = Some((old.list, new.list));
@@ -289,7 +299,7 @@ fn whole(s: &Service, change: ServiceChange) -> ServiceDiff {
         bind: None,
         listed: Some(Listed {
             kind: s.list,
-            who: identities(&s.users, &s.groups).into_iter().collect(),
+            who: list_identities(s).into_iter().collect(),
         }),
         weakens: false,
     }

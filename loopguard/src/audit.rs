@@ -92,23 +92,29 @@ pub struct UserNames {
     walked: Option<std::time::Instant>,
 }
 
-/// The tree is walked for an unknown cgroup id at most this often.
-const WALK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-/// Most cgroups remembered (and visited by one walk).
-const MAX_CGROUP_NAMES: usize = 65_536;
+/// The tree is walked for an unknown cgroup id at most this often: a
+/// flood of short-lived clients in new cgroups costs one walk per period.
+const WALK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most cgroups remembered.
+const MAX_CGROUP_NAMES: usize = 16_384;
+/// Most directories one walk visits, and the deepest it goes.
+const MAX_WALK: usize = 16_384;
+const MAX_WALK_DEPTH: usize = 32;
 
 /// Every cgroup under `root` by id (its directory's inode number), breadth
-/// first, with an explicit queue (no recursion on a tree anyone can deepen)
-/// and at most [`MAX_CGROUP_NAMES`] directories.
+/// first, with an explicit queue (no recursion on a tree anyone can deepen),
+/// at most [`MAX_WALK`] entries and [`MAX_WALK_DEPTH`] levels.
 fn walk_cgroups(root: &Path, into: &mut HashMap<u64, String>) {
     use std::os::unix::fs::DirEntryExt as _;
-    let mut queue = std::collections::VecDeque::from([String::new()]);
-    while let Some(rel) = queue.pop_front() {
+    let mut queue = std::collections::VecDeque::from([(String::new(), 0)]);
+    let mut visited = 0;
+    while let Some((rel, depth)) = queue.pop_front() {
         let Ok(entries) = fs::read_dir(root.join(&rel)) else {
             continue;
         };
         for e in entries.flatten() {
-            if into.len() >= MAX_CGROUP_NAMES {
+            visited += 1;
+            if visited > MAX_WALK {
                 return;
             }
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -121,7 +127,9 @@ fn walk_cgroups(root: &Path, into: &mut HashMap<u64, String>) {
                 format!("{rel}/{name}")
             };
             into.insert(e.ino(), path.clone());
-            queue.push_back(path);
+            if depth < MAX_WALK_DEPTH {
+                queue.push_back((path, depth + 1));
+            }
         }
     }
 }
@@ -160,7 +168,9 @@ impl UserNames {
                     return None;
                 }
                 self.walked = Some(std::time::Instant::now());
-                self.cgroups.clear();
+                if self.cgroups.len() > MAX_CGROUP_NAMES {
+                    self.cgroups.clear();
+                }
                 walk_cgroups(&root, &mut self.cgroups);
                 return self.cgroups.get(&id).cloned();
             }

@@ -10,13 +10,32 @@ use crate::{
 pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
     let mut lines = Vec::new();
     let bind_uids = |p: &Plan, s: &PlanService| s.bind_set.map(|b| p.uid_sets[b as usize].clone());
+    let cgroups = |p: &Plan, s: &PlanService| -> Vec<String> {
+        p.cgroup_sets
+            .get(s.uid_set as usize)
+            .map(|c| {
+                c.iter()
+                    .map(|c| match c.id {
+                        Some(id) => format!("{} (id {id})", c.path),
+                        None => format!("{} (absent)", c.path),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let summary = |p: &Plan, s: &PlanService| {
         let bind = match bind_uids(p, s) {
             Some(b) => format!(", bind guard of {} uids", b.len()),
             None => String::new(),
         };
+        let cg = cgroups(p, s);
+        let cg = if cg.is_empty() {
+            String::new()
+        } else {
+            format!(" and {} cgroups", cg.len())
+        };
         format!(
-            "{} ({}/{} on {}, {}-list of {} uids{bind}, {})",
+            "{} ({}/{} on {}, {}-list of {} uids{cg}{bind}, {})",
             s.name,
             match s.protocol {
                 Protocol::Tcp => "tcp",
@@ -69,6 +88,7 @@ pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
                     && o.mode == s.mode
                     && o.log_allowed == s.log_allowed
                     && old_uids == new_uids
+                    && cgroups(old, o) == cgroups(new, s)
                     && bind_uids(old, o) == bind_uids(new, s);
                 if !same {
                     let added: Vec<String> = new_uids
@@ -87,6 +107,13 @@ pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
                     }
                     if !removed.is_empty() {
                         line.push_str(&format!(" -uids {}", removed.join(",")));
+                    }
+                    let (was, now) = (cgroups(old, o), cgroups(new, s));
+                    for c in now.iter().filter(|c| !was.contains(c)) {
+                        line.push_str(&format!(" +cgroup {c}"));
+                    }
+                    for c in was.iter().filter(|c| !now.contains(c)) {
+                        line.push_str(&format!(" -cgroup {c}"));
                     }
                     lines.push(line);
                 }

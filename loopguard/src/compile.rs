@@ -524,8 +524,11 @@ impl Plan {
         }
         let cgroup = client.cgroup?;
         let listed = self.cgroup_sets.get(set as usize)?;
+        // Only entries the kernel holds an id for match: one that did not
+        // exist when the plan was made matches nothing, as in the kernel.
         listed
             .iter()
+            .filter(|c| c.id.is_some())
             .find(|c| {
                 let p = c.path.as_str();
                 cgroup.as_str() == p
@@ -534,10 +537,7 @@ impl Plan {
                         .strip_prefix(p)
                         .is_some_and(|rest| rest.starts_with('/'))
             })
-            .map(|c| match c.id {
-                Some(_) => format!("cgroup {}", c.path),
-                None => format!("cgroup {} (absent when applied)", c.path),
-            })
+            .map(|c| format!("cgroup {}", c.path))
     }
 
     /// [`Plan::evaluate`] for a process known by its uid and cgroup.
@@ -1042,6 +1042,11 @@ allow_users = [1]
         let below = Some("system.slice/app.service/worker");
         assert_eq!(at(9, below, 1).action, Action::Allow, "a child cgroup");
         assert_eq!(
+            at(9, Some("later.slice"), 1).action,
+            Action::Deny,
+            "absent when resolved: matches nothing, as in the kernel"
+        );
+        assert_eq!(
             at(9, Some("system.slice/app.service"), 1).action,
             Action::Allow
         );
@@ -1057,9 +1062,15 @@ allow_users = [1]
         assert!(at(9, below, 1)
             .reason
             .contains("cgroup system.slice/app.service allowed"));
-        // The ids are part of what is enforced.
+        // The ids are part of what is enforced, and the dry-run says so.
         let r2 = policy::resolve(&p, &NoNames).expect("resolves");
-        assert_ne!(compile(&p, &r2).expect("compiles").id, plan.id);
+        let absent = compile(&p, &r2).expect("compiles");
+        assert_ne!(absent.id, plan.id);
+        let said = crate::change::describe(Some(&absent), &plan).join("\n");
+        assert!(
+            said.contains("+cgroup system.slice/app.service (id 42) -cgroup system.slice/app.service (absent)"),
+            "{said}"
+        );
     }
 
     #[test]
@@ -1070,6 +1081,7 @@ allow_users = [1]
             ("a//b", "empty part"),
             ("a/../b", ".."),
             ("./a", "."),
+            ("0::/system.slice/x.service", "a /proc/PID/cgroup line"),
             ("a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q", "17 levels"),
         ] {
             assert!(CgroupPath::new(bad).is_err(), "{bad:?} ({why})");

@@ -31,6 +31,8 @@ pub enum HostError {
         #[source]
         source: nix::Error,
     },
+    #[error("cgroup ids here are not the kernel's own: {0}; a policy listing cgroups needs loopguard in the host's cgroup namespace, with cgroup2 mounted at its root")]
+    CgroupView(String),
     #[error("{context}")]
     Io {
         context: String,
@@ -109,6 +111,56 @@ pub fn cgroup2_root() -> Result<PathBuf, HostError> {
         })
         .min_by_key(|p| p.as_os_str().len())
         .ok_or(HostError::NoCgroup2)
+}
+
+/// The proc inode number of the initial cgroup namespace
+/// (`PROC_CGROUP_INIT_INO`).
+const INITIAL_CGROUP_NS: u64 = 0xEFFF_FFFB;
+
+/// Whether cgroup paths under [`cgroup2_root`] are the ones the kernel's
+/// ancestor levels count from: this process is in the initial cgroup
+/// namespace and the cgroup2 mount shows the hierarchy's root (not a
+/// subtree, as in a container or under `ProtectControlGroups=private`).
+/// Otherwise path depth is not the level the eBPF programs look at.
+pub fn cgroup_view_is_global() -> Result<(), HostError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = fs::metadata("/proc/self/ns/cgroup").map_err(|source| HostError::Io {
+        context: "failed to read /proc/self/ns/cgroup".into(),
+        source,
+    })?;
+    if ns.ino() != INITIAL_CGROUP_NS {
+        return Err(HostError::CgroupView(
+            "this process is in a cgroup namespace of its own".into(),
+        ));
+    }
+    let root = cgroup2_root()?;
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|source| HostError::Io {
+        context: "failed to read /proc/self/mountinfo".into(),
+        source,
+    })?;
+    // Fields: id parent major:minor root mountpoint options... - fstype ...
+    let shows_root = info.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let fstype = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 1));
+        fstype == Some(&"cgroup2")
+            && f.get(4).map(|m| PathBuf::from(unescape_mount(m))) == Some(root.clone())
+            && f.get(3) == Some(&"/")
+    });
+    if shows_root {
+        Ok(())
+    } else {
+        Err(HostError::CgroupView(format!(
+            "the cgroup2 mount at {} shows a subtree, not the root",
+            root.display()
+        )))
+    }
+}
+
+/// Whether `cgroup` is the root of the cgroup v2 hierarchy.
+pub fn is_cgroup2_root(cgroup: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    cgroup2_root().is_ok_and(|root| id(&root).is_some() && id(&root) == id(cgroup))
 }
 
 /// /proc/mounts escapes space, tab, newline and backslash as octal.

@@ -32,6 +32,10 @@ fn each_change_in_access_is_named() {
     for (file, says) in [
         ("group-added.toml", "postgres: group analysts gains access"),
         (
+            "cgroup-added.toml",
+            "postgres: cgroup user.slice gains access",
+        ),
+        (
             "port-widened.toml",
             "metrics: ports 9100-9199 -> 9000-9199 (widened)",
         ),

@@ -245,7 +245,11 @@ pub struct Sandbox {
     pub instance: String,
     pub netns: String,
     pub netns_path: PathBuf,
+    /// The test's own cgroup: probes run in it (or below).
     pub cgroup: PathBuf,
+    /// Where `apply` and `run` attach the programs: `cgroup`, or the
+    /// cgroup2 root for [`Sandbox::on_root`].
+    pub attach: PathBuf,
     pub dir: PathBuf,
     children: Vec<Child>,
 }
@@ -264,6 +268,7 @@ impl Sandbox {
             netns_path: PathBuf::from("/run/netns").join(&netns),
             instance,
             netns,
+            attach: cgroup.clone(),
             cgroup,
             dir,
             children: Vec::new(),
@@ -294,6 +299,23 @@ impl Sandbox {
         // Test users read policy files for `check` and `explain --policy`.
         fs::set_permissions(&sb.dir, fs::Permissions::from_mode(0o755)).expect("chmod");
         sb
+    }
+
+    /// A sandbox whose programs attach at the cgroup2 root (guarding every
+    /// process of its namespace), which only a disposable machine may
+    /// have: the VM matrix sets `LG_TEST_DISPOSABLE`. Elsewhere `None`,
+    /// said loudly.
+    pub fn on_root(name: &str) -> Option<Sandbox> {
+        if std::env::var_os("LG_TEST_DISPOSABLE").is_none() {
+            eprintln!(
+                "SKIPPED {name}: it attaches programs at the cgroup2 root, which tests do only on a \
+                 disposable machine (`cargo xtask vm-test` runs it); this host's root cgroup is not touched"
+            );
+            return None;
+        }
+        let mut sb = Sandbox::new(name);
+        sb.attach = cgroup2_root();
+        Some(sb)
     }
 
     /// Writes a policy file into the sandbox directory.
@@ -348,7 +370,7 @@ impl Sandbox {
             "apply",
             file.to_str().expect("utf-8 path"),
             "--cgroup",
-            self.cgroup.to_str().expect("utf-8 path"),
+            self.attach.to_str().expect("utf-8 path"),
         ];
         args.extend_from_slice(extra);
         self.lg(&args)
@@ -493,7 +515,7 @@ impl Sandbox {
             .args(["--instance", &self.instance, "run"])
             .arg(policy)
             .arg("--cgroup")
-            .arg(&self.cgroup)
+            .arg(&self.attach)
             .arg("--audit-log")
             .arg(&audit_log)
             .args(extra)

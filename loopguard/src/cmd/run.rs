@@ -1042,7 +1042,9 @@ async fn watch_cgroups(daemon: Arc<Mutex<Daemon>>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watched: Vec<WatchedDir> = Vec::new();
     let mut watcher = None;
-    let mut tried: Option<Vec<Option<u64>>> = None;
+    let mut tried: Option<(Vec<Option<u64>>, Instant)> = None;
+    const RETRY: Duration = Duration::from_secs(10);
+    const REFRESH_EVERY: Duration = Duration::from_millis(250);
     loop {
         // What the policy in force lists, and the ids it was applied with.
         let listed: Vec<loopguard::policy::ResolvedCgroup> = {
@@ -1061,10 +1063,18 @@ async fn watch_cgroups(daemon: Arc<Mutex<Daemon>>) {
             .map(|c| loopguard::policy::cgroup_id_under(&root, &c.path))
             .collect();
         let applied: Vec<Option<u64>> = listed.iter().map(|c| c.id).collect();
-        // A refresh that failed (the file holds edits not in force) is not
-        // retried until something changes again.
-        if now != applied && tried.as_ref() != Some(&now) {
-            tried = Some(now);
+        // A refresh that failed (the file holds edits not in force, a
+        // commit failed) is retried every RETRY, not in a loop; one that
+        // worked is followed by at most one more per REFRESH_EVERY (a
+        // cgroup made and removed in a loop costs one apply a second).
+        let retry_due = tried
+            .as_ref()
+            .is_none_or(|(ids, at)| *ids != now || at.elapsed() >= RETRY);
+        if now != applied && retry_due {
+            if let Some((_, at)) = &tried {
+                tokio::time::sleep(REFRESH_EVERY.saturating_sub(at.elapsed())).await;
+            }
+            tried = Some((now, Instant::now()));
             lock(&daemon).refresh_identities(Identities::Cgroups);
             continue;
         }
@@ -1078,9 +1088,14 @@ async fn watch_cgroups(daemon: Arc<Mutex<Daemon>>) {
             watched = dirs;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
-        // mkdir then the unit's processes: a short settle, well inside the
-        // second.
-        while let Ok(Some(())) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {}
+        // A short settle (mkdir, then the unit's processes), bounded: a
+        // stream of events cannot hold the look back.
+        let settle = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < settle
+            && tokio::time::timeout(Duration::from_millis(50), rx.recv())
+                .await
+                .is_ok_and(|m| m.is_some())
+        {}
     }
 }
 

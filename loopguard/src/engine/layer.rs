@@ -120,6 +120,10 @@ pub struct Context<'a> {
     pub trusted: bool,
     /// `SO_NETNS_COOKIE` of this network namespace (0: unknown).
     pub netns_cookie: u64,
+    /// Why a policy listing cgroups cannot be enforced here, if it cannot:
+    /// the programs are not on the cgroup2 root, or cgroup ids here are
+    /// not the kernel's own.
+    pub cgroups_unjudgeable: Option<String>,
 }
 
 impl Context<'_> {

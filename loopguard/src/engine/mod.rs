@@ -248,6 +248,7 @@ pub fn apply_locked(
                 previous: previous.as_ref(),
                 trusted: drift.is_empty(),
                 netns_cookie: cookie,
+                cgroups_unjudgeable: cgroups_unjudgeable(&cgroup),
             };
             state.cgroup = cgroup.clone();
             enforce(&mut all, opts.layers, &ctx, &state.plan)
@@ -306,13 +307,18 @@ pub fn enforce(
     plan: &Plan,
 ) -> Result<Vec<LayerKind>, EnforceError> {
     let chosen = choose(all, want, ctx)?;
-    if !plan.cgroup_sets.is_empty() && !chosen.iter().any(|&i| all[i].judges_cgroups()) {
-        return Err(anyhow::anyhow!(
-            "the policy lists cgroups, which only the eBPF layer tells apart \
-             (the nftables layer would have to let those services through whole): \
-             enforce with --layers bpf or both"
-        )
-        .into());
+    if !plan.cgroup_sets.is_empty() {
+        if !chosen.iter().any(|&i| all[i].judges_cgroups()) {
+            return Err(anyhow::anyhow!(
+                "the policy lists cgroups, which only the eBPF layer tells apart \
+                 (the nftables layer would have to let those services through whole): \
+                 enforce with --layers bpf or both"
+            )
+            .into());
+        }
+        if let Some(why) = &ctx.cgroups_unjudgeable {
+            return Err(anyhow::anyhow!("the policy lists cgroups, but {why}").into());
+        }
     }
     for (n, &i) in chosen.iter().enumerate() {
         if let Err(e) = all[i].stage(ctx, plan) {
@@ -342,6 +348,23 @@ pub fn enforce(
     // Named in one order everywhere (state, status, summaries).
     in_force.sort();
     Ok(in_force)
+}
+
+/// Why the eBPF programs on `cgroup` cannot judge listed cgroups for the
+/// whole host, if they cannot. The nftables layer lets services that list
+/// an existing cgroup through (it cannot tell cgroups apart), so the eBPF
+/// layer must see every process: attached anywhere but the root, processes
+/// outside that cgroup would reach those services unjudged.
+fn cgroups_unjudgeable(cgroup: &Path) -> Option<String> {
+    if !host::is_cgroup2_root(cgroup) {
+        return Some(format!(
+            "the eBPF programs would sit on {} rather than the cgroup2 root: processes outside it \
+             would reach those services past the nftables layer, which cannot tell cgroups apart \
+             (leave --cgroup out)",
+            cgroup.display()
+        ));
+    }
+    host::cgroup_view_is_global().err().map(|e| e.to_string())
 }
 
 /// The indexes of the layers to enforce with: those `want` names that the

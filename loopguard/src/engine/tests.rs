@@ -169,6 +169,7 @@ fn run_plan(rig: &mut Rig, want: LayerSet, plan: &Plan) -> Result<Vec<LayerKind>
         previous: None,
         trusted: true,
         netns_cookie: 0,
+        cgroups_unjudgeable: None,
     };
     enforce(&mut rig.layers, want, &ctx, plan)
 }

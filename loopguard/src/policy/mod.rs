@@ -326,6 +326,9 @@ impl CgroupPath {
     /// Normalises `text` (a leading or trailing `/` is dropped, as written
     /// in `/proc/PID/cgroup` or `docker/`), or says what is wrong with it.
     pub fn new(text: &str) -> Result<Self, &'static str> {
+        if text.starts_with("0::") {
+            return Err("drop the `0::` of the /proc/PID/cgroup line: the path follows it");
+        }
         let path = text.trim_start_matches('/').trim_end_matches('/');
         if path.is_empty() {
             return Err("the cgroup2 root holds every process: use `default` instead");

@@ -270,12 +270,17 @@ pub fn lint(
             Some(i) => {
                 let s = &policy.services[i];
                 let listed = root_listed(s, resolved.map(|r| &r.services[i].uids[..]));
-                let allowed = listed == (s.list == ListKind::Allow);
-                (
-                    allowed,
-                    s.name_span.clone(),
-                    "this service decides and does not let root through".to_string(),
-                )
+                // A deny-list of cgroups may hold root's own processes and
+                // the system's resolvers, whatever their uids.
+                let denies_cgroups =
+                    s.list == ListKind::Deny && !(s.cgroups.is_empty() && s.units.is_empty());
+                let allowed = listed == (s.list == ListKind::Allow) && !denies_cgroups;
+                let label = if denies_cgroups {
+                    "this service decides and denies cgroups, which may hold root's processes"
+                } else {
+                    "this service decides and does not let root through"
+                };
+                (allowed, s.name_span.clone(), label.to_string())
             }
         };
         if !allowed {
