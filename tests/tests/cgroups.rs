@@ -108,24 +108,6 @@ fn a_listed_cgroup_and_its_children_are_on_the_list_on_bpf_and_both() {
             "connect=EPERM",
             "{layers}: made after apply"
         );
-        // explain judges by path, as the kernel does by id.
-        let explain = sb.lg(&[
-            "explain",
-            "--uid",
-            &u.bob.uid.to_string(),
-            "--cgroup",
-            &format!("{}/worker", rel(&app)),
-            "--to",
-            "127.0.0.1:7021",
-            "--policy",
-            p.to_str().expect("utf-8"),
-        ]);
-        let out = explain.ok().stdout;
-        assert!(
-            out.starts_with("allow:") && out.contains(&format!("cgroup {} allowed", rel(&app))),
-            "{layers}: explain said {}",
-            tail(&out, 600)
-        );
     }
 }
 
@@ -280,4 +262,65 @@ fn units_without_systemd_are_refused_clearly() {
         tail(&apply.stderr, 800)
     );
     assert!(sb.nft_table().is_none());
+}
+
+/// `explain --pid` reads a process's uid and cgroup; `--cgroup` names one.
+/// Both judge as the kernel does: by the cgroups that existed when the
+/// names were resolved. No enforcement needed (`--policy`).
+#[test]
+fn explain_judges_a_process_by_its_cgroup() {
+    let u = users();
+    let sb = Sandbox::new("cg-explain");
+    let app = mkdir(&sb.cgroup.join("app"));
+    let other = mkdir(&sb.cgroup.join("other"));
+    let p = sb.policy(
+        "p.toml",
+        &policy(&app, &sb.cgroup.join("later"), &other, &u.alice),
+    );
+    let file = p.to_str().expect("utf-8");
+    let explain = |who: &[&str]| {
+        let mut args = vec!["explain", "--to", "127.0.0.1:7021", "--policy", file];
+        args.extend_from_slice(who);
+        let ran = sb.lg(&args);
+        assert_eq!(ran.code, 0, "explain {who:?}: {}", tail(&ran.stderr, 600));
+        ran.stdout
+    };
+    let worker = format!("{}/worker", rel(&app));
+    let out = explain(&["--uid", &u.bob.uid.to_string(), "--cgroup", &worker]);
+    assert!(
+        out.starts_with("allow:") && out.contains(&format!("cgroup {} allowed", rel(&app))),
+        "{}",
+        tail(&out, 600)
+    );
+    let later = format!("{}/later", sb.cgroup.display());
+    let out = explain(&[
+        "--uid",
+        &u.bob.uid.to_string(),
+        "--cgroup",
+        &rel(Path::new(&later)),
+    ]);
+    assert!(
+        out.starts_with("deny:"),
+        "absent when resolved: {}",
+        tail(&out, 600)
+    );
+
+    // A running process, by pid: root in `app`, then in `other`.
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    let pid = sleeper.id().to_string();
+    for (dir, want) in [(&app, "allow:"), (&other, "deny:")] {
+        fs::write(dir.join("cgroup.procs"), &pid).expect("move the process");
+        let out = explain(&["--pid", &pid]);
+        assert!(
+            out.starts_with(want) && out.contains(&format!("in cgroup {}", rel(dir))),
+            "pid in {}: {}",
+            rel(dir),
+            tail(&out, 600)
+        );
+    }
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }

@@ -22,7 +22,7 @@ use crate::{exit, Format};
 #[derive(clap::Args)]
 #[command(
     group(clap::ArgGroup::new("who").required(true).args(["user", "uid", "pid"])),
-    after_help = "Examples:\n  loopguard explain --user app --to 127.0.0.1:5432\n  loopguard explain --pid 4242 --to 127.0.0.1:5432\n  loopguard explain --uid 990 --cgroup system.slice/grafana.service --to 127.0.0.1:5432\n  loopguard explain --uid 1005 --to '[::1]:6379' --policy policy.toml\n  loopguard explain --user mallory --bind --to 0.0.0.0:5432"
+    after_help = "Examples:\n  loopguard explain --user app --to 127.0.0.1:5432\n  loopguard explain --pid 4242 --to 127.0.0.1:5432\n  loopguard explain --uid 990 --cgroup system.slice/grafana.service --to 127.0.0.1:5432\n  loopguard explain --uid 990 --unit grafana.service --to 127.0.0.1:5432\n  loopguard explain --uid 1005 --to '[::1]:6379' --policy policy.toml\n  loopguard explain --user mallory --bind --to 0.0.0.0:5432"
 )]
 pub(crate) struct Args {
     /// User name.
@@ -36,8 +36,12 @@ pub(crate) struct Args {
     pid: Option<u32>,
     /// The cgroup the process runs in, relative to the cgroup2 root (e.g.
     /// system.slice/grafana.service), for lists that name cgroups.
-    #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["pid", "unit"])]
     cgroup: Option<String>,
+    /// The systemd unit the process runs in (e.g. grafana.service): its
+    /// cgroup, asked of systemd.
+    #[arg(long, value_name = "NAME", conflicts_with = "pid")]
+    unit: Option<String>,
     /// Destination, e.g. 127.0.0.1:5432 or [::1]:6379 (with --bind: the
     /// address to bind, e.g. 0.0.0.0:5432).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -90,12 +94,16 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         ),
         (None, None, None) => unreachable!("clap requires --user, --uid or --pid"),
     };
-    let cgroup = match (cgroup, &args.cgroup) {
-        (Some(c), _) => Some(c),
-        (None, Some(text)) => {
+    let cgroup = match (cgroup, &args.cgroup, &args.unit) {
+        (Some(c), _, _) => Some(c),
+        (None, Some(text), _) => {
             Some(CgroupPath::new(text).map_err(|why| anyhow!("--cgroup {text:?}: {why}"))?)
         }
-        (None, None) => None,
+        (None, None, Some(unit)) => Some(
+            dir.unit_cgroup(unit)
+                .map_err(|why| anyhow!("--unit {unit}: its cgroup cannot be found: {why}"))?,
+        ),
+        (None, None, None) => None,
     };
     let plan: Plan = match &args.policy {
         Some(file) => {
