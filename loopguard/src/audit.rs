@@ -690,9 +690,10 @@ impl AuditLog {
     }
 
     /// Appends lines with one write (rotating first when needed).
-    pub fn write_lines(&mut self, lines: &[String]) -> io::Result<()> {
-        let mut text = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    pub fn write_lines<S: AsRef<str>>(&mut self, lines: &[S]) -> io::Result<()> {
+        let mut text = String::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum());
         for l in lines {
+            let l = l.as_ref();
             if self.written + (text.len() + l.len() + 1) as u64 > self.max_bytes
                 && self.written + text.len() as u64 > 0
             {

@@ -409,24 +409,34 @@ impl Daemon {
         }
     }
     /// Writes records to stdout and the audit log, one write each per batch.
-    fn emit_all(&mut self, lines: &[String]) {
+    fn emit_all(&mut self, lines: &[EventLine]) {
         if lines.is_empty() {
             return;
         }
-        let mut text = lines.join("\n");
-        text.push('\n');
+        // Under systemd (JOURNAL_STREAM), each line with its sd-daemon
+        // priority prefix; elsewhere plain JSON lines.
+        let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+        let mut text = String::with_capacity(lines.iter().map(|l| l.text.len() + 4).sum());
+        for l in lines {
+            if journal {
+                text.push_str(&format!("<{}>", l.priority));
+            }
+            text.push_str(&l.text);
+            text.push('\n');
+        }
         let mut out = io::stdout().lock();
         let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
         if let Some(log) = &mut self.log {
-            if let Err(e) = log.write_lines(lines) {
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            if let Err(e) = log.write_lines(&texts) {
                 log::error!("audit log: {e}");
             }
         }
     }
 
     fn emit(&mut self, record: &audit::AuditRecord) {
-        self.emit_all(&[record.to_line()]);
+        self.emit_all(&[EventLine::of(record)]);
     }
 
     /// Puts the applied state back when a layer it lists is missing or
@@ -582,7 +592,7 @@ impl Daemon {
         }
     }
 
-    fn event(&mut self, ev: &Event) -> String {
+    fn event(&mut self, ev: &Event) -> EventLine {
         if ev.plan_id != 0 && !self.plans.contains_key(&ev.plan_id) {
             self.learn_plan(ev.plan_id);
         }
@@ -593,7 +603,31 @@ impl Daemon {
             0 => self.current.as_ref(),
             id => self.plans.get(&id),
         };
-        audit::record(ev, plan, &self.clock, &mut self.names).to_line()
+        EventLine::of(&audit::record(ev, plan, &self.clock, &mut self.names))
+    }
+}
+
+/// One audit record as written: its JSON line, and the syslog priority
+/// journald files it under when stdout is the journal (a refusal or lost
+/// events a warning, a would-deny a notice, an allowed attempt info), so
+/// `journalctl -u loopguard -p warning` lists the refusals.
+pub(crate) struct EventLine {
+    priority: u8,
+    text: String,
+}
+
+impl EventLine {
+    fn of(record: &audit::AuditRecord) -> EventLine {
+        use audit::AuditAction;
+        let priority = match record.action {
+            AuditAction::Deny | AuditAction::Dropped => 4,
+            AuditAction::WouldDeny => 5,
+            AuditAction::Allow => 6,
+        };
+        EventLine {
+            priority,
+            text: record.to_line(),
+        }
     }
 }
 
@@ -832,7 +866,7 @@ async fn read_packets(sock: Socket, daemon: Arc<Mutex<Daemon>>) {
                 if let Some(v) =
                     audit::packet_record(&ev, &d.paths.instance, d.current.as_ref(), &mut d.names)
                 {
-                    lines.push(v.to_line());
+                    lines.push(EventLine::of(&v));
                 }
             }
         }
