@@ -60,8 +60,35 @@ pub(crate) fn dist(check: bool) -> Result<()> {
     eprintln!("xtask: built {}", deb.display());
     if check {
         check_package(&deb)?;
+        check_manifests(&root)?;
     }
     Ok(())
+}
+
+/// The Kubernetes manifest against the Kubernetes schemas, strictly (an
+/// unknown field is an error): kubernetes-validate, from PyPI, installed
+/// when missing.
+fn check_manifests(root: &Path) -> Result<()> {
+    let module = || {
+        let mut c = Command::new("python3");
+        c.args(["-m", "kubernetes_validate"]);
+        c
+    };
+    if !succeeds(module().arg("--version")) {
+        eprintln!("xtask: installing kubernetes-validate (pip, from PyPI)");
+        status(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "kubernetes-validate",
+        ]))?;
+    }
+    status(
+        module()
+            .arg("--strict")
+            .arg(root.join("deploy/kubernetes/loopguard.yaml")),
+    )
 }
 
 /// Installs `deb`, checks what it put in place, purges it and checks that

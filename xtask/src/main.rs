@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod dist;
+mod systemd_vm;
 mod vm;
 
 /// What a task needs installed; each task installs only its own list,
@@ -31,6 +32,9 @@ enum Need {
     Vm,
     /// The benchmark: classic iptables owner rules for comparison.
     Bench,
+    /// `vm-test --systemd`: debootstrap for the guest's root file system,
+    /// and what `dist` needs to build the .deb (gzip for man pages).
+    SystemdVm,
 }
 
 impl Need {
@@ -64,6 +68,7 @@ impl Need {
                 "binutils",
             ],
             Need::Bench => &["nftables", "iptables", "iproute2", "util-linux", "passwd"],
+            Need::SystemdVm => &["debootstrap", "cpio", "kmod", "gzip"],
         }
     }
 }
@@ -97,6 +102,11 @@ enum Task {
         /// 6.1, 6.12, host, all, or a comma-separated list (6.1,6.12).
         #[arg(long, default_value = "6.1")]
         kernel: String,
+        /// Instead of the test suite: boot a Debian 12 root file system
+        /// (debootstrap, cached) with systemd as PID 1 on one matrix kernel
+        /// and check the .deb and its unit as an operator would.
+        #[arg(long)]
+        systemd: bool,
     },
     /// Measure loopguard against no filter and hand-written nftables rules
     /// (root; minutes, or under one with --quick).
@@ -149,7 +159,19 @@ fn run() -> Result<()> {
             setup(&[Need::Build, Need::Test])?;
             test(&args)
         }
-        Task::VmTest { kernel } => {
+        Task::VmTest {
+            kernel,
+            systemd: true,
+        } => {
+            setup(&[Need::Build, Need::Test, Need::Vm, Need::SystemdVm])?;
+            let release = systemd_vm::systemd_test(&kernel)?;
+            println!("systemd checks: pass ({release})");
+            Ok(())
+        }
+        Task::VmTest {
+            kernel,
+            systemd: false,
+        } => {
             setup(&[Need::Build, Need::Test, Need::Vm])?;
             vm::vm_test(&kernel)
         }

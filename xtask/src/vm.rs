@@ -76,7 +76,7 @@ const GUEST_MODULE_DIRS: &[&str] = &[
     "kernel/net/bridge/",
 ];
 
-const RESULT_MARKER: &str = "LOOPGUARD-VM-RESULT rc=";
+pub(crate) const RESULT_MARKER: &str = "LOOPGUARD-VM-RESULT rc=";
 
 /// Kernels to test: `6.1` and `6.12` (Debian packages), `host`, `all`, or
 /// a comma-separated list.
@@ -189,7 +189,7 @@ fn run_on_host(b: &Binaries) -> Result<String> {
 }
 
 /// The newest Debian package of a kernel series, downloaded and unpacked.
-fn fetch_kernel(cache: &Path, series: &str) -> Result<(PathBuf, PathBuf, String)> {
+pub(crate) fn fetch_kernel(cache: &Path, series: &str) -> Result<(PathBuf, PathBuf, String)> {
     let pattern = match series {
         "6.1" => "^linux-image-6\\.1\\.0-[0-9]+-cloud-amd64-unsigned$",
         _ => "^linux-image-6\\.12\\.[0-9]+\\+deb12-cloud-amd64-unsigned$",
@@ -272,9 +272,43 @@ fn run_in_vm(root: &Path, series: &str, b: &Binaries) -> Result<String> {
     )?;
 
     let log_path = work.join(format!("console-{release}.log"));
-    let mut log = fs::File::create(&log_path)?;
+    let lines = boot(
+        &vmlinuz,
+        &initrd,
+        "console=ttyS0 panic=-1 oops=panic rdinit=/init loglevel=4",
+        series,
+        &log_path,
+    )?;
+    let rc = lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(RESULT_MARKER))
+        .and_then(|c| c.trim().parse::<i32>().ok());
+    match rc {
+        Some(0) => Ok(release),
+        Some(n) => bail!(
+            "tests failed in the VM (rc={n}); see {}",
+            log_path.display()
+        ),
+        None => bail!(
+            "the VM stopped without a result line; see {}",
+            log_path.display()
+        ),
+    }
+}
+
+/// Boots `vmlinuz` with `initrd` under qemu (software emulation), echoes
+/// and logs the serial console, and returns its lines once the guest
+/// powers off (at most 40 minutes).
+pub(crate) fn boot(
+    vmlinuz: &Path,
+    initrd: &Path,
+    append: &str,
+    label: &str,
+    log_path: &Path,
+) -> Result<Vec<String>> {
+    let mut log = fs::File::create(log_path)?;
     eprintln!(
-        "xtask: booting {release} under qemu (TCG); console in {}",
+        "xtask: booting {label} under qemu (TCG); console in {}",
         log_path.display()
     );
     let mut child = Command::new("qemu-system-x86_64")
@@ -289,13 +323,10 @@ fn run_in_vm(root: &Path, series: &str, b: &Binaries) -> Result<String> {
             "3072",
         ])
         .arg("-kernel")
-        .arg(&vmlinuz)
+        .arg(vmlinuz)
         .arg("-initrd")
-        .arg(&initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 oops=panic rdinit=/init loglevel=4",
-        ])
+        .arg(initrd)
+        .args(["-append", append])
         .args([
             "-display",
             "none",
@@ -313,31 +344,19 @@ fn run_in_vm(root: &Path, series: &str, b: &Binaries) -> Result<String> {
         .context("start qemu-system-x86_64")?;
     let stdout = child.stdout.take().context("qemu stdout")?;
     let deadline = Instant::now() + Duration::from_secs(40 * 60);
-    let mut rc = None;
+    let mut lines = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
-        println!("[{series}] {line}");
+        println!("[{label}] {line}");
         writeln!(log, "{line}")?;
-        if let Some(code) = line.trim().strip_prefix(RESULT_MARKER) {
-            rc = code.trim().parse::<i32>().ok();
-        }
+        lines.push(line);
         if Instant::now() > deadline {
             let _ = child.kill();
             bail!("the VM did not finish in 40 minutes");
         }
     }
     let _ = child.wait();
-    match rc {
-        Some(0) => Ok(release),
-        Some(n) => bail!(
-            "tests failed in the VM (rc={n}); see {}",
-            log_path.display()
-        ),
-        None => bail!(
-            "the VM stopped without a result line; see {}",
-            log_path.display()
-        ),
-    }
+    Ok(lines)
 }
 
 /// Copies `src` to `dst`, creating parents; ELF files are stripped of debug
