@@ -522,22 +522,24 @@ impl Plan {
         {
             return Some(format!("uid {}", client.uid));
         }
-        let cgroup = client.cgroup?;
-        let listed = self.cgroup_sets.get(set as usize)?;
         // Only entries the kernel holds an id for match: one that did not
         // exist when the plan was made matches nothing, as in the kernel.
-        listed
-            .iter()
+        self.cgroup_entry(set, client)
             .filter(|c| c.id.is_some())
-            .find(|c| {
-                let p = c.path.as_str();
-                cgroup.as_str() == p
-                    || cgroup
-                        .as_str()
-                        .strip_prefix(p)
-                        .is_some_and(|rest| rest.starts_with('/'))
-            })
             .map(|c| format!("cgroup {}", c.path))
+    }
+
+    /// The listed cgroup of set `set` that `client` runs in or below, with
+    /// an id or not.
+    fn cgroup_entry(&self, set: u32, client: &Client<'_>) -> Option<&ResolvedCgroup> {
+        let cgroup = client.cgroup?.as_str();
+        self.cgroup_sets.get(set as usize)?.iter().find(|c| {
+            let p = c.path.as_str();
+            cgroup == p
+                || cgroup
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
     }
 
     /// [`Plan::evaluate`] for a process known by its uid and cgroup.
@@ -569,12 +571,22 @@ impl Plan {
                 let s = &self.services[i];
                 let by = self.listed_by(s.uid_set, client);
                 let deny = by.is_some() != (s.list == ListKind::Allow);
-                let why = match (s.list, by) {
+                let mut why = match (s.list, by) {
                     (ListKind::Allow, Some(by)) => format!("{by} allowed"),
                     (ListKind::Allow, None) => format!("uid {uid} not allowed"),
                     (ListKind::Deny, Some(by)) => format!("{by} denied"),
                     (ListKind::Deny, None) => format!("uid {uid} not denied"),
                 };
+                if let Some(c) = self
+                    .cgroup_entry(s.uid_set, client)
+                    .filter(|c| c.id.is_none())
+                {
+                    why.push_str(&format!(
+                        " (cgroup {} is listed but did not exist when the policy was applied: \
+                         it counts once it does, and `loopguard run` follows it)",
+                        c.path
+                    ));
+                }
                 (deny, s.mode, format!("service {}: {why}", s.name))
             }
         };
@@ -1046,6 +1058,9 @@ allow_users = [1]
             Action::Deny,
             "absent when resolved: matches nothing, as in the kernel"
         );
+        assert!(at(9, Some("later.slice"), 1)
+            .reason
+            .contains("cgroup later.slice is listed but did not exist"));
         assert_eq!(
             at(9, Some("system.slice/app.service"), 1).action,
             Action::Allow

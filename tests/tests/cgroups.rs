@@ -111,18 +111,29 @@ fn a_listed_cgroup_and_its_children_are_on_the_list_on_bpf_and_both() {
     }
 }
 
+/// A sandbox and a policy listing its cgroup `app` (and two that do not
+/// exist).
+fn with_policy(name: &str) -> (Sandbox, PathBuf) {
+    let sb = Sandbox::new(name);
+    let app = mkdir(&sb.cgroup.join("app"));
+    let p = sb.policy(
+        "p.toml",
+        &policy(
+            &app,
+            &sb.cgroup.join("l"),
+            &sb.cgroup.join("o"),
+            &users().alice,
+        ),
+    );
+    (sb, p)
+}
+
 /// On a host (programs on the test's own cgroup), a policy listing cgroups
 /// is refused: the nftables layer would let processes outside that cgroup
 /// through those services.
 #[test]
 fn a_policy_listing_cgroups_needs_the_programs_on_the_cgroup2_root() {
-    let u = users();
-    let sb = Sandbox::new("cg-child");
-    let app = mkdir(&sb.cgroup.join("app"));
-    let p = sb.policy(
-        "p.toml",
-        &policy(&app, &sb.cgroup.join("l"), &sb.cgroup.join("o"), &u.alice),
-    );
+    let (sb, p) = with_policy("cg-child");
     for layers in ["bpf", "both"] {
         let ran = sb.apply(&p, &["--layers", layers]);
         assert_ne!(ran.code, 0, "{layers}: applied on a child cgroup");
@@ -141,13 +152,7 @@ fn a_policy_listing_cgroups_needs_the_programs_on_the_cgroup2_root() {
 
 #[test]
 fn nftables_alone_refuses_a_policy_that_names_cgroups() {
-    let u = users();
-    let sb = Sandbox::new("cg-nft");
-    let app = mkdir(&sb.cgroup.join("app"));
-    let p = sb.policy(
-        "p.toml",
-        &policy(&app, &sb.cgroup.join("l"), &sb.cgroup.join("o"), &u.alice),
-    );
+    let (sb, p) = with_policy("cg-nft");
     let ran = sb.apply(&p, &["--layers", "nft"]);
     assert_ne!(ran.code, 0, "applied with nft alone");
     assert!(

@@ -80,6 +80,20 @@ systemctl start loopguard
 check "systemctl start again adopts the pins (the same links)" adopted
 check "still enforced" says lgt-mallory connect=EPERM
 
+# A unit by name (allow_units): its processes get through whatever their
+# uid, from a cgroup that did not exist when the policy was applied, and
+# again after the unit runs anew (a new cgroup at the same path).
+sed -i 's/allow_users = \["root", "lgt-app"\]/allow_users = ["root", "lgt-app"]\nallow_units = ["lg-client.service"]/' /etc/loopguard/policy.toml
+systemctl reload loopguard
+client() { systemd-run --quiet --wait --pipe --unit=lg-client -p User=lgt-mallory /bin/bash -c 'for i in $(seq 100); do r=$(/usr/local/bin/lg-probe tcp-to 127.0.0.1:7031 2>/dev/null); [ "$r" = connect=ok ] && break; sleep 0.1; done; echo "$r"'; }
+client_ok() { [ "$(client)" = connect=ok ]; }
+check "allow_units: the unit's processes get through" client_ok
+check "allow_units: and again when the unit runs anew" client_ok
+check "allow_units: the same user outside the unit is refused" says lgt-mallory connect=EPERM
+# Between runs the unit has no cgroup: explain says so.
+check "explain --unit names the unit's cgroup" sh -c 'loopguard explain --uid "$(id -u lgt-mallory)" --unit lg-client.service --to 127.0.0.1:7031 | grep -q "cgroup system.slice/lg-client.service"'
+check "the daemon said it followed the unit's cgroup" until_true sh -c 'journalctl -u loopguard -o cat | grep -q "cgroup system.slice/lg-client.service of service db exists now"'
+
 score="$(systemd-analyze security loopguard --no-pager 2>&1 | grep -i 'overall exposure')"
 echo "LG-SYSTEMD-SECURITY $score"
 check "systemd-analyze security scores the unit" test -n "$score"

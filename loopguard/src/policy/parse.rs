@@ -503,49 +503,45 @@ impl Parser {
 
     /// `allow_cgroups`/`deny_cgroups`: cgroup v2 paths.
     fn cgroups(&mut self, v: &Value) -> Vec<(CgroupPath, Span)> {
-        let Some(items) = v.as_array() else {
-            self.wrong_type("cgroups", v, "an array of cgroup paths");
-            return Vec::new();
-        };
-        let mut out = Vec::with_capacity(items.len());
-        for item in items.iter() {
-            let item = &*item;
-            match &item.kind {
-                Kind::String(s) => match CgroupPath::new(s) {
-                    Ok(path) => out.push((path, span(item))),
-                    Err(why) => self.error(
-                        Code::Cgroup,
-                        span(item),
-                        format!("\"{s}\" is not a cgroup path"),
-                        why,
-                    ),
-                },
-                _ => self.wrong_type("a cgroup", item, "a path relative to the cgroup2 root"),
-            }
-        }
-        out
+        self.strings(v, "cgroup path", Code::Cgroup, CgroupPath::new)
     }
 
     /// `allow_units`/`deny_units`: systemd unit names.
     fn units(&mut self, v: &Value) -> Vec<(String, Span)> {
+        self.strings(v, "systemd unit name", Code::Unit, |s| {
+            super::valid_unit_name(s)
+                .then(|| s.to_string())
+                .ok_or("a unit with a cgroup: its name ends in .service, .scope, .slice, .socket, .mount or .swap")
+        })
+    }
+
+    /// An array of strings, each read by `read` (which says what is wrong
+    /// with one it refuses), with their spans.
+    fn strings<T>(
+        &mut self,
+        v: &Value,
+        what: &str,
+        code: Code,
+        read: impl Fn(&str) -> Result<T, &'static str>,
+    ) -> Vec<(T, Span)> {
         let Some(items) = v.as_array() else {
-            self.wrong_type("units", v, "an array of systemd unit names");
+            self.wrong_type(&format!("{what}s"), v, &format!("an array of {what}s"));
             return Vec::new();
         };
         let mut out = Vec::with_capacity(items.len());
         for item in items.iter() {
             let item = &*item;
             match &item.kind {
-                Kind::String(s) if super::valid_unit_name(s) => {
-                    out.push((s.to_string(), span(item)))
-                }
-                Kind::String(s) => self.error(
-                    Code::Unit,
-                    span(item),
-                    format!("\"{s}\" is not a unit with a cgroup"),
-                    "a unit name ending in .service, .scope, .slice, .socket, .mount or .swap",
-                ),
-                _ => self.wrong_type("a unit", item, "a unit name, e.g. \"grafana.service\""),
+                Kind::String(s) => match read(s) {
+                    Ok(value) => out.push((value, span(item))),
+                    Err(why) => self.error(
+                        code,
+                        span(item),
+                        format!("\"{s}\" is not a valid {what}"),
+                        why,
+                    ),
+                },
+                _ => self.wrong_type(&format!("a {what}"), item, &format!("a {what} string")),
             }
         }
         out
