@@ -66,17 +66,24 @@ pub(crate) fn dist(check: bool) -> Result<()> {
 }
 
 /// The Kubernetes manifest against the Kubernetes schemas, strictly (an
-/// unknown field is an error): kubernetes-validate, from PyPI, installed
-/// when missing.
+/// unknown field is an error): kubernetes-validate, from PyPI, in a
+/// virtualenv of its own under target/ (Debian's Python is externally
+/// managed: PEP 668).
 fn check_manifests(root: &Path) -> Result<()> {
+    let venv = root.join("target/tools/venv");
+    let python = venv.join("bin/python3");
     let module = || {
-        let mut c = Command::new("python3");
+        let mut c = Command::new(&python);
         c.args(["-m", "kubernetes_validate"]);
         c
     };
     if !succeeds(module().arg("--version")) {
-        eprintln!("xtask: installing kubernetes-validate (pip, from PyPI)");
-        status(Command::new("python3").args([
+        eprintln!(
+            "xtask: installing kubernetes-validate (PyPI) into {}",
+            venv.display()
+        );
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        status(Command::new(&python).args([
             "-m",
             "pip",
             "install",

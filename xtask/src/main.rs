@@ -32,6 +32,8 @@ enum Need {
     Vm,
     /// The benchmark: classic iptables owner rules for comparison.
     Bench,
+    /// `dist --check`: a Python virtualenv for kubernetes-validate.
+    Dist,
     /// `vm-test --systemd`: debootstrap for the guest's root file system,
     /// and what `dist` needs to build the .deb (gzip for man pages).
     SystemdVm,
@@ -68,6 +70,7 @@ impl Need {
                 "binutils",
             ],
             Need::Bench => &["nftables", "iptables", "iproute2", "util-linux", "passwd"],
+            Need::Dist => &["python3-venv"],
             Need::SystemdVm => &["debootstrap", "cpio", "kmod", "gzip"],
         }
     }
@@ -154,7 +157,15 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Setup => setup(&[Need::Build, Need::Test, Need::Demo, Need::Vm, Need::Bench]),
+        Task::Setup => setup(&[
+            Need::Build,
+            Need::Test,
+            Need::Demo,
+            Need::Vm,
+            Need::Bench,
+            Need::Dist,
+            Need::SystemdVm,
+        ]),
         Task::Test { args } => {
             setup(&[Need::Build, Need::Test])?;
             test(&args)
@@ -185,7 +196,7 @@ fn run() -> Result<()> {
         }
         Task::Fuzz { time } => fuzz(time),
         Task::Dist { check } => {
-            setup(&[Need::Build])?;
+            setup(&[Need::Build, Need::Dist])?;
             dist::dist(check)
         }
     }
