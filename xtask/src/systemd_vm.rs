@@ -115,7 +115,7 @@ services 99999 '"root"' broken
 check "ansible: the role installs, templates and starts" play /root/v1.json
 check "ansible: the daemon runs the templated policy" sh -c 'systemctl is-active --quiet loopguard && grep -q lgt-app /etc/loopguard/policy.toml'
 check "ansible: enforced" until_true says lgt-mallory connect=EPERM
-check "ansible: --check --diff succeeds" sh -c 'ansible-playbook -c local -i localhost, /root/ansible/site.yml -e loopguard_deb=/root/loopguard.deb -e @/root/v2.json --check --diff > /root/check.out 2>&1'
+check "ansible: --check --diff succeeds" sh -c 'ansible-playbook -c local -i localhost, /root/ansible/site.yml -e loopguard_deb=/root/loopguard.deb -e @/root/v2.json --check --diff > /root/check.out 2>&1 || { tail -n 40 /root/check.out; false; }'
 check "ansible: --check --diff shows loopguard diff" grep -q "user lgt-mallory gains access" /root/check.out
 check "ansible: --check changes nothing" sh -c '! grep -q lgt-mallory /etc/loopguard/policy.toml'
 play /root/v2.json
