@@ -115,7 +115,14 @@ fn read(path: &Path) -> Result<Option<State>, StateError> {
             })
         }
     };
-    serde_json::from_reader(io::BufReader::new(file))
+    // Read whole, then parsed: serde_json's reader interface is several
+    // times slower than its slice parser on a plan of 10,000 services.
+    let mut text = Vec::new();
+    io::Read::read_to_end(&mut &file, &mut text).map_err(|source| StateError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&text)
         .map(Some)
         .map_err(|source| StateError::Parse {
             path: path.to_path_buf(),

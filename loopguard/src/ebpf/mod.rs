@@ -899,13 +899,25 @@ fn write_counters(
         .map(|(i, s)| (i as u32, old_index.get(s.name.as_str()).copied()))
         .chain([(DEFAULT_BUCKET, (active < SLOTS).then_some(DEFAULT_BUCKET))])
         .collect();
-    // The slot in force, read whole when anything carries over.
+    // The slot in force, read when anything carries over: the buckets of
+    // its services (not all MAX_SERVICES), then the default bucket.
+    let used = previous
+        .map_or(0, |p| p.services.len() as u32)
+        .min(MAX_SERVICES);
     let slot_len = ((MAX_SERVICES + 1) * COUNT_KINDS) as usize;
+    let read_len = (used * COUNT_KINDS) as usize;
     let old: Option<Vec<u64>> = if buckets.iter().any(|(_, o)| o.is_some()) {
         let start = counter_index(active, 0, 0);
-        match batch::array_range::<u64>(IterableMap::map(&maps.counters), start, slot_len, cpus) {
+        let range = match read_len {
+            0 => Ok((Vec::new(), 0)),
+            _ => batch::array_range::<u64>(IterableMap::map(&maps.counters), start, read_len, cpus),
+        };
+        match range {
             Ok((mut v, read)) => {
-                for i in read..slot_len {
+                v.resize(slot_len * cpus, 0);
+                let default = counter_index(active, DEFAULT_BUCKET, 0) - start;
+                let rest = (read..read_len).chain(default as usize..slot_len);
+                for i in rest {
                     if let Ok(tail) = maps.counters.get(&(start + i as u32), 0) {
                         for (dst, src) in v[i * cpus..(i + 1) * cpus].iter_mut().zip(tail.iter()) {
                             *dst = *src;

@@ -133,6 +133,9 @@ impl Batch<'_> {
             ));
             scopes.push((Some(daddr("ip6", json!("::1"))), "6"));
         }
+        // One port first (a hash lookup), then port ranges: the two hold
+        // disjoint atoms, so at most one matches.
+        scopes.push((None, "port"));
         scopes.push((None, "host"));
         let l4proto = |t: Transport| json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": proto(t)}});
         let lookup_key = |map: &str| match map {
@@ -318,22 +321,23 @@ pub fn ruleset(table: &str, plan: &Plan) -> String {
     // nft (6.12: EOPNOTSUPP), so maps are per transport and the rule
     // matches the protocol.
     for f in families() {
-        b.push(
-            "add",
-            "set",
-            json!({"name": format!("ref{f}"), "type": key_type(&f), "flags": ["interval"], "stmt": [{"counter": null}]}),
-        );
+        let mut set =
+            json!({"name": format!("ref{f}"), "type": key_type(&f), "stmt": [{"counter": null}]});
+        if is_interval(&f) {
+            set["flags"] = json!(["interval"]);
+        }
+        b.push("add", "set", set);
     }
     b.push("add", "chain", json!({"name": COUNT_CHAIN}));
     for (name, (set, list, mode)) in &spec.chains {
         b.verdict_chain(name, set, *list, *mode);
     }
     for f in families() {
-        b.push(
-            "add",
-            "map",
-            json!({"name": format!("dec{f}"), "type": key_type(&f), "map": "verdict", "flags": ["interval"]}),
-        );
+        let mut map = json!({"name": format!("dec{f}"), "type": key_type(&f), "map": "verdict"});
+        if is_interval(&f) {
+            map["flags"] = json!(["interval"]);
+        }
+        b.push("add", "map", map);
     }
     for (f, elems) in &spec.maps {
         let elems: Vec<(ElemKey, &str)> = elems.iter().map(|(k, c)| (*k, &**c)).collect();

@@ -12,16 +12,19 @@
 //!                oif "lo" meta l4proto vmap { tcp : jump dispatch_tcp, udp : jump dispatch_udp }
 //!                fib daddr type != { local, broadcast, anycast, multicast } accept
 //!                meta l4proto vmap { tcp : jump dispatch_tcp, udp : jump dispatch_udp }
-//! dispatch_tcp:  th dport vmap @dechost_tcp
+//! dispatch_tcp:  th dport vmap @decport_tcp       # one port: a hash lookup
+//!                th dport vmap @dechost_tcp       # port ranges: an interval lookup
 //!                (the default for the rest of the scope)
 //! dispatch_udp:  the same, for udp
 //! ```
 //!
 //! (With named addresses, `ip daddr 127.0.0.0/8` and `ip6 daddr ::1` are
 //! looked up in `dec4_*` / `dec6_*` first, keyed on address . port.) The
-//! verdict maps are interval maps keyed on
-//! disjoint (address range, port range) atoms per transport, so one lookup
-//! finds the deciding service whatever the policy size. Services with the
+//! verdict maps are keyed on disjoint (address range, port range) atoms per
+//! transport, so a lookup or two finds the deciding service whatever the
+//! policy size; atoms of one port are in hash maps (`decport_*`), because
+//! nft reads every element of a table's plain interval sets before it
+//! changes any element. Services with the
 //! same uids, list kind and mode share one verdict chain checking `meta
 //! skuid` against one uid set; both are named after their content
 //! (`v_<hash>`, `u_<hash>`), so the table holds as many chains as the policy
@@ -217,7 +220,7 @@ mod tests {
             verdict_chain_name(&set, ListKind::Allow, Mode::Enforce),
             verdict_chain_name(&set, ListKind::Allow, Mode::Audit)
         );
-        assert_eq!(LAYOUT, 8, "names below are of layout 8");
+        assert_eq!(LAYOUT, 9, "names below are of layout 9 (same names as 8)");
         assert_eq!(set, "u_79ff7fbc96a0a611");
     }
 

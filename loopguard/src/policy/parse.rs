@@ -1,6 +1,10 @@
 //! TOML -> [`Policy`], keeping spans, collecting every problem.
 
-use std::{collections::HashSet, net::IpAddr, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use super::toml::{Kind, Table, Value};
 use ipnet::IpNet;
@@ -37,7 +41,8 @@ pub(super) const SERVICE_KEYS: &[&str] = &[
 pub fn parse(file: &str, source: Arc<str>) -> (Option<Policy>, Vec<Diagnostic>) {
     let mut p = Parser {
         diags: Vec::new(),
-        lists: HashSet::new(),
+        lists: HashSet::default(),
+        numeric: HashMap::default(),
     };
     let (root, errors) = super::toml::parse(&source);
     let Some(root) = root else {
@@ -60,8 +65,13 @@ pub fn parse(file: &str, source: Arc<str>) -> (Option<Policy>, Vec<Diagnostic>) 
 
 struct Parser {
     diags: Vec<Diagnostic>,
-    /// Every distinct id list once (see [`IdList`]).
-    lists: HashSet<Arc<[IdRef]>>,
+    /// Every distinct id list once (see [`IdList`]). foldhash: SipHash
+    /// was 7% of reading a 10,000-service policy (the file is root's, so
+    /// flooding is no concern; foldhash is still seeded per process).
+    lists: HashSet<Arc<[IdRef]>, foldhash::fast::RandomState>,
+    /// The same lists by their numbers, for lists of plain numeric ids:
+    /// a repeated list is found without building its `IdRef`s.
+    numeric: HashMap<Box<[u32]>, Arc<[IdRef]>, foldhash::fast::RandomState>,
 }
 
 fn span(v: &Value) -> Span {
@@ -552,6 +562,31 @@ impl Parser {
             self.wrong_type(&format!("{what}s"), v, "an array of names and numeric ids");
             return IdList::default();
         };
+        if let Some(ids) = items.plain_uints() {
+            // (uid_t)-1 is refused below, with its span.
+            if !ids.contains(&u32::MAX) {
+                let ids = match self.numeric.get(&ids[..]) {
+                    Some(shared) => shared.clone(),
+                    None => {
+                        let refs: Vec<IdRef> = ids.iter().map(|&id| IdRef::Id(id)).collect();
+                        let shared = self.intern(refs);
+                        self.numeric.insert(ids.into(), shared.clone());
+                        shared
+                    }
+                };
+                // Group ids may not exist: they keep their spans.
+                let name_spans = if what == "group" {
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| (i, span(&v)))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                return IdList { ids, name_spans };
+            }
+        }
         let mut out = Vec::with_capacity(items.len());
         let mut name_spans = Vec::new();
         for item in items.iter() {
@@ -598,15 +633,22 @@ impl Parser {
                 out.push(value);
             }
         }
-        let ids = match self.lists.get(&out[..]) {
+        IdList {
+            ids: self.intern(out),
+            name_spans,
+        }
+    }
+
+    /// The shared copy of an id list.
+    fn intern(&mut self, ids: Vec<IdRef>) -> Arc<[IdRef]> {
+        match self.lists.get(&ids[..]) {
             Some(shared) => shared.clone(),
             None => {
-                let ids: Arc<[IdRef]> = out.into();
+                let ids: Arc<[IdRef]> = ids.into();
                 self.lists.insert(ids.clone());
                 ids
             }
-        };
-        IdList { ids, name_spans }
+        }
     }
 }
 

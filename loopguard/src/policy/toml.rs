@@ -133,6 +133,15 @@ impl Array {
         self.len() == 0
     }
 
+    /// The numbers of a non-empty array written as plain decimal `u32`s
+    /// only.
+    pub(super) fn plain_uints(&self) -> Option<Vec<u32>> {
+        match &self.items {
+            Items::Uints(u) => Some(u.iter().map(|&[n, _]| n).collect()),
+            Items::Values(_) => None,
+        }
+    }
+
     pub(super) fn iter(&self) -> impl Iterator<Item = Item<'_>> + '_ {
         let (values, uints) = match &self.items {
             Items::Values(v) => (&v[..], &[][..]),
@@ -286,18 +295,54 @@ pub(super) fn parse(source: &str) -> (Option<Value>, Vec<SyntaxError>) {
         toml_parser::parser::parse_document(chunk, &mut guard, errors);
         chunk.clear();
     };
+    let mut uints = UintArrays::default();
+    let mut after_equals = false;
     for token in src.lex() {
-        match token.kind() {
-            TokenKind::LeftSquareBracket | TokenKind::LeftCurlyBracket => depth += 1,
-            TokenKind::RightSquareBracket | TokenKind::RightCurlyBracket => {
-                depth = depth.saturating_sub(1);
-            }
-            _ => {}
+        // `key = [` at the top level: the array may be plain `u32`s.
+        if uints.open.is_none()
+            && depth == 0
+            && after_equals
+            && token.kind() == TokenKind::LeftSquareBracket
+        {
+            uints.open = Some(token);
+            after_equals = false;
+            continue;
         }
-        let line_end = token.kind() == TokenKind::Newline && depth == 0;
-        chunk.push(token);
-        if line_end && chunk.len() >= CHUNK_TOKENS {
+        if uints.open.is_some() {
+            match uints.step(token, src) {
+                Step::More => continue,
+                Step::Done(open, close, items) => {
+                    builder
+                        .uint_arrays
+                        .push_back((open.span().start() as u32, items));
+                    chunk.push(open);
+                    chunk.push(close);
+                    after_equals = false;
+                    continue;
+                }
+                Step::Unread(tokens) => {
+                    // Not such an array: the parser reads it, token by token.
+                    for token in tokens {
+                        push_token(token, &mut depth, &mut chunk);
+                    }
+                    after_equals = false;
+                    continue;
+                }
+            }
+        }
+        match token.kind() {
+            TokenKind::Equals => after_equals = true,
+            TokenKind::Whitespace => {}
+            _ => after_equals = false,
+        }
+        if push_token(token, &mut depth, &mut chunk) && chunk.len() >= CHUNK_TOKENS {
             feed(&mut chunk, &mut builder, &mut parse_errors);
+        }
+    }
+    if let Some(open) = uints.open.take() {
+        push_token(open, &mut depth, &mut chunk);
+        for token in std::mem::take(&mut uints.tokens) {
+            push_token(token, &mut depth, &mut chunk);
         }
     }
     if !chunk.is_empty() {
@@ -327,6 +372,92 @@ pub(super) fn parse(source: &str) -> (Option<Value>, Vec<SyntaxError>) {
 /// Arrays and inline tables nested deeper than this are refused (the
 /// parser recurses).
 const NESTING_LIMIT: u32 = 64;
+
+/// Adds a token to the chunk, tracking bracket depth; true at the end of a
+/// top-level line (where a chunk may end).
+fn push_token(token: Token, depth: &mut usize, chunk: &mut Vec<Token>) -> bool {
+    match token.kind() {
+        TokenKind::LeftSquareBracket | TokenKind::LeftCurlyBracket => *depth += 1,
+        TokenKind::RightSquareBracket | TokenKind::RightCurlyBracket => {
+            *depth = depth.saturating_sub(1);
+        }
+        _ => {}
+    }
+    let line_end = token.kind() == TokenKind::Newline && *depth == 0;
+    chunk.push(token);
+    line_end
+}
+
+/// A top-level array value of plain decimal `u32`s, read from its tokens
+/// without the parser: most of a large policy is such uid lists, and the
+/// general path (an event and a decoded scalar per number) was most of the
+/// time spent reading one.
+///
+/// Accepted: `[`, then numbers separated by commas, with spaces, tabs and
+/// newlines around them, an optional trailing comma, `]`. Anything else
+/// (a comment, another kind of value, an empty array, a number with a
+/// sign, underscores or a leading zero) gives the tokens back to the
+/// parser, which reads them as it would have. The tokens come from the
+/// same lexer, so strings and comments are never mistaken for arrays.
+#[derive(Default)]
+struct UintArrays {
+    open: Option<Token>,
+    tokens: Vec<Token>,
+    items: Vec<[u32; 2]>,
+    /// After a comma (or the `[`): a number may come, a comma may not.
+    after_comma: bool,
+}
+
+enum Step {
+    More,
+    /// `[` and `]`, and the numbers between.
+    Done(Token, Token, Vec<[u32; 2]>),
+    /// Everything from the `[` on, for the parser.
+    Unread(Vec<Token>),
+}
+
+impl UintArrays {
+    fn step(&mut self, token: Token, src: Source<'_>) -> Step {
+        if self.tokens.is_empty() && self.items.is_empty() {
+            self.after_comma = true;
+        }
+        let text = || src.get(token.span()).map_or("", |r| r.as_str());
+        let ok = match token.kind() {
+            TokenKind::Whitespace => true,
+            TokenKind::Newline => matches!(text(), "\n" | "\r\n"),
+            TokenKind::Comma if !self.after_comma => {
+                self.after_comma = true;
+                true
+            }
+            TokenKind::Atom if self.after_comma => match plain_u32(text().as_bytes()) {
+                Some(n) => {
+                    self.items.push([n, token.span().start() as u32]);
+                    self.after_comma = false;
+                    true
+                }
+                None => false,
+            },
+            TokenKind::RightSquareBracket if !self.items.is_empty() => {
+                let open = self.open.take();
+                self.tokens.clear();
+                let items = std::mem::take(&mut self.items);
+                return match open {
+                    Some(open) => Step::Done(open, token, items),
+                    None => Step::Unread(vec![token]),
+                };
+            }
+            _ => false,
+        };
+        self.tokens.push(token);
+        if ok {
+            return Step::More;
+        }
+        let mut tokens: Vec<Token> = self.open.take().into_iter().collect();
+        tokens.append(&mut self.tokens);
+        self.items.clear();
+        Step::Unread(tokens)
+    }
+}
 
 fn syntax_error(e: &ParseError, len: usize) -> SyntaxError {
     let at = e.unexpected().or(e.context());
@@ -395,6 +526,9 @@ struct Builder<'s> {
     scratch: Vec<ParseError>,
     /// Whether the last scalar was written as a plain decimal `u32`.
     plain_uint: bool,
+    /// Arrays of plain `u32`s read straight from the tokens (see
+    /// [`UintArrays`]), in order, by the start of their `[`.
+    uint_arrays: std::collections::VecDeque<(u32, Vec<[u32; 2]>)>,
 }
 
 impl<'s> Builder<'s> {
@@ -410,6 +544,7 @@ impl<'s> Builder<'s> {
             errors: Vec::new(),
             scratch: Vec::new(),
             plain_uint: false,
+            uint_arrays: std::collections::VecDeque::new(),
         }
     }
 
@@ -446,17 +581,25 @@ impl<'s> Builder<'s> {
     }
 
     fn scalar(&mut self, span: toml_parser::Span, encoding: Option<Encoding>) -> Value {
+        // Digits alone, without a leading zero, are a decimal integer in
+        // TOML (a date needs `-`, a float `.` or `e`): most of a large
+        // policy is such uids, so they skip the general decoder.
+        if encoding.is_none() {
+            let text = self.source.get(span).map_or("", |r| r.as_str());
+            if let Some(n) = plain_u32(text.as_bytes()) {
+                self.plain_uint = true;
+                return Value {
+                    pos: Pos::of(span),
+                    kind: Kind::Integer(i64::from(n)),
+                };
+            }
+        }
         let raw = self.raw(span, encoding);
         let mut out: Cow<'s, str> = Cow::Borrowed("");
         let kind = raw.decode_scalar(&mut out, &mut self.scratch);
         let failed = !self.scratch.is_empty();
-        let text = raw.as_str().as_bytes();
-        self.plain_uint = encoding.is_none()
-            && !failed
-            && (1..=10).contains(&text.len())
-            && text.iter().all(u8::is_ascii_digit)
-            && (text[0] != b'0' || text.len() == 1)
-            && out.parse::<u32>().is_ok();
+        // Every plain `u32` took the path above.
+        self.plain_uint = false;
         self.decode_errors();
         let pos = Pos::inside_quotes(span, encoding);
         let kind = match kind {
@@ -788,18 +931,28 @@ impl EventReceiver for Builder<'_> {
             plain,
         }) = self.open.pop()
         {
-            let items = if plain && !items.is_empty() {
-                Items::Uints(
-                    items
-                        .iter()
-                        .map(|v| [v.as_integer().unwrap_or(0) as u32, v.pos.start])
-                        .collect(),
-                )
-            } else {
-                // Growth leaves up to half of a long array unused.
-                items.shrink_to_fit();
-                Items::Values(items)
-            };
+            // An array the token loop read itself reaches the parser as
+            // `[]`: its items are waiting in `uint_arrays`.
+            while self.uint_arrays.front().is_some_and(|(s, _)| *s < start) {
+                self.uint_arrays.pop_front();
+            }
+            let read =
+                items.is_empty() && self.uint_arrays.front().is_some_and(|(s, _)| *s == start);
+            let items =
+                if let Some((_, uints)) = read.then(|| self.uint_arrays.pop_front()).flatten() {
+                    Items::Uints(uints)
+                } else if plain && !items.is_empty() {
+                    Items::Uints(
+                        items
+                            .iter()
+                            .map(|v| [v.as_integer().unwrap_or(0) as u32, v.pos.start])
+                            .collect(),
+                    )
+                } else {
+                    // Growth leaves up to half of a long array unused.
+                    items.shrink_to_fit();
+                    Items::Values(items)
+                };
             let pos = Pos {
                 start,
                 end: span.end() as u32,
@@ -853,6 +1006,22 @@ impl EventReceiver for Builder<'_> {
         let value = self.scalar(span, encoding);
         self.place(value);
     }
+}
+
+/// `text` as a `u32` when it is written as plain decimal digits without a
+/// leading zero (`0` itself included).
+fn plain_u32(text: &[u8]) -> Option<u32> {
+    if text.is_empty() || text.len() > 10 || (text[0] == b'0' && text.len() > 1) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in text {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u64::from(c - b'0');
+    }
+    u32::try_from(n).ok()
 }
 
 /// An inline table, and every table dotted keys made inside it, take no
@@ -1099,6 +1268,69 @@ mod tests {
             a,
             [(1, 5..6), (23, 8..10), (4_294_967_295, 12..22), (0, 24..25)]
         );
+    }
+
+    /// The arrays the token loop reads itself, and everything it must give
+    /// back to the parser: the values are the parser's either way.
+    #[test]
+    fn uint_arrays_read_from_tokens_match_the_parser() {
+        let ints = |doc: &Value, k: &str| -> Vec<(i64, Span)> {
+            let t = doc.as_table().expect("table");
+            let a = t.get(k).and_then(Value::as_array).expect("array");
+            a.iter()
+                .map(|v| (v.as_integer().unwrap_or(-1), v.span()))
+                .collect()
+        };
+        // Read from tokens: spaces, newlines, a trailing comma; at the end
+        // of the file without a newline.
+        let doc = ok("a = [ 1,2 ,\n  30, ]\nb=[7]");
+        assert_eq!(ints(&doc, "a"), [(1, 6..7), (2, 8..9), (30, 14..16)]);
+        assert_eq!(ints(&doc, "b"), [(7, 23..24)]);
+        // Given back, and read by the parser as before.
+        let doc = ok("a = [1, # one\n 2]\nb = [1, 0x10, -3]\nc = [4294967296]\nd = []\ne = [[1], [2]]\nf = { g = [1, 2] }\n");
+        assert_eq!(ints(&doc, "a"), [(1, 5..6), (2, 15..16)]);
+        assert_eq!(
+            ints(&doc, "b").iter().map(|v| v.0).collect::<Vec<_>>(),
+            [1, 16, -3]
+        );
+        assert_eq!(ints(&doc, "c")[0].0, 4_294_967_296);
+        assert!(ints(&doc, "d").is_empty());
+        let t = doc.as_table().expect("table");
+        let e = t.get("e").and_then(Value::as_array).expect("array");
+        assert_eq!(e.len(), 2);
+        let f = t.get("f").and_then(Value::as_table).expect("inline table");
+        assert_eq!(
+            f.get("g").and_then(Value::as_array).map(Array::len),
+            Some(2)
+        );
+        // Strings and comments that look like arrays stay what they are.
+        let doc = ok("s = \"[1, 2]\"\n# t = [1]\nm = '''\nu = [1, 2]\n'''\n");
+        let t = doc.as_table().expect("table");
+        assert_eq!(t.get("s").and_then(Value::as_str), Some("[1, 2]"));
+        assert!(t.get("t").is_none() && t.get("u").is_none());
+        // Errors are the parser's, wherever the array broke.
+        for bad in [
+            "a = [01]\n",
+            "a = [1 2]\n",
+            "a = [1,,2]\n",
+            "a = [,1]\n",
+            "a = [1, 2\n",
+            "a = [1, 2",
+            "a = [1.5]\nb = [1] x\n",
+            "a = [1]\na = [2]\n",
+            "[t]\na = [1]\n[t]\n",
+        ] {
+            err(bad);
+        }
+        let dup = err("a = [1, 2]\na = [3]\n");
+        assert_eq!(dup[0].first, Some(0..1), "{dup:?}");
+        // Floats and dates are not split into numbers.
+        let doc = ok("a = [1.5, 2]\nd = [1979-05-27]\n");
+        let t = doc.as_table().expect("table");
+        let a = t.get("a").and_then(Value::as_array).expect("array");
+        assert_eq!(a.iter().next().map(|v| v.type_name()), Some("a float"));
+        let d = t.get("d").and_then(Value::as_array).expect("array");
+        assert_eq!(d.iter().next().map(|v| v.type_name()), Some("a date-time"));
     }
 
     #[test]
