@@ -1322,6 +1322,17 @@ mod tests {
         ] {
             err(bad);
         }
+        // CRLF inside is whitespace; a lone CR is the parser's error.
+        let doc = ok("a = [1,\r\n2]\r\n");
+        assert_eq!(ints(&doc, "a").len(), 2);
+        err("a = [1,\r2]\n");
+        // Longer than a chunk of tokens, and the largest u32 (which the
+        // policy reader refuses as an id, with its span).
+        let long: Vec<String> = (0..20_000).map(|n| n.to_string()).collect();
+        let doc = ok(&format!("a = [{}]\nb = [4294967295]\n", long.join(", ")));
+        assert_eq!(ints(&doc, "a").len(), 20_000);
+        assert_eq!(ints(&doc, "a")[19_999].0, 19_999);
+        assert_eq!(ints(&doc, "b")[0].0, 4_294_967_295);
         let dup = err("a = [1, 2]\na = [3]\n");
         assert_eq!(dup[0].first, Some(0..1), "{dup:?}");
         // Floats and dates are not split into numbers.
