@@ -308,7 +308,12 @@ fn load_and_attach(
     // Audit events read pid and comm, which socket address programs may
     // only from 6.0 on; older kernels load the programs without them.
     let events: u8 = u8::from(crate::host::kernel_at_least(6, 0));
+    // No kernel BTF: the programs use no CO-RE relocations (they read only
+    // their context and helpers), and aya would otherwise read and parse
+    // /sys/kernel/btf/vmlinux (~6 MB, ~15 MB parsed) on every install.
+    // Kernels without BTF load them the same way.
     let mut ebpf = EbpfLoader::new()
+        .btf(None)
         .override_global("LG_EVENTS_ENABLED", &events, true)
         .load(EBPF_OBJECT)
         .map_err(EbpfError::Object)?;
@@ -702,6 +707,8 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
             atom_of_port[p as usize].1 = i as u32 + 1;
         }
     }
+    // Written whole: reading the slot back to write only the differences
+    // costs as much as the write (~18 ms for 65,536 entries, measured).
     write_array(&mut maps.port_atoms, &atom_of_port, "LG_PORT_ATOMS")?;
     write_counters(maps, slot, config.active_slot, plan, previous)?;
     maps.slot_config
@@ -833,11 +840,12 @@ where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
-    let current: StdHashMap<K, V> = hash_entries(map, name)?
+    // foldhash: these are tens of thousands of fixed-size keys of our own.
+    let current: StdHashMap<K, V, foldhash::fast::RandomState> = hash_entries(map, name)?
         .into_iter()
         .filter(|(k, _)| in_slot(k))
         .collect();
-    let keep: HashSet<&K> = wanted.iter().map(|(k, _)| k).collect();
+    let keep: HashSet<&K, foldhash::fast::RandomState> = wanted.iter().map(|(k, _)| k).collect();
     let stale: Vec<K> = current
         .keys()
         .filter(|k| !keep.contains(k))

@@ -221,13 +221,23 @@ pub fn apply_locked(
         log::warn!("recovering: {d}");
     }
     let cookie = host::netns_cookie().unwrap_or(0);
+    // The parsed file (a large policy's text is megabytes) is not needed
+    // from here on: freed before the layers load programs and build
+    // batches, it does not add to the peak.
+    let Prepared {
+        plan,
+        policy_path,
+        policy,
+        warnings,
+    } = prepared;
+    drop((policy, warnings));
     let mut state = State {
-        policy_path: prepared.policy_path,
+        policy_path,
         cgroup: opts.cgroup.clone().unwrap_or_default(),
         applied_at: jiff::Timestamp::now().to_string(),
         slot: 0,
         layers: Vec::new(),
-        plan: prepared.plan,
+        plan,
         nft_layout: 0,
         packet_base: Default::default(),
         netns_cookie: cookie,

