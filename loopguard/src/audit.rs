@@ -80,9 +80,11 @@ impl Clock {
     }
 }
 
-/// uid -> user name, bounded.
+/// Names for the numbers events carry, remembered (bounded): uid -> user
+/// name, cgroup id -> path.
 #[derive(Default)]
-pub struct UserNames {
+pub struct EventNames {
+    /// uid -> user name (`None`: no such user).
     cache: HashMap<u32, Option<String>>,
     /// cgroup id -> path relative to the cgroup2 root.
     cgroups: HashMap<u64, String>,
@@ -134,7 +136,7 @@ fn walk_cgroups(root: &Path, into: &mut HashMap<u64, String>) {
     }
 }
 
-impl UserNames {
+impl EventNames {
     /// The path of cgroup `id`, which process `pid` ran in: its
     /// `/proc/PID/cgroup` entry, taken only when that directory's id is
     /// `id` (the process may have moved, or exited). Found paths are
@@ -460,7 +462,7 @@ pub fn record(
     ev: &Event,
     plan: Option<&Plan>,
     clock: &Clock,
-    names: &mut UserNames,
+    names: &mut EventNames,
 ) -> AuditRecord {
     let kind = u32::from(ev.action);
     let (service, reason, mode) = reason(plan, ev.bucket, kind);
@@ -530,7 +532,7 @@ pub fn packet_record(
     ev: &crate::nflog::PacketEvent,
     table: &str,
     plan: Option<&Plan>,
-    names: &mut UserNames,
+    names: &mut EventNames,
 ) -> Option<AuditRecord> {
     let prefix = LogPrefix::parse(&ev.prefix)?;
     if prefix.table != table {

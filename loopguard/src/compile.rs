@@ -682,9 +682,18 @@ mod tests {
     use super::*;
     use crate::policy::{self, Directory, IdRef};
 
-    /// Numeric ids only; no group has members.
-    struct NoNames;
-    impl Directory for NoNames {
+    /// The test directory: numeric ids only, group 7 is users 2 and 3, and
+    /// one cgroup exists when `cgroup` names it (path, id).
+    struct Fake {
+        cgroup: Option<(&'static str, u64)>,
+    }
+    /// No cgroup exists.
+    const NO_NAMES: Fake = Fake { cgroup: None };
+    /// `system.slice/app.service` exists (id 42).
+    const WITH_APP: Fake = Fake {
+        cgroup: Some(("system.slice/app.service", 42)),
+    };
+    impl Directory for Fake {
         fn uid_of(&self, _: &str) -> Option<u32> {
             None
         }
@@ -697,13 +706,18 @@ mod tests {
                 _ => None,
             }
         }
+        fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
+            self.cgroup
+                .filter(|(p, _)| *p == path.as_str())
+                .map(|(_, id)| id)
+        }
     }
 
     fn plan_of(text: &str) -> (Policy, Plan) {
         let (p, diags) = policy::load("t.toml", text);
         assert!(diags.is_empty(), "{diags:?}");
         let p = p.expect("policy");
-        let r = policy::resolve(&p, &NoNames).expect("resolve");
+        let r = policy::resolve(&p, &NO_NAMES).expect("resolve");
         let plan = compile(&p, &r).expect("compile");
         (p, plan)
     }
@@ -1001,23 +1015,6 @@ allow_users = [1]
         assert_eq!(plan.port_atom(3), 0, "unguarded port");
     }
 
-    /// `system.slice/app.service` exists (id 42); nothing else does.
-    struct WithCgroups;
-    impl Directory for WithCgroups {
-        fn uid_of(&self, _: &str) -> Option<u32> {
-            None
-        }
-        fn user_name(&self, _: u32) -> Option<String> {
-            None
-        }
-        fn group_members(&self, _: &IdRef) -> Option<Vec<u32>> {
-            None
-        }
-        fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
-            (path.as_str() == "system.slice/app.service").then_some(42)
-        }
-    }
-
     #[test]
     fn cgroups_join_the_list_they_are_on() {
         let text = "version = 1\n\
@@ -1027,7 +1024,7 @@ allow_users = [1]
         let (p, diags) = policy::load("t.toml", text);
         assert!(diags.is_empty(), "{diags:?}");
         let p = p.expect("policy");
-        let r = policy::resolve(&p, &WithCgroups).expect("resolves");
+        let r = policy::resolve(&p, &WITH_APP).expect("resolves");
         let plan = compile(&p, &r).expect("compiles");
         // Same uids, other cgroups: not one set.
         assert_ne!(plan.services[0].uid_set, plan.services[1].uid_set);
@@ -1078,7 +1075,7 @@ allow_users = [1]
             .reason
             .contains("cgroup system.slice/app.service allowed"));
         // The ids are part of what is enforced, and the dry-run says so.
-        let r2 = policy::resolve(&p, &NoNames).expect("resolves");
+        let r2 = policy::resolve(&p, &NO_NAMES).expect("resolves");
         let absent = compile(&p, &r2).expect("compiles");
         assert_ne!(absent.id, plan.id);
         let said = crate::change::describe(Some(&absent), &plan).join("\n");

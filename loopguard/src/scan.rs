@@ -208,7 +208,7 @@ fn annotate(listeners: &mut [Listener]) {
             }
         }
     }
-    let mut names = crate::audit::UserNames::default();
+    let mut names = crate::audit::EventNames::default();
     for l in listeners.iter_mut() {
         l.user = names.get(l.uid);
         let Some(&pid) = found.get(&l.inode) else {

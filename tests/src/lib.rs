@@ -111,6 +111,31 @@ fn id_of(flag: &str, name: &str) -> Option<u32> {
 /// file lock: test binaries run in parallel).
 /// The last `max` bytes of `text` (at a char boundary): what an assertion
 /// prints of a log, never the whole of it.
+/// Runs `probe` until it answers `want`, within `target` (a timing the
+/// product promises, scaled under emulation) plus half a second of slack;
+/// panics with the last answer and the tail of `log()` otherwise.
+pub fn wait_until_probe(
+    probe: impl Fn() -> String,
+    want: &str,
+    target: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timing_target(target) + Duration::from_millis(500);
+    loop {
+        let got = probe();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still {got}; daemon log: {}",
+            tail(&log(), 2000)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn tail(text: &str, max: usize) -> &str {
     let mut start = text.len().saturating_sub(max);
     while !text.is_char_boundary(start) {
@@ -704,6 +729,20 @@ impl Daemon {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// Polls the daemon's log until it contains `line` (or panics after
+    /// `secs` seconds, with the log's tail).
+    pub fn wait_log(&self, line: &str, secs: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !self.log().contains(line) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {line:?} not logged in {secs} s; {}",
+                tail(&self.log(), 2000)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Polls the audit log until `pred` holds for the events (or panics

@@ -2,12 +2,9 @@
 //! through within a second, a removed one is refused within a second, on
 //! each layer; the daemon says what changed and why.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
-use loopguard_tests::{tail, timing_target, users, Sandbox};
+use loopguard_tests::{users, wait_until_probe, Sandbox};
 
 /// A system group for one test, deleted when dropped.
 struct Group(String);
@@ -37,18 +34,8 @@ impl Drop for Group {
     }
 }
 
-fn wait_log(d: &loopguard_tests::Daemon, line: &str, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !d.log().contains(line) {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {line:?} not logged; {}",
-            tail(&d.log(), 2000)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
+/// Until bob (or `user`) gets `want` from the guarded port: within the
+/// second the daemon promises.
 fn wait_for(
     sb: &Sandbox,
     user: &loopguard_tests::TestUser,
@@ -56,20 +43,13 @@ fn wait_for(
     what: &str,
     log: &dyn Fn() -> String,
 ) {
-    let deadline =
-        Instant::now() + timing_target(Duration::from_secs(1)) + Duration::from_millis(500);
-    loop {
-        let got = sb.probe(Some(user), &["tcp", "127.0.0.1:7011"]);
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still {got}; daemon log: {}",
-            tail(&log(), 2000)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_probe(
+        || sb.probe(Some(user), &["tcp", "127.0.0.1:7011"]),
+        want,
+        Duration::from_secs(1),
+        what,
+        log,
+    );
 }
 
 #[test]
@@ -105,12 +85,12 @@ fn group_membership_changes_are_enforced_within_a_second_on_every_layer() {
             &format!("{layers}: bob added"),
             &log,
         );
-        wait_log(
-            &d,
+        d.wait_log(
             &format!(
                 "user {} added to service db via group {}",
                 u.bob.name, group.0
             ),
+            5,
             layers,
         );
 
@@ -122,9 +102,9 @@ fn group_membership_changes_are_enforced_within_a_second_on_every_layer() {
             &format!("{layers}: bob removed"),
             &log,
         );
-        wait_log(
-            &d,
+        d.wait_log(
             &format!("user {} removed from service db", u.bob.name),
+            5,
             layers,
         );
         // Alice was never a member.

@@ -14,10 +14,10 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use loopguard_tests::{cgroup2_root, tail, timing_target, users, Sandbox, TestUser};
+use loopguard_tests::{cgroup2_root, tail, users, wait_until_probe, Daemon, Sandbox, TestUser};
 
 /// `dir` relative to the cgroup2 root, as a policy names it.
 fn rel(dir: &Path) -> String {
@@ -163,28 +163,23 @@ fn nftables_alone_refuses_a_policy_that_names_cgroups() {
     assert!(sb.nft_table().is_none(), "a table was left");
 }
 
-fn wait_for(sb: &Sandbox, who: &TestUser, dir: &Path, want: &str, what: &str, log: &str) {
-    let deadline =
-        Instant::now() + timing_target(Duration::from_secs(1)) + Duration::from_millis(500);
-    loop {
-        let got = sb.probe_in(Some(who), dir, &["tcp", "127.0.0.1:7021"]);
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still {got}; daemon log: {}",
-            tail(log, 2000)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Until `who` in `dir` gets `want` from the guarded port: within the
+/// second the daemon promises.
+fn wait_for(sb: &Sandbox, who: &TestUser, dir: &Path, want: &str, what: &str, d: &Daemon) {
+    wait_until_probe(
+        || sb.probe_in(Some(who), dir, &["tcp", "127.0.0.1:7021"]),
+        want,
+        Duration::from_secs(1),
+        what,
+        || d.log(),
+    );
 }
 
 #[test]
 #[ignore = "attaches at the cgroup2 root: runs on the VM matrix (cargo xtask vm-test), never on a host"]
 fn run_follows_a_listed_cgroup_made_again_within_a_second() {
     let u = users();
-    for layers in ["bpf", "both"] {
+    for (layers, metrics) in [("bpf", "127.0.0.1:9481"), ("both", "127.0.0.1:9482")] {
         let Some(mut sb) = Sandbox::on_root(&format!("cgrun-{layers}")) else {
             return;
         };
@@ -192,7 +187,7 @@ fn run_follows_a_listed_cgroup_made_again_within_a_second() {
         let other = mkdir(&sb.cgroup.join("other"));
         let later = sb.cgroup.join("later");
         let p = sb.policy("p.toml", &policy(&app, &later, &other, &u.alice));
-        let d = sb.start_daemon(&p, &["--layers", layers]);
+        let d = sb.start_daemon(&p, &["--layers", layers, "--metrics", metrics]);
         assert_eq!(
             sb.probe_in(Some(&u.bob), &app, &["tcp", "127.0.0.1:7021"]),
             "connect=ok",
@@ -202,20 +197,39 @@ fn run_follows_a_listed_cgroup_made_again_within_a_second() {
         // Removed and made again: a new id, followed.
         fs::remove_dir(&app).expect("rmdir app");
         let app = mkdir(&app);
-        wait_for(&sb, &u.bob, &app, "connect=ok", layers, &d.log());
+        wait_for(&sb, &u.bob, &app, "connect=ok", layers, &d);
         // A cgroup listed before it existed, once it does.
         let later = mkdir(&later);
-        wait_for(&sb, &u.bob, &later, "connect=ok", layers, &d.log());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let said = format!("cgroup {} of service db was made again", rel(&app));
-        while !d.log().contains(&said) {
-            assert!(
-                Instant::now() < deadline,
-                "{layers}: {said:?} not logged; {}",
-                tail(&d.log(), 2000)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(&sb, &u.bob, &later, "connect=ok", layers, &d);
+        d.wait_log(
+            &format!("cgroup {} of service db was made again", rel(&app)),
+            5,
+            layers,
+        );
+
+        // Cgroup follows are their own metrics, not the user database's.
+        let text = sb.probe(None, &["http", metrics, "/metrics"]);
+        let value = |name: &str| -> Option<f64> {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+        };
+        assert!(
+            value("loopguard_cgroups_resolved_timestamp_seconds").is_some_and(|v| v > 0.0),
+            "{layers}: {}",
+            tail(&text, 1500)
+        );
+        assert_eq!(
+            value("loopguard_accounts_resolved_timestamp_seconds"),
+            Some(0.0),
+            "{layers}"
+        );
+        assert_eq!(
+            value("loopguard_cgroups_refresh_failures_total"),
+            Some(0.0),
+            "{layers}"
+        );
 
         // The refusal's event names the cgroup the process ran in.
         assert_eq!(

@@ -338,6 +338,12 @@ fn metrics_move_one_run_per_instance_and_sigterm_keeps_enforcement() {
         text.contains("loopguard_policy_reload_failures_total 0"),
         "{text}"
     );
+    for zero in [
+        "loopguard_accounts_refresh_failures_total 0",
+        "loopguard_cgroups_refresh_failures_total 0",
+    ] {
+        assert!(text.contains(zero), "{zero}: {}", tail(&text, 1500));
+    }
     // A broken edit: the running policy stays, and the metrics say so.
     std::fs::write(
         &p,

@@ -20,7 +20,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
 use loopguard::{
-    audit::{self, AuditLog, Clock, UserNames},
+    audit::{self, AuditLog, Clock, EventNames},
     compile::Plan,
     ebpf::{self, Maps},
     engine::{self, LayerKind, LayerSet, Options},
@@ -92,6 +92,8 @@ struct Metrics {
     file_matches: Gauge,
     accounts_refreshed: Gauge,
     accounts_refresh_failures: Counter,
+    cgroups_refreshed: Gauge,
+    cgroups_refresh_failures: Counter,
     seen: HashMap<AttemptLabels, u64>,
 }
 
@@ -114,6 +116,18 @@ impl Metrics {
         let file_matches = Gauge::default();
         let accounts_refreshed = Gauge::default();
         let accounts_refresh_failures = Counter::default();
+        let cgroups_refreshed = Gauge::default();
+        let cgroups_refresh_failures = Counter::default();
+        registry.register(
+            "cgroups_resolved_timestamp_seconds",
+            "Unix time the policy's cgroups and units were last resolved after one appeared, went or was made again",
+            cgroups_refreshed.clone(),
+        );
+        registry.register(
+            "cgroups_refresh_failures",
+            "Cgroup changes that could not be enforced (the policy no longer resolves, or its file holds unapplied edits)",
+            cgroups_refresh_failures.clone(),
+        );
         registry.register(
             "accounts_resolved_timestamp_seconds",
             "Unix time the policy's users and groups were last resolved after a change to the user database",
@@ -182,8 +196,27 @@ impl Metrics {
             file_matches,
             accounts_refreshed,
             accounts_refresh_failures,
+            cgroups_refreshed,
+            cgroups_refresh_failures,
             seen: HashMap::new(),
         }
+    }
+
+    /// A change to `what` that could not be enforced.
+    fn refresh_failed(&self, what: Identities) {
+        match what {
+            Identities::Accounts => self.accounts_refresh_failures.inc(),
+            Identities::Cgroups => self.cgroups_refresh_failures.inc(),
+        };
+    }
+
+    /// `what` was resolved again, now.
+    fn resolved(&self, what: Identities) {
+        let now = jiff::Timestamp::now().as_second();
+        match what {
+            Identities::Accounts => self.accounts_refreshed.set(now),
+            Identities::Cgroups => self.cgroups_refreshed.set(now),
+        };
     }
 
     /// Brings the counters up to the kernel's (which only grow while a
@@ -247,7 +280,7 @@ struct Daemon {
     /// The applied state's carried nftables counts.
     packet_base: nft::PacketCounts,
     log: Option<AuditLog>,
-    names: UserNames,
+    names: EventNames,
     clock: Clock,
     metrics: Metrics,
     /// Identity of the state file last read, to notice another process's
@@ -340,7 +373,7 @@ impl Daemon {
                 "{what} changed, but {} holds edits not in force: not refreshed",
                 self.file.display()
             );
-            self.metrics.accounts_refresh_failures.inc();
+            self.metrics.refresh_failed(what);
             return;
         }
         let started = Instant::now();
@@ -377,7 +410,7 @@ impl Daemon {
                 log::error!(
                     "{name} is on a deny-list and no longer exists: membership not refreshed (its processes may run on); restore it or edit the policy"
                 );
-                self.metrics.accounts_refresh_failures.inc();
+                self.metrics.refresh_failed(what);
                 return;
             }
         }
@@ -385,18 +418,16 @@ impl Daemon {
             Ok(Ok(p)) => p,
             Ok(Err(refused)) => {
                 log::error!("{what} changed: the policy no longer resolves; the running policy stays\n{refused}");
-                self.metrics.accounts_refresh_failures.inc();
+                self.metrics.refresh_failed(what);
                 return;
             }
             Err(e) => {
                 log::error!("{what} changed: {e:#}; the running policy stays");
-                self.metrics.accounts_refresh_failures.inc();
+                self.metrics.refresh_failed(what);
                 return;
             }
         };
-        self.metrics
-            .accounts_refreshed
-            .set(jiff::Timestamp::now().as_second());
+        self.metrics.resolved(what);
         if prepared.plan.id == current.id {
             log::debug!("{what} changed; no service's list did");
             return;
@@ -670,7 +701,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         current: None,
         packet_base: nft::PacketCounts::default(),
         log: Some(log),
-        names: UserNames::default(),
+        names: EventNames::default(),
         clock: Clock::now(),
         metrics: Metrics::new(),
         state_seen: None,
@@ -953,7 +984,7 @@ async fn watch_local_table(daemon: Arc<Mutex<Daemon>>) {
 fn membership_changes(old: &Plan, new: &engine::Prepared) -> Vec<String> {
     use loopguard::policy::{Directory as _, SystemDirectory};
     let dir = SystemDirectory;
-    let mut names = UserNames::default();
+    let mut names = EventNames::default();
     let mut who = |uid: u32| {
         names
             .get(uid)
