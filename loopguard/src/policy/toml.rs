@@ -399,11 +399,10 @@ pub(super) fn parse(text: &Arc<str>) -> (Option<Value>, Vec<SyntaxError>) {
             feed(&mut chunk, &mut builder, &mut parse_errors);
         }
     }
-    if let Some(open) = uints.open.take() {
-        push_token(open, &mut depth, &mut chunk);
-        for token in std::mem::take(&mut uints.tokens) {
-            push_token(token, &mut depth, &mut chunk);
-        }
+    // (The lexer ends with an end-of-file token, which gives any unclosed
+    // array back above; this only guards against a lexer that does not.)
+    for token in uints.give_back() {
+        push_token(token, &mut depth, &mut chunk);
     }
     if !chunk.is_empty() {
         feed(&mut chunk, &mut builder, &mut parse_errors);
@@ -512,10 +511,16 @@ impl UintArrays {
         if ok {
             return Step::More;
         }
+        Step::Unread(self.give_back())
+    }
+
+    /// Everything from the `[` on (nothing when no array is open), for
+    /// the parser.
+    fn give_back(&mut self) -> Vec<Token> {
         let mut tokens: Vec<Token> = self.open.take().into_iter().collect();
         tokens.append(&mut self.tokens);
         self.items.clear();
-        Step::Unread(tokens)
+        tokens
     }
 }
 
