@@ -348,3 +348,53 @@ fn changing_layers_removes_the_one_no_longer_wanted() {
     sb.lg(&["remove"]).ok();
     assert_eq!(sb.leftovers(), Vec::<String>::new());
 }
+
+/// Port ranges and single ports live in different nft maps (ranges in
+/// interval maps, single ports in hash maps): each is judged, and counted,
+/// on the nftables layer alone, at the edges of the range and past them.
+#[test]
+fn nft_layer_judges_port_ranges_and_single_ports() {
+    let u = users();
+    let sb = Sandbox::new("nft-ranges");
+    let p = sb.policy(
+        "p.toml",
+        &format!(
+            "version = 1\n\
+             [[service]]\nname = \"dev\"\nport = \"9000-9010\"\nallow_users = [\"{a}\"]\n\
+             [[service]]\nname = \"web\"\nport = 9020\nallow_users = [\"{a}\"]\n",
+            a = u.alice.name
+        ),
+    );
+    sb.apply(&p, &["--layers", "nft"]).ok();
+    for port in [9000, 9005, 9010, 9020] {
+        for to in routes(port) {
+            assert_eq!(
+                sb.probe(Some(&u.bob), &["tcp", &to]),
+                "connect=ECONNREFUSED",
+                "bob -> {to}"
+            );
+            assert_eq!(
+                sb.probe(Some(&u.alice), &["tcp", &to]),
+                "connect=ok",
+                "alice -> {to}"
+            );
+        }
+    }
+    for port in [8999, 9011, 9019, 9021] {
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", &format!("127.0.0.1:{port}")]),
+            "connect=ok",
+            "bob -> {port}, outside every service"
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&sb.lg(&["status", "--format", "json"]).ok().stdout).expect("json");
+    for (i, name) in [(0, "dev"), (1, "web")] {
+        assert_eq!(v["services"][i]["name"], name, "{v}");
+        assert!(
+            v["services"][i]["packets"]["deny"].as_u64().unwrap_or(0) > 0,
+            "{name}'s refusals are counted: {}",
+            v["services"][i]
+        );
+    }
+}
