@@ -26,6 +26,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let started = Instant::now();
     if !args.dry_run {
         host::require_root("apply")?;
+        engine::warm_up(args.enforce.layers, paths);
     }
     let prepared = match engine::prepare(&args.file, args.enforce.force)? {
         Ok(p) => p,

@@ -713,6 +713,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     // however late the watchers first run.
     let policy_stamp = stamp(&args.file);
     let accounts_stamp: Vec<Stamp> = ACCOUNT_FILES.iter().map(|f| stamp(Path::new(f))).collect();
+    engine::warm_up(daemon.opts.layers, paths);
     if !daemon.reload("start") {
         return Ok(exit::PROBLEMS);
     }

@@ -46,6 +46,10 @@ impl Layer for BpfLayer {
         Ok(())
     }
 
+    fn warm_up(&self, paths: &InstancePaths) {
+        ebpf::build_loader_early(paths);
+    }
+
     fn stage(&mut self, ctx: &Context<'_>, plan: &Plan) -> anyhow::Result<()> {
         if let Some(prev) = ctx.previous {
             if ebpf::is_installed(ctx.paths) && prev.cgroup != ctx.cgroup {

@@ -153,6 +153,10 @@ pub trait Layer {
         false
     }
 
+    /// Work a first apply will do anyway that is better done before the
+    /// policy is read (see [`super::warm_up`]); nothing in force changes.
+    fn warm_up(&self, _paths: &InstancePaths) {}
+
     /// Everything up to the commit, changing nothing in force.
     fn stage(&mut self, ctx: &Context<'_>, plan: &Plan) -> anyhow::Result<()>;
 

@@ -84,6 +84,17 @@ impl std::fmt::Display for Refused {
     }
 }
 
+/// Called before [`prepare`] by a command that will apply: each layer in
+/// `want` does what is cheaper before the policy is read. (The eBPF layer,
+/// when its programs are not loaded yet, builds its loader: aya parses the
+/// kernel's BTF there, and that transient peak no longer stacks on a large
+/// plan's memory.)
+pub fn warm_up(want: LayerSet, paths: &InstancePaths) {
+    for layer in layers().iter().filter(|l| want.contains(l.kind())) {
+        layer.warm_up(paths);
+    }
+}
+
 /// Reads, checks, resolves and compiles a policy file.
 pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, Refused>> {
     prepare_with(file, force, &SystemDirectory)
