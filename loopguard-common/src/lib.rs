@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout below changes. A pinned instance with another
 /// ABI is not reused by `apply` (it asks for `remove` first).
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Two policy slots: `apply` fills the inactive one, then flips
 /// [`Config::active_slot`]. Programs read the slot once per call, so each

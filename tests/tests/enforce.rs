@@ -384,3 +384,74 @@ fn ebpf_alone_guards_only_the_cgroup_subtree() {
     );
     assert!(sb.nft_table().is_none(), "--layers bpf installs no table");
 }
+
+/// The eBPF layer's counts survive a re-apply by service name: a service
+/// kept moves to another index (one is inserted before it), another is
+/// dropped, a new one starts at zero, and the default's counts stay.
+#[test]
+fn counts_carry_over_a_reapply_by_service_name() {
+    let u = users();
+    let sb = Sandbox::new("carry-counts");
+    let service = |name: &str, port: u16| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nport = {port}\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        )
+    };
+    let first = format!(
+        "version = 1\ndefault = \"allow\"\n{}{}",
+        service("web", 8080),
+        service("db", 8081)
+    );
+    let p = sb.policy("policy.toml", &first);
+    sb.apply(&p, &["--layers", "bpf"]).ok();
+    for _ in 0..3 {
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+            "connect=EPERM"
+        );
+    }
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:8080"]),
+        "connect=ok"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8081"]),
+        "connect=EPERM"
+    );
+    for _ in 0..2 {
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:9090"]);
+    }
+
+    let second = format!(
+        "version = 1\ndefault = \"allow\"\n{}{}",
+        service("cache", 8082),
+        service("web", 8080)
+    );
+    let p = sb.policy("policy.toml", &second);
+    sb.apply(&p, &["--layers", "bpf"]).ok();
+    let status = sb.lg(&["status", "--format", "json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let attempts = |name: &str| {
+        let s = v["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {name} in status: {}",
+                    loopguard_tests::tail(&status, 2000)
+                )
+            });
+        (
+            s["attempts"]["allow"].clone(),
+            s["attempts"]["deny"].clone(),
+        )
+    };
+    let tail = loopguard_tests::tail(&status, 2000);
+    assert_eq!(attempts("web"), (1.into(), 3.into()), "web: {tail}");
+    assert_eq!(attempts("cache"), (0.into(), 0.into()), "cache: {tail}");
+    assert_eq!(
+        v["default_counts"]["attempts"]["allow"], 2,
+        "default: {tail}"
+    );
+}

@@ -145,20 +145,18 @@ pub(super) fn entries<K: Pod, V: Pod>(
     }
 }
 
-/// Values of array indexes `start .. start + len`, `per_key` values each
-/// (the number of CPUs for per-CPU arrays), and how many indexes were
-/// read: at the end of an array the kernel stops one short (its generic
-/// batch lookup ends when there is no next key), so the caller reads the
-/// rest one by one.
+/// Up to `len` entries of an array from index `start` on, as the kernel
+/// returned them: `(index, value)`. The generic batch lookup starts after
+/// the key it is given and stops at the end of the array, so the caller
+/// reads whatever of its range is missing one by one.
 pub(super) fn array_range<V: Pod>(
     map: &MapData,
     start: u32,
     len: usize,
-    per_key: usize,
-) -> io::Result<(Vec<V>, usize)> {
+) -> io::Result<Vec<(u32, V)>> {
     let mut keys = vec![0u32; len];
     // SAFETY: Pod types are plain bytes; all-zero is a valid value.
-    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; len * per_key];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; len];
     let mut token = start;
     let mut next = 0u32;
     let mut attr = BatchAttr {
@@ -173,6 +171,9 @@ pub(super) fn array_range<V: Pod>(
     match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
         // ENOENT: the range reached the end of the array.
         Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
-        _ => Ok((values, (attr.count as usize).min(len))),
+        _ => {
+            let read = (attr.count as usize).min(len);
+            Ok(keys.into_iter().zip(values).take(read).collect())
+        }
     }
 }

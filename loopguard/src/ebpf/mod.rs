@@ -19,7 +19,6 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
-        PerCpuValues,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -137,7 +136,7 @@ pub struct Maps {
     pub cgroups: HashMap<MapData, CgroupKey, u8>,
     pub binds: HashMap<MapData, DecisionKey, BindEntry>,
     pub local: LpmTrie<MapData, [u8; 16], u32>,
-    pub counters: PerCpuArray<MapData, u64>,
+    pub counters: Array<MapData, u64>,
     /// Events lost to a full ring.
     pub dropped: PerCpuArray<MapData, u64>,
 }
@@ -206,7 +205,6 @@ impl Maps {
             .map_err(map_err("failed to read LG_CONFIG"))
     }
 
-    /// Sum over CPUs of one counter.
     /// Events lost to a full ring, summed over CPUs.
     pub fn dropped(&self) -> Result<u64, EbpfError> {
         let values = self
@@ -217,11 +215,9 @@ impl Maps {
     }
 
     pub fn counter(&self, slot: u32, bucket: u32, kind: u32) -> Result<u64, EbpfError> {
-        let values = self
-            .counters
+        self.counters
             .get(&counter_index(slot, bucket, kind), 0)
-            .map_err(map_err("failed to read LG_COUNTERS"))?;
-        Ok(values.iter().sum())
+            .map_err(map_err("failed to read LG_COUNTERS"))
     }
 }
 
@@ -919,10 +915,6 @@ fn write_counters(
     plan: &Plan,
     previous: Option<&Plan>,
 ) -> Result<(), EbpfError> {
-    let cpus = aya::util::nr_cpus().map_err(|(what, source)| EbpfError::Pin {
-        context: format!("failed to count CPUs ({what})"),
-        source,
-    })?;
     let old_index: StdHashMap<&str, u32> = match (previous, active < SLOTS) {
         (Some(prev), true) => prev
             .services
@@ -941,74 +933,65 @@ fn write_counters(
         .collect();
     // The slot in force, read when anything carries over: the buckets of
     // its services (not all MAX_SERVICES), then the default bucket.
-    let used = previous
-        .map_or(0, |p| p.services.len() as u32)
-        .min(MAX_SERVICES);
-    let slot_len = ((MAX_SERVICES + 1) * COUNT_KINDS) as usize;
-    let read_len = (used * COUNT_KINDS) as usize;
-    let old: Option<Vec<u64>> = if buckets.iter().any(|(_, o)| o.is_some()) {
-        let start = counter_index(active, 0, 0);
-        let range = match read_len {
-            0 => Ok((Vec::new(), 0)),
-            _ => batch::array_range::<u64>(IterableMap::map(&maps.counters), start, read_len, cpus),
-        };
-        match range {
-            Ok((mut v, read)) => {
-                v.resize(slot_len * cpus, 0);
-                let default = counter_index(active, DEFAULT_BUCKET, 0) - start;
-                let rest = (read..read_len).chain(default as usize..slot_len);
-                for i in rest {
-                    if let Ok(tail) = maps.counters.get(&(start + i as u32), 0) {
-                        for (dst, src) in v[i * cpus..(i + 1) * cpus].iter_mut().zip(tail.iter()) {
-                            *dst = *src;
-                        }
-                    }
-                }
-                Some(v)
-            }
-            Err(e) if batch::unsupported(&e) => None,
-            Err(e) => return Err(batch_err("failed to read LG_COUNTERS".into())(e)),
-        }
+    let old = if buckets.iter().any(|(_, o)| o.is_some()) {
+        let used = previous
+            .map_or(0, |p| p.services.len() as u32)
+            .min(MAX_SERVICES);
+        let wanted = (0..used)
+            .chain([DEFAULT_BUCKET])
+            .flat_map(|b| (0..COUNT_KINDS).map(move |k| counter_index(active, b, k)));
+        read_counters(
+            maps,
+            counter_index(active, 0, 0),
+            used * COUNT_KINDS,
+            wanted,
+        )?
     } else {
-        Some(Vec::new())
+        StdHashMap::default()
     };
-    let mut keys = Vec::with_capacity(buckets.len() * COUNT_KINDS as usize);
-    let mut values = Vec::with_capacity(keys.capacity() * cpus);
-    for (bucket, old_bucket) in buckets {
-        for kind in 0..COUNT_KINDS {
-            keys.push(counter_index(slot, bucket, kind));
-            let from =
-                old_bucket.map(|b| counter_index(active, b, kind) - counter_index(active, 0, 0));
-            match (from, &old) {
-                (Some(i), Some(old)) => {
-                    let i = i as usize * cpus;
-                    values.extend_from_slice(&old[i..i + cpus]);
-                }
-                (Some(_), None) => {
-                    // No batch reads on this kernel: one lookup per counter.
-                    let v = maps
-                        .counters
-                        .get(&(from.unwrap_or(0) + counter_index(active, 0, 0)), 0)
-                        .map(|v| v.iter().copied().collect::<Vec<u64>>())
-                        .unwrap_or_else(|_| vec![0; cpus]);
-                    values.extend(v.into_iter().chain(std::iter::repeat(0)).take(cpus));
-                }
-                (None, _) => values.extend(std::iter::repeat_n(0, cpus)),
-            }
+    let entries: Vec<(u32, u64)> = buckets
+        .iter()
+        .flat_map(|&(bucket, old_bucket)| {
+            (0..COUNT_KINDS).map(move |kind| (bucket, old_bucket, kind))
+        })
+        .map(|(bucket, old_bucket, kind)| {
+            let carried = old_bucket
+                .and_then(|b| old.get(&counter_index(active, b, kind)))
+                .copied()
+                .unwrap_or(0);
+            (counter_index(slot, bucket, kind), carried)
+        })
+        .collect();
+    write_array(&mut maps.counters, &entries, "LG_COUNTERS")
+}
+
+/// The counters at the indexes `wanted`: one batch read of the `len`
+/// indexes from `start` (where most of them are), then one by one what the
+/// batch did not return (the rest, or all where the kernel has no batch
+/// command).
+fn read_counters(
+    maps: &Maps,
+    start: u32,
+    len: u32,
+    wanted: impl Iterator<Item = u32>,
+) -> Result<StdHashMap<u32, u64, foldhash::fast::RandomState>, EbpfError> {
+    let map = IterableMap::map(&maps.counters);
+    let mut read: StdHashMap<u32, u64, foldhash::fast::RandomState> = match len {
+        0 => StdHashMap::default(),
+        _ => match batch::array_range::<u64>(map, start, len as usize) {
+            Ok(entries) => entries.into_iter().collect(),
+            Err(e) if batch::unsupported(&e) => StdHashMap::default(),
+            Err(e) => return Err(batch_err("failed to read LG_COUNTERS".into())(e)),
+        },
+    };
+    for index in wanted {
+        if let std::collections::hash_map::Entry::Vacant(v) = read.entry(index) {
+            let value = maps
+                .counters
+                .get(&index, 0)
+                .map_err(map_err("failed to read LG_COUNTERS"))?;
+            v.insert(value);
         }
     }
-    match batch::update(IterableMap::map(&maps.counters), &keys, &values, cpus) {
-        Ok(()) => Ok(()),
-        Err(e) if batch::unsupported(&e) => {
-            for (k, chunk) in keys.iter().zip(values.chunks(cpus)) {
-                let v =
-                    PerCpuValues::try_from(chunk.to_vec()).map_err(pin_err("per-CPU values"))?;
-                maps.counters
-                    .set(*k, v, 0)
-                    .map_err(map_err("failed to write LG_COUNTERS"))?;
-            }
-            Ok(())
-        }
-        Err(e) => Err(batch_err("failed to write LG_COUNTERS".into())(e)),
-    }
+    Ok(read)
 }
