@@ -122,9 +122,8 @@ impl Checked {
 pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) -> Checked {
     let file = file.display().to_string();
     // One copy of the text, shared by the policy and the report.
-    let source: std::sync::Arc<str> = source.into();
-    let (policy, mut diagnostics) =
-        timed("parse and validate", || policy::load(&file, source.clone()));
+    let (source, policy, mut diagnostics) =
+        timed("parse and validate", || policy::load_text(&file, source));
     let mut resolved = None;
     // Every problem in one run: names are resolved and warnings looked
     // for in the services that parsed, whatever else is wrong.

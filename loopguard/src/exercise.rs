@@ -50,6 +50,10 @@ pub fn plan_of(file: &str, text: &str) -> Option<compile::Plan> {
 
 /// Runs `text` through every stage. Must not panic, whatever the text.
 pub fn policy_text(text: &str) {
+    assert!(
+        policy::fast_toml_path_agrees(text),
+        "the masked uid-array path reads this text differently"
+    );
     let (policy, diags) = policy::load("fuzz.toml", text);
     let Some(policy) = policy else {
         return;

@@ -501,14 +501,26 @@ impl Policy {
     }
 }
 
+/// Whether the TOML reader's fast path for uid arrays reads `text` exactly
+/// as its general path does (for the fuzzer, [`crate::exercise`]).
+pub fn fast_toml_path_agrees(text: &str) -> bool {
+    toml::masked_read_agrees(text)
+}
+
 /// Parse, then validate: every problem in the file, errors and warnings.
-pub fn load(
+pub fn load(file: &str, source: impl Into<String>) -> (Option<Policy>, Vec<Diagnostic>) {
+    let (_, policy, diags) = load_text(file, source.into());
+    (policy, diags)
+}
+
+/// [`load`], returning the text too, shared (diagnostics quote it).
+pub fn load_text(
     file: &str,
-    source: impl Into<std::sync::Arc<str>>,
-) -> (Option<Policy>, Vec<Diagnostic>) {
-    let (policy, mut diags) = parse(file, source.into());
+    source: String,
+) -> (std::sync::Arc<str>, Option<Policy>, Vec<Diagnostic>) {
+    let (source, policy, mut diags) = parse(file, source);
     if let Some(p) = &policy {
         diags.extend(validate(p));
     }
-    (policy, diags)
+    (source, policy, diags)
 }

@@ -38,13 +38,14 @@ pub(super) const SERVICE_KEYS: &[&str] = &[
 /// Parses a policy file. Returns the policy built from everything that was
 /// valid (services with errors are left out) and every problem found. The
 /// policy is usable only when no diagnostic is an error.
-pub fn parse(file: &str, source: Arc<str>) -> (Option<Policy>, Vec<Diagnostic>) {
+/// Returns the text too, shared (diagnostics quote it).
+pub fn parse(file: &str, source: String) -> (Arc<str>, Option<Policy>, Vec<Diagnostic>) {
     let mut p = Parser {
         diags: Vec::new(),
         lists: HashSet::default(),
         numeric: HashMap::default(),
     };
-    let (root, errors) = super::toml::parse(&source);
+    let (source, root, errors) = super::toml::parse(source);
     let Some(root) = root else {
         let diags = errors
             .into_iter()
@@ -57,10 +58,10 @@ pub fn parse(file: &str, source: Arc<str>) -> (Option<Policy>, Vec<Diagnostic>) 
                 }
             })
             .collect();
-        return (None, diags);
+        return (source, None, diags);
     };
-    let policy = p.policy(file, source, &root);
-    (policy, p.diags)
+    let policy = p.policy(file, source.clone(), &root);
+    (source, policy, p.diags)
 }
 
 struct Parser {

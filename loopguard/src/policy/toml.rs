@@ -105,7 +105,7 @@ enum Items {
     /// policy's million uids take no memory per item.
     Read {
         values: Arc<[u32]>,
-        text: Arc<str>,
+        text: Doc,
         from: u32,
     },
 }
@@ -164,7 +164,7 @@ impl Array {
         let read = match &self.items {
             Items::Read { values, text, from } => ReadItems {
                 values,
-                text: text.as_bytes(),
+                text: text.get().map_or(&[][..], |t| t.as_bytes()),
                 at: *from as usize,
             },
             _ => ReadItems {
@@ -329,20 +329,75 @@ pub(super) struct SyntaxError {
     pub first: Option<Span>,
 }
 
-/// Reads a document. Returns the root table (`None` when the document has
-/// errors) and every error found.
-pub(super) fn parse(text: &Arc<str>) -> (Option<Value>, Vec<SyntaxError>) {
-    let source: &str = text;
-    if u32::try_from(source.len()).is_err() {
+/// The document's text, for arrays that find their items' spans in it.
+/// Set when the parse is over: while it runs, the text the lexer reads has
+/// its uid arrays masked (see [`find_uint_arrays`]).
+type Doc = Arc<std::sync::OnceLock<Arc<str>>>;
+
+/// Reads a document. Returns its text, shared, the root table (`None`
+/// when the document has errors) and every error found.
+pub(super) fn parse(text: String) -> (Arc<str>, Option<Value>, Vec<SyntaxError>) {
+    if u32::try_from(text.len()).is_err() {
         let e = SyntaxError {
             message: "the file is larger than 4 GiB".into(),
             span: 0..0,
             first: None,
         };
-        return (None, vec![e]);
+        return (text.into(), None, vec![e]);
     }
+    let doc = Doc::default();
+    let mut arrays = find_uint_arrays(text.as_bytes());
+    let (text, read) = if arrays.is_empty() {
+        let read = read(&text, &mut [], &doc);
+        (text, read)
+    } else {
+        let masked = mask(text, &arrays);
+        let read = read(&masked, &mut arrays, &doc);
+        let text = unmask(masked, &arrays);
+        match read {
+            Some(read) => (text, Some(read)),
+            // The lexer did not see every masked array as one: read the
+            // text as written.
+            None => {
+                let read = self::read(&text, &mut [], &doc);
+                (text, read)
+            }
+        }
+    };
+    let text: Arc<str> = text.into();
+    let _ = doc.set(text.clone());
+    let (root, errors) = read.unwrap_or_else(|| {
+        let e = SyntaxError {
+            message: "internal error: the document was not read".into(),
+            span: 0..0,
+            first: None,
+        };
+        (None, vec![e])
+    });
+    (text, root, errors)
+}
+
+/// Whether reading `text` with its uid arrays masked (what [`parse`]
+/// does) gives exactly what reading it as written gives: the document,
+/// every span and every error. The fuzzer asks this of every input.
+pub(super) fn masked_read_agrees(text: &str) -> bool {
+    let (_, root, errors) = parse(text.to_string());
+    let doc = Doc::default();
+    let plain = read(text, &mut [], &doc);
+    let _ = doc.set(text.into());
+    plain.is_some_and(|plain| format!("{plain:?}") == format!("{:?}", (root, errors)))
+}
+
+/// Reads `source`, whose `arrays` are masked; `None` when the lexer does
+/// not see one of them as `key = [`, one atom, `]` (the `[` was in a
+/// string or a comment, or not a key's value at the top level).
+fn read(
+    source: &str,
+    arrays: &mut [UintArray],
+    doc: &Doc,
+) -> Option<(Option<Value>, Vec<SyntaxError>)> {
     let src = Source::new(source);
-    let mut builder = Builder::new(src, text.clone());
+    let mut builder = Builder::new(src, doc.clone());
     let mut parse_errors: Vec<ParseError> = Vec::new();
     // Chunks end after a newline outside brackets, so each starts a line
     // of the document: tokens of the whole file are never held at once.
@@ -357,7 +412,44 @@ pub(super) fn parse(text: &Arc<str>) -> (Option<Value>, Vec<SyntaxError>) {
     };
     let mut uints = UintArrays::default();
     let mut after_equals = false;
+    let mut arrays = arrays.iter_mut().peekable();
+    // A masked array whose `[` the lexer returned, and how many of its
+    // comment and newline it has seen.
+    let mut masked: Option<(&mut UintArray, Token, u8)> = None;
     for token in src.lex() {
+        if let Some((array, open, seen)) = masked.take() {
+            let span = token.span();
+            let (start, close) = (array.open as usize, array.close as usize);
+            match (seen, token.kind()) {
+                (0, TokenKind::Comment) if span.start() == start + 1 && span.end() == close - 1 => {
+                    masked = Some((array, open, 1));
+                }
+                (1, TokenKind::Newline) if span.start() == close - 1 => {
+                    masked = Some((array, open, 2));
+                }
+                (2, TokenKind::RightSquareBracket) if span.start() == close => {
+                    builder
+                        .uint_arrays
+                        .push_back((array.open, std::mem::take(&mut array.items)));
+                    chunk.push(open);
+                    chunk.push(token);
+                }
+                _ => return None,
+            }
+            continue;
+        }
+        if let Some(array) = arrays.peek() {
+            if token.span().end() > array.open as usize {
+                let at_open = token.kind() == TokenKind::LeftSquareBracket
+                    && token.span().start() == array.open as usize;
+                if !(at_open && uints.open.is_none() && depth == 0 && after_equals) {
+                    return None;
+                }
+                masked = arrays.next().map(|a| (a, token, 0));
+                after_equals = false;
+                continue;
+            }
+        }
         // `key = [` at the top level: the array may be plain `u32`s.
         if uints.open.is_none()
             && depth == 0
@@ -407,6 +499,9 @@ pub(super) fn parse(text: &Arc<str>) -> (Option<Value>, Vec<SyntaxError>) {
     if !chunk.is_empty() {
         feed(&mut chunk, &mut builder, &mut parse_errors);
     }
+    if masked.is_some() || arrays.next().is_some() {
+        return None;
+    }
     let mut errors: Vec<SyntaxError> = parse_errors
         .into_iter()
         .map(|e| syntax_error(&e, source.len()))
@@ -422,9 +517,9 @@ pub(super) fn parse(text: &Arc<str>) -> (Option<Value>, Vec<SyntaxError>) {
             },
             kind: Kind::Table(Box::new(builder.root)),
         };
-        (Some(root), errors)
+        Some((Some(root), errors))
     } else {
-        (None, errors)
+        Some((None, errors))
     }
 }
 
@@ -445,6 +540,144 @@ fn push_token(token: Token, depth: &mut usize, chunk: &mut Vec<Token>) -> bool {
     let line_end = token.kind() == TokenKind::Newline && *depth == 0;
     chunk.push(token);
     line_end
+}
+
+/// A `key = [numbers]` array found in the bytes before lexing: where its
+/// `[` and `]` are, its numbers, and the two bytes [`mask`] replaced.
+struct UintArray {
+    open: u32,
+    close: u32,
+    items: Vec<u32>,
+    /// The body spans lines (its newlines are masked too).
+    lines: bool,
+    first: u8,
+    last: u8,
+}
+
+/// Finds, in the raw bytes, every `= [` followed by plain decimal `u32`s
+/// (the grammar [`UintArrays`] reads: commas between, an optional
+/// trailing one, spaces, tabs and newlines around) and `]`, with at
+/// least two bytes between the brackets. Most of a large policy is such
+/// uid lists; masked ([`mask`]), each reaches the lexer as a comment it
+/// skips with memchr instead of three tokens a number. Bytes know nothing
+/// of strings or comments: the lexer confirms every array found
+/// ([`read`]), and the document is read as written when one is not.
+fn find_uint_arrays(text: &[u8]) -> Vec<UintArray> {
+    let mut found = Vec::new();
+    let mut items = Vec::new();
+    for eq in memchr::memchr_iter(b'=', text) {
+        let mut i = eq + 1;
+        while text.get(i).is_some_and(|&b| b == b' ' || b == b'\t') {
+            i += 1;
+        }
+        if text.get(i) != Some(&b'[') {
+            continue;
+        }
+        let open = i;
+        items.clear();
+        let mut after_comma = true;
+        let mut lines = false;
+        i += 1;
+        let close = loop {
+            match text.get(i) {
+                Some(b' ' | b'\t') => i += 1,
+                Some(b'\n') => {
+                    lines = true;
+                    i += 1;
+                }
+                Some(b'\r') if text.get(i + 1) == Some(&b'\n') => {
+                    lines = true;
+                    i += 2;
+                }
+                Some(b',') if !after_comma => {
+                    after_comma = true;
+                    i += 1;
+                }
+                Some(&first @ b'0'..=b'9') if after_comma => {
+                    // Plain decimal: no leading zero, at most u32::MAX.
+                    let start = i;
+                    let mut n = u64::from(first - b'0');
+                    i += 1;
+                    while let Some(&d) = text.get(i).filter(|d| d.is_ascii_digit()) {
+                        n = n * 10 + u64::from(d - b'0');
+                        i += 1;
+                        if i - start > 10 {
+                            break;
+                        }
+                    }
+                    match u32::try_from(n) {
+                        Ok(n) if i - start <= 10 && (first != b'0' || i - start == 1) => {
+                            items.push(n);
+                        }
+                        _ => break None,
+                    }
+                    after_comma = false;
+                }
+                Some(b']') if !items.is_empty() => break Some(i),
+                _ => break None,
+            }
+        };
+        if let Some(close) = close.filter(|&c| c >= open + 3) {
+            // Offsets fit: the text is under 4 GiB (checked by `parse`).
+            found.push(UintArray {
+                open: open as u32,
+                close: close as u32,
+                items: items.clone(),
+                lines,
+                first: text[open + 1],
+                last: text[close - 1],
+            });
+        }
+    }
+    found
+}
+
+/// Turns each found array's body into a comment and a newline: `[1, 2]`
+/// becomes `[#,\n]` (first byte `#`, last a newline; between them,
+/// newlines become `n` and carriage returns `r`, letters no body holds).
+/// The lexer reads `[`, one comment, a newline, `]`; [`unmask`] puts
+/// every byte back.
+fn mask(text: String, arrays: &[UintArray]) -> String {
+    let mut bytes = text.into_bytes();
+    for a in arrays {
+        let (open, close) = (a.open as usize, a.close as usize);
+        if a.lines {
+            for b in &mut bytes[open + 2..close - 1] {
+                *b = match *b {
+                    b'\n' => b'n',
+                    b'\r' => b'r',
+                    other => other,
+                };
+            }
+        }
+        bytes[open + 1] = b'#';
+        bytes[close - 1] = b'\n';
+    }
+    utf8(bytes)
+}
+
+fn unmask(text: String, arrays: &[UintArray]) -> String {
+    let mut bytes = text.into_bytes();
+    for a in arrays {
+        let (open, close) = (a.open as usize, a.close as usize);
+        if a.lines {
+            for b in &mut bytes[open + 2..close - 1] {
+                *b = match *b {
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    other => other,
+                };
+            }
+        }
+        bytes[open + 1] = a.first;
+        bytes[close - 1] = a.last;
+    }
+    utf8(bytes)
+}
+
+/// Bytes [`mask`] changed, ASCII for ASCII: still UTF-8.
+fn utf8(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A top-level array value of plain decimal `u32`s, read from its tokens
@@ -595,13 +828,13 @@ struct Builder<'s> {
     /// [`UintArrays`]), in order, by the start of their `[`.
     uint_arrays: std::collections::VecDeque<(u32, Vec<u32>)>,
     /// The document, shared with the arrays read from tokens.
-    text: Arc<str>,
+    text: Doc,
     /// Every distinct array of those once.
     interned: HashSet<Arc<[u32]>, foldhash::fast::RandomState>,
 }
 
 impl<'s> Builder<'s> {
-    fn new(source: Source<'s>, text: Arc<str>) -> Builder<'s> {
+    fn new(source: Source<'s>, text: Doc) -> Builder<'s> {
         Builder {
             source,
             root: Table::default(),
@@ -1123,13 +1356,13 @@ mod tests {
     use super::*;
 
     fn ok(text: &str) -> Value {
-        let (v, errors) = parse(&Arc::from(text));
+        let (_, v, errors) = parse(text.to_string());
         assert!(errors.is_empty(), "{errors:?}");
         v.expect("a document")
     }
 
     fn err(text: &str) -> Vec<SyntaxError> {
-        let (v, errors) = parse(&Arc::from(text));
+        let (_, v, errors) = parse(text.to_string());
         assert!(v.is_none() && !errors.is_empty(), "{text} should fail");
         errors
     }
@@ -1151,7 +1384,7 @@ mod tests {
                 errors.first()
             );
         }
-        let (v, errors) = parse(&Arc::from(format!("{} = 1\n", deep(32))));
+        let (_, v, errors) = parse(format!("{} = 1\n", deep(32)));
         assert!(errors.is_empty() && v.is_some(), "32 parts are fine");
     }
 
@@ -1168,7 +1401,7 @@ mod tests {
                 continue;
             };
             read += 1;
-            let (doc, errors) = parse(&Arc::from(text));
+            let (_, doc, errors) = parse(text.to_string());
             if doc.is_none() || !errors.is_empty() {
                 rejected.push(case.name().display().to_string());
             }
@@ -1180,7 +1413,7 @@ mod tests {
                 continue; // not UTF-8: refused before parsing (read_policy)
             };
             refused += 1;
-            let (doc, errors) = parse(&Arc::from(text));
+            let (_, doc, errors) = parse(text.to_string());
             if doc.is_some() && errors.is_empty() {
                 accepted.push(case.name().display().to_string());
             }
@@ -1368,6 +1601,48 @@ mod tests {
 
     /// The arrays the token loop reads itself, and everything it must give
     /// back to the parser: the values are the parser's either way.
+    #[test]
+    fn masked_arrays_are_confirmed_by_the_lexer_or_read_as_written() {
+        // A policy's uid lists: found, masked into a comment each, confirmed.
+        let text = "version = 1\n[[service]]\nname = \"a\"\nallow_users = [1, 2,\r\n\t3, ]\ndeny_users=[40]\nx = [5]\n";
+        let arrays = find_uint_arrays(text.as_bytes());
+        assert_eq!(arrays.len(), 2, "[5] is too short to mask");
+        assert_eq!(arrays[0].items, [1, 2, 3]);
+        let masked = mask(text.to_string(), &arrays);
+        assert!(masked.contains("[#, 2,rn\t3,\n]"), "{masked}");
+        assert!(masked.contains("[#\n]"), "{masked}");
+        let mut arrays = arrays;
+        assert!(read(&masked, &mut arrays, &Doc::default()).is_some());
+        assert_eq!(unmask(masked, &arrays), text, "undone exactly");
+        // Found in the bytes, but in a string, a comment or an inline
+        // table: not confirmed, so the document is read as written.
+        for text in [
+            "s = \"x = [1, 2]\"\n",
+            "# x = [1, 2]\n",
+            "m = '''\nx = [1,\n2]\n'''\n",
+            "t = { x = [1, 2] }\n",
+            "x = [{ y = [1, 2] }]\n",
+        ] {
+            let mut arrays = find_uint_arrays(text.as_bytes());
+            assert!(!arrays.is_empty(), "{text}");
+            let masked = mask(text.to_string(), &arrays);
+            assert!(
+                read(&masked, &mut arrays, &Doc::default()).is_none(),
+                "{text}"
+            );
+        }
+        let doc =
+            ok("a = [1, 2]\ns = \"x = [3, 4]\"\nm = '''\nu = [5,\r\n 6]\n'''\n# c = [7, 8]\n");
+        let t = doc.as_table().expect("table");
+        assert_eq!(t.get("s").and_then(Value::as_str), Some("x = [3, 4]"));
+        assert_eq!(t.get("m").and_then(Value::as_str), Some("u = [5,\r\n 6]\n"));
+        let a = t.get("a").and_then(Value::as_array).expect("array");
+        let spans: Vec<Span> = a.iter().map(|v| v.span()).collect();
+        assert_eq!(spans, [5..6, 8..9]);
+        // An array that runs past a comment's end is no array either way.
+        err("# a = [1,\n2]\n");
+    }
+
     #[test]
     fn uint_arrays_read_from_tokens_match_the_parser() {
         let ints = |doc: &Value, k: &str| -> Vec<(i64, Span)> {
