@@ -113,11 +113,21 @@ pub struct SlotConfig {
     /// Bit `n` set: some list names a cgroup at level `n` (1..=
     /// [`MAX_CGROUP_LEVEL`]); 0 when no list names a cgroup.
     pub cgroup_levels: u32,
-    pub _pad2: u32,
+    /// What userspace wrote into the slot: [`SLOT_PRISTINE`],
+    /// [`SLOT_WRITING`] or [`SLOT_WRITTEN`]. Programs never read it.
+    pub contents: u32,
     /// The plan this slot holds (`Plan::id`), so what is in force can be
     /// read back from the kernel.
     pub plan_id: u64,
 }
+
+/// [`SlotConfig::contents`]: nothing was ever written into the slot since
+/// the maps were created (arrays start zeroed, hash maps and tries empty).
+pub const SLOT_PRISTINE: u32 = 0;
+/// A stage began writing the slot and did not finish: anything may be in it.
+pub const SLOT_WRITING: u32 = 1;
+/// The slot holds exactly the plan [`SlotConfig::plan_id`].
+pub const SLOT_WRITTEN: u32 = 2;
 
 /// A compiled service, `LG_SERVICES[slot * MAX_SERVICES + id]`.
 #[repr(C)]

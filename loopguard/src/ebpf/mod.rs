@@ -30,7 +30,7 @@ use loopguard_common::{
     counter_index, AddrKey, BindEntry, CgroupKey, Config, DecisionKey, ServiceEntry, SlotConfig,
     UidKey, ABI_VERSION, ADDR_KEY_SLOT_BITS, COUNT_KINDS, DEFAULT_BUCKET, LIST_ALLOW, LIST_DENY,
     MAX_LOCAL_PREFIXES, MAX_SERVICES, MODE_AUDIT, MODE_ENFORCE, NO_SLOT, PORT_SPACE, PROTO_TCP,
-    PROTO_UDP, SLOTS, VERDICT_ALLOW, VERDICT_DENY,
+    PROTO_UDP, SLOTS, SLOT_PRISTINE, SLOT_WRITING, SLOT_WRITTEN, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 mod batch;
@@ -613,7 +613,23 @@ fn local_key(net: &ipnet::IpNet) -> (u32, [u8; 16]) {
 pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u32, EbpfError> {
     let config = maps.config()?;
     let slot = if config.active_slot == 0 { 1 } else { 0 };
-    clear_slot(maps, slot)?;
+    // A slot nothing was ever written into (the second slot, until the
+    // second apply) is all zeros and empty: only what the plan sets is
+    // written, and nothing is read back. Any other slot is marked as being
+    // written first, so a stage that stops half way is never mistaken for
+    // a pristine one.
+    let mut slot_config = maps
+        .slot_config
+        .get(&slot, 0)
+        .map_err(map_err("failed to read LG_SLOT_CONFIG"))?;
+    let pristine = slot_config.contents == SLOT_PRISTINE;
+    slot_config.contents = SLOT_WRITING;
+    maps.slot_config
+        .set(slot, slot_config, 0)
+        .map_err(map_err("failed to write LG_SLOT_CONFIG"))?;
+    if !pristine {
+        clear_slot(maps, slot)?;
+    }
 
     let services: Vec<(u32, ServiceEntry)> = plan
         .services
@@ -649,7 +665,14 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
             })
         })
         .collect();
-    sync_hash(&mut maps.uids, &uids, |k| k.slot == slot, "LG_UIDS")?;
+    sync_hash(
+        &mut maps.uids,
+        &uids,
+        pristine,
+        |k| k.slot == slot,
+        "LG_UIDS",
+    )?;
+    crate::engine::fault("mid-stage");
     let mut cgroup_levels = 0u32;
     let cgroups: Vec<(CgroupKey, u8)> = plan
         .cgroup_sets
@@ -673,6 +696,7 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
     sync_hash(
         &mut maps.cgroups,
         &cgroups,
+        pristine,
         |k| k.slot == slot,
         "LG_CGROUPS",
     )?;
@@ -705,6 +729,7 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
     sync_hash(
         &mut maps.decisions,
         &decisions,
+        pristine,
         |k| k.slot == slot,
         "LG_DECISIONS",
     )?;
@@ -726,7 +751,13 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
             (key, entry)
         })
         .collect();
-    sync_hash(&mut maps.binds, &binds, |k| k.slot == slot, "LG_BINDS")?;
+    sync_hash(
+        &mut maps.binds,
+        &binds,
+        pristine,
+        |k| k.slot == slot,
+        "LG_BINDS",
+    )?;
     let mut atom_of_port: Vec<(u32, u32)> = (0..PORT_SPACE)
         .map(|port| (slot * PORT_SPACE + port, 0))
         .collect();
@@ -737,8 +768,12 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
     }
     // Written whole: reading the slot back to write only the differences
     // costs as much as the write (~18 ms for 65,536 entries, measured).
+    // A pristine slot is zeros already.
+    if pristine {
+        atom_of_port.retain(|&(_, atom)| atom != 0);
+    }
     write_array(&mut maps.port_atoms, &atom_of_port, "LG_PORT_ATOMS")?;
-    write_counters(maps, slot, config.active_slot, plan, previous)?;
+    write_counters(maps, slot, config.active_slot, plan, previous, pristine)?;
     maps.slot_config
         .set(
             slot,
@@ -753,7 +788,7 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
                 has_binds: u8::from(!plan.binds.is_empty()),
                 _pad: [0; 3],
                 cgroup_levels,
-                _pad2: 0,
+                contents: SLOT_WRITTEN,
                 plan_id: plan.id_number(),
             },
             0,
@@ -861,6 +896,7 @@ fn hash_entries<K: aya::Pod, V: aya::Pod>(
 fn sync_hash<K, V>(
     map: &mut HashMap<MapData, K, V>,
     wanted: &[(K, V)],
+    pristine: bool,
     in_slot: impl Fn(&K) -> bool,
     name: &str,
 ) -> Result<(), EbpfError>
@@ -868,6 +904,10 @@ where
     K: aya::Pod + Eq + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
+    if pristine {
+        // Nothing of the slot is in the map.
+        return write_hash(map, wanted, name);
+    }
     // foldhash: these are tens of thousands of fixed-size keys of our own.
     let current: StdHashMap<K, V, foldhash::fast::RandomState> = hash_entries(map, name)?
         .into_iter()
@@ -907,13 +947,15 @@ fn delete_hash<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Zeroes the new slot's counters, then carries over the counts of services
-/// kept by name (and of the default bucket) from the slot in force.
+/// kept by name (and of the default bucket) from the slot in force. In a
+/// `pristine` slot, zeros are there already: only counts are written.
 fn write_counters(
     maps: &mut Maps,
     slot: u32,
     active: u32,
     plan: &Plan,
     previous: Option<&Plan>,
+    pristine: bool,
 ) -> Result<(), EbpfError> {
     let old_index: StdHashMap<&str, u32> = match (previous, active < SLOTS) {
         (Some(prev), true) => prev
@@ -961,6 +1003,7 @@ fn write_counters(
                 .unwrap_or(0);
             (counter_index(slot, bucket, kind), carried)
         })
+        .filter(|&(_, count)| !pristine || count != 0)
         .collect();
     write_array(&mut maps.counters, &entries, "LG_COUNTERS")
 }

@@ -177,8 +177,8 @@ fn lock_with(paths: &InstancePaths, how: FlockArg) -> anyhow::Result<Flock<fs::F
 /// (`STEP`, or `STEP@N` for the N-th time the step is reached, e.g. a
 /// daemon's first reload): crash-consistency tests kill `apply` and `run`
 /// at exact points instead of racing a signal against a clock. The steps:
-/// `after-journal`, `after-stage`, `after-nft`, `after-flip`,
-/// `before-state`.
+/// `after-journal`, `mid-stage` (the eBPF slot half written),
+/// `after-stage`, `after-nft`, `after-flip`, `before-state`.
 pub fn fault(step: &str) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static REACHED: AtomicUsize = AtomicUsize::new(0);
