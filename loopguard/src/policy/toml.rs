@@ -164,7 +164,10 @@ impl Array {
         let read = match &self.items {
             Items::Read { values, text, from } => ReadItems {
                 values,
-                text: text.get().map_or(&[][..], |t| t.as_bytes()),
+                text: {
+                    debug_assert!(text.get().is_some(), "items read before the parse ended");
+                    text.get().map_or(&[][..], |t| t.as_bytes())
+                },
                 at: *from as usize,
             },
             _ => ReadItems {
@@ -332,7 +335,26 @@ pub(super) struct SyntaxError {
 /// The document's text, for arrays that find their items' spans in it.
 /// Set when the parse is over: while it runs, the text the lexer reads has
 /// its uid arrays masked (see [`find_uint_arrays`]).
-type Doc = Arc<std::sync::OnceLock<Arc<str>>>;
+#[derive(Clone, Default)]
+struct Doc(Arc<std::sync::OnceLock<Arc<str>>>);
+
+impl Doc {
+    fn get(&self) -> Option<&Arc<str>> {
+        self.0.get()
+    }
+
+    fn set(&self, text: Arc<str>) {
+        let _ = self.0.set(text);
+    }
+}
+
+impl std::fmt::Debug for Doc {
+    /// Its length: arrays share the document, printing it once per array
+    /// would make a tree's Debug (which the fuzzer compares) quadratic.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Doc({:?} bytes)", self.get().map(|t| t.len()))
+    }
+}
 
 /// Reads a document. Returns its text, shared, the root table (`None`
 /// when the document has errors) and every error found.
@@ -345,27 +367,25 @@ pub(super) fn parse(text: String) -> (Arc<str>, Option<Value>, Vec<SyntaxError>)
         };
         return (text.into(), None, vec![e]);
     }
+    // The one copy of the text, made before anything else is allocated;
+    // masked and unmasked in place.
+    let mut text: Arc<str> = text.into();
     let doc = Doc::default();
-    let mut arrays = find_uint_arrays(text.as_bytes());
-    let (text, read) = if arrays.is_empty() {
-        let read = read(&text, &mut [], &doc);
-        (text, read)
-    } else {
-        let masked = mask(text, &arrays);
-        let read = read(&masked, &mut arrays, &doc);
-        let text = unmask(masked, &arrays);
-        match read {
-            Some(read) => (text, Some(read)),
-            // The lexer did not see every masked array as one: read the
-            // text as written.
-            None => {
-                let read = self::read(&text, &mut [], &doc);
-                (text, read)
+    let (arrays, interned) = find_uint_arrays(text.as_bytes());
+    let read = match ascii_bytes_mut(&mut text) {
+        Some(bytes) if !arrays.is_empty() => {
+            mask(bytes, &arrays);
+            let read = read(&text, &arrays, interned, &doc);
+            if let Some(bytes) = ascii_bytes_mut(&mut text) {
+                unmask(bytes, &arrays);
             }
+            // When the lexer did not see every masked array as one, the
+            // text is read as written.
+            read.or_else(|| self::read(&text, &[], Interned::default(), &doc))
         }
+        _ => read(&text, &[], interned, &doc),
     };
-    let text: Arc<str> = text.into();
-    let _ = doc.set(text.clone());
+    doc.set(text.clone());
     let (root, errors) = read.unwrap_or_else(|| {
         let e = SyntaxError {
             message: "internal error: the document was not read".into(),
@@ -383,8 +403,8 @@ pub(super) fn parse(text: String) -> (Arc<str>, Option<Value>, Vec<SyntaxError>)
 pub(super) fn masked_read_agrees(text: &str) -> bool {
     let (_, root, errors) = parse(text.to_string());
     let doc = Doc::default();
-    let plain = read(text, &mut [], &doc);
-    let _ = doc.set(text.into());
+    let plain = read(text, &[], Interned::default(), &doc);
+    doc.set(text.into());
     plain.is_some_and(|plain| format!("{plain:?}") == format!("{:?}", (root, errors)))
 }
 
@@ -393,11 +413,12 @@ pub(super) fn masked_read_agrees(text: &str) -> bool {
 /// string or a comment, or not a key's value at the top level).
 fn read(
     source: &str,
-    arrays: &mut [UintArray],
+    arrays: &[UintArray],
+    interned: Interned,
     doc: &Doc,
 ) -> Option<(Option<Value>, Vec<SyntaxError>)> {
     let src = Source::new(source);
-    let mut builder = Builder::new(src, doc.clone());
+    let mut builder = Builder::new(src, doc.clone(), interned);
     let mut parse_errors: Vec<ParseError> = Vec::new();
     // Chunks end after a newline outside brackets, so each starts a line
     // of the document: tokens of the whole file are never held at once.
@@ -412,10 +433,10 @@ fn read(
     };
     let mut uints = UintArrays::default();
     let mut after_equals = false;
-    let mut arrays = arrays.iter_mut().peekable();
+    let mut arrays = arrays.iter().peekable();
     // A masked array whose `[` the lexer returned, and how many of its
     // comment and newline it has seen.
-    let mut masked: Option<(&mut UintArray, Token, u8)> = None;
+    let mut masked: Option<(&UintArray, Token, u8)> = None;
     for token in src.lex() {
         if let Some((array, open, seen)) = masked.take() {
             let span = token.span();
@@ -430,7 +451,7 @@ fn read(
                 (2, TokenKind::RightSquareBracket) if span.start() == close => {
                     builder
                         .uint_arrays
-                        .push_back((array.open, std::mem::take(&mut array.items)));
+                        .push_back((array.open, array.items.clone()));
                     chunk.push(open);
                     chunk.push(token);
                 }
@@ -464,6 +485,7 @@ fn read(
             match uints.step(token, src) {
                 Step::More => continue,
                 Step::Done(open, close, items) => {
+                    let items = builder.intern(items);
                     builder
                         .uint_arrays
                         .push_back((open.span().start() as u32, items));
@@ -542,12 +564,17 @@ fn push_token(token: Token, depth: &mut usize, chunk: &mut Vec<Token>) -> bool {
     line_end
 }
 
+/// Every distinct uid array once: equal lists (services of one team) share
+/// their numbers. foldhash: these are our own fixed-size keys.
+type Interned = HashSet<Arc<[u32]>, foldhash::fast::RandomState>;
+
 /// A `key = [numbers]` array found in the bytes before lexing: where its
-/// `[` and `]` are, its numbers, and the two bytes [`mask`] replaced.
+/// `[` and `]` are, its numbers (interned), and the two bytes [`mask`]
+/// replaced.
 struct UintArray {
     open: u32,
     close: u32,
-    items: Vec<u32>,
+    items: Arc<[u32]>,
     /// The body spans lines (its newlines are masked too).
     lines: bool,
     first: u8,
@@ -562,10 +589,22 @@ struct UintArray {
 /// skips with memchr instead of three tokens a number. Bytes know nothing
 /// of strings or comments: the lexer confirms every array found
 /// ([`read`]), and the document is read as written when one is not.
-fn find_uint_arrays(text: &[u8]) -> Vec<UintArray> {
+fn find_uint_arrays(text: &[u8]) -> (Vec<UintArray>, Interned) {
     let mut found = Vec::new();
+    let mut interned = Interned::default();
     let mut items = Vec::new();
     for eq in memchr::memchr_iter(b'=', text) {
+        // Not a top-level key's value (in a comment, a string, an inline
+        // table or an array), or a quoted key: left to the token path.
+        // One such array found here would send the whole document to be
+        // read twice ([`read`] gives up at the first it cannot confirm).
+        let line = memchr::memrchr(b'\n', &text[..eq]).map_or(0, |n| n + 1);
+        if text[line..eq]
+            .iter()
+            .any(|b| matches!(b, b'#' | b'"' | b'\'' | b'{' | b'['))
+        {
+            continue;
+        }
         let mut i = eq + 1;
         while text.get(i).is_some_and(|&b| b == b' ' || b == b'\t') {
             i += 1;
@@ -619,17 +658,35 @@ fn find_uint_arrays(text: &[u8]) -> Vec<UintArray> {
         };
         if let Some(close) = close.filter(|&c| c >= open + 3) {
             // Offsets fit: the text is under 4 GiB (checked by `parse`).
+            let items = match interned.get(&items[..]) {
+                Some(shared) => shared.clone(),
+                None => {
+                    let shared: Arc<[u32]> = items.as_slice().into();
+                    interned.insert(shared.clone());
+                    shared
+                }
+            };
             found.push(UintArray {
                 open: open as u32,
                 close: close as u32,
-                items: items.clone(),
+                items,
                 lines,
                 first: text[open + 1],
                 last: text[close - 1],
             });
         }
     }
-    found
+    (found, interned)
+}
+
+/// The text's bytes, to rewrite ASCII bytes with ASCII ones ([`mask`],
+/// [`unmask`]); `None` if the text is shared (it never is here).
+fn ascii_bytes_mut(text: &mut Arc<str>) -> Option<&mut [u8]> {
+    let text = Arc::get_mut(text)?;
+    // SAFETY: the only writers, `mask` and `unmask`, replace ASCII bytes
+    // (inside array bodies of digits, commas and whitespace) with ASCII
+    // bytes, so the text stays UTF-8.
+    Some(unsafe { text.as_bytes_mut() })
 }
 
 /// Turns each found array's body into a comment and a newline: `[1, 2]`
@@ -637,8 +694,7 @@ fn find_uint_arrays(text: &[u8]) -> Vec<UintArray> {
 /// newlines become `n` and carriage returns `r`, letters no body holds).
 /// The lexer reads `[`, one comment, a newline, `]`; [`unmask`] puts
 /// every byte back.
-fn mask(text: String, arrays: &[UintArray]) -> String {
-    let mut bytes = text.into_bytes();
+fn mask(bytes: &mut [u8], arrays: &[UintArray]) {
     for a in arrays {
         let (open, close) = (a.open as usize, a.close as usize);
         if a.lines {
@@ -653,11 +709,9 @@ fn mask(text: String, arrays: &[UintArray]) -> String {
         bytes[open + 1] = b'#';
         bytes[close - 1] = b'\n';
     }
-    utf8(bytes)
 }
 
-fn unmask(text: String, arrays: &[UintArray]) -> String {
-    let mut bytes = text.into_bytes();
+fn unmask(bytes: &mut [u8], arrays: &[UintArray]) {
     for a in arrays {
         let (open, close) = (a.open as usize, a.close as usize);
         if a.lines {
@@ -672,12 +726,6 @@ fn unmask(text: String, arrays: &[UintArray]) -> String {
         bytes[open + 1] = a.first;
         bytes[close - 1] = a.last;
     }
-    utf8(bytes)
-}
-
-/// Bytes [`mask`] changed, ASCII for ASCII: still UTF-8.
-fn utf8(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A top-level array value of plain decimal `u32`s, read from its tokens
@@ -826,15 +874,15 @@ struct Builder<'s> {
     plain_uint: bool,
     /// Arrays of plain `u32`s read straight from the tokens (see
     /// [`UintArrays`]), in order, by the start of their `[`.
-    uint_arrays: std::collections::VecDeque<(u32, Vec<u32>)>,
+    uint_arrays: std::collections::VecDeque<(u32, Arc<[u32]>)>,
     /// The document, shared with the arrays read from tokens.
     text: Doc,
     /// Every distinct array of those once.
-    interned: HashSet<Arc<[u32]>, foldhash::fast::RandomState>,
+    interned: Interned,
 }
 
 impl<'s> Builder<'s> {
-    fn new(source: Source<'s>, text: Doc) -> Builder<'s> {
+    fn new(source: Source<'s>, text: Doc, interned: Interned) -> Builder<'s> {
         Builder {
             source,
             root: Table::default(),
@@ -848,7 +896,19 @@ impl<'s> Builder<'s> {
             plain_uint: false,
             uint_arrays: std::collections::VecDeque::new(),
             text,
-            interned: HashSet::default(),
+            interned,
+        }
+    }
+
+    /// `uints`, shared with every equal array.
+    fn intern(&mut self, uints: Vec<u32>) -> Arc<[u32]> {
+        match self.interned.get(&uints[..]) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared: Arc<[u32]> = uints.into();
+                self.interned.insert(shared.clone());
+                shared
+            }
         }
     }
 
@@ -1243,15 +1303,7 @@ impl EventReceiver for Builder<'_> {
             let read =
                 items.is_empty() && self.uint_arrays.front().is_some_and(|(s, _)| *s == start);
             let items =
-                if let Some((_, uints)) = read.then(|| self.uint_arrays.pop_front()).flatten() {
-                    let values = match self.interned.get(&uints[..]) {
-                        Some(shared) => shared.clone(),
-                        None => {
-                            let shared: Arc<[u32]> = uints.into();
-                            self.interned.insert(shared.clone());
-                            shared
-                        }
-                    };
+                if let Some((_, values)) = read.then(|| self.uint_arrays.pop_front()).flatten() {
                     Items::Read {
                         values,
                         text: self.text.clone(),
@@ -1599,37 +1651,52 @@ mod tests {
         assert_eq!(g_text, ["1", "23", "4294967295", "0"], "from {g_start}");
     }
 
-    /// The arrays the token loop reads itself, and everything it must give
-    /// back to the parser: the values are the parser's either way.
+    fn masked_text(text: &str, arrays: &[UintArray]) -> String {
+        let mut bytes = text.as_bytes().to_vec();
+        mask(&mut bytes, arrays);
+        String::from_utf8(bytes).expect("still UTF-8")
+    }
+
     #[test]
     fn masked_arrays_are_confirmed_by_the_lexer_or_read_as_written() {
         // A policy's uid lists: found, masked into a comment each, confirmed.
         let text = "version = 1\n[[service]]\nname = \"a\"\nallow_users = [1, 2,\r\n\t3, ]\ndeny_users=[40]\nx = [5]\n";
-        let arrays = find_uint_arrays(text.as_bytes());
+        let (arrays, interned) = find_uint_arrays(text.as_bytes());
         assert_eq!(arrays.len(), 2, "[5] is too short to mask");
-        assert_eq!(arrays[0].items, [1, 2, 3]);
-        let masked = mask(text.to_string(), &arrays);
+        assert_eq!(&arrays[0].items[..], [1, 2, 3]);
+        let masked = masked_text(text, &arrays);
         assert!(masked.contains("[#, 2,rn\t3,\n]"), "{masked}");
         assert!(masked.contains("[#\n]"), "{masked}");
-        let mut arrays = arrays;
-        assert!(read(&masked, &mut arrays, &Doc::default()).is_some());
-        assert_eq!(unmask(masked, &arrays), text, "undone exactly");
-        // Found in the bytes, but in a string, a comment or an inline
-        // table: not confirmed, so the document is read as written.
+        assert!(read(&masked, &arrays, interned, &Doc::default()).is_some());
+        let mut bytes = masked.into_bytes();
+        unmask(&mut bytes, &arrays);
+        assert_eq!(bytes, text.as_bytes(), "undone exactly");
+        // On a line with a comment, a string, a quoted key or an inline
+        // table before the `=`: not taken from the bytes.
         for text in [
             "s = \"x = [1, 2]\"\n",
             "# x = [1, 2]\n",
-            "m = '''\nx = [1,\n2]\n'''\n",
+            "\"k\" = [1, 2]\n",
             "t = { x = [1, 2] }\n",
             "x = [{ y = [1, 2] }]\n",
         ] {
-            let mut arrays = find_uint_arrays(text.as_bytes());
+            assert!(find_uint_arrays(text.as_bytes()).0.is_empty(), "{text}");
+        }
+        // Found in the bytes, but in a multi-line string or inline table:
+        // not confirmed, so the document is read as written.
+        for text in [
+            "m = '''\nx = [1,\n2]\n'''\n",
+            "m = \"\"\"\nx = [1, 2]\n\"\"\"\n",
+            "t = {\n x = [1, 2] }\n",
+        ] {
+            let (arrays, interned) = find_uint_arrays(text.as_bytes());
             assert!(!arrays.is_empty(), "{text}");
-            let masked = mask(text.to_string(), &arrays);
+            let masked = masked_text(text, &arrays);
             assert!(
-                read(&masked, &mut arrays, &Doc::default()).is_none(),
+                read(&masked, &arrays, interned, &Doc::default()).is_none(),
                 "{text}"
             );
+            assert!(masked_read_agrees(text), "{text}");
         }
         let doc =
             ok("a = [1, 2]\ns = \"x = [3, 4]\"\nm = '''\nu = [5,\r\n 6]\n'''\n# c = [7, 8]\n");
@@ -1643,6 +1710,8 @@ mod tests {
         err("# a = [1,\n2]\n");
     }
 
+    /// The arrays the token loop reads itself, and everything it must give
+    /// back to the parser: the values are the parser's either way.
     #[test]
     fn uint_arrays_read_from_tokens_match_the_parser() {
         let ints = |doc: &Value, k: &str| -> Vec<(i64, Span)> {
