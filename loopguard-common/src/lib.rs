@@ -6,7 +6,7 @@
 
 /// Bumped whenever a map layout below changes. A pinned instance with another
 /// ABI is not reused by `apply` (it asks for `remove` first).
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Two policy slots: `apply` fills the inactive one, then flips
 /// [`Config::active_slot`]. Programs read the slot once per call, so each
@@ -59,10 +59,11 @@ pub const COUNT_ALLOWED: u32 = 0;
 pub const COUNT_DENIED: u32 = 1;
 pub const COUNT_WOULD_DENY: u32 = 2;
 pub const COUNT_KINDS: u32 = 3;
-/// Entries of the per-CPU counter array.
+/// Entries of the counter array (one shared by the CPUs, added to
+/// atomically).
 pub const COUNTER_ENTRIES: u32 = SLOTS * (MAX_SERVICES + 1) * COUNT_KINDS;
 
-/// Index into the per-CPU counter array.
+/// Index into the counter array.
 #[inline(always)]
 pub const fn counter_index(slot: u32, bucket: u32, kind: u32) -> u32 {
     (slot * (MAX_SERVICES + 1) + bucket) * COUNT_KINDS + kind

@@ -371,3 +371,71 @@ fn apply_mounts_bpffs_when_missing() {
     }
     assert_eq!(attached_program_ids(&sb.cgroup), Vec::<u64>::new());
 }
+
+/// Pins left by a loopguard with another map layout (an upgrade without
+/// `remove`) are refused as such, saying what to do, before any map of
+/// the new layout is opened; `remove` still clears them.
+#[test]
+fn pins_of_another_abi_are_refused_with_what_to_do() {
+    let u = users();
+    let sb = Sandbox::new("other-abi");
+    let a = sb.policy("a.toml", &policy_a(u.alice.name));
+    sb.apply(&a, &[]).ok();
+    let pin = format!("/sys/fs/bpf/{}/maps/LG_CONFIG", sb.instance);
+    let key = ["key", "0", "0", "0", "0"];
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "lookup", "pinned", &pin])
+        .args(key)
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool lookup ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let mut value: Vec<String> = v["value"]
+        .as_array()
+        .expect("value bytes")
+        .iter()
+        .map(|b| b.as_str().expect("hex byte").to_string())
+        .collect();
+    // Config { active_slot: u32, abi_version: u32, .. }: ABI 5.
+    value.splice(4..8, ["0x05", "0x00", "0x00", "0x00"].map(String::from));
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "update", "pinned", &pin])
+        .args(key)
+        .arg("value")
+        .args(&value)
+        .status()
+        .expect("bpftool");
+    assert!(status.success(), "bpftool map update");
+    // ABI 5's counters were a per-CPU array.
+    let counters = format!("/sys/fs/bpf/{}/maps/LG_COUNTERS", sb.instance);
+    std::fs::remove_file(&counters).expect("unpin LG_COUNTERS");
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create", &counters, "type", "percpu_array"])
+        .args([
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "LG_COUNTERS",
+        ])
+        .status()
+        .expect("bpftool");
+    assert!(status.success(), "bpftool map create");
+
+    let r = sb.apply(&a, &[]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("another map layout (ABI 5") && r.stderr.contains("remove` first"),
+        "{}",
+        r.stderr
+    );
+    sb.lg(&["remove"]).ok();
+    sb.apply(&a, &[]).ok();
+}

@@ -312,6 +312,8 @@ impl Daemon {
 
     fn reload_inner(&mut self, why: &str) -> bool {
         let started = Instant::now();
+        // Programs removed behind the daemon's back load again below.
+        engine::warm_up(self.opts.layers, &self.paths);
         let prepared = match engine::prepare(&self.file, self.opts.force) {
             Ok(Ok(p)) => p,
             Ok(Err(refusal)) => {
@@ -713,7 +715,6 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     // however late the watchers first run.
     let policy_stamp = stamp(&args.file);
     let accounts_stamp: Vec<Stamp> = ACCOUNT_FILES.iter().map(|f| stamp(Path::new(f))).collect();
-    engine::warm_up(daemon.opts.layers, paths);
     if !daemon.reload("start") {
         return Ok(exit::PROBLEMS);
     }

@@ -63,22 +63,12 @@ pub(super) fn unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// Writes `keys[i] -> values[i * per_key .. (i + 1) * per_key]`; `per_key`
-/// is the number of CPUs for per-CPU maps, 1 otherwise.
-pub(super) fn update<K: Pod, V: Pod>(
-    map: &MapData,
-    keys: &[K],
-    values: &[V],
-    per_key: usize,
-) -> io::Result<()> {
+/// Writes `keys[i] -> values[i]` (maps that are not per-CPU).
+pub(super) fn update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> io::Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
-    assert_eq!(
-        keys.len() * per_key,
-        values.len(),
-        "one value per key (and CPU)"
-    );
+    assert_eq!(keys.len(), values.len(), "one value per key");
     let mut attr = BatchAttr {
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
@@ -145,10 +135,11 @@ pub(super) fn entries<K: Pod, V: Pod>(
     }
 }
 
-/// Up to `len` entries of an array from index `start` on, as the kernel
-/// returned them: `(index, value)`. The generic batch lookup starts after
-/// the key it is given and stops at the end of the array, so the caller
-/// reads whatever of its range is missing one by one.
+/// Up to `len` entries of an array as the kernel returned them: `(index,
+/// value)`. The generic batch lookup begins after the key it is given
+/// (indexes `start + 1 ..= start + len`) and stops at the end of the
+/// array, so the caller reads whatever it needs that is missing (index
+/// `start` at least) one by one.
 pub(super) fn array_range<V: Pod>(
     map: &MapData,
     start: u32,

@@ -187,8 +187,30 @@ impl Maps {
         })
     }
 
-    /// Opens the pinned maps of an installed instance.
+    /// Opens the pinned maps of an installed instance. LG_CONFIG (whose
+    /// layout every ABI keeps) is read first: maps pinned by a loopguard
+    /// of another ABI are refused as such, not as a map "of an unexpected
+    /// type" (LG_COUNTERS was per-CPU before ABI 6).
     pub fn open_pinned(paths: &InstancePaths) -> Result<Self, EbpfError> {
+        let path = paths.maps_dir.join("LG_CONFIG");
+        let data = MapData::from_pin(&path).map_err(map_err(format!(
+            "failed to open pinned map {}",
+            path.display()
+        )))?;
+        let config: Array<MapData, Config> = Map::from_map_data(data)
+            .map_err(map_err("map LG_CONFIG"))?
+            .try_into()
+            .map_err(map_err("map LG_CONFIG has an unexpected type"))?;
+        let found = config
+            .get(&0, 0)
+            .map_err(map_err("failed to read LG_CONFIG"))?
+            .abi_version;
+        if found != ABI_VERSION {
+            return Err(EbpfError::Abi {
+                instance: paths.instance.clone(),
+                found,
+            });
+        }
         Self::from_maps(|name| {
             let path = paths.maps_dir.join(name);
             let data = MapData::from_pin(&path).map_err(map_err(format!(
@@ -291,14 +313,8 @@ pub fn install(
     netns_cookie: u64,
 ) -> Result<Installed, EbpfError> {
     if is_installed(paths) {
+        // Refuses maps of another ABI.
         let maps = Maps::open_pinned(paths)?;
-        let config = maps.config()?;
-        if config.abi_version != ABI_VERSION {
-            return Err(EbpfError::Abi {
-                instance: paths.instance.clone(),
-                found: config.abi_version,
-            });
-        }
         return Ok(Installed { maps, fresh: false });
     }
     // Pins without links enforce nothing (a crash between pinning and
@@ -846,7 +862,7 @@ fn write_array<V: aya::Pod>(
     name: &str,
 ) -> Result<(), EbpfError> {
     let (keys, values): (Vec<u32>, Vec<V>) = entries.iter().copied().unzip();
-    match batch::update(IterableMap::map(map), &keys, &values, 1) {
+    match batch::update(IterableMap::map(map), &keys, &values) {
         Ok(()) => Ok(()),
         Err(e) if batch::unsupported(&e) => {
             for (k, v) in entries {
@@ -865,7 +881,7 @@ fn write_hash<K: aya::Pod, V: aya::Pod>(
     name: &str,
 ) -> Result<(), EbpfError> {
     let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
-    match batch::update(IterableMap::map(map), &keys, &values, 1) {
+    match batch::update(IterableMap::map(map), &keys, &values) {
         Ok(()) => Ok(()),
         Err(e) if batch::unsupported(&e) => {
             for (k, v) in entries {
