@@ -485,7 +485,7 @@ fn read(
             match uints.step(token, src) {
                 Step::More => continue,
                 Step::Done(open, close, items) => {
-                    let items = builder.intern(items);
+                    let items = intern(&mut builder.interned, &items);
                     builder
                         .uint_arrays
                         .push_back((open.span().start() as u32, items));
@@ -567,6 +567,18 @@ fn push_token(token: Token, depth: &mut usize, chunk: &mut Vec<Token>) -> bool {
 /// Every distinct uid array once: equal lists (services of one team) share
 /// their numbers. foldhash: these are our own fixed-size keys.
 type Interned = HashSet<Arc<[u32]>, foldhash::fast::RandomState>;
+
+/// `uints`, shared with every equal array.
+fn intern(interned: &mut Interned, uints: &[u32]) -> Arc<[u32]> {
+    match interned.get(uints) {
+        Some(shared) => shared.clone(),
+        None => {
+            let shared: Arc<[u32]> = uints.into();
+            interned.insert(shared.clone());
+            shared
+        }
+    }
+}
 
 /// A `key = [numbers]` array found in the bytes before lexing: where its
 /// `[` and `]` are, its numbers (interned), and the two bytes [`mask`]
@@ -658,14 +670,7 @@ fn find_uint_arrays(text: &[u8]) -> (Vec<UintArray>, Interned) {
         };
         if let Some(close) = close.filter(|&c| c >= open + 3) {
             // Offsets fit: the text is under 4 GiB (checked by `parse`).
-            let items = match interned.get(&items[..]) {
-                Some(shared) => shared.clone(),
-                None => {
-                    let shared: Arc<[u32]> = items.as_slice().into();
-                    interned.insert(shared.clone());
-                    shared
-                }
-            };
+            let items = intern(&mut interned, &items);
             found.push(UintArray {
                 open: open as u32,
                 close: close as u32,
@@ -695,36 +700,35 @@ fn ascii_bytes_mut(text: &mut Arc<str>) -> Option<&mut [u8]> {
 /// The lexer reads `[`, one comment, a newline, `]`; [`unmask`] puts
 /// every byte back.
 fn mask(bytes: &mut [u8], arrays: &[UintArray]) {
-    for a in arrays {
-        let (open, close) = (a.open as usize, a.close as usize);
-        if a.lines {
-            for b in &mut bytes[open + 2..close - 1] {
-                *b = match *b {
-                    b'\n' => b'n',
-                    b'\r' => b'r',
-                    other => other,
-                };
-            }
-        }
-        bytes[open + 1] = b'#';
-        bytes[close - 1] = b'\n';
-    }
+    rewrite(bytes, arrays, [(b'\n', b'n'), (b'\r', b'r')], |_| {
+        (b'#', b'\n')
+    });
 }
 
 fn unmask(bytes: &mut [u8], arrays: &[UintArray]) {
+    rewrite(bytes, arrays, [(b'n', b'\n'), (b'r', b'\r')], |a| {
+        (a.first, a.last)
+    });
+}
+
+/// In each array's body: the inner bytes through `swap` (for bodies that
+/// span lines), then the first and last bytes.
+fn rewrite(
+    bytes: &mut [u8],
+    arrays: &[UintArray],
+    swap: [(u8, u8); 2],
+    ends: impl Fn(&UintArray) -> (u8, u8),
+) {
     for a in arrays {
         let (open, close) = (a.open as usize, a.close as usize);
         if a.lines {
             for b in &mut bytes[open + 2..close - 1] {
-                *b = match *b {
-                    b'n' => b'\n',
-                    b'r' => b'\r',
-                    other => other,
-                };
+                if let Some(&(_, to)) = swap.iter().find(|(from, _)| from == b) {
+                    *b = to;
+                }
             }
         }
-        bytes[open + 1] = a.first;
-        bytes[close - 1] = a.last;
+        (bytes[open + 1], bytes[close - 1]) = ends(a);
     }
 }
 
@@ -897,18 +901,6 @@ impl<'s> Builder<'s> {
             uint_arrays: std::collections::VecDeque::new(),
             text,
             interned,
-        }
-    }
-
-    /// `uints`, shared with every equal array.
-    fn intern(&mut self, uints: Vec<u32>) -> Arc<[u32]> {
-        match self.interned.get(&uints[..]) {
-            Some(shared) => shared.clone(),
-            None => {
-                let shared: Arc<[u32]> = uints.into();
-                self.interned.insert(shared.clone());
-                shared
-            }
         }
     }
 
