@@ -192,16 +192,19 @@ impl Maps {
     /// of another ABI are refused as such, not as a map "of an unexpected
     /// type" (LG_COUNTERS was per-CPU before ABI 6).
     pub fn open_pinned(paths: &InstancePaths) -> Result<Self, EbpfError> {
-        let path = paths.maps_dir.join("LG_CONFIG");
-        let data = MapData::from_pin(&path).map_err(map_err(format!(
-            "failed to open pinned map {}",
-            path.display()
-        )))?;
-        let config: Array<MapData, Config> = Map::from_map_data(data)
-            .map_err(map_err("map LG_CONFIG"))?
+        let open = |name: &str| {
+            let path = paths.maps_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(map_err(format!(
+                "failed to open pinned map {}",
+                path.display()
+            )))?;
+            Map::from_map_data(data).map_err(map_err(format!("map {name}")))
+        };
+        let config = open("LG_CONFIG")?;
+        let view: Array<&MapData, Config> = (&config)
             .try_into()
             .map_err(map_err("map LG_CONFIG has an unexpected type"))?;
-        let found = config
+        let found = view
             .get(&0, 0)
             .map_err(map_err("failed to read LG_CONFIG"))?
             .abi_version;
@@ -211,13 +214,13 @@ impl Maps {
                 found,
             });
         }
-        Self::from_maps(|name| {
-            let path = paths.maps_dir.join(name);
-            let data = MapData::from_pin(&path).map_err(map_err(format!(
-                "failed to open pinned map {}",
-                path.display()
-            )))?;
-            Map::from_map_data(data).map_err(map_err(format!("map {name}")))
+        let mut config = Some(config);
+        Self::from_maps(|name| match config.take() {
+            Some(map) if name == "LG_CONFIG" => Ok(map),
+            kept => {
+                config = kept;
+                open(name)
+            }
         })
     }
 

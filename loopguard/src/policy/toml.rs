@@ -605,16 +605,23 @@ fn find_uint_arrays(text: &[u8]) -> (Vec<UintArray>, Interned) {
     let mut found = Vec::new();
     let mut interned = Interned::default();
     let mut items = Vec::new();
+    // Whether the line so far holds a byte that makes its `=` no
+    // top-level key's (a comment, a string, an inline table or an array,
+    // or a quoted key): such arrays are left to the token path, as one
+    // found here would send the whole document to be read twice ([`read`]
+    // gives up at the first it cannot confirm). Kept from one `=` to the
+    // next, so each byte is looked at once, however long the line.
+    let mut tainted = false;
+    let mut seen = 0;
+    let taints = |b: &u8| matches!(b, b'#' | b'"' | b'\'' | b'{' | b'[');
     for eq in memchr::memchr_iter(b'=', text) {
-        // Not a top-level key's value (in a comment, a string, an inline
-        // table or an array), or a quoted key: left to the token path.
-        // One such array found here would send the whole document to be
-        // read twice ([`read`] gives up at the first it cannot confirm).
-        let line = memchr::memrchr(b'\n', &text[..eq]).map_or(0, |n| n + 1);
-        if text[line..eq]
-            .iter()
-            .any(|b| matches!(b, b'#' | b'"' | b'\'' | b'{' | b'['))
-        {
+        let since = &text[seen..eq];
+        tainted = match memchr::memrchr(b'\n', since) {
+            Some(nl) => since[nl + 1..].iter().any(taints),
+            None => tainted || since.iter().any(taints),
+        };
+        seen = eq;
+        if tainted {
             continue;
         }
         let mut i = eq + 1;
@@ -1647,6 +1654,20 @@ mod tests {
         let mut bytes = text.as_bytes().to_vec();
         mask(&mut bytes, arrays);
         String::from_utf8(bytes).expect("still UTF-8")
+    }
+
+    #[test]
+    fn finding_arrays_is_linear_in_a_long_line() {
+        // 200,000 `=` on one line: looking back to the line's start from
+        // each would be quadratic (minutes); each byte is looked at once.
+        let line = "{ a = 1, ".repeat(200_000);
+        let started = std::time::Instant::now();
+        assert!(find_uint_arrays(line.as_bytes()).0.is_empty());
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+        // After the line ends, arrays are found again.
+        let text = format!("{line}\nx = [1, 2]\n");
+        assert_eq!(find_uint_arrays(text.as_bytes()).0.len(), 1);
     }
 
     #[test]
