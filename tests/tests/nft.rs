@@ -267,7 +267,10 @@ fn failed_nft_transaction_leaves_both_layers_at_the_previous_policy() {
     let fake = fake_dir.join("nft");
     std::fs::write(
         &fake,
-        format!("#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in -c|list) exec {real} \"$@\";; esac; done\necho 'Error: simulated commit failure' >&2\nexit 1\n"),
+        // It reads the whole batch first, as nft does: exiting before
+        // would make loopguard's write fail (EPIPE) instead, depending on
+        // timing.
+        format!("#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in -c|list) exec {real} \"$@\";; esac; done\ncat >/dev/null\necho 'Error: simulated commit failure' >&2\nexit 1\n"),
     )
     .expect("fake nft");
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
