@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod dist;
+mod qemu;
 mod systemd_vm;
 mod vm;
 
@@ -35,7 +36,8 @@ enum Need {
     /// `dist --check`: a Python virtualenv for kubernetes-validate.
     Dist,
     /// `vm-test --systemd`: debootstrap for the guest's root file system,
-    /// and what `dist` needs to build the .deb (gzip for man pages).
+    /// what `dist` needs to build the .deb (gzip for man pages), and
+    /// shellcheck for the guest's check script.
     SystemdVm,
 }
 
@@ -60,8 +62,9 @@ impl Need {
                 "redis-server",
                 "redis-tools",
             ],
+            // qemu-system-x86 too, chosen to fit the installed qemu
+            // packages: see `qemu`.
             Need::Vm => &[
-                "qemu-system-x86",
                 "busybox-static",
                 "cpio",
                 "kmod",
@@ -71,7 +74,7 @@ impl Need {
             ],
             Need::Bench => &["nftables", "iptables", "iproute2", "util-linux", "passwd"],
             Need::Dist => &["python3-venv"],
-            Need::SystemdVm => &["debootstrap", "cpio", "kmod", "gzip"],
+            Need::SystemdVm => &["debootstrap", "cpio", "kmod", "gzip", "shellcheck"],
         }
     }
 }
@@ -363,6 +366,13 @@ fn setup(needs: &[Need]) -> Result<()> {
         )?;
     }
 
+    if needs.contains(&Need::Vm) {
+        if !is_root() && !succeeds(Command::new("qemu-system-x86_64").arg("--version")) {
+            bail!("qemu-system-x86 is missing; run as root to install it");
+        }
+        qemu::ensure()?;
+    }
+
     let has_rust_src = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
@@ -406,6 +416,8 @@ const TEST_PACKAGES: &[&str] = &[
     "loopguard-common",
     "-p",
     "loopguard-tests",
+    "-p",
+    "xtask",
 ];
 
 fn test(args: &[String]) -> Result<()> {
@@ -420,14 +432,15 @@ fn test(args: &[String]) -> Result<()> {
             .args(TEST_PACKAGES)
             .arg("--bins"),
     )?;
-    // Two cores: two tests at a time.
+    // As many tests at a time as the machine has cores.
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
     let result = status(
         Command::new("cargo")
             .current_dir(&root)
             .arg("test")
             .args(TEST_PACKAGES)
             .arg("--")
-            .arg("--test-threads=2")
+            .arg(format!("--test-threads={threads}"))
             .args(args),
     );
     remove_test_accounts();

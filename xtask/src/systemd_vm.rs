@@ -27,107 +27,9 @@ use crate::{status, vm, workspace_root};
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,kmod,iproute2,nftables,udev,procps,passwd,adduser,logrotate,ansible-core,python3-apt,python3-cffi-backend";
 
 /// The checks, run as a oneshot unit once the system is up. Each prints
-/// `LG-SYSTEMD-CHECK ok|FAIL <what>`; the last line is the result marker.
-const CHECKS: &str = r#"#!/bin/bash
-exec > /dev/ttyS0 2>&1 < /dev/null
-export DEBIAN_FRONTEND=noninteractive
-PS4='+ [$SECONDS s] '
-set -x
-fail=0
-check() { local what="$1"; shift; if "$@"; then echo "LG-SYSTEMD-CHECK ok $what"; else echo "LG-SYSTEMD-CHECK FAIL $what"; fail=1; fi; }
-# Polls a condition for up to 30 s (software emulation is slow).
-until_true() { local n=0; until "$@"; do n=$((n+1)); [ "$n" -gt 300 ] && return 1; sleep 0.1; done; }
-probe_as() { /usr/local/bin/lg-probe --uid "$(id -u "$1")" --gid "$(id -g "$1")" tcp-to 127.0.0.1:7031; }
-says() { [ "$(probe_as "$1")" = "$2" ]; }
-links() { ls -i /sys/fs/bpf/loopguard/links 2>/dev/null | sort; }
-stopped_and_pinned() { ! systemctl is-active --quiet loopguard && [ -n "$(links)" ]; }
-adopted() { systemctl is-active --quiet loopguard && [ "$(links)" = "$before" ]; }
-echo "LG-SYSTEMD booted $(uname -r), $(systemctl --version | head -1)"
-useradd --system --no-create-home lgt-app
-useradd --system --no-create-home lgt-mallory
-/usr/local/bin/lg-probe listen 7031 &
-
-check "dpkg -i installs the package" timeout 300 dpkg -i /root/loopguard.deb
-check "man page and completion in place" test -e /usr/share/man/man8/loopguard-apply.8.gz -a -e /usr/share/bash-completion/completions/loopguard
-check "the shipped policy is a conffile that guards nothing" sh -c '/usr/sbin/loopguard check /etc/loopguard/policy.toml && grep -q /etc/loopguard/policy.toml /var/lib/dpkg/info/loopguard.conffiles'
-cat > /etc/loopguard/policy.toml <<'EOF'
-version = 1
-log_allowed = true
-[[service]]
-name = "db"
-port = 7031
-allow_users = ["root", "lgt-app"]
-EOF
-
-systemctl start loopguard
-check "systemctl start reaches active through Type=notify" sh -c 'systemctl is-active --quiet loopguard && [ "$(systemctl show -p Type --value loopguard)" = notify ]'
-check "a listed user gets through" says lgt-app connect=ok
-check "a denied user is refused" says lgt-mallory connect=EPERM
-
-sed -i 's/"root", "lgt-app"/"root", "lgt-app", "lgt-mallory"/' /etc/loopguard/policy.toml
-systemctl reload loopguard
-check "systemctl reload applies an edit" until_true says lgt-mallory connect=ok
-sed -i 's/, "lgt-mallory"//' /etc/loopguard/policy.toml
-systemctl reload loopguard
-check "and the edit back" until_true says lgt-mallory connect=EPERM
-check "the refusal is in the journal as a warning" until_true sh -c 'journalctl -u loopguard -p warning -o cat | grep -q "\"event.action\":\"deny\""'
-check "allowed attempts are there at info, not at warning" sh -c 'journalctl -u loopguard -p info -o cat | grep -q "\"event.action\":\"allow\"" && ! journalctl -u loopguard -p warning -o cat | grep -q "\"event.action\":\"allow\""'
-
-before="$(links)"
-systemctl stop loopguard
-check "systemctl stop leaves enforcement pinned" stopped_and_pinned
-check "and enforced" says lgt-mallory connect=EPERM
-systemctl start loopguard
-check "systemctl start again adopts the pins (the same links)" adopted
-check "still enforced" says lgt-mallory connect=EPERM
-
-# A unit by name (allow_units): its processes get through whatever their
-# uid, from a cgroup that did not exist when the policy was applied, and
-# again after the unit runs anew (a new cgroup at the same path).
-sed -i 's/allow_users = \["root", "lgt-app"\]/allow_users = ["root", "lgt-app"]\nallow_units = ["lg-client.service"]/' /etc/loopguard/policy.toml
-systemctl reload loopguard
-client() { systemd-run --quiet --wait --pipe --unit=lg-client -p User=lgt-mallory /bin/bash -c 'for i in $(seq 100); do r=$(/usr/local/bin/lg-probe tcp-to 127.0.0.1:7031 2>/dev/null); [ "$r" = connect=ok ] && break; sleep 0.1; done; echo "$r"'; }
-client_ok() { [ "$(client)" = connect=ok ]; }
-check "allow_units: the unit's processes get through" client_ok
-check "allow_units: and again when the unit runs anew" client_ok
-check "allow_units: the same user outside the unit is refused" says lgt-mallory connect=EPERM
-# Between runs the unit has no cgroup: explain says so.
-check "explain --unit names the unit's cgroup" sh -c 'loopguard explain --uid "$(id -u lgt-mallory)" --unit lg-client.service --to 127.0.0.1:7031 | grep -q "cgroup system.slice/lg-client.service"'
-check "the daemon said it followed the unit's cgroup" until_true sh -c 'journalctl -u loopguard -o cat | grep -q "cgroup system.slice/lg-client.service of service db exists now"'
-
-score="$(systemd-analyze security loopguard --no-pager 2>&1 | grep -i 'overall exposure')"
-echo "LG-SYSTEMD-SECURITY $score"
-exposure="$(echo "$score" | grep -o '[0-9]*\.[0-9]' | head -1)"
-check "systemd-analyze security: exposure 5.0 or less" awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 5.0) }'
-check "loopguard neither failed nor restarted" sh -c '! systemctl is-failed --quiet loopguard && [ "$(systemctl show -p NRestarts --value loopguard)" = 0 ]'
-
-dpkg -P loopguard >/dev/null
-check "dpkg -P leaves no pins" test ! -e /sys/fs/bpf/loopguard
-check "dpkg -P leaves no table" sh -c '! nft list tables | grep -q loopguard'
-check "dpkg -P leaves no files" sh -c '! ls /etc/loopguard /usr/sbin/loopguard /run/loopguard /var/log/loopguard 2>/dev/null | grep -q .'
-check "and enforcement is lifted" says lgt-mallory connect=ok
-# The Ansible role (deploy/ansible), as a fleet rollout would run it.
-play() { ansible-playbook -c local -i localhost, /root/ansible/site.yml -e loopguard_deb=/root/loopguard.deb -e "@$1" "${@:2}"; }
-services() { printf '{"loopguard_services": [{"name": "db", "port": %s, "allow_users": [%s]}]}' "$1" "$2" > "/root/$3.json"; }
-services 7031 '"root", "lgt-app"' v1
-services 7031 '"root", "lgt-app", "lgt-mallory"' v2
-services 99999 '"root"' broken
-check "ansible: the role installs, templates and starts" play /root/v1.json
-check "ansible: the daemon runs the templated policy" sh -c 'systemctl is-active --quiet loopguard && grep -q lgt-app /etc/loopguard/policy.toml'
-check "ansible: enforced" until_true says lgt-mallory connect=EPERM
-check "ansible: --check --diff succeeds" sh -c 'ansible-playbook -c local -i localhost, /root/ansible/site.yml -e loopguard_deb=/root/loopguard.deb -e @/root/v2.json --check --diff > /root/check.out 2>&1 || { tail -n 40 /root/check.out; false; }'
-check "ansible: --check --diff shows loopguard diff" grep -q "user lgt-mallory gains access" /root/check.out
-check "ansible: --check changes nothing" sh -c '! grep -q lgt-mallory /etc/loopguard/policy.toml'
-play /root/v2.json
-check "ansible: the new policy is enforced after the handler's reload" until_true says lgt-mallory connect=ok
-check "ansible: a policy that fails loopguard check is not installed" sh -c '! ansible-playbook -c local -i localhost, /root/ansible/site.yml -e loopguard_deb=/root/loopguard.deb -e @/root/broken.json > /root/broken.out 2>&1 && grep -q "port 99999 is out of range" /root/broken.out'
-check "ansible: and the one in force stays" sh -c 'grep -q "port = 7031" /etc/loopguard/policy.toml'
-check "ansible: still enforced" says lgt-mallory connect=ok
-dpkg -P loopguard >/dev/null
-echo "LOOPGUARD-VM-RESULT rc=$fail"
-echo 1 > /proc/sys/kernel/sysrq
-echo o > /proc/sysrq-trigger
-"#;
+/// `LG-SYSTEMD-CHECK ok|FAIL <what>` (a failure then the daemon's last 40
+/// journal lines); the last line is the result marker.
+const CHECKS: &str = include_str!("systemd-checks.sh");
 
 const CHECK_UNIT: &str = "[Unit]
 Description=loopguard package checks
@@ -141,6 +43,13 @@ WantedBy=multi-user.target
 
 pub(crate) fn systemd_test(series: &str) -> Result<String> {
     let root = workspace_root();
+    // The checks are a shell script: linted before a boot that costs minutes.
+    status(
+        Command::new("shellcheck")
+            .args(["--shell=bash", "--severity=info"])
+            .arg(root.join("xtask/src/systemd-checks.sh")),
+    )
+    .context("shellcheck xtask/src/systemd-checks.sh")?;
     let work = root.join("target/vm");
     let base = rootfs(&work)?;
     crate::dist::dist(false)?;

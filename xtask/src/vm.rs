@@ -181,8 +181,9 @@ fn build(root: &Path) -> Result<Binaries> {
 }
 
 fn run_on_host(b: &Binaries) -> Result<String> {
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
     for t in &b.tests {
-        status(Command::new(t).arg("--test-threads=2"))?;
+        status(Command::new(t).arg(format!("--test-threads={threads}")))?;
     }
     let release = Command::new("uname").arg("-r").output()?;
     Ok(String::from_utf8_lossy(&release.stdout).trim().to_string())
