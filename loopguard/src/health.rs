@@ -6,10 +6,14 @@
 //! the eBPF layer in its active slot's config, the nftables layer as the
 //! name of an empty chain. A crash between the layers' commits, another
 //! tool's `nft flush ruleset`, deleted pins or an interrupted `apply` (its
-//! journal is left behind) all show up here.
+//! journal is left behind) all show up here. A layer carrying the recorded
+//! plan is then attested ([`crate::engine::Layer::attest`]): each eBPF link
+//! alive, on the cgroup the recorded path names now, running the instance's
+//! program and listed by the kernel for that cgroup; the nftables table
+//! holding what the plan renders (unless nothing was committed since).
 
 use crate::{
-    engine::{self, InForce, LayerKind},
+    engine::{self, Damage, InForce, LayerKind},
     paths::InstancePaths,
     state::State,
 };
@@ -30,13 +34,33 @@ pub enum Drift {
     /// A layer the state does not list is in force (an interrupted apply
     /// that changed layers, or another process).
     Unexpected { layer: LayerKind },
+    /// The layer carries the recorded plan, but the kernel does not enforce
+    /// it as applied: links dead or elsewhere, the table's content altered.
+    Damaged { layer: LayerKind, damage: Damage },
 }
 
 impl Drift {
+    /// Whether the drift leaves the layer enforcing nothing of the plan:
+    /// the layer missing, or none of its links attached where it applied.
+    /// (A table altered, or some hooks lost, still enforce part of it.)
+    pub fn disables(&self) -> bool {
+        match self {
+            Drift::Missing { .. } => true,
+            Drift::Damaged { damage, .. } => match damage {
+                Damage::CgroupReplaced { .. } => true,
+                Damage::Links(faults) => faults.len() >= crate::ebpf::PROGRAMS.len(),
+                Damage::TableAltered(_) => false,
+            },
+            Drift::Other { .. } | Drift::Interrupted { .. } | Drift::Unexpected { .. } => false,
+        }
+    }
+
     /// The layer a repair must put back, if any.
     pub fn damaged(&self) -> Option<LayerKind> {
         match self {
-            Drift::Missing { layer } | Drift::Other { layer, .. } => Some(*layer),
+            Drift::Missing { layer }
+            | Drift::Other { layer, .. }
+            | Drift::Damaged { layer, .. } => Some(*layer),
             Drift::Interrupted { .. } | Drift::Unexpected { .. } => None,
         }
     }
@@ -69,6 +93,7 @@ impl std::fmt::Display for Drift {
                 "the {} layer is in force but the state does not list it",
                 layer.title()
             ),
+            Drift::Damaged { layer, damage } => write!(f, "{} layer {damage}", layer.title()),
         }
     }
 }
@@ -87,6 +112,13 @@ pub fn drift(paths: &InstancePaths, state: &State) -> Vec<Drift> {
             InForce::Plan(found) if listed && found.as_ref() != Some(&state.plan.id) => {
                 out.push(Drift::Other { layer: kind, found });
             }
+            // The recorded plan: whether it is enforced as applied.
+            InForce::Plan(_) if listed => out.extend(layer.attest(paths, state).into_iter().map(
+                |damage| Drift::Damaged {
+                    layer: kind,
+                    damage,
+                },
+            )),
             InForce::Plan(_) if !listed => out.push(Drift::Unexpected { layer: kind }),
             _ => {}
         }

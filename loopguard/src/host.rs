@@ -260,6 +260,17 @@ pub fn ephemeral_ports() -> crate::policy::EphemeralPorts {
         .unwrap_or_else(crate::policy::EphemeralPorts::linux_default)
 }
 
+/// The id a cgroup2 directory has now (its inode number: the kernel's
+/// cgroup id, as bpf links and `BPF_PROG_QUERY` report it); `None` when the
+/// path is gone or no directory.
+pub fn cgroup_id(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(path)
+        .ok()
+        .filter(fs::Metadata::is_dir)
+        .map(|m| m.ino())
+}
+
 /// A non-blocking netlink socket of `protocol`, bound to the multicast
 /// `groups` (0 for none).
 pub fn netlink_socket(protocol: isize, groups: u32) -> io::Result<netlink_sys::Socket> {

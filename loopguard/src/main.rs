@@ -23,6 +23,9 @@ pub mod exit {
     /// `status`: what the kernel enforces differs from the applied state
     /// (a layer missing or altered, an interrupted apply, no state).
     pub const DRIFT: u8 = 5;
+    /// `status`: nothing enforces this instance's policy: nothing is
+    /// installed, or every layer the state lists is missing or damaged.
+    pub const NOT_ENFORCING: u8 = 6;
 }
 
 const AFTER_HELP: &str = "\
@@ -37,7 +40,8 @@ Examples:
   loopguard remove                              detach everything
 
 Exit codes: 0 ok, 1 policy problems, 2 could not run, 3 needs root,
-4 the host lacks cgroup v2 or BPF support.";
+4 the host lacks cgroup v2 or BPF support, 5 status: drift (the kernel
+differs from the applied policy), 6 status: not enforcing.";
 
 #[derive(Parser)]
 #[command(
@@ -89,8 +93,10 @@ enum Command {
     Run(cmd::run::Args),
     /// Show audit events from the audit log (root or the loopguard-audit group).
     Audit(cmd::audit::Args),
-    /// Detach and delete every program, pin and file of this instance (root).
-    Remove,
+    /// Detach and delete every program, pin and file of this instance
+    /// (root). Refused while the instance's `loopguard run` runs, unless
+    /// --force.
+    Remove(cmd::remove::Args),
     /// The change in access between two policy files: who gains or loses
     /// access to which service, scopes widened, enforcement weakened.
     Diff(cmd::diff::Args),
@@ -205,7 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Explain(args) => cmd::explain::run(args, &paths),
         Command::Run(args) => cmd::run::run(args, &paths),
         Command::Audit(args) => cmd::audit::run(args, &paths),
-        Command::Remove => cmd::remove::run(&paths),
+        Command::Remove(args) => cmd::remove::run(args, &paths),
         Command::Diff(args) => cmd::diff::run(args),
         Command::Scan(args) => cmd::scan::run(args, &paths),
         Command::Learn(args) => cmd::learn::run(args),

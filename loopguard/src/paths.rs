@@ -32,6 +32,9 @@ pub struct InstancePaths {
     pub lock_file: PathBuf,
     /// Held by the one `run` of the instance (`<instance>.run`, its pid).
     pub run_lock_file: PathBuf,
+    /// Who ran `remove --force` under a running daemon
+    /// (`<instance>.removed-by`): the daemon names them when it exits.
+    pub removed_by_file: PathBuf,
 }
 
 impl InstancePaths {
@@ -54,6 +57,7 @@ impl InstancePaths {
             state_root: state_root.to_path_buf(),
             lock_file: state_root.join(format!("{instance}.lock")),
             run_lock_file: state_root.join(format!("{instance}.run")),
+            removed_by_file: state_root.join(format!("{instance}.removed-by")),
         }
     }
 }

@@ -36,6 +36,16 @@ pub struct State {
     /// are refused: there they would see, or change, nothing of it.
     #[serde(default)]
     pub netns_cookie: u64,
+    /// The id of the cgroup the eBPF layer was attached to when applied (0:
+    /// unknown, a state written before 0.1's attestation). A path that
+    /// names another id now was removed and made again.
+    #[serde(default)]
+    pub cgroup_id: u64,
+    /// The nftables ruleset generation right after this plan's commit
+    /// (`None`: not known to be loopguard's own): while the namespace's
+    /// generation is still this one, nothing changed the table.
+    #[serde(default)]
+    pub nft_generation: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +165,24 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 
 /// Opens (creating it 0600) a lock file in a private directory, never
 /// through a symlink.
+/// Writes a small root-only file (0600, never following a planted link),
+/// replacing what was there.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut f = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
 pub fn open_lock_file(path: &Path) -> io::Result<fs::File> {
     fs::OpenOptions::new()
         .create(true)

@@ -593,6 +593,27 @@ impl Sandbox {
         }
     }
 
+    /// Waits up to `secs` for the process we started as `pid` (a daemon) to
+    /// exit; its exit code (`None`: killed by a signal).
+    pub fn wait_child(&mut self, pid: u32, secs: u64) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let child = self
+            .children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .expect("a process this sandbox started");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pid {pid} still runs after {secs} s"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Runs the probe as `user` in our namespace and cgroup; returns what it
     /// printed and its pid.
     pub fn probe_with_pid(&self, user: Option<&TestUser>, args: &[&str]) -> (String, u32) {

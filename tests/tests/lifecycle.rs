@@ -164,8 +164,15 @@ fn remove_leaves_nothing_behind() {
         "{}",
         again.stdout
     );
-    let status = sb.lg(&["status"]).ok();
-    assert!(status.stdout.contains("not installed"), "{}", status.stdout);
+    let status = sb.lg(&["status"]);
+    assert_eq!(status.code, 6, "{}", status.stdout);
+    assert!(
+        status
+            .stdout
+            .contains("not enforcing: nothing is installed"),
+        "{}",
+        status.stdout
+    );
 }
 
 #[test]

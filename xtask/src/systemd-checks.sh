@@ -22,7 +22,7 @@ check() {
 # Polls a condition for up to 30 s (software emulation is slow).
 until_true() { local n=0; until "$@"; do n=$((n+1)); [ "$n" -gt 300 ] && return 1; sleep 0.1; done; }
 # The policy file on disk is the one in force (status reports its hash).
-in_force() { /usr/sbin/loopguard status --format json 2>/dev/null | grep -q "\"policy_hash\":\"sha256:$(sha256sum /etc/loopguard/policy.toml | cut -d' ' -f1)\""; }
+in_force() { /usr/sbin/loopguard status --format json 2>/dev/null | grep -Fq "\"sha256:$(sha256sum /etc/loopguard/policy.toml | cut -d' ' -f1)\""; }
 # `systemctl reload` only sends SIGHUP (ExecReload=kill -HUP) and returns at
 # once: wait until the edit is in force before probing what it changed.
 reload() { systemctl reload loopguard && until_true in_force; }
@@ -69,6 +69,8 @@ check "and enforced" says lgt-mallory connect=EPERM
 systemctl start loopguard
 check "systemctl start again adopts the pins (the same links)" adopted
 check "still enforced" says lgt-mallory connect=EPERM
+check "loopguard remove while the unit runs is refused" sh -c '! /usr/sbin/loopguard remove 2>/root/remove.err && grep -q "loopguard run. (pid" /root/remove.err'
+check "and enforcement stays" says lgt-mallory connect=EPERM
 
 # A unit by name (allow_units): its processes get through whatever their
 # uid, from a cgroup that did not exist when the policy was applied, and

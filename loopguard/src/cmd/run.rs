@@ -88,6 +88,7 @@ struct Metrics {
     local_prefixes: Gauge,
     local_failures: Counter,
     repairs: Family<LayerLabels, Counter>,
+    enforcing: Family<LayerLabels, Gauge>,
     reload_failures: Counter,
     file_matches: Gauge,
     accounts_refreshed: Gauge,
@@ -112,6 +113,7 @@ impl Metrics {
         let local_prefixes = Gauge::default();
         let local_failures = Counter::default();
         let repairs = Family::<LayerLabels, Counter>::default();
+        let enforcing = Family::<LayerLabels, Gauge>::default();
         let reload_failures = Counter::default();
         let file_matches = Gauge::default();
         let accounts_refreshed = Gauge::default();
@@ -154,6 +156,11 @@ impl Metrics {
             repairs.clone(),
         );
         registry.register(
+            "layer_enforcing",
+            "1 when the kernel is attested to enforce the policy in force on the layer (every eBPF link alive on the recorded cgroup; the table holding what the plan renders), else 0",
+            enforcing.clone(),
+        );
+        registry.register(
             "local_prefixes",
             "Prefixes of the kernel's local table (and the fixed broadcast and multicast ranges) the eBPF layer guards",
             local_prefixes.clone(),
@@ -192,6 +199,7 @@ impl Metrics {
             local_prefixes,
             local_failures,
             repairs,
+            enforcing,
             reload_failures,
             file_matches,
             accounts_refreshed,
@@ -288,8 +296,13 @@ struct Daemon {
     state_seen: Option<(SystemTime, u64, u64)>,
     /// Layers of the policy in force (from the last state read).
     applied_layers: Vec<LayerKind>,
+    /// The cgroup the eBPF layer of the policy in force is attached to.
+    applied_cgroup: PathBuf,
     last_repair: Option<Instant>,
     repairs_in_a_row: u32,
+    /// Set when the daemon must stop: what happened (enforcement removed
+    /// under it).
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Daemon {
@@ -340,6 +353,10 @@ impl Daemon {
             Ok(state) => {
                 log::info!("{why}: {}", engine::summary(&state, started.elapsed()));
                 self.applied_layers = state.layers.clone();
+                self.applied_cgroup = state.cgroup.clone();
+                for kind in LayerKind::ALL {
+                    self.set_enforcing(kind, state.layers.contains(&kind));
+                }
                 self.remember(state.plan.clone());
                 self.current = Some(state.plan);
                 self.packet_base = state.packet_base;
@@ -479,9 +496,24 @@ impl Daemon {
         // The cheap look, every second (a stat per eBPF link pin), against
         // the layers of the policy in force (known without reading the
         // state); the nftables layer announces its changes as events.
-        let gone = engine::layers().iter().any(|l| {
-            self.applied_layers.contains(&l.kind()) && l.still_there(&self.paths) == Some(false)
-        });
+        let mut gone = false;
+        for l in engine::layers() {
+            let kind = l.kind();
+            if !self.applied_layers.contains(&kind) {
+                self.set_enforcing(kind, false);
+                continue;
+            }
+            match l.still_there(&self.paths, &self.applied_cgroup) {
+                Some(false) => {
+                    gone = true;
+                    self.set_enforcing(kind, false);
+                }
+                // Attested by the cheap look; a layer that needs a
+                // read-back keeps what the last one found.
+                Some(true) => self.set_enforcing(kind, true),
+                None => {}
+            }
+        }
         if !gone && !nft_changed {
             return;
         }
@@ -505,10 +537,17 @@ impl Daemon {
             }
         };
         let Ok(Some(state)) = State::load(&self.paths) else {
+            self.check_removed();
             return;
         };
         let drift = loopguard::health::drift(&self.paths, &state);
         let damaged: Vec<LayerKind> = drift.iter().filter_map(Drift::damaged).collect();
+        for kind in LayerKind::ALL {
+            self.set_enforcing(
+                kind,
+                state.layers.contains(&kind) && !damaged.contains(&kind),
+            );
+        }
         if damaged.is_empty() {
             self.repairs_in_a_row = 0;
             return;
@@ -546,6 +585,39 @@ impl Daemon {
         }
     }
 
+    fn set_enforcing(&self, layer: LayerKind, on: bool) {
+        self.metrics
+            .enforcing
+            .get_or_create(&LayerLabels {
+                layer: layer.to_string(),
+            })
+            .set(i64::from(on));
+    }
+
+    /// Enforcement removed under the daemon (`remove --force`): no state,
+    /// nothing installed, after it had a policy in force. The daemon says
+    /// who, and stops: putting it back would undo an operator's remove.
+    fn check_removed(&mut self) {
+        if self.current.is_none()
+            || ebpf::is_installed(&self.paths)
+            || nft::table_exists(&self.paths.instance)
+        {
+            return;
+        }
+        let by = fs::read_to_string(&self.paths.removed_by_file)
+            .map(|b| format!(" by {}", b.trim()))
+            .unwrap_or_default();
+        let _ = fs::remove_file(&self.paths.removed_by_file);
+        for kind in LayerKind::ALL {
+            self.set_enforcing(kind, false);
+        }
+        let why = format!(
+            "enforcement of instance {} was removed{by} (`loopguard remove --force`): not enforcing; stopping",
+            self.paths.instance
+        );
+        let _ = self.fatal.send(Some(why));
+    }
+
     /// Follows the policy in force, whoever applied it: when the state file
     /// changed since it was last read, its plan becomes the one events are
     /// decoded with (by slot). Called before each batch of events: one
@@ -574,6 +646,7 @@ impl Daemon {
                 }
                 self.remember(state.plan.clone());
                 self.unknown_plan = None;
+                self.applied_cgroup = state.cgroup.clone();
                 self.applied_layers = state.layers;
                 self.current = Some(state.plan);
                 self.packet_base = state.packet_base;
@@ -687,6 +760,9 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     };
     lock.set_len(0).ok();
     let _ = write!(lock, "{}", std::process::id());
+    // A note left by a `remove --force` under an earlier daemon.
+    let _ = fs::remove_file(&paths.removed_by_file);
+    let (fatal, fatal_rx) = tokio::sync::watch::channel(None);
 
     let log_path = args
         .audit_log
@@ -708,8 +784,10 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         metrics: Metrics::new(),
         state_seen: None,
         applied_layers: Vec::new(),
+        applied_cgroup: PathBuf::new(),
         last_repair: None,
         repairs_in_a_row: 0,
+        fatal,
     };
     // Read before the start's apply: a change from then on is followed,
     // however late the watchers first run.
@@ -723,8 +801,76 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         .build()
         .context("failed to start the async runtime")?;
     let daemon = Arc::new(Mutex::new(daemon));
-    runtime.block_on(serve(daemon, args, policy_stamp, accounts_stamp))?;
-    Ok(exit::OK)
+    let stopped = runtime.block_on(serve(daemon, args, policy_stamp, accounts_stamp, fatal_rx))?;
+    // The last line says what the kernel enforces now, read back.
+    let (enforcing, words) = attested(paths);
+    match stopped {
+        Stopped::Asked => {
+            if enforcing {
+                log::info!("stopping; {words}");
+            } else {
+                log::error!("stopping; {words}");
+            }
+            Ok(exit::OK)
+        }
+        Stopped::Removed(why) => {
+            log::error!("{why}");
+            log::error!("{words}");
+            Ok(exit::NOT_ENFORCING)
+        }
+    }
+}
+
+/// Why [`serve`] returned.
+enum Stopped {
+    /// SIGTERM or SIGINT.
+    Asked,
+    /// Enforcement was removed under the daemon.
+    Removed(String),
+}
+
+/// What the kernel enforces for the instance, attested: whether anything
+/// is, and in words.
+fn attested(paths: &InstancePaths) -> (bool, String) {
+    let Ok(Some(state)) = State::load(paths) else {
+        return (
+            false,
+            format!(
+                "NOT ENFORCING: nothing of instance {} is in force",
+                paths.instance
+            ),
+        );
+    };
+    let drift = loopguard::health::drift(paths, &state);
+    let enforcing: Vec<&str> = state
+        .layers
+        .iter()
+        .filter(|l| !drift.iter().any(|d| d.damaged() == Some(**l)))
+        .map(|l| l.as_str())
+        .collect();
+    let drift_words: Vec<String> = drift.iter().map(ToString::to_string).collect();
+    if enforcing.is_empty() {
+        (false, format!("NOT ENFORCING: {}", drift_words.join("; ")))
+    } else if drift.is_empty() {
+        (
+            true,
+            format!(
+                "the kernel enforces plan {} on {} (read back now; pinned, it stays in force)",
+                state.plan.id,
+                enforcing.join("+")
+            ),
+        )
+    } else {
+        (
+            true,
+            format!(
+                "the kernel enforces plan {} on {} only: {}",
+                state.plan.id,
+                enforcing.join("+"),
+                drift_words.join("; ")
+            ),
+        )
+    }
 }
 
 fn lock(d: &Arc<Mutex<Daemon>>) -> std::sync::MutexGuard<'_, Daemon> {
@@ -736,7 +882,8 @@ async fn serve(
     args: Args,
     policy_stamp: Stamp,
     accounts_stamp: Vec<Stamp>,
-) -> anyhow::Result<()> {
+    mut fatal: tokio::sync::watch::Receiver<Option<String>>,
+) -> anyhow::Result<Stopped> {
     let paths = lock(&daemon).paths.clone();
 
     if let Some(addr) = args.metrics {
@@ -767,11 +914,13 @@ async fn serve(
     tokio::spawn(watch_accounts(daemon.clone(), accounts_stamp));
     tokio::spawn(watch_cgroups(daemon.clone()));
 
-    notify_systemd(&[NotifyState::Ready, NotifyState::Status("enforcing")]);
-    log::info!("ready");
+    // The handlers first: a stop right after READY=1 must not kill the
+    // process before it says what it leaves in force.
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    notify_systemd(&[NotifyState::Ready, NotifyState::Status("enforcing")]);
+    log::info!("ready");
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -790,11 +939,17 @@ async fn serve(
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+            changed = fatal.changed() => {
+                let why = changed.ok().and_then(|()| fatal.borrow().clone());
+                if let Some(why) = why {
+                    notify_systemd(&[NotifyState::Stopping, NotifyState::Status("not enforcing: removed")]);
+                    return Ok(Stopped::Removed(why));
+                }
+            }
         }
     }
     notify_systemd(&[NotifyState::Stopping]);
-    log::info!("stopping; enforcement stays in force (pinned)");
-    Ok(())
+    Ok(Stopped::Asked)
 }
 
 async fn read_events(ring: RingBuf<MapData>, daemon: Arc<Mutex<Daemon>>) {
@@ -1280,8 +1435,9 @@ fn sync_local_table(d: &mut Daemon) -> bool {
 /// Notices a layer removed or altered behind loopguard's back and puts the
 /// policy in force back: nftables changes arrive as netlink events
 /// (NFNLGRP_NFTABLES: `nft flush ruleset`, `systemctl restart nftables`,
-/// firewalld reloads); the eBPF layer's link pins are checked every second
-/// (a stat each; unpinning detaches the programs and sends no event).
+/// firewalld reloads); the eBPF layer's links are read back every second
+/// and when the attach cgroup is removed or made (inotify on its parent):
+/// unpinning, `bpftool link detach` and a removed cgroup send no event.
 async fn watch_layers(daemon: Arc<Mutex<Daemon>>) {
     const NFNLGRP_NFTABLES: u32 = 7;
     let sock = match host::netlink_socket(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1)) {
@@ -1297,7 +1453,32 @@ async fn watch_layers(daemon: Arc<Mutex<Daemon>>) {
     };
     let mut buf = vec![0u8; 64 * 1024];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The attach cgroup's parent, watched: systemd removing the cgroup and
+    // making it again is seen at once, not at the next tick.
+    let (cgroup_tx, mut cgroup_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut cgroup_watch: Option<(PathBuf, Option<notify::RecommendedWatcher>)> = None;
     loop {
+        let attach = lock(&daemon).applied_cgroup.clone();
+        if cgroup_watch.as_ref().map(|(p, _)| p) != Some(&attach) {
+            let watcher = match (attach.parent(), attach.file_name()) {
+                (Some(parent), Some(name)) if !host::is_cgroup2_root(&attach) => {
+                    let dir = WatchedDir {
+                        path: parent.to_path_buf(),
+                        id: None,
+                    };
+                    watch_directories(&[dir], vec![name.to_os_string()], cgroup_tx.clone())
+                        .map_err(|e| {
+                            log::warn!(
+                                "cannot watch {} with inotify ({e}); looking every second",
+                                parent.display()
+                            )
+                        })
+                        .ok()
+                }
+                _ => None,
+            };
+            cgroup_watch = Some((attach, watcher));
+        }
         let nft_changed = tokio::select! {
             ready = fd.readable() => {
                 let Ok(mut guard) = ready else { return };
@@ -1305,6 +1486,7 @@ async fn watch_layers(daemon: Arc<Mutex<Daemon>>) {
                 guard.clear_ready();
                 true
             }
+            _ = cgroup_rx.recv() => false,
             _ = tick.tick() => false,
         };
         let mut d = lock(&daemon);

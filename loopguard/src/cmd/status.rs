@@ -4,6 +4,7 @@ use std::io::Write as _;
 
 use loopguard::{
     ebpf::{self, Maps},
+    engine::LayerKind,
     host, nft,
     paths::InstancePaths,
     policy::Mode,
@@ -64,8 +65,12 @@ struct ServiceStatus {
 struct Status {
     instance: String,
     installed: bool,
-    /// `bpf` when the socket hooks are attached.
-    layers: Vec<String>,
+    /// The layers whose kernel objects are there (`bpf`: link pins,
+    /// `nft`: the table): a claim, see `enforcing`.
+    layers: Vec<LayerKind>,
+    /// The layers the kernel is attested to enforce the applied plan on,
+    /// whole: listed in the state, carrying its plan, and without drift.
+    enforcing: Vec<LayerKind>,
     policy_hash: Option<String>,
     policy_path: Option<String>,
     applied_at: Option<String>,
@@ -137,14 +142,42 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         .and_then(|m| m.config().ok())
         .map(|c| c.active_slot);
 
+    let drift = state
+        .as_ref()
+        .map(|s| loopguard::health::drift(paths, s))
+        .unwrap_or_default();
+    // Nothing in force: no layer the state lists is left enforcing any of
+    // the plan.
+    let nothing_in_force = !installed
+        || state.as_ref().is_none_or(|s| {
+            s.layers.iter().all(|l| {
+                drift
+                    .iter()
+                    .any(|d| d.damaged() == Some(*l) && d.disables())
+            })
+        });
+    let enforcing: Vec<LayerKind> = state
+        .as_ref()
+        .map(|s| {
+            s.layers
+                .iter()
+                .copied()
+                .filter(|l| !drift.iter().any(|d| d.damaged() == Some(*l)))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut status = Status {
         instance: paths.instance.clone(),
         installed,
-        layers: [("bpf", bpf), ("nft", packet_counts.is_some())]
-            .iter()
-            .filter(|(_, on)| *on)
-            .map(|(l, _)| l.to_string())
-            .collect(),
+        layers: [
+            (LayerKind::Bpf, bpf),
+            (LayerKind::Nft, packet_counts.is_some()),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(l, _)| *l)
+        .collect(),
+        enforcing: if installed { enforcing } else { Vec::new() },
         policy_hash: None,
         policy_path: None,
         applied_at: None,
@@ -161,10 +194,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             })
         }),
         drift: match &state {
-            Some(s) => loopguard::health::drift(paths, s)
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            Some(_) => drift.iter().map(ToString::to_string).collect(),
             None if installed => vec![format!(
                 "no state file ({}): which policy is in force is unknown; apply one",
                 paths.state_file.display()
@@ -243,12 +273,19 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 writeln!(out, "DRIFT:     {d}")?;
             }
             if !installed {
-                writeln!(out, "instance {}: not installed", status.instance)?;
-                return Ok(if status.drift.is_empty() {
-                    exit::OK
-                } else {
-                    exit::DRIFT
-                });
+                writeln!(
+                    out,
+                    "instance {}: not enforcing: nothing is installed",
+                    status.instance
+                )?;
+                return Ok(exit::NOT_ENFORCING);
+            }
+            if nothing_in_force {
+                writeln!(
+                    out,
+                    "NOT ENFORCING: instance {}: no layer enforces the applied policy (see DRIFT)",
+                    status.instance
+                )?;
             }
             writeln!(out, "instance:  {}", status.instance)?;
             writeln!(
@@ -270,14 +307,26 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 )?;
             }
             let mut layers = Vec::new();
+            let attested = |l: LayerKind| {
+                if status.enforcing.contains(&l) {
+                    "enforcing"
+                } else {
+                    "NOT ENFORCING"
+                }
+            };
             if bpf {
                 layers.push(format!(
-                    "bpf (connect4, connect6, sendmsg4, sendmsg6, bind4, bind6 on {})",
-                    status.cgroup.as_deref().unwrap_or("?")
+                    "bpf (connect4, connect6, sendmsg4, sendmsg6, bind4, bind6 on {}): {}",
+                    status.cgroup.as_deref().unwrap_or("?"),
+                    attested(LayerKind::Bpf)
                 ));
             }
             if packet_counts.is_some() {
-                layers.push(format!("nft (table inet {} on lo)", status.instance));
+                layers.push(format!(
+                    "nft (table inet {} on lo): {}",
+                    status.instance,
+                    attested(LayerKind::Nft)
+                ));
             }
             writeln!(out, "layers:    {}", layers.join(", "))?;
             let c = &status.default_counts;
@@ -364,7 +413,9 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             }
         }
     }
-    Ok(if status.drift.is_empty() {
+    Ok(if nothing_in_force {
+        exit::NOT_ENFORCING
+    } else if status.drift.is_empty() {
         exit::OK
     } else {
         exit::DRIFT

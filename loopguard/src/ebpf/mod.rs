@@ -21,6 +21,7 @@ use aya::{
         lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
     },
     programs::{
+        cgroup_sock_addr::CgroupSockAddrAttachType,
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSockAddr, ProgramError,
     },
@@ -33,6 +34,7 @@ use loopguard_common::{
     PROTO_UDP, SLOTS, SLOT_PRISTINE, SLOT_WRITING, SLOT_WRITTEN, VERDICT_ALLOW, VERDICT_DENY,
 };
 
+pub mod attest;
 mod batch;
 
 use crate::{
@@ -270,6 +272,65 @@ pub struct Installed {
     pub maps: Maps,
     /// Programs were loaded and attached now (not reused from pins).
     pub fresh: bool,
+    /// Hooks whose pinned links were dead or elsewhere and were attached
+    /// anew to the cgroup, each with what was wrong.
+    pub reattached: Vec<(&'static str, attest::LinkFault)>,
+}
+
+/// Whether every map and program of the instance is pinned: links can
+/// then be attached anew from the pins, keeping the maps' contents.
+fn programs_and_maps_pinned(paths: &InstancePaths) -> bool {
+    PROGRAMS.iter().all(|p| paths.progs_dir.join(p).exists())
+        && MAP_NAMES.iter().all(|m| paths.maps_dir.join(m).exists())
+}
+
+/// The attach type of a hook in [`PROGRAMS`].
+fn attach_type(hook: &str) -> CgroupSockAddrAttachType {
+    match hook {
+        "loopguard_connect4" => CgroupSockAddrAttachType::Connect4,
+        "loopguard_connect6" => CgroupSockAddrAttachType::Connect6,
+        "loopguard_sendmsg4" => CgroupSockAddrAttachType::UDPSendMsg4,
+        "loopguard_sendmsg6" => CgroupSockAddrAttachType::UDPSendMsg6,
+        "loopguard_bind4" => CgroupSockAddrAttachType::Bind4,
+        _ => CgroupSockAddrAttachType::Bind6,
+    }
+}
+
+/// Attaches the pinned program of `hook` to `cgroup` anew and pins the new
+/// link in place of the old one, whose unpinning detaches it (from a
+/// removed cgroup, another one, or nothing). The new link is attached
+/// before the old one goes: a live hook is never left without one.
+fn reattach(paths: &InstancePaths, hook: &'static str, cgroup: &Path) -> Result<(), EbpfError> {
+    let attach_err = |source| EbpfError::Attach {
+        name: hook,
+        cgroup: cgroup.to_path_buf(),
+        source,
+    };
+    let cgroup_dir = fs::File::open(cgroup).map_err(pin_err(format!(
+        "failed to open cgroup {}",
+        cgroup.display()
+    )))?;
+    let mut prog = CgroupSockAddr::from_pin(paths.progs_dir.join(hook), attach_type(hook))
+        .map_err(attach_err)?;
+    let id = prog
+        .attach(&cgroup_dir, CgroupAttachMode::Single)
+        .map_err(attach_err)?;
+    let link = prog.take_link(id).map_err(attach_err)?;
+    let link = FdLink::try_from(link).map_err(|e| EbpfError::Pin {
+        context: format!("{hook} was attached without a bpf_link"),
+        source: io::Error::other(e),
+    })?;
+    let pin = paths.links_dir.join(hook);
+    match fs::remove_file(&pin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(pin_err(format!("failed to unpin {}", pin.display()))(e)),
+    }
+    link.pin(&pin).map_err(|e| EbpfError::Pin {
+        context: format!("failed to pin the link of {hook}"),
+        source: io::Error::other(e),
+    })?;
+    Ok(())
 }
 
 /// A loader built before the policy was read ([`build_loader_early`]).
@@ -315,10 +376,25 @@ pub fn install(
     cgroup: &Path,
     netns_cookie: u64,
 ) -> Result<Installed, EbpfError> {
-    if is_installed(paths) {
+    if programs_and_maps_pinned(paths) {
         // Refuses maps of another ABI.
         let maps = Maps::open_pinned(paths)?;
-        return Ok(Installed { maps, fresh: false });
+        // Pins are a claim: each link is read back from the kernel, and one
+        // that is gone, detached, or on another cgroup than the path names
+        // now (systemd removed the cgroup and made it again) is attached
+        // anew. The maps, and so the policy and counts, stay.
+        let mut reattached = Vec::new();
+        for report in attest::links(paths, cgroup) {
+            if let Some(fault) = report.fault {
+                reattach(paths, report.hook, cgroup)?;
+                reattached.push((report.hook, fault));
+            }
+        }
+        return Ok(Installed {
+            maps,
+            fresh: false,
+            reattached,
+        });
     }
     // Pins without links enforce nothing (a crash between pinning and
     // attaching, or a partial remove): start over.
@@ -332,7 +408,11 @@ pub fn install(
         });
     }
     match load_and_attach(paths, cgroup, netns_cookie) {
-        Ok(maps) => Ok(Installed { maps, fresh: true }),
+        Ok(maps) => Ok(Installed {
+            maps,
+            fresh: true,
+            reattached: Vec::new(),
+        }),
         Err(e) => {
             // Detach whatever was attached; the error is the one to report.
             let _ = remove_pins(paths);
@@ -444,58 +524,10 @@ pub fn instance_tag(instance: &str) -> u64 {
     h.max(1)
 }
 
-/// `BPF_PROG_QUERY` attribute (the leading fields of `union bpf_attr`'s
-/// `query` member; the kernel accepts a shorter attribute).
-#[repr(C)]
-#[derive(Default)]
-struct QueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
-}
-
-/// Ids of the programs attached to `cgroup` on the connect4 hook.
-/// (aya 0.14 has no public query for cgroup socket address programs.)
-fn attached_connect4_ids(cgroup: &Path) -> Vec<u32> {
-    use std::os::fd::AsRawFd as _;
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
-    let Ok(dir) = fs::File::open(cgroup) else {
-        return Vec::new();
-    };
-    let mut ids = vec![0u32; 64];
-    let mut attr = QueryAttr {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_type: BPF_CGROUP_INET4_CONNECT,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..QueryAttr::default()
-    };
-    // SAFETY: the kernel writes at most `prog_cnt` ids into `ids`, which
-    // outlives the call, and reads `attr` of the size passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            std::ptr::from_mut(&mut attr),
-            size_of::<QueryAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Vec::new();
-    }
-    ids.truncate((attr.prog_cnt as usize).min(ids.len()));
-    ids
-}
-
 /// A program of `instance` attached to `cgroup`, found through the kernel
 /// (its config map names the instance), not through pins.
 fn attached_instance_program(cgroup: &Path, instance: &str) -> Option<u32> {
-    let ids = attached_connect4_ids(cgroup);
+    let ids = attest::attached_ids(cgroup, attest::ATTACH_TYPES[0]).unwrap_or_default();
     if ids.is_empty() {
         return None;
     }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 
 use loopguard_common::{COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS};
 
-use super::layer::{Context, Count, InForce, Layer, LayerKind};
+use super::layer::{Context, Count, Damage, InForce, Layer, LayerKind};
 use crate::{
     check::timed,
     compile::{Action, Plan},
@@ -68,6 +68,13 @@ impl Layer for BpfLayer {
             ebpf::install(ctx.paths, ctx.cgroup, ctx.netns_cookie)
         })
         .context("failed to install the eBPF layer")?;
+        if !installed.reattached.is_empty() {
+            log::warn!(
+                "eBPF layer: attached anew to {} ({})",
+                ctx.cgroup.display(),
+                Damage::Links(installed.reattached.clone())
+            );
+        }
         self.active_before = installed.maps.config().ok().map(|c| c.active_slot);
         let result = ebpf::sync_local(&mut installed.maps, &local).and_then(|_| {
             timed("ebpf: stage", || {
@@ -149,8 +156,34 @@ impl Layer for BpfLayer {
         )
     }
 
-    fn still_there(&self, paths: &InstancePaths) -> Option<bool> {
-        Some(ebpf::is_installed(paths))
+    fn attest(&self, paths: &InstancePaths, state: &State) -> Vec<Damage> {
+        let mut out = Vec::new();
+        let now = host::cgroup_id(&state.cgroup);
+        if state.cgroup_id != 0 && now != Some(state.cgroup_id) {
+            out.push(Damage::CgroupReplaced {
+                path: state.cgroup.clone(),
+                was: state.cgroup_id,
+                now,
+            });
+        }
+        let faults: Vec<_> = ebpf::attest::links(paths, &state.cgroup)
+            .into_iter()
+            .filter_map(|r| Some((r.hook, r.fault?)))
+            .collect();
+        if !faults.is_empty() {
+            out.push(Damage::Links(faults));
+        }
+        out
+    }
+
+    fn still_there(&self, paths: &InstancePaths, cgroup: &Path) -> Option<bool> {
+        // About twenty syscalls: each link's info, its program's id, the
+        // cgroup's list of programs.
+        Some(
+            ebpf::attest::links(paths, cgroup)
+                .iter()
+                .all(|r| r.fault.is_none()),
+        )
     }
 
     fn counts(&self, paths: &InstancePaths, plan: &Plan, _: &PacketCounts) -> Option<Vec<Count>> {

@@ -3,12 +3,16 @@
 //! ([`super::nft_layer`]) each implement [`Layer`], and the engine never
 //! asks which one it holds. Tests drive the engine with fake layers.
 
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     compile::{Action, Plan},
+    ebpf::attest::LinkFault,
     nft::PacketCounts,
     paths::InstancePaths,
     scope::LocalTable,
@@ -108,6 +112,59 @@ pub enum InForce {
     Unknown,
 }
 
+/// How a layer that enforces the recorded plan differs from what it
+/// should be, read from the kernel (see [`Layer::attest`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Damage {
+    /// The attach cgroup's path names another cgroup than the one applied
+    /// to (it was removed and made again), or none.
+    CgroupReplaced {
+        path: PathBuf,
+        was: u64,
+        now: Option<u64>,
+    },
+    /// Hooks whose link is not attached as applied, each with what is
+    /// wrong.
+    Links(Vec<(&'static str, LinkFault)>),
+    /// The table's content differs from what the plan renders (bounded
+    /// list of differences).
+    TableAltered(Vec<String>),
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Damage::CgroupReplaced { path, was, now } => match now {
+                Some(now) => write!(
+                    f,
+                    "cgroup {} was removed and made again (id {was} -> {now}); the programs are not attached to the new one",
+                    path.display()
+                ),
+                None => write!(f, "cgroup {} (id {was}) is gone", path.display()),
+            },
+            Damage::Links(faults) => {
+                // Hooks with the same fault on one line.
+                let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+                for (hook, fault) in faults {
+                    let why = fault.to_string();
+                    match groups.iter_mut().find(|(w, _)| *w == why) {
+                        Some((_, hooks)) => hooks.push(hook),
+                        None => groups.push((why, vec![hook])),
+                    }
+                }
+                let parts: Vec<String> = groups
+                    .iter()
+                    .map(|(why, hooks)| format!("{}: {why}", hooks.join(", ")))
+                    .collect();
+                write!(f, "not enforcing on {}", parts.join("; "))
+            }
+            Damage::TableAltered(diffs) => {
+                write!(f, "table altered: {}", diffs.join("; "))
+            }
+        }
+    }
+}
+
 /// What every layer's step is given.
 pub struct Context<'a> {
     pub paths: &'a InstancePaths,
@@ -180,10 +237,18 @@ pub trait Layer {
     /// Which plan the kernel enforces on this layer.
     fn in_force(&self, paths: &InstancePaths) -> InForce;
 
-    /// A cheap look, for a daemon's every-second check: `Some(false)` when
-    /// the layer is known to be gone, `None` when only a read-back can
-    /// tell (the nftables layer announces its changes as netlink events).
-    fn still_there(&self, paths: &InstancePaths) -> Option<bool>;
+    /// How the layer, enforcing `state`'s plan, differs from what the
+    /// state records, read from the kernel: links that are dead or
+    /// elsewhere, a table whose content is not the plan's. Empty: it
+    /// enforces exactly that.
+    fn attest(&self, paths: &InstancePaths, state: &State) -> Vec<Damage>;
+
+    /// A cheap look, for a daemon's every-second check of the layer
+    /// attached to `cgroup`: `Some(false)` when the layer is known not to
+    /// enforce (its links gone, detached or elsewhere), `None` when only a
+    /// read-back can tell (the nftables layer announces its changes as
+    /// netlink events).
+    fn still_there(&self, paths: &InstancePaths, cgroup: &Path) -> Option<bool>;
 
     /// What the layer counted for `plan`, in force now (`packet_base`: the
     /// counts carried over from replaced nftables objects); `None` when the

@@ -31,7 +31,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 pub use self::{
     bpf_layer::BpfLayer,
-    layer::{Context, Count, InForce, Layer, LayerKind, LayerSet},
+    layer::{Context, Count, Damage, InForce, Layer, LayerKind, LayerSet},
     nft_layer::NftLayer,
 };
 use crate::{
@@ -252,6 +252,8 @@ pub fn apply_locked(
         nft_layout: 0,
         packet_base: Default::default(),
         netns_cookie: cookie,
+        cgroup_id: 0,
+        nft_generation: None,
     };
     // The journal goes first: whatever happens to this process from here
     // on, the next command knows an apply of this plan was under way.
@@ -272,6 +274,7 @@ pub fn apply_locked(
                 cgroups_unjudgeable: cgroups_unjudgeable(&cgroup),
             };
             state.cgroup = cgroup.clone();
+            state.cgroup_id = host::cgroup_id(&cgroup).unwrap_or(0);
             enforce(&mut all, opts.layers, &ctx, &state.plan)
         });
     let enforced = match result {
@@ -485,6 +488,26 @@ pub fn remove(paths: &InstancePaths) -> anyhow::Result<Removed> {
         layers: removed,
         state,
     })
+}
+
+/// The pid of the instance's running `loopguard run`, if one holds its run
+/// lock (`None`: no daemon).
+pub fn daemon_pid(paths: &InstancePaths) -> anyhow::Result<Option<u32>> {
+    if !paths.run_lock_file.exists() {
+        return Ok(None);
+    }
+    let file = crate::state::open_lock_file(&paths.run_lock_file)
+        .with_context(|| format!("failed to open {}", paths.run_lock_file.display()))?;
+    // A shared lock, dropped at once: only a daemon holds it exclusively.
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_held) => Ok(None),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = fs::read_to_string(&paths.run_lock_file).unwrap_or_default();
+            Ok(Some(pid.trim().parse().unwrap_or(0)))
+        }
+        Err((_, e)) => Err(anyhow::Error::new(e)
+            .context(format!("failed to lock {}", paths.run_lock_file.display()))),
+    }
 }
 
 /// `applied 1a2b3c4d5e6f (/etc/loopguard/policy.toml): 3 services, ...`

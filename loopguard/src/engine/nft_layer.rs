@@ -5,7 +5,7 @@
 
 use anyhow::Context as _;
 
-use super::layer::{Context, Count, InForce, Layer, LayerKind};
+use super::layer::{Context, Count, Damage, InForce, Layer, LayerKind};
 use crate::{
     check::timed,
     compile::{Action, Plan},
@@ -21,6 +21,9 @@ pub struct NftLayer {
     staged: Option<NftChange>,
     /// Counts the committed table starts from.
     committed: Option<PacketCounts>,
+    /// The ruleset generation the commit made, when it is known to be this
+    /// commit's alone.
+    generation: Option<u32>,
 }
 
 /// The nftables change that puts a plan in force, and the counts the new
@@ -65,19 +68,29 @@ impl Layer for NftLayer {
         let Some(change) = self.staged.take() else {
             anyhow::bail!("internal error: the nftables layer was not staged");
         };
+        // The generation before and after: one step apart, the commit was
+        // the only transaction between, and the table is as the batch made it.
+        let before = nft::attest::generation().ok();
         let mut result = timed("nft: commit", || nft::commit(&change.batch));
         let mut base = change.base;
+        let mut before = before;
         if result.is_err() && change.in_place {
             // The table in force is not what the state says (edited by
             // hand?): replace it whole.
             log::warn!("nftables: in-place update refused; replacing table {table} whole");
             let full = full_table(table, plan, ctx.previous);
+            before = nft::attest::generation().ok();
             result = timed("nft: commit", || nft::commit(&full.batch));
             base = full.base;
         }
         result
             .map_err(nft_error)
             .context("the nftables transaction failed")?;
+        let after = nft::attest::generation().ok();
+        self.generation = match (before, after) {
+            (Some(b), Some(a)) if a == b.wrapping_add(1) => Some(a),
+            _ => None,
+        };
         self.committed = Some(base);
         Ok(())
     }
@@ -103,6 +116,7 @@ impl Layer for NftLayer {
     fn record(&self, state: &mut State) {
         state.nft_layout = nft::LAYOUT;
         state.packet_base = self.committed.clone().unwrap_or_default();
+        state.nft_generation = self.generation;
     }
 
     fn remove(&mut self, paths: &InstancePaths) -> anyhow::Result<bool> {
@@ -124,7 +138,27 @@ impl Layer for NftLayer {
         }
     }
 
-    fn still_there(&self, _paths: &InstancePaths) -> Option<bool> {
+    fn attest(&self, paths: &InstancePaths, state: &State) -> Vec<Damage> {
+        // Nothing committed since loopguard's own commit: the table is as
+        // that commit made it.
+        if let (Some(recorded), Ok(now)) = (state.nft_generation, nft::attest::generation()) {
+            if recorded == now {
+                return Vec::new();
+            }
+        }
+        match nft::attest::table_differences(&paths.instance, &state.plan) {
+            Ok(diffs) if diffs.is_empty() => Vec::new(),
+            Ok(diffs) => vec![Damage::TableAltered(diffs)],
+            Err(e) => {
+                // Gone between the two reads, or nft cannot be asked: the
+                // plan read-back judges that.
+                log::debug!("nftables layer content not checked: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn still_there(&self, _paths: &InstancePaths, _cgroup: &std::path::Path) -> Option<bool> {
         None
     }
 

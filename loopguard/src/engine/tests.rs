@@ -93,7 +93,10 @@ impl Layer for Fake {
     fn in_force(&self, _: &InstancePaths) -> InForce {
         InForce::Plan(Fake::in_force(self))
     }
-    fn still_there(&self, _: &InstancePaths) -> Option<bool> {
+    fn attest(&self, _: &InstancePaths, _: &State) -> Vec<Damage> {
+        Vec::new()
+    }
+    fn still_there(&self, _: &InstancePaths, _: &Path) -> Option<bool> {
         None
     }
     fn counts(

@@ -40,6 +40,7 @@
 //! The `nftables` crate runs `nft -j -f -` with the batch, written as JSON
 //! text (its typed schema has no `uid` set type).
 
+pub mod attest;
 mod batch;
 mod counts;
 mod prefix;
