@@ -7,6 +7,9 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// Per-instance state that is not a kernel object: the applied plan.
 /// tmpfs, like bpffs: both are gone after a reboot.
 pub const STATE_ROOT: &str = "/run/loopguard";
+/// Persistent, root-only: each instance's last known good policy, which a
+/// daemon enforces when it starts with a policy file it cannot apply.
+pub const GOOD_ROOT: &str = "/var/lib/loopguard";
 /// The default `--instance`.
 pub const DEFAULT_INSTANCE: &str = "loopguard";
 
@@ -32,6 +35,10 @@ pub struct InstancePaths {
     pub lock_file: PathBuf,
     /// Held by the one `run` of the instance (`<instance>.run`, its pid).
     pub run_lock_file: PathBuf,
+    /// `/var/lib/loopguard/<instance>`: the last known good policy
+    /// (`state.json`: the resolved plan; `names.json`: names as resolved;
+    /// `policy.toml`: its text).
+    pub good_dir: PathBuf,
     /// Who ran `remove --force` under a running daemon
     /// (`<instance>.removed-by`): the daemon names them when it exits.
     pub removed_by_file: PathBuf,
@@ -39,10 +46,15 @@ pub struct InstancePaths {
 
 impl InstancePaths {
     pub fn new(instance: &str) -> Self {
-        Self::with_roots(instance, Path::new(BPFFS), Path::new(STATE_ROOT))
+        Self::with_roots(
+            instance,
+            Path::new(BPFFS),
+            Path::new(STATE_ROOT),
+            Path::new(GOOD_ROOT),
+        )
     }
 
-    pub fn with_roots(instance: &str, bpffs: &Path, state_root: &Path) -> Self {
+    pub fn with_roots(instance: &str, bpffs: &Path, state_root: &Path, good_root: &Path) -> Self {
         let pin_dir = bpffs.join(instance);
         let state_dir = state_root.join(instance);
         Self {
@@ -58,6 +70,7 @@ impl InstancePaths {
             lock_file: state_root.join(format!("{instance}.lock")),
             run_lock_file: state_root.join(format!("{instance}.run")),
             removed_by_file: state_root.join(format!("{instance}.removed-by")),
+            good_dir: good_root.join(instance),
         }
     }
 }

@@ -259,3 +259,79 @@ mod tests {
         assert_eq!(unit_of("/lgt-scan.test"), None);
     }
 }
+
+/// A socket bound on a bind-guarded port by a uid that may not bind it:
+/// bound before the guard was in force, it keeps the port and receives
+/// what clients send there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Squatter {
+    #[serde(flatten)]
+    pub listener: Listener,
+    /// The service whose `bind_users` the owner is not among.
+    pub service: String,
+    /// The service is in audit mode: the bind would be recorded, not
+    /// refused.
+    pub audit: bool,
+}
+
+impl std::fmt::Display for Squatter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = &self.listener;
+        let who = l.user.clone().unwrap_or_else(|| format!("uid {}", l.uid));
+        write!(
+            f,
+            "squatter: {} (pid {}, {who}) holds {}/{}, which service {} lets only its bind_users bind{}; it keeps the port and receives what clients send there: stop it{}",
+            l.process.as_deref().unwrap_or("a process"),
+            l.pid.map_or("?".to_string(), |p| p.to_string()),
+            std::net::SocketAddr::new(l.address, l.port),
+            l.protocol.as_str(),
+            self.service,
+            if self.audit { " (audit mode)" } else { "" },
+            if l.protocol == Transport::Tcp {
+                " (a TCP listener can be closed with `ss -K`)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// The listeners on a bind-guarded port whose owner may not bind it.
+pub fn squatters(
+    plan: &crate::compile::Plan,
+    listeners: &[Listener],
+    local: &crate::scope::LocalTable,
+) -> Vec<Squatter> {
+    use crate::compile::Action;
+    if plan.services.iter().all(|s| s.bind_set.is_none()) {
+        return Vec::new();
+    }
+    listeners
+        .iter()
+        .filter_map(|l| {
+            let eval = plan.evaluate_bind(l.uid, l.protocol, l.address, l.port, local);
+            if eval.action == Action::Allow {
+                return None;
+            }
+            let service = eval
+                .service
+                .and_then(|i| plan.services.get(i))
+                .map_or_else(|| "?".to_string(), |s| s.name.clone());
+            Some(Squatter {
+                listener: l.clone(),
+                service,
+                audit: eval.action == Action::WouldDeny,
+            })
+        })
+        .collect()
+}
+
+/// [`squatters`] of this network namespace now (sock_diag, the local
+/// table); nothing to look for when no service is bind-guarded.
+pub fn squatters_now(plan: &crate::compile::Plan) -> io::Result<Vec<Squatter>> {
+    if plan.services.iter().all(|s| s.bind_set.is_none()) {
+        return Ok(Vec::new());
+    }
+    let local = crate::scope::LocalTable::read().map_err(io::Error::other)?;
+    Ok(squatters(plan, &listeners()?, &local))
+}

@@ -163,8 +163,6 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Opens (creating it 0600) a lock file in a private directory, never
-/// through a symlink.
 /// Writes a small root-only file (0600, never following a planted link),
 /// replacing what was there.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -183,6 +181,8 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)
 }
 
+/// Opens (creating it 0600) a lock file in a private directory, never
+/// through a symlink.
 pub fn open_lock_file(path: &Path) -> io::Result<fs::File> {
     fs::OpenOptions::new()
         .create(true)
@@ -224,4 +224,121 @@ fn write_atomically(paths: &InstancePaths, path: &Path, state: &State) -> Result
     // where systemd runs; on a disk the two syncs cost ~10 ms an apply at
     // 10,000 services (measured).
     fs::rename(&tmp, path).map_err(err)
+}
+
+/// The last known good policy of an instance: what its last successful
+/// apply put in force (the resolved plan with its file's hash and path,
+/// the names as resolved, and the file's text), kept on disk outside /run
+/// (`/var/lib/loopguard/<instance>`, root only) so that a daemon starting
+/// after a reboot with a policy file it cannot apply (missing, broken,
+/// names the directory does not answer yet) enforces it instead of
+/// nothing.
+pub struct LastGood {
+    pub state: State,
+    pub names: crate::policy::NameMemory,
+}
+
+impl LastGood {
+    const STATE: &'static str = "state.json";
+    const NAMES: &'static str = "names.json";
+    const TEXT: &'static str = "policy.toml";
+
+    /// Keeps `state` (just applied) as the last known good, with `names`.
+    /// Synced: it must survive the reboot it is for.
+    pub fn save(
+        paths: &InstancePaths,
+        state: &State,
+        names: &crate::policy::NameMemory,
+    ) -> Result<(), StateError> {
+        let dir = &paths.good_dir;
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Write { path, source }
+        };
+        private_dir(dir).map_err(err(dir))?;
+        let state_json = serde_json::to_vec(state).map_err(|e| err(dir)(io::Error::other(e)))?;
+        write_synced(&dir.join(Self::STATE), &state_json).map_err(err(&dir.join(Self::STATE)))?;
+        let names_json = serde_json::to_vec(names).map_err(|e| err(dir)(io::Error::other(e)))?;
+        write_synced(&dir.join(Self::NAMES), &names_json).map_err(err(&dir.join(Self::NAMES)))?;
+        // The text, for the operator, when the file still holds what was
+        // applied (it may have been edited since it was read).
+        let text_path = dir.join(Self::TEXT);
+        match fs::read(&state.policy_path) {
+            Ok(text)
+                if crate::compile::source_hash(&String::from_utf8_lossy(&text))
+                    == state.plan.hash =>
+            {
+                write_synced(&text_path, &text).map_err(err(&text_path))?;
+            }
+            _ => {
+                let _ = fs::remove_file(&text_path);
+            }
+        }
+        Ok(())
+    }
+
+    /// The last known good, if one was kept.
+    pub fn load(paths: &InstancePaths) -> Result<Option<LastGood>, StateError> {
+        let Some(state) = read(&paths.good_dir.join(Self::STATE))? else {
+            return Ok(None);
+        };
+        let names_path = paths.good_dir.join(Self::NAMES);
+        let names = match fs::read(&names_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| StateError::Parse {
+                path: names_path.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Default::default(),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: names_path,
+                    source,
+                })
+            }
+        };
+        Ok(Some(LastGood { state, names }))
+    }
+
+    /// Names as last resolved (empty when none were kept).
+    pub fn names(paths: &InstancePaths) -> crate::policy::NameMemory {
+        LastGood::load(paths)
+            .ok()
+            .flatten()
+            .map(|g| g.names)
+            .unwrap_or_default()
+    }
+
+    /// Deletes the instance's last known good (`remove`).
+    pub fn remove(paths: &InstancePaths) -> io::Result<bool> {
+        match fs::remove_dir_all(&paths.good_dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Writes a root-only file atomically and durably: temporary file, fsync,
+/// rename, fsync of the directory.
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }

@@ -659,6 +659,10 @@ impl Sandbox {
         if state.exists() {
             found.push(format!("state at {}", state.display()));
         }
+        let good = Path::new("/var/lib/loopguard").join(&self.instance);
+        if good.exists() {
+            found.push(format!("last known good at {}", good.display()));
+        }
         if self.netns_path.exists() {
             let table = run(Command::new("nsenter")
                 .arg(format!("--net={}", self.netns_path.display()))
@@ -692,6 +696,7 @@ impl Sandbox {
             let _ =
                 run(Command::new(loopguard_bin()).args(["--instance", &self.instance, "remove"]));
         }
+        let _ = fs::remove_dir_all(Path::new("/var/lib/loopguard").join(&self.instance));
         if self.cgroup.exists() {
             remove_cgroup(&self.cgroup);
         }
@@ -699,6 +704,20 @@ impl Sandbox {
             let _ = run(Command::new("ip").args(["netns", "del", &self.netns]));
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Sandbox {
+    /// What a reboot does to an instance: the kernel objects (pins, links,
+    /// the table) and /run are gone; /var/lib (the last known good) stays.
+    pub fn reboot(&self) {
+        let pins = Path::new("/sys/fs/bpf").join(&self.instance);
+        if pins.exists() {
+            // Unpinning the links detaches the programs.
+            fs::remove_dir_all(&pins).expect("unpin");
+        }
+        let _ = self.in_netns(&["nft", "delete", "table", "inet", &self.instance]);
+        let _ = fs::remove_dir_all(Path::new("/run/loopguard").join(&self.instance));
     }
 }
 

@@ -348,3 +348,65 @@ fn a_stopped_daemon_says_what_the_kernel_enforces() {
         "the last line: {last}"
     );
 }
+
+#[test]
+fn a_squatter_bound_before_the_guard_is_named_by_apply_status_run_and_scan() {
+    let u = users();
+    let mut sb = Sandbox::new("att-squat");
+    // bob listens on the port before any policy guards who may bind it.
+    sb.spawn_outside(Some(&u.bob), &["listen", &PORT.to_string()]);
+    sb.wait_listening(&to());
+    let p = sb.policy(
+        "p.toml",
+        &format!(
+            "version = 1\n[[service]]\nname = \"db\"\nport = {PORT}\nallow_users = [\"{a}\", \"{b}\"]\nbind_users = [\"{a}\"]\n",
+            a = u.alice.name,
+            b = u.bob.name
+        ),
+    );
+    let r = sb.apply(&p, &[]).ok();
+    let warning = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("squatter: lg-probe"))
+        .unwrap_or_else(|| panic!("apply names no squatter: {}", r.stderr));
+    assert!(
+        warning.contains(u.bob.name)
+            && warning.contains(&format!(":{PORT}/tcp"))
+            && warning.contains("service db"),
+        "{warning}"
+    );
+    let st = sb.lg(&["status"]);
+    assert!(st.stdout.contains("SQUATTER:"), "{}", st.stdout);
+    let scan = sb.lg(&["scan"]).ok();
+    let row = scan
+        .stdout
+        .lines()
+        .find(|l| l.contains(&format!(" {PORT} ")) && l.contains(u.bob.name))
+        .unwrap_or_else(|| panic!("no row for bob's listener: {}", tail(&scan.stdout, 2000)));
+    assert!(row.contains("SQUATTER (service db"), "{row}");
+    let json = sb.lg(&["scan", "--format", "json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert!(
+        v["listeners"]
+            .as_array()
+            .expect("listeners")
+            .iter()
+            .any(|l| l["port"] == PORT && l["squatter"] == true),
+        "{}",
+        tail(&json.stdout, 2000)
+    );
+    // A listener bob starts now is refused: the guard holds for new binds.
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["bind", &format!("127.0.0.1:{}", PORT)]),
+        "bind=EPERM"
+    );
+    let d = sb.start_daemon(&p, &["--metrics", "127.0.0.1:9486"]);
+    d.wait_log("squatter: lg-probe", 10, "the daemon names the squatter");
+    let scrape = sb.probe(None, &["http", "127.0.0.1:9486", "/metrics"]);
+    assert!(
+        scrape.contains("loopguard_squatters 1"),
+        "{}",
+        tail(&scrape, 1500)
+    );
+}

@@ -387,10 +387,16 @@ fn metrics_move_one_run_per_instance_and_sigterm_keeps_enforcement() {
     while std::path::Path::new(&format!("/proc/{}", d.pid)).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Its last words: what the kernel enforces, read back.
+    let log = d.log();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !d.log().contains("stays in force") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
-        d.log().contains("enforcement stays"),
+        d.log().contains("the kernel enforces plan") && d.log().contains("stays in force"),
         "{}",
-        tail(&d.log(), 4000)
+        tail(&log, 4000)
     );
     assert_eq!(
         sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),

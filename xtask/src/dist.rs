@@ -143,8 +143,33 @@ fn check_package(deb: &Path) -> Result<()> {
         status(Command::new("/usr/sbin/loopguard").args(["check", "/etc/loopguard/policy.toml"]))?;
         Ok(())
     })();
+    // Another instance's files: a purge takes only the packaged
+    // instance's own.
+    let others = [
+        "/run/loopguard/lg-dist-other.lock",
+        "/var/log/loopguard/lg-dist-other.jsonl",
+        "/var/lib/loopguard/lg-dist-other/state.json",
+    ];
+    for f in others {
+        let p = Path::new(f);
+        if let Some(dir) = p.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::write(p, "")?;
+    }
     status(Command::new("dpkg").args(["-P", "loopguard"]))?;
+    let kept = others.iter().all(|f| Path::new(f).exists());
+    for f in others {
+        let _ = fs::remove_file(f);
+    }
+    let _ = fs::remove_dir("/var/lib/loopguard/lg-dist-other");
+    for dir in ["/var/log/loopguard", "/var/lib/loopguard"] {
+        let _ = fs::remove_dir(dir);
+    }
     result?;
+    if !kept {
+        bail!("dpkg -P deleted another instance's files ({others:?})");
+    }
     let left: Vec<&String> = files
         .iter()
         .filter(|f| {
@@ -158,7 +183,9 @@ fn check_package(deb: &Path) -> Result<()> {
     }
     for gone in [
         "/etc/loopguard",
-        "/var/log/loopguard",
+        "/var/log/loopguard/loopguard.jsonl",
+        "/var/lib/loopguard/loopguard",
+        "/run/loopguard/loopguard",
         "/sys/fs/bpf/loopguard",
     ] {
         if Path::new(gone).exists() {

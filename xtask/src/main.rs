@@ -80,8 +80,22 @@ impl Need {
 }
 
 /// Accounts the integration tests create; removed after `test`.
-const TEST_USERS: &[&str] = &["lgt-alice", "lgt-bob", "lgt-carol", "lgt-dave"];
-const TEST_GROUPS: &[&str] = &["lgt-alice", "lgt-bob", "lgt-carol", "lgt-devs"];
+const TEST_USERS: &[&str] = &[
+    "lgt-alice",
+    "lgt-bob",
+    "lgt-carol",
+    "lgt-dave",
+    "lgt-gone",
+    "lgt-late",
+];
+const TEST_GROUPS: &[&str] = &[
+    "lgt-alice",
+    "lgt-bob",
+    "lgt-carol",
+    "lgt-devs",
+    "lgt-gone",
+    "lgt-late",
+];
 
 #[derive(Parser)]
 #[command(about = "loopguard's development tasks")]

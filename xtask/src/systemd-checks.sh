@@ -22,7 +22,7 @@ check() {
 # Polls a condition for up to 30 s (software emulation is slow).
 until_true() { local n=0; until "$@"; do n=$((n+1)); [ "$n" -gt 300 ] && return 1; sleep 0.1; done; }
 # The policy file on disk is the one in force (status reports its hash).
-in_force() { /usr/sbin/loopguard status --format json 2>/dev/null | grep -Fq "\"sha256:$(sha256sum /etc/loopguard/policy.toml | cut -d' ' -f1)\""; }
+in_force() { /usr/sbin/loopguard status --format json 2>/dev/null | grep -Fq "\"policy_hash\": \"sha256:$(sha256sum /etc/loopguard/policy.toml | cut -d' ' -f1)\""; }
 # `systemctl reload` only sends SIGHUP (ExecReload=kill -HUP) and returns at
 # once: wait until the edit is in force before probing what it changed.
 reload() { systemctl reload loopguard && until_true in_force; }
@@ -72,6 +72,31 @@ check "still enforced" says lgt-mallory connect=EPERM
 check "loopguard remove while the unit runs is refused" sh -c '! /usr/sbin/loopguard remove 2>/root/remove.err && grep -q "loopguard run. (pid" /root/remove.err'
 check "and enforcement stays" says lgt-mallory connect=EPERM
 
+# From boot, as a reboot leaves the host: the kernel's objects and /run
+# gone, /var/lib (the last known good) kept; then the unit starts.
+boot_with() {
+  systemctl stop loopguard
+  rm -rf /sys/fs/bpf/loopguard /run/loopguard/loopguard
+  nft delete table inet loopguard 2>/dev/null || true
+  "$@"
+  systemctl start loopguard
+}
+cp /etc/loopguard/policy.toml /root/good.toml
+boot_with sed -i 's/port = 7031/port = 99999/' /etc/loopguard/policy.toml
+check "from boot with a broken policy file: the unit runs" systemctl is-active --quiet loopguard
+check "and enforces the last known good policy" says lgt-mallory connect=EPERM
+check "and says so" sh -c 'journalctl -u loopguard -o cat | grep -q "enforcing the last known good policy"'
+check "status says the file is not the policy in force" sh -c '/usr/sbin/loopguard status | grep -q "the policy file changed since it was applied"'
+boot_with sed -i 's/port = 99999/port = 7031/; s/"root", "lgt-app"/"root", "lgt-app", "lgt-later"/' /etc/loopguard/policy.toml
+check "from boot with a name that does not resolve yet: the unit runs" systemctl is-active --quiet loopguard
+check "the rest is enforced" says lgt-mallory connect=EPERM
+check "and a listed user gets through" says lgt-app connect=ok
+check "the daemon says the name admits nobody yet" sh -c 'journalctl -u loopguard -o cat | grep -q "user lgt-later does not resolve: on an allow-list it admits nobody"'
+useradd --system --no-create-home lgt-later
+check "the name is enforced once it resolves" until_true says lgt-later connect=ok
+cp /root/good.toml /etc/loopguard/policy.toml
+check "the good policy again" reload
+
 # A unit by name (allow_units): its processes get through whatever their
 # uid, from a cgroup that did not exist when the policy was applied, and
 # again after the unit runs anew (a new cgroup at the same path).
@@ -91,6 +116,8 @@ systemd-run --quiet --unit=lg-client -p User=lgt-mallory /bin/sleep 300
 enforced_now() { /usr/sbin/loopguard explain --uid "$(id -u lgt-mallory)" --unit lg-client.service --to 127.0.0.1:7031 | head -1 | grep -q '^allow'; }
 check "allow_units: the running unit's current cgroup is the one enforced" until_true enforced_now
 check "the daemon said it followed the unit's cgroup" until_true sh -c 'journalctl -u loopguard -o cat | grep -Eq "cgroup system.slice/lg-client.service of service db (exists now|was made again)"'
+# In which words, for the record (issue 31: only "exists now" was waited for).
+journalctl -u loopguard -o cat | grep "lg-client.service of service" | sed 's/^/LG-SYSTEMD-INFO /'
 systemctl stop lg-client
 
 score="$(systemd-analyze security loopguard --no-pager 2>&1 | grep -i 'overall exposure')"
@@ -102,7 +129,7 @@ check "loopguard neither failed nor restarted" sh -c '! systemctl is-failed --qu
 dpkg -P loopguard >/dev/null
 check "dpkg -P leaves no pins" test ! -e /sys/fs/bpf/loopguard
 check "dpkg -P leaves no table" sh -c '! nft list tables | grep -q loopguard'
-check "dpkg -P leaves no files" sh -c '! ls /etc/loopguard /usr/sbin/loopguard /run/loopguard /var/log/loopguard 2>/dev/null | grep -q .'
+check "dpkg -P leaves no files" sh -c '! ls /etc/loopguard /usr/sbin/loopguard /run/loopguard /var/log/loopguard /var/lib/loopguard 2>/dev/null | grep -q .'
 check "and enforcement is lifted" says lgt-mallory connect=ok
 # The Ansible role (deploy/ansible), as a fleet rollout would run it.
 play() { ansible-playbook -c local -i localhost, /root/ansible/site.yml -e loopguard_deb=/root/loopguard.deb -e "@$1" "${@:2}"; }

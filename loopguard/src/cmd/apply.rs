@@ -48,5 +48,14 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     }
     let state = engine::apply(&args.enforce.options(), paths, prepared)?;
     println!("{}", engine::summary(&state, started.elapsed()));
+    // Sockets bound before a bind guard was in force keep their port.
+    match loopguard::scan::squatters_now(&state.plan) {
+        Ok(squatters) => {
+            for s in squatters {
+                log::warn!("{s}");
+            }
+        }
+        Err(e) => log::warn!("squatters not looked for (sock_diag): {e}"),
+    }
     Ok(exit::OK)
 }

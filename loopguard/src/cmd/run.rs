@@ -28,7 +28,7 @@ use loopguard::{
     host, nft,
     paths::InstancePaths,
     scope::LocalTable,
-    state::State,
+    state::{LastGood, State},
 };
 use loopguard_common::Event;
 use netlink_sys::{
@@ -89,6 +89,9 @@ struct Metrics {
     local_failures: Counter,
     repairs: Family<LayerLabels, Counter>,
     enforcing: Family<LayerLabels, Gauge>,
+    last_good: Gauge,
+    names_unresolved: Gauge,
+    squatters: Gauge,
     reload_failures: Counter,
     file_matches: Gauge,
     accounts_refreshed: Gauge,
@@ -114,6 +117,9 @@ impl Metrics {
         let local_failures = Counter::default();
         let repairs = Family::<LayerLabels, Counter>::default();
         let enforcing = Family::<LayerLabels, Gauge>::default();
+        let last_good = Gauge::default();
+        let names_unresolved = Gauge::default();
+        let squatters = Gauge::default();
         let reload_failures = Counter::default();
         let file_matches = Gauge::default();
         let accounts_refreshed = Gauge::default();
@@ -161,6 +167,21 @@ impl Metrics {
             enforcing.clone(),
         );
         registry.register(
+            "policy_last_known_good",
+            "1 while the daemon enforces the last known good policy because the file could not be applied at start",
+            last_good.clone(),
+        );
+        registry.register(
+            "names_unresolved",
+            "Names of the policy that do not resolve (tried again every 5 s): on an allow-list they admit nobody, on a deny-list their last uids stay denied",
+            names_unresolved.clone(),
+        );
+        registry.register(
+            "squatters",
+            "Sockets bound on a bind-guarded port by a uid that may not bind it (bound before the guard was in force): they keep the port",
+            squatters.clone(),
+        );
+        registry.register(
             "local_prefixes",
             "Prefixes of the kernel's local table (and the fixed broadcast and multicast ranges) the eBPF layer guards",
             local_prefixes.clone(),
@@ -200,6 +221,9 @@ impl Metrics {
             local_failures,
             repairs,
             enforcing,
+            last_good,
+            names_unresolved,
+            squatters,
             reload_failures,
             file_matches,
             accounts_refreshed,
@@ -303,7 +327,19 @@ struct Daemon {
     /// Set when the daemon must stop: what happened (enforcement removed
     /// under it).
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// Names as last resolved (the last known good's, then each apply's).
+    resolved_names: loopguard::policy::NameMemory,
+    /// What the names that did not resolve stand for now, in words.
+    unresolved: Vec<String>,
+    /// Enforcing the last known good policy, not the file.
+    on_last_good: bool,
+    /// The attach cgroup's absence was logged.
+    cgroup_gone_said: bool,
 }
+
+/// How often names that do not resolve, or a file that cannot be applied
+/// while the last known good is enforced, are tried again.
+const RETRY_NAMES: Duration = Duration::from_secs(5);
 
 impl Daemon {
     /// Applies the file; a refusal or failure is logged and the running
@@ -327,31 +363,179 @@ impl Daemon {
         let started = Instant::now();
         // Programs removed behind the daemon's back load again below.
         engine::warm_up(self.opts.layers, &self.paths);
-        let prepared = match engine::prepare(&self.file, self.opts.force) {
-            Ok(Ok(p)) => p,
-            Ok(Err(refusal)) => {
-                log::error!("{why}: policy not applied; the running policy stays\n{refusal}");
-                return false;
-            }
-            Err(e) => {
-                log::error!("{why}: {e:#}; the running policy stays");
-                return false;
-            }
-        };
+        let prepared =
+            match engine::prepare_lenient(&self.file, self.opts.force, self.resolved_names.clone())
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(refusal)) => {
+                    log::error!("{why}: policy not applied; the running policy stays\n{refusal}");
+                    return false;
+                }
+                Err(e) => {
+                    log::error!("{why}: {e:#}; the running policy stays");
+                    return false;
+                }
+            };
         if !prepared.warnings.is_empty() {
             log::warn!("{}", prepared.warnings);
         }
         self.commit(why, prepared, started)
     }
 
+    /// The policy file could not be applied at start: enforce what is in
+    /// force (pinned from before this daemon), else the last known good.
+    /// `false`: nothing to enforce (first boot with a broken file).
+    fn fall_back(&mut self, file: &Path) -> bool {
+        let in_force = State::load(&self.paths)
+            .ok()
+            .flatten()
+            .filter(|_| ebpf::is_installed(&self.paths) || nft::table_exists(&self.paths.instance));
+        if let Some(state) = in_force {
+            log::error!(
+                "start: {} cannot be applied; enforcing the policy in force (plan {}, {}, applied {}) and trying again every {} s",
+                file.display(),
+                state.plan.id,
+                state.policy_path.display(),
+                state.applied_at,
+                RETRY_NAMES.as_secs()
+            );
+            self.follow_state();
+            return true;
+        }
+        match LastGood::load(&self.paths) {
+            Ok(Some(good)) => {
+                log::error!(
+                    "start: {} cannot be applied; enforcing the last known good policy (plan {}, {} of {}, applied {}) and trying again every {} s",
+                    file.display(),
+                    good.state.plan.id,
+                    good.state.plan.hash,
+                    good.state.policy_path.display(),
+                    good.state.applied_at,
+                    RETRY_NAMES.as_secs()
+                );
+                let prepared = engine::Prepared {
+                    plan: good.state.plan,
+                    policy_path: good.state.policy_path,
+                    warnings: String::new(),
+                    policy: None,
+                    names: None,
+                    unresolved: Vec::new(),
+                };
+                if self.commit("last known good", prepared, Instant::now()) {
+                    self.on_last_good = true;
+                    self.metrics.last_good.set(1);
+                    return true;
+                }
+                log::error!(
+                    "NOT ENFORCING: the last known good policy could not be applied either"
+                );
+                false
+            }
+            Ok(None) => {
+                log::error!(
+                    "NOT ENFORCING: {} cannot be applied and no last known good policy was kept ({})",
+                    file.display(),
+                    self.paths.good_dir.display()
+                );
+                false
+            }
+            Err(e) => {
+                log::error!("NOT ENFORCING: {} cannot be applied, and the last known good cannot be read: {e}", file.display());
+                false
+            }
+        }
+    }
+
+    /// Sockets on bind-guarded ports held by uids that may not bind them:
+    /// said when `say` (after an apply), always counted.
+    fn look_for_squatters(&mut self, plan: &Plan, say: bool) {
+        match loopguard::scan::squatters_now(plan) {
+            Ok(found) => {
+                if say {
+                    for s in &found {
+                        log::warn!("{s}");
+                    }
+                } else if found.is_empty() && self.metrics.squatters.get() > 0 {
+                    log::info!("no squatters are left on bind-guarded ports");
+                }
+                self.metrics.squatters.set(found.len() as i64);
+            }
+            Err(e) => log::warn!("squatters not looked for (sock_diag): {e}"),
+        }
+    }
+
+    /// Says which names did not resolve (each once per change), and keeps
+    /// count for the retry and the metric.
+    fn note_unresolved(&mut self, unresolved: &[loopguard::policy::Unresolved]) {
+        let words: Vec<String> = unresolved.iter().map(ToString::to_string).collect();
+        if words != self.unresolved {
+            for w in &words {
+                log::warn!("{w}; trying again every {} s", RETRY_NAMES.as_secs());
+            }
+            if words.is_empty() && !self.unresolved.is_empty() {
+                log::info!("every name of the policy resolves again");
+            }
+        }
+        self.metrics.names_unresolved.set(words.len() as i64);
+        self.unresolved = words;
+    }
+
+    /// While names do not resolve, or the policy in force is not the
+    /// file's (the last known good, or a broken edit): the file is tried
+    /// again, and applied when it resolves to something new. Quiet while
+    /// nothing changed (the first failure was said).
+    fn retry(&mut self) {
+        // A squatter that was found is looked for again until it is gone.
+        if self.metrics.squatters.get() > 0 {
+            if let Some(plan) = self.current.clone() {
+                self.look_for_squatters(&plan, false);
+            }
+        }
+        let on_file = self.current.as_ref().is_some_and(|p| {
+            fs::read(&self.file).is_ok_and(|b| {
+                loopguard::compile::source_hash(&String::from_utf8_lossy(&b)) == p.hash
+            })
+        });
+        if self.unresolved.is_empty() && on_file && !self.on_last_good {
+            return;
+        }
+        let started = Instant::now();
+        let Ok(Ok(prepared)) =
+            engine::prepare_lenient(&self.file, self.opts.force, self.resolved_names.clone())
+        else {
+            return;
+        };
+        let words: Vec<String> = prepared
+            .unresolved
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if self.current.as_ref().map(|p| &p.id) == Some(&prepared.plan.id)
+            && words == self.unresolved
+        {
+            return;
+        }
+        self.commit("names or policy file resolve anew", prepared, started);
+    }
+
     /// Enforces a prepared policy and makes it the one events are decoded
     /// with.
     fn commit(&mut self, why: &str, prepared: engine::Prepared, started: Instant) -> bool {
+        let names = prepared.names.clone();
+        let unresolved = prepared.unresolved.clone();
         let committed = engine::apply(&self.opts, &self.paths, prepared);
         release_memory();
         match committed {
             Ok(state) => {
                 log::info!("{why}: {}", engine::summary(&state, started.elapsed()));
+                if let Some(names) = names {
+                    // Read from the file now: the last known good from here on.
+                    self.resolved_names = names;
+                    self.on_last_good = false;
+                    self.metrics.last_good.set(0);
+                }
+                self.note_unresolved(&unresolved);
+                self.look_for_squatters(&state.plan, true);
                 self.applied_layers = state.layers.clone();
                 self.applied_cgroup = state.cgroup.clone();
                 for kind in LayerKind::ALL {
@@ -397,42 +581,11 @@ impl Daemon {
         }
         let started = Instant::now();
         // A name that vanished must not hold back the other changes (a
-        // revocation above all): it resolves to no one, and is said.
-        let system = loopguard::policy::SystemDirectory;
-        let lenient = loopguard::policy::LenientDirectory {
-            inner: &system,
-            vanished: Default::default(),
-        };
-        let prepared = engine::prepare_with(&self.file, self.opts.force, &lenient);
-        for name in lenient.vanished.borrow().iter() {
-            log::warn!(
-                "{name} named in {} no longer exists: it now matches no one",
-                self.file.display()
-            );
-        }
-        // On a deny-list, a vanished name is not let go: its uid's
-        // processes may well run on (userdel kills nothing).
-        if let Ok(Ok(p)) = &prepared {
-            let on_deny_list = |what: &str| {
-                p.policy.as_ref().is_some_and(|policy| {
-                    policy.services.iter().any(|s| {
-                        s.list == loopguard::policy::ListKind::Deny
-                            && s.users
-                                .iter()
-                                .map(|(id, _)| format!("user {id}"))
-                                .chain(s.groups.iter().map(|(id, _)| format!("group {id}")))
-                                .any(|n| n == what)
-                    })
-                })
-            };
-            if let Some(name) = lenient.vanished.borrow().iter().find(|n| on_deny_list(n)) {
-                log::error!(
-                    "{name} is on a deny-list and no longer exists: membership not refreshed (its processes may run on); restore it or edit the policy"
-                );
-                self.metrics.refresh_failed(what);
-                return;
-            }
-        }
+        // revocation above all): on an allow-list it admits nobody, on a
+        // deny-list its last uids stay denied (userdel kills nothing: its
+        // processes may run on), and it is said.
+        let prepared =
+            engine::prepare_lenient(&self.file, self.opts.force, self.resolved_names.clone());
         let prepared = match prepared {
             Ok(Ok(p)) => p,
             Ok(Err(refused)) => {
@@ -517,6 +670,31 @@ impl Daemon {
         if !gone && !nft_changed {
             return;
         }
+        // The attach cgroup is gone (systemd removed an emptied slice): no
+        // repair can attach until it is made again, which inotify reports.
+        // Not tried (nor counted) meanwhile; said once.
+        if self.applied_layers.contains(&LayerKind::Bpf)
+            && host::cgroup_id(&self.applied_cgroup).is_none()
+            && self.paths.state_file.exists()
+        {
+            if !self.cgroup_gone_said {
+                log::error!(
+                    "cgroup {} is gone: the eBPF layer enforces nothing until it is made again",
+                    self.applied_cgroup.display()
+                );
+                self.cgroup_gone_said = true;
+            }
+            for kind in LayerKind::ALL {
+                if kind == LayerKind::Bpf {
+                    self.set_enforcing(kind, false);
+                }
+            }
+            if !nft_changed {
+                return;
+            }
+        } else {
+            self.cgroup_gone_said = false;
+        }
         // A damage that a repair did not cure is not retried in a loop.
         if self
             .last_repair
@@ -578,6 +756,8 @@ impl Daemon {
             policy_path: state.policy_path,
             warnings: String::new(),
             policy: None,
+            names: None,
+            unresolved: Vec::new(),
         };
         match engine::apply_locked(&opts, &self.paths, prepared) {
             Ok(state) => log::info!("repaired: {}", engine::summary(&state, started.elapsed())),
@@ -598,7 +778,11 @@ impl Daemon {
     /// nothing installed, after it had a policy in force. The daemon says
     /// who, and stops: putting it back would undo an operator's remove.
     fn check_removed(&mut self) {
+        // Only a `remove --force` leaves its note: anything else that took
+        // the state (a plain remove racing this daemon's start) is damage,
+        // and the next reload or apply puts the policy back.
         if self.current.is_none()
+            || !self.paths.removed_by_file.exists()
             || ebpf::is_installed(&self.paths)
             || nft::table_exists(&self.paths.instance)
         {
@@ -744,7 +928,21 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let run_lock = &paths.run_lock_file;
     let lock_file = loopguard::state::open_lock_file(run_lock)
         .with_context(|| format!("failed to open {}", run_lock.display()))?;
-    let mut lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+    // A `remove` looking for a daemon holds the lock shared for a moment:
+    // tried again for a little while before another daemon is assumed.
+    let mut lock_file = lock_file;
+    let mut tries = 0;
+    let locked = loop {
+        match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) if tries < 10 => {
+                tries += 1;
+                lock_file = file;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other,
+        }
+    };
+    let mut lock = match locked {
         Ok(l) => l,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
             let pid = fs::read_to_string(run_lock).unwrap_or_default();
@@ -788,13 +986,17 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         last_repair: None,
         repairs_in_a_row: 0,
         fatal,
+        resolved_names: LastGood::names(paths),
+        unresolved: Vec::new(),
+        on_last_good: false,
+        cgroup_gone_said: false,
     };
     // Read before the start's apply: a change from then on is followed,
     // however late the watchers first run.
     let policy_stamp = stamp(&args.file);
     let accounts_stamp: Vec<Stamp> = ACCOUNT_FILES.iter().map(|f| stamp(Path::new(f))).collect();
-    if !daemon.reload("start") {
-        return Ok(exit::PROBLEMS);
+    if !daemon.reload("start") && !daemon.fall_back(&args.file) {
+        return Ok(exit::NOT_ENFORCING);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -913,6 +1115,7 @@ async fn serve(
     tokio::spawn(watch_file(args.file.clone(), daemon.clone(), policy_stamp));
     tokio::spawn(watch_accounts(daemon.clone(), accounts_stamp));
     tokio::spawn(watch_cgroups(daemon.clone()));
+    tokio::spawn(retry_names(daemon.clone()));
 
     // The handlers first: a stop right after READY=1 must not kill the
     // process before it says what it leaves in force.
@@ -1250,6 +1453,18 @@ impl std::fmt::Display for Identities {
     }
 }
 
+/// Names that do not resolve yet (SSSD or LDAP not answering at boot), or
+/// a file that could not be applied while something else is enforced, are
+/// tried again every few seconds.
+async fn retry_names(daemon: Arc<Mutex<Daemon>>) {
+    let mut tick = tokio::time::interval(RETRY_NAMES);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        lock(&daemon).retry();
+    }
+}
+
 /// Follows the cgroups the policy in force lists: one that appears, goes,
 /// or is removed and made again (a restarted unit gets a new cgroup, with
 /// a new id) updates both layers within a second. inotify watches the
@@ -1440,16 +1655,15 @@ fn sync_local_table(d: &mut Daemon) -> bool {
 /// unpinning, `bpftool link detach` and a removed cgroup send no event.
 async fn watch_layers(daemon: Arc<Mutex<Daemon>>) {
     const NFNLGRP_NFTABLES: u32 = 7;
-    let sock = match host::netlink_socket(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1)) {
-        Ok(s) => s,
+    let paths = lock(&daemon).paths.clone();
+    // Without nftables events the tick still reads the eBPF links back.
+    let fd = match host::netlink_socket(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1)) {
+        // SAFETY: the socket owns its fd and lives inside the AsyncFd.
+        Ok(sock) => unsafe { AsyncFd::register(sock) }.ok(),
         Err(e) => {
-            log::error!("cannot watch nftables changes: {e}");
-            return;
+            log::error!("cannot watch nftables changes: {e}; the nftables layer is read back only on reloads");
+            None
         }
-    };
-    // SAFETY: the socket owns its fd and lives inside the AsyncFd.
-    let Ok(fd) = (unsafe { AsyncFd::register(sock) }) else {
-        return;
     };
     let mut buf = vec![0u8; 64 * 1024];
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -1479,12 +1693,18 @@ async fn watch_layers(daemon: Arc<Mutex<Daemon>>) {
             };
             cgroup_watch = Some((attach, watcher));
         }
+        let nft_events = async {
+            match &fd {
+                Some(fd) => fd.readable().await,
+                None => std::future::pending().await,
+            }
+        };
         let nft_changed = tokio::select! {
-            ready = fd.readable() => {
+            ready = nft_events => {
                 let Ok(mut guard) = ready else { return };
-                drain(guard.get_inner(), &mut buf);
+                let ours = nft_events_touch(guard.get_inner(), &mut buf, &paths.instance);
                 guard.clear_ready();
-                true
+                ours
             }
             _ = cgroup_rx.recv() => false,
             _ = tick.tick() => false,
@@ -1503,6 +1723,22 @@ fn release_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Reads every pending nftables event; whether any may concern the
+/// instance's table (another table's changes, docker's or firewalld's, do
+/// not wake a read-back). A lost event (ENOBUFS) or one that cannot be read
+/// counts as ours.
+fn nft_events_touch(fd: &Socket, buf: &mut [u8], table: &str) -> bool {
+    let mut ours = false;
+    loop {
+        match recv_nonblocking(fd, buf) {
+            Ok(n) if n > 0 => ours |= nft::attest::events_touch(&buf[..n.min(buf.len())], table),
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => ours = true,
+            _ => break,
+        }
+    }
+    ours
 }
 
 /// Reads every pending message of a netlink socket whose messages only

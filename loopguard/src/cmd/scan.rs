@@ -46,6 +46,8 @@ struct Row<'a> {
     /// The policy's service that decides connections to it; null when
     /// none does (unguarded: the default decides).
     service: Option<String>,
+    /// Bound on a bind-guarded port by a uid that may not bind it.
+    squatter: bool,
 }
 
 /// The plan to judge against: `--policy`, else the one in force, else
@@ -81,6 +83,13 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             s.name.clone()
         })
     };
+    // A socket on a bind-guarded port whose owner may not bind it is no
+    // guarded listener: a squatter.
+    let squatters = match (&plan, loopguard::scope::LocalTable::read()) {
+        (Some(plan), Ok(local)) => scan::squatters(plan, &listeners, &local),
+        _ => Vec::new(),
+    };
+    let squatter = |l: &Listener| squatters.iter().find(|s| s.listener == *l);
     let mut out = std::io::stdout().lock();
     match args.format {
         ScanFormat::Json => {
@@ -89,6 +98,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 .map(|l| Row {
                     listener: l,
                     service: guard(l),
+                    squatter: squatter(l).is_some(),
                 })
                 .collect();
             let text = serde_json::to_string_pretty(&serde_json::json!({ "listeners": rows }))?;
@@ -117,7 +127,12 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                     l.pid.map_or("-".into(), |p| p.to_string()),
                     l.process.as_deref().unwrap_or("-"),
                     place,
-                    guard(l).map_or("UNGUARDED".to_string(), |s| format!("service {s}"))
+                    match squatter(l) {
+                        Some(s) =>
+                            format!("SQUATTER (service {}: owner not in bind_users)", s.service),
+                        None =>
+                            guard(l).map_or("UNGUARDED".to_string(), |s| format!("service {s}")),
+                    }
                 )?;
             }
             for l in listeners.iter().filter(|l| l.exposed) {

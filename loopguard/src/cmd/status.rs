@@ -91,6 +91,8 @@ struct Status {
     /// How the kernel differs from the state; empty when it enforces
     /// exactly the applied policy (exit code 5 otherwise).
     drift: Vec<String>,
+    /// Sockets on bind-guarded ports held by uids that may not bind them.
+    squatters: Vec<loopguard::scan::Squatter>,
 }
 
 fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
@@ -201,6 +203,13 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             )],
             None => Vec::new(),
         },
+        squatters: match &state {
+            Some(s) if installed => loopguard::scan::squatters_now(&s.plan).unwrap_or_else(|e| {
+                log::warn!("squatters not looked for (sock_diag): {e}");
+                Vec::new()
+            }),
+            _ => Vec::new(),
+        },
     };
     if let (Some(state), true) = (&state, installed) {
         let plan = &state.plan;
@@ -271,6 +280,9 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         Format::Human => {
             for d in &status.drift {
                 writeln!(out, "DRIFT:     {d}")?;
+            }
+            for s in &status.squatters {
+                writeln!(out, "SQUATTER:  {s}")?;
             }
             if !installed {
                 writeln!(

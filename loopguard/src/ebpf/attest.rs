@@ -115,7 +115,10 @@ struct InfoAttr {
     info: u64,
 }
 
-/// `BPF_PROG_QUERY`'s leading fields.
+/// `union bpf_attr`'s `query` member, whole, with a zeroed tail: from 6.6
+/// (the cgroup "mprog" change) the kernel writes `revision` back at offset
+/// 56, past the older, shorter member; a longer attribute is accepted as
+/// long as its tail is zero.
 #[repr(C)]
 #[derive(Default)]
 struct QueryAttr {
@@ -126,6 +129,11 @@ struct QueryAttr {
     prog_ids: u64,
     prog_cnt: u32,
     _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+    _tail: [u64; 8],
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
@@ -175,17 +183,29 @@ fn info<T: Default>(fd: &OwnedFd) -> io::Result<T> {
 /// Ids of the programs attached directly to `cgroup` on `attach_type`.
 pub(super) fn attached_ids(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
     let dir = fs::File::open(cgroup)?;
-    let mut ids = vec![0u32; 64];
-    let mut attr = QueryAttr {
-        target_fd: dir.as_raw_fd() as u32,
-        attach_type,
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..QueryAttr::default()
-    };
-    bpf(BPF_PROG_QUERY, &mut attr)?;
-    ids.truncate((attr.prog_cnt as usize).min(ids.len()));
-    Ok(ids)
+    let mut room = 64;
+    // More programs than room: the kernel says how many (ENOSPC), once.
+    for _ in 0..2 {
+        let mut ids = vec![0u32; room];
+        let mut attr = QueryAttr {
+            target_fd: dir.as_raw_fd() as u32,
+            attach_type,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            ..QueryAttr::default()
+        };
+        match bpf(BPF_PROG_QUERY, &mut attr) {
+            Ok(_) => {
+                ids.truncate((attr.prog_cnt as usize).min(ids.len()));
+                return Ok(ids);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                room = (attr.prog_cnt as usize).clamp(room + 1, 1 << 16);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ENOSPC))
 }
 
 /// What one hook's link is.
@@ -226,6 +246,11 @@ fn link_fault(
     };
     let link: LinkInfo = match info(&link) {
         Ok(i) => i,
+        // Kernels before 5.8 give no info on links: the pin, which holds
+        // the link, is all that can be known there.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !crate::host::kernel_at_least(5, 8) => {
+            return None
+        }
         Err(e) => return Some(LinkFault::Unreadable(format!("{}: {e}", pin.display()))),
     };
     if link.link_type != BPF_LINK_TYPE_CGROUP {
@@ -282,6 +307,7 @@ mod tests {
         assert_eq!(size_of::<ObjGetAttr>(), 16);
         assert_eq!(size_of::<InfoAttr>(), 16);
         assert_eq!(std::mem::offset_of!(QueryAttr, prog_ids), 16);
+        assert_eq!(std::mem::offset_of!(QueryAttr, revision), 56);
     }
 
     #[test]

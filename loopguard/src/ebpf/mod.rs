@@ -320,16 +320,24 @@ fn reattach(paths: &InstancePaths, hook: &'static str, cgroup: &Path) -> Result<
         context: format!("{hook} was attached without a bpf_link"),
         source: io::Error::other(e),
     })?;
+    // Pinned under a temporary name, then renamed over the old pin (bpffs
+    // renames atomically): at every moment a link is pinned for the hook,
+    // and the old one detaches only once its pin is replaced.
+    crate::state::private_dir(&paths.links_dir).map_err(pin_err(format!(
+        "failed to create {}",
+        paths.links_dir.display()
+    )))?;
     let pin = paths.links_dir.join(hook);
-    match fs::remove_file(&pin) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(pin_err(format!("failed to unpin {}", pin.display()))(e)),
-    }
-    link.pin(&pin).map_err(|e| EbpfError::Pin {
+    // bpffs refuses names with a dot.
+    let fresh = paths.links_dir.join(format!("{hook}_new"));
+    let _ = fs::remove_file(&fresh);
+    link.pin(&fresh).map_err(|e| EbpfError::Pin {
         context: format!("failed to pin the link of {hook}"),
         source: io::Error::other(e),
     })?;
+    fs::rename(&fresh, &pin).map_err(pin_err(format!(
+        "failed to move the link of {hook} into place"
+    )))?;
     Ok(())
 }
 

@@ -39,7 +39,7 @@ use crate::{
     compile::{self, Plan},
     host,
     paths::InstancePaths,
-    policy::SystemDirectory,
+    policy::{DaemonDirectory, SystemDirectory},
     state::State,
 };
 
@@ -68,6 +68,13 @@ pub struct Prepared {
     /// The parsed file (what its lists name, before resolution), when it
     /// was read from a file.
     pub policy: Option<crate::policy::Policy>,
+    /// The names as resolved, kept with the last known good once applied
+    /// (`None`: not read from a file now, e.g. a repair: the last known
+    /// good stays as it is).
+    pub names: Option<crate::policy::NameMemory>,
+    /// Names a daemon's lenient resolution could not find, and what each
+    /// stands for (see [`prepare_lenient`]).
+    pub unresolved: Vec<crate::policy::Unresolved>,
 }
 
 /// A file `apply` will not enforce.
@@ -95,9 +102,37 @@ pub fn warm_up(want: LayerSet, paths: &InstancePaths) {
     }
 }
 
-/// Reads, checks, resolves and compiles a policy file.
+/// Reads, checks, resolves and compiles a policy file; an unknown name is
+/// an error. The names as resolved go with it (to the last known good).
 pub fn prepare(file: &Path, force: bool) -> anyhow::Result<Result<Prepared, Refused>> {
-    prepare_with(file, force, &SystemDirectory)
+    let system = SystemDirectory;
+    prepare_remembering(file, force, &DaemonDirectory::strict(&system))
+}
+
+/// [`prepare`] for `loopguard run`, which must not fail open: a name that
+/// does not resolve is a warning (in `unresolved`), admits nobody on an
+/// allow-list, and on a deny-list keeps denying the uids `memory` (the
+/// last known good's) has for it.
+pub fn prepare_lenient(
+    file: &Path,
+    force: bool,
+    memory: crate::policy::NameMemory,
+) -> anyhow::Result<Result<Prepared, Refused>> {
+    let system = SystemDirectory;
+    prepare_remembering(file, force, &DaemonDirectory::lenient(&system, memory))
+}
+
+fn prepare_remembering(
+    file: &Path,
+    force: bool,
+    dir: &DaemonDirectory<'_>,
+) -> anyhow::Result<Result<Prepared, Refused>> {
+    let mut prepared = prepare_with(file, force, dir)?;
+    if let Ok(p) = &mut prepared {
+        p.names = Some(dir.seen.take());
+        p.unresolved = dir.unresolved.take();
+    }
+    Ok(prepared)
 }
 
 /// [`prepare`] with names resolved through `dir`.
@@ -137,6 +172,8 @@ pub fn prepare_with(
         policy_path,
         warnings,
         policy: checked.policy,
+        names: None,
+        unresolved: Vec::new(),
     }))
 }
 
@@ -240,6 +277,8 @@ pub fn apply_locked(
         policy_path,
         policy,
         warnings,
+        names,
+        unresolved: _,
     } = prepared;
     drop((policy, warnings));
     let mut state = State {
@@ -274,7 +313,6 @@ pub fn apply_locked(
                 cgroups_unjudgeable: cgroups_unjudgeable(&cgroup),
             };
             state.cgroup = cgroup.clone();
-            state.cgroup_id = host::cgroup_id(&cgroup).unwrap_or(0);
             enforce(&mut all, opts.layers, &ctx, &state.plan)
         });
     let enforced = match result {
@@ -291,6 +329,9 @@ pub fn apply_locked(
         }
     };
     fault("before-state");
+    // Read after the links were attached: a cgroup made again meanwhile
+    // shows as links elsewhere, not as a lasting "made again".
+    state.cgroup_id = host::cgroup_id(&state.cgroup).unwrap_or(0);
     state.applied_at = jiff::Timestamp::now().to_string();
     for layer in &all {
         if enforced.contains(&layer.kind()) {
@@ -300,6 +341,16 @@ pub fn apply_locked(
     state.layers = enforced;
     timed("save state", || state.save(paths))?;
     State::clear_pending(paths)?;
+    if let Some(names) = &names {
+        // What a daemon falls back on when it starts with a file it cannot
+        // apply. Enforcement is in place either way: a failure here is
+        // said, not fatal.
+        if let Err(e) = timed("keep last known good", || {
+            crate::state::LastGood::save(paths, &state, names)
+        }) {
+            log::warn!("the last known good policy was not kept: {e}");
+        }
+    }
     Ok(state)
 }
 
@@ -479,11 +530,13 @@ pub fn remove(paths: &InstancePaths) -> anyhow::Result<Removed> {
             removed.push(layer.kind());
         }
     }
-    let state = paths.state_dir.exists();
+    let mut state = paths.state_dir.exists();
     if state {
         fs::remove_dir_all(&paths.state_dir)
             .with_context(|| format!("failed to remove {}", paths.state_dir.display()))?;
     }
+    state |= crate::state::LastGood::remove(paths)
+        .with_context(|| format!("failed to remove {}", paths.good_dir.display()))?;
     Ok(Removed {
         layers: removed,
         state,

@@ -164,8 +164,12 @@ fn run(rig: &mut Rig, want: LayerSet) -> Result<Vec<LayerKind>, EnforceError> {
 }
 
 fn run_plan(rig: &mut Rig, want: LayerSet, plan: &Plan) -> Result<Vec<LayerKind>, EnforceError> {
-    let paths =
-        InstancePaths::with_roots("fake", Path::new("/nonexistent"), Path::new("/nonexistent"));
+    let paths = InstancePaths::with_roots(
+        "fake",
+        Path::new("/nonexistent"),
+        Path::new("/nonexistent"),
+        Path::new("/nonexistent"),
+    );
     let ctx = Context {
         paths: &paths,
         cgroup: Path::new("/nonexistent"),

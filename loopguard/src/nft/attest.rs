@@ -89,12 +89,25 @@ pub struct Tally {
     chains: BTreeMap<String, usize>,
     sets: BTreeMap<String, usize>,
     counters: BTreeMap<String, ()>,
+    /// The uids of each uid set, sorted: who a verdict chain lets through
+    /// (or refuses). A uid swapped for another keeps the count.
+    uids: BTreeMap<String, Vec<u64>>,
 }
 
 fn elems(obj: &Value) -> usize {
     obj.get("elem")
         .and_then(Value::as_array)
         .map_or(0, Vec::len)
+}
+
+/// The elements of a set of uids, when it is one.
+fn uid_elems(obj: &Value) -> Option<Vec<u64>> {
+    if obj.get("type").and_then(Value::as_str) != Some("uid") {
+        return None;
+    }
+    obj.get("elem")
+        .and_then(Value::as_array)
+        .map_or(Some(Vec::new()), |a| a.iter().map(Value::as_u64).collect())
 }
 
 fn name(obj: &Value, key: &str) -> String {
@@ -132,9 +145,16 @@ impl Tally {
                 }
                 ("add" | "create", "set" | "map") => {
                     *t.sets.entry(name(obj, "name")).or_default() += elems(obj);
+                    if let Some(uids) = uid_elems(obj) {
+                        t.uids.entry(name(obj, "name")).or_default().extend(uids);
+                    }
                 }
                 ("add" | "create", "element") => {
                     *t.sets.entry(name(obj, "name")).or_default() += elems(obj);
+                    if let Some(uids) = t.uids.get_mut(&name(obj, "name")) {
+                        let added = obj.get("elem").and_then(Value::as_array);
+                        uids.extend(added.into_iter().flatten().filter_map(Value::as_u64));
+                    }
                 }
                 ("add" | "create", "counter") => {
                     t.counters.insert(name(obj, "name"), ());
@@ -142,7 +162,14 @@ impl Tally {
                 _ => {}
             }
         }
+        t.sort();
         t
+    }
+
+    fn sort(&mut self) {
+        for uids in self.uids.values_mut() {
+            uids.sort_unstable();
+        }
     }
 
     /// The tally of `nft -j list table`.
@@ -157,13 +184,19 @@ impl Tally {
                     t.chains.entry(name(obj, "name")).or_default();
                 }
                 "rule" => *t.chains.entry(name(obj, "chain")).or_default() += 1,
-                "set" | "map" => *t.sets.entry(name(obj, "name")).or_default() += elems(obj),
+                "set" | "map" => {
+                    *t.sets.entry(name(obj, "name")).or_default() += elems(obj);
+                    if let Some(uids) = uid_elems(obj) {
+                        t.uids.entry(name(obj, "name")).or_default().extend(uids);
+                    }
+                }
                 "counter" => {
                     t.counters.insert(name(obj, "name"), ());
                 }
                 _ => {}
             }
         }
+        t.sort();
         t
     }
 }
@@ -187,6 +220,15 @@ fn differences(want: &Tally, got: &Tally, max: usize) -> Vec<String> {
         };
     compare("chain", "rules", &want.chains, &got.chains);
     compare("set", "elements", &want.sets, &got.sets);
+    for (k, uids) in &want.uids {
+        if got
+            .uids
+            .get(k)
+            .is_some_and(|g| g != uids && g.len() == uids.len())
+        {
+            out.push(format!("set {k} holds other uids than the plan's"));
+        }
+    }
     for k in want
         .counters
         .keys()
@@ -231,7 +273,7 @@ mod tests {
             {"delete": {"table": {"family": "inet", "name": "t"}}},
             {"add": {"table": {"family": "inet", "name": "t"}}},
             {"add": {"chain": {"name": "output"}}},
-            {"add": {"set": {"name": "u_1", "elem": [1, 2, 3]}}},
+            {"add": {"set": {"name": "u_1", "type": "uid", "elem": [1, 2, 3]}}},
             {"add": {"element": {"name": "u_1", "elem": [4]}}},
             {"add": {"counter": {"name": "default_allow"}}},
             {"add": {"rule": {"chain": "output", "expr": []}}},
@@ -241,7 +283,7 @@ mod tests {
             {"metainfo": {}},
             {"table": {"name": "t"}},
             {"chain": {"name": "output", "handle": 1}},
-            {"set": {"name": "u_1", "elem": [1, 2, 3, 4], "handle": 2}},
+            {"set": {"name": "u_1", "type": "uid", "elem": [4, 1, 2, 3], "handle": 2}},
             {"counter": {"name": "default_allow", "packets": 9}},
             {"rule": {"chain": "output", "handle": 3}},
             {"rule": {"chain": "output", "handle": 4}},
@@ -262,6 +304,20 @@ mod tests {
                 "set u_1 has 3 elements, not 4",
                 "counter default_allow is missing",
             ]
+        );
+    }
+
+    #[test]
+    fn a_uid_swapped_for_another_is_a_difference() {
+        let batch = json!({"nftables": [
+            {"add": {"set": {"name": "u_1", "type": "uid", "elem": [1000, 1001]}}},
+        ]});
+        let swapped = json!({"nftables": [
+            {"set": {"name": "u_1", "type": "uid", "elem": [1000, 1002]}},
+        ]});
+        assert_eq!(
+            differences(&Tally::of_batch(&batch), &Tally::of_listing(&swapped), 5),
+            ["set u_1 holds other uids than the plan's"]
         );
     }
 
@@ -291,5 +347,91 @@ mod tests {
         msg.extend_from_slice(&7u32.to_be_bytes());
         assert_eq!(parse_generation(&msg).expect("generation"), 4242);
         assert!(parse_generation(&msg[..10]).is_err());
+    }
+}
+
+/// Whether a buffer of nftables netlink events may concern `table`: an
+/// event naming another table does not (every nftables object message
+/// carries its table's name as attribute 1); one that cannot be read does.
+pub fn events_touch(buf: &[u8], table: &str) -> bool {
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let len = buf
+            .get(at..at + 4)
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        if len < 16 || at + len > buf.len() {
+            return true;
+        }
+        let kind = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+        let msg = &buf[at..at + len];
+        at += (len + 3) & !3;
+        if kind >> 8 != NFNL_SUBSYS_NFTABLES || kind & 0xff == NFT_MSG_NEWGEN {
+            continue;
+        }
+        match attr_str(msg, 1) {
+            Some(name) if name != table => continue,
+            _ => return true,
+        }
+    }
+    at < buf.len()
+}
+
+/// A NUL-terminated string attribute of a nftables message.
+fn attr_str(msg: &[u8], want: u16) -> Option<&str> {
+    let mut at = 20;
+    while at + 4 <= msg.len() {
+        let alen = u16::from_ne_bytes([msg[at], msg[at + 1]]) as usize;
+        let atype = u16::from_ne_bytes([msg[at + 2], msg[at + 3]]) & 0x3fff;
+        if alen < 4 || at + alen > msg.len() {
+            return None;
+        }
+        if atype == want {
+            let raw = &msg[at + 4..at + alen];
+            let raw = raw.split(|b| *b == 0).next().unwrap_or(raw);
+            return std::str::from_utf8(raw).ok();
+        }
+        at += (alen + 3) & !3;
+    }
+    None
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+
+    fn message(kind: u16, table: Option<&str>) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        if let Some(t) = table {
+            let mut v = t.as_bytes().to_vec();
+            v.push(0);
+            attrs.extend_from_slice(&((4 + v.len()) as u16).to_ne_bytes());
+            attrs.extend_from_slice(&1u16.to_ne_bytes());
+            attrs.extend_from_slice(&v);
+            while attrs.len() % 4 != 0 {
+                attrs.push(0);
+            }
+        }
+        let len = 20 + attrs.len();
+        let mut m = Vec::new();
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | kind).to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&[1, 0, 0, 0]);
+        m.extend_from_slice(&attrs);
+        m
+    }
+
+    #[test]
+    fn only_events_of_our_table_wake_a_read_back() {
+        // NFT_MSG_NEWRULE = 6, NFT_MSG_DELTABLE = 2.
+        let mut theirs = message(6, Some("docker"));
+        theirs.extend(message(NFT_MSG_NEWGEN, None));
+        assert!(!events_touch(&theirs, "loopguard"));
+        let mut ours = theirs.clone();
+        ours.extend(message(2, Some("loopguard")));
+        assert!(events_touch(&ours, "loopguard"));
+        // Unreadable: ours, to be safe.
+        assert!(events_touch(&message(6, None), "loopguard"));
+        assert!(events_touch(&theirs[..18], "loopguard"));
     }
 }

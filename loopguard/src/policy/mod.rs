@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 pub use parse::parse;
 pub use parse::{valid_account_name, valid_name};
 pub use resolve::{
-    cgroup_id_under, resolve, Directory, LenientDirectory, Resolved, ResolvedCgroup,
-    SystemDirectory, VANISHED_UID,
+    cgroup_id_under, resolve, DaemonDirectory, Directory, NameMemory, Resolved, ResolvedCgroup,
+    SystemDirectory, Unresolved, VANISHED_UID,
 };
 pub use schema::policy_schema;
 pub use validate::{lint, validate, EphemeralPorts, ESSENTIAL_SERVICES};

@@ -11,7 +11,7 @@ use uzers::os::unix::GroupExt as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CgroupPath, IdList, IdRef, Policy, Span};
+use super::{CgroupPath, IdList, IdRef, ListKind, Policy, Span};
 use crate::diag::{Code, Diagnostic};
 
 /// Where account names come from: NSS on the host, a fixed table in tests.
@@ -30,6 +30,191 @@ pub trait Directory {
     /// cannot be known here.
     fn unit_cgroup(&self, _unit: &str) -> Result<CgroupPath, String> {
         Err("no systemd to ask".into())
+    }
+    /// The uid a user name stands for in a list of `kind` (`None`: an
+    /// unknown name, an error). A daemon's directory answers for names the
+    /// host does not know (yet): see [`DaemonDirectory`].
+    fn uid_in_list(&self, name: &str, _kind: ListKind) -> Option<u32> {
+        self.uid_of(name)
+    }
+    /// The members a group stands for in a list of `kind`.
+    fn members_in_list(&self, group: &IdRef, _kind: ListKind) -> Option<Vec<u32>> {
+        self.group_members(group)
+    }
+}
+
+/// Names as they were last resolved: kept with the last known good policy,
+/// so that a daemon starting before the directory answers (SSSD, LDAP), or
+/// after a listed user was deleted, keeps denying whom it denied.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameMemory {
+    pub users: std::collections::BTreeMap<String, u32>,
+    /// By name, or `#GID` for a group listed by number.
+    pub groups: std::collections::BTreeMap<String, Vec<u32>>,
+}
+
+fn group_key(group: &IdRef) -> String {
+    match group {
+        IdRef::Name(n) => n.to_string(),
+        IdRef::Id(id) => format!("#{id}"),
+    }
+}
+
+/// A name a daemon's resolution could not find, and what it stands for now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unresolved {
+    /// `user bob`, `group dbadmins`.
+    pub name: String,
+    pub kind: ListKind,
+    /// On a deny-list: the uids it was last resolved to, still denied
+    /// (empty: never resolved here). On an allow-list: nobody is admitted
+    /// for it (fail closed).
+    pub kept: Vec<u32>,
+}
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.kind, self.kept.as_slice()) {
+            (ListKind::Allow, _) => write!(
+                f,
+                "{} does not resolve: on an allow-list it admits nobody until it does",
+                self.name
+            ),
+            (ListKind::Deny, []) => write!(
+                f,
+                "{} does not resolve and was never resolved here: its deny-list entry denies nobody until it does",
+                self.name
+            ),
+            (ListKind::Deny, kept) => write!(
+                f,
+                "{} does not resolve: uid {} it was last resolved to stays denied",
+                self.name,
+                kept.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+/// Resolution for `loopguard run`, which must never fail open at start or
+/// on a change to the user database: a name that does not resolve is no
+/// error (it would keep the whole policy, revocations included, out of
+/// force) but a warning. On an allow-list it admits nobody; on a deny-list
+/// the uids it was last resolved to (from [`NameMemory`]) stay denied.
+/// Every name that does resolve is remembered for the next time.
+pub struct DaemonDirectory<'a> {
+    pub inner: &'a dyn Directory,
+    /// As last resolved; `None`: strict (unknown names are errors, as for
+    /// `apply` and `check`), only remembering.
+    pub memory: Option<NameMemory>,
+    /// What resolved now.
+    pub seen: std::cell::RefCell<NameMemory>,
+    pub unresolved: std::cell::RefCell<Vec<Unresolved>>,
+}
+
+impl<'a> DaemonDirectory<'a> {
+    /// Strict: unknown names are errors; what resolves is remembered.
+    pub fn strict(inner: &'a dyn Directory) -> Self {
+        DaemonDirectory {
+            inner,
+            memory: None,
+            seen: Default::default(),
+            unresolved: Default::default(),
+        }
+    }
+
+    /// Lenient, with names as last resolved.
+    pub fn lenient(inner: &'a dyn Directory, memory: NameMemory) -> Self {
+        DaemonDirectory {
+            memory: Some(memory),
+            ..Self::strict(inner)
+        }
+    }
+
+    /// A name the host does not know: `None` (an error) when strict, else
+    /// what it stands for, recorded.
+    fn not_found(&self, name: String, kind: ListKind, kept: Option<&[u32]>) -> Option<Vec<u32>> {
+        self.memory.as_ref()?;
+        let kept: Vec<u32> = match kind {
+            ListKind::Deny => kept.map(<[u32]>::to_vec).unwrap_or_default(),
+            ListKind::Allow => Vec::new(),
+        };
+        let mut unresolved = self.unresolved.borrow_mut();
+        if !unresolved.iter().any(|u| u.name == name && u.kind == kind) {
+            unresolved.push(Unresolved {
+                name,
+                kind,
+                kept: kept.clone(),
+            });
+        }
+        Some(kept)
+    }
+}
+
+impl Directory for DaemonDirectory<'_> {
+    fn uid_of(&self, name: &str) -> Option<u32> {
+        self.inner.uid_of(name)
+    }
+
+    fn user_name(&self, uid: u32) -> Option<String> {
+        self.inner.user_name(uid)
+    }
+
+    fn group_members(&self, group: &IdRef) -> Option<Vec<u32>> {
+        self.inner.group_members(group)
+    }
+
+    fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
+        self.inner.cgroup_id(path)
+    }
+
+    fn unit_cgroup(&self, unit: &str) -> Result<CgroupPath, String> {
+        self.inner.unit_cgroup(unit)
+    }
+
+    fn uid_in_list(&self, name: &str, kind: ListKind) -> Option<u32> {
+        if let Some(uid) = self.inner.uid_of(name) {
+            self.seen.borrow_mut().users.insert(name.to_string(), uid);
+            return Some(uid);
+        }
+        let kept = self
+            .memory
+            .as_ref()
+            .and_then(|m| m.users.get(name))
+            .copied();
+        let kept = self.not_found(
+            format!("user {name}"),
+            kind,
+            kept.as_ref().map(std::slice::from_ref),
+        )?;
+        match kept.first() {
+            Some(uid) => {
+                self.seen.borrow_mut().users.insert(name.to_string(), *uid);
+                Some(*uid)
+            }
+            // Matches no process.
+            None => Some(VANISHED_UID),
+        }
+    }
+
+    fn members_in_list(&self, group: &IdRef, kind: ListKind) -> Option<Vec<u32>> {
+        let key = group_key(group);
+        if let Some(members) = self.inner.group_members(group) {
+            self.seen.borrow_mut().groups.insert(key, members.clone());
+            return Some(members);
+        }
+        let kept = self
+            .memory
+            .as_ref()
+            .and_then(|m| m.groups.get(&key))
+            .cloned();
+        let kept = self.not_found(format!("group {group}"), kind, kept.as_deref())?;
+        if !kept.is_empty() {
+            self.seen.borrow_mut().groups.insert(key, kept.clone());
+        }
+        Some(kept)
     }
 }
 
@@ -129,44 +314,6 @@ impl Directory for SystemDirectory {
 /// resolves to under [`LenientDirectory`].
 pub const VANISHED_UID: u32 = u32::MAX - 1;
 
-/// For re-resolving a policy already in force after the user database
-/// changed: a name that no longer exists is no error (that would keep
-/// every other change, a revocation included, from being enforced). A
-/// deleted user resolves to [`VANISHED_UID`], a deleted group to no
-/// members; what vanished is recorded.
-pub struct LenientDirectory<'a> {
-    pub inner: &'a dyn Directory,
-    pub vanished: std::cell::RefCell<Vec<String>>,
-}
-
-impl Directory for LenientDirectory<'_> {
-    fn uid_of(&self, name: &str) -> Option<u32> {
-        self.inner.uid_of(name).or_else(|| {
-            self.vanished.borrow_mut().push(format!("user {name}"));
-            Some(VANISHED_UID)
-        })
-    }
-
-    fn user_name(&self, uid: u32) -> Option<String> {
-        self.inner.user_name(uid)
-    }
-
-    fn group_members(&self, group: &IdRef) -> Option<Vec<u32>> {
-        self.inner.group_members(group).or_else(|| {
-            self.vanished.borrow_mut().push(format!("group {group}"));
-            Some(Vec::new())
-        })
-    }
-
-    fn cgroup_id(&self, path: &CgroupPath) -> Option<u64> {
-        self.inner.cgroup_id(path)
-    }
-
-    fn unit_cgroup(&self, unit: &str) -> Result<CgroupPath, String> {
-        self.inner.unit_cgroup(unit)
-    }
-}
-
 /// A listed cgroup as resolved: its path and, while it exists, its id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ResolvedCgroup {
@@ -206,11 +353,12 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
         .services
         .iter()
         .map(|s| ResolvedService {
-            uids: r.lists(&s.users, &s.groups, &s.name_span),
+            uids: r.lists(&s.users, &s.groups, &s.name_span, s.list),
+            // Who may bind: an allow-list.
             bind_uids: s
                 .bind
                 .as_ref()
-                .map(|b| r.lists(&b.users, &b.groups, &s.name_span)),
+                .map(|b| r.lists(&b.users, &b.groups, &s.name_span, ListKind::Allow)),
             cgroups: {
                 let units = s.units.iter().filter_map(|(unit, span)| {
                     match dir.unit_cgroup(unit) {
@@ -257,14 +405,21 @@ pub fn resolve(policy: &Policy, dir: &dyn Directory) -> Result<Resolved, Vec<Dia
 struct Resolver<'d> {
     dir: &'d dyn Directory,
     diags: Vec<Diagnostic>,
-    /// Equal lists resolve once (they share storage: see `IdList`).
-    done: HashMap<(*const IdRef, *const IdRef), Arc<[u32]>>,
+    /// Equal lists of one kind resolve once (they share storage: see
+    /// `IdList`).
+    done: HashMap<(*const IdRef, *const IdRef, ListKind), Arc<[u32]>>,
 }
 
 impl Resolver<'_> {
     /// The uids of a users list and a groups list together.
-    fn lists(&mut self, users: &IdList, groups: &IdList, fallback: &Span) -> Arc<[u32]> {
-        let key = (users.ids.as_ptr(), groups.ids.as_ptr());
+    fn lists(
+        &mut self,
+        users: &IdList,
+        groups: &IdList,
+        fallback: &Span,
+        kind: ListKind,
+    ) -> Arc<[u32]> {
+        let key = (users.ids.as_ptr(), groups.ids.as_ptr(), kind);
         if let Some(uids) = self.done.get(&key) {
             return uids.clone();
         }
@@ -276,7 +431,7 @@ impl Resolver<'_> {
                 IdRef::Id(id) => {
                     uids.insert(*id);
                 }
-                IdRef::Name(n) => match self.dir.uid_of(n) {
+                IdRef::Name(n) => match self.dir.uid_in_list(n, kind) {
                     Some(uid) => {
                         uids.insert(uid);
                     }
@@ -290,7 +445,7 @@ impl Resolver<'_> {
         }
         for (value, span) in groups.iter() {
             let span = span.cloned().unwrap_or_else(|| fallback.clone());
-            match self.dir.group_members(value) {
+            match self.dir.members_in_list(value, kind) {
                 Some(members) => uids.extend(members),
                 None => self.diags.push(
                     Diagnostic::error(Code::UnknownGroup, format!("unknown group \"{value}\""))
