@@ -190,6 +190,31 @@ pub fn attach_cgroup(requested: Option<&Path>) -> Result<PathBuf, HostError> {
     }
 }
 
+/// Makes a missing attach cgroup (and missing parents) under a cgroup2
+/// mount, as a daemon that must not start unguarded does: systemd uses a
+/// slice's directory that exists as it is, and processes placed there are
+/// guarded from their start. `Ok(false)`: it existed.
+pub fn make_cgroup(path: &Path) -> Result<bool, HostError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let mut ancestor = path;
+    while let Some(parent) = ancestor.parent() {
+        ancestor = parent;
+        if ancestor.exists() {
+            break;
+        }
+    }
+    if fs_magic(ancestor) != Some(CGROUP2_SUPER_MAGIC) {
+        return Err(HostError::NotCgroup2(path.to_path_buf()));
+    }
+    fs::create_dir_all(path).map_err(|source| HostError::Io {
+        context: format!("make cgroup {}", path.display()),
+        source,
+    })?;
+    Ok(true)
+}
+
 /// The running kernel's release string, and its version as aya reads it
 /// (Ubuntu's and Debian's version signatures included; 0.0.0 if unknown).
 pub fn kernel_version() -> (String, KernelVersion) {

@@ -227,3 +227,127 @@ fn names_that_do_not_resolve_fail_closed_and_deny_lists_keep_their_last_uid() {
     }
     del_account("lgt-late");
 }
+
+#[test]
+fn a_switch_from_audit_to_enforce_keeps_earlier_refusals_as_would_deny() {
+    let u = users();
+    let mut sb = Sandbox::new("start-mode");
+    sb.spawn_listener(PORT);
+    let text = |mode: &str| {
+        format!(
+            "version = 1\n[[service]]\nname = \"db\"\nport = {PORT}\nmode = \"{mode}\"\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        )
+    };
+    let p = sb.policy("p.toml", &text("audit"));
+    let d = sb.start_daemon(&p, &["--metrics", "127.0.0.1:9488", "--layers", "nft"]);
+    let scrape = || sb.probe(None, &["http", "127.0.0.1:9488", "/metrics"]);
+    let line = |action: &str| {
+        let s = scrape();
+        s.lines()
+            .find(|l| {
+                l.starts_with("loopguard_attempts_total{")
+                    && l.contains("service=\"db\"")
+                    && l.contains("layer=\"nft\"")
+                    && l.contains(&format!("action=\"{action}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+            .unwrap_or_else(|| "0".into())
+    };
+    // Audit mode: bob gets through, the packet layer counts a would-deny.
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp-to", &to()]),
+        "connect=ok"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while line("would-deny") != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "no would-deny counted; {}",
+            tail(&scrape(), 1500)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Switched to enforce: the earlier attempt stays a would-deny.
+    fs::write(&p, text("enforce")).expect("switch");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = sb.lg(&["status", "--format", "json"]).ok();
+        let v: serde_json::Value = serde_json::from_str(&status.stdout).expect("json");
+        if v["services"][0]["mode"] == "enforce" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not reloaded; {}",
+            tail(&d.log(), 1500)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(line("deny"), "0", "{}", tail(&scrape(), 1500));
+    assert_eq!(line("would-deny"), "1", "{}", tail(&scrape(), 1500));
+}
+
+#[test]
+fn run_with_a_missing_cgroup_makes_it_and_guards_it() {
+    let u = users();
+    let mut sb = Sandbox::new("start-cg");
+    sb.spawn_listener(PORT);
+    let below = sb.cgroup.join("slice-not-made-yet");
+    let p = sb.policy(
+        "p.toml",
+        &format!(
+            "version = 1\n[[service]]\nname = \"db\"\nport = {PORT}\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        ),
+    );
+    sb.attach = below.clone();
+    let d = sb.start_daemon(&p, &[]);
+    assert!(below.is_dir(), "{}", tail(&d.log(), 1500));
+    assert!(
+        d.log().contains("did not exist: made it"),
+        "{}",
+        tail(&d.log(), 1500)
+    );
+    assert_eq!(
+        sb.probe_in(Some(&u.bob), &below, &["tcp-to", &to()]),
+        "connect=EPERM"
+    );
+}
+
+#[test]
+fn a_user_deleted_under_run_stays_denied_and_reloads_still_work() {
+    let mut sb = Sandbox::new("start-del");
+    sb.spawn_listener(PORT);
+    let victim = add_account("lgt-gone2");
+    let text = format!(
+        "version = 1\n[[service]]\nname = \"db\"\nport = {PORT}\ndeny_users = [\"lgt-gone2\"]\n"
+    );
+    let p = sb.policy("p.toml", &text);
+    let d = sb.start_daemon(&p, &[]);
+    assert_eq!(probe_uid(&sb, victim.uid), "connect=EPERM");
+    del_account("lgt-gone2");
+    d.wait_log(
+        "user lgt-gone2 does not resolve",
+        10,
+        "the daemon says the name is gone",
+    );
+    assert_eq!(probe_uid(&sb, victim.uid), "connect=EPERM", "still denied");
+    // A later edit still applies (the name is no error under run).
+    fs::write(&p, text.replace("name = \"db\"", "name = \"db2\"")).expect("edit");
+    d.wait_log("applied", 10, "the edit applied");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sb.lg(&["status"]).stdout.contains("db2") {
+        assert!(
+            Instant::now() < deadline,
+            "the edit was not applied; {}",
+            tail(&d.log(), 1500)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        probe_uid(&sb, victim.uid),
+        "connect=EPERM",
+        "still denied after a reload"
+    );
+}

@@ -61,8 +61,25 @@ pub(crate) fn dist(check: bool) -> Result<()> {
     if check {
         check_package(&deb)?;
         check_manifests(&root)?;
+        check_alert_rules(&root)?;
     }
     Ok(())
+}
+
+/// The Prometheus alert rules the package ships: valid, and each firing
+/// on the series that should fire it (promtool's unit tests).
+fn check_alert_rules(root: &Path) -> Result<()> {
+    let dir = root.join("deploy/prometheus");
+    status(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(dir.join("loopguard.rules.yml")),
+    )?;
+    status(Command::new("promtool").current_dir(&dir).args([
+        "test",
+        "rules",
+        "loopguard.rules.test.yml",
+    ]))
 }
 
 /// The Kubernetes manifest against the Kubernetes schemas, strictly (an
@@ -131,6 +148,7 @@ fn check_package(deb: &Path) -> Result<()> {
             "/lib/systemd/system/loopguard.service",
             "/etc/logrotate.d/loopguard",
             "/etc/loopguard/policy.toml",
+            "/usr/share/loopguard/prometheus/loopguard.rules.yml",
         ] {
             if !Path::new(f).exists() {
                 bail!("{f} is not installed");

@@ -33,7 +33,8 @@ enum Need {
     Vm,
     /// The benchmark: classic iptables owner rules for comparison.
     Bench,
-    /// `dist --check`: a Python virtualenv for kubernetes-validate.
+    /// `dist --check`: a Python virtualenv for kubernetes-validate, and
+    /// promtool (Debian's prometheus) for the alert rules.
     Dist,
     /// `vm-test --systemd`: debootstrap for the guest's root file system,
     /// what `dist` needs to build the .deb (gzip for man pages), and
@@ -73,7 +74,8 @@ impl Need {
                 "binutils",
             ],
             Need::Bench => &["nftables", "iptables", "iproute2", "util-linux", "passwd"],
-            Need::Dist => &["python3-venv"],
+            // prometheus: promtool, for the alert rules' unit tests.
+            Need::Dist => &["python3-venv", "prometheus"],
             Need::SystemdVm => &["debootstrap", "cpio", "kmod", "gzip", "shellcheck"],
         }
     }
@@ -87,6 +89,7 @@ const TEST_USERS: &[&str] = &[
     "lgt-dave",
     "lgt-gone",
     "lgt-late",
+    "lgt-gone2",
 ];
 const TEST_GROUPS: &[&str] = &[
     "lgt-alice",
@@ -95,6 +98,7 @@ const TEST_GROUPS: &[&str] = &[
     "lgt-devs",
     "lgt-gone",
     "lgt-late",
+    "lgt-gone2",
 ];
 
 #[derive(Parser)]

@@ -48,6 +48,28 @@ port = 7031
 allow_users = ["root", "lgt-app"]
 EOF
 
+# Metrics for a real Prometheus, which evaluates the shipped alert rules.
+mkdir -p /etc/systemd/system/loopguard.service.d
+printf '[Service]\nExecStart=\nExecStart=/usr/sbin/loopguard run /etc/loopguard/policy.toml --metrics 127.0.0.1:9477\n' > /etc/systemd/system/loopguard.service.d/metrics.conf
+systemctl daemon-reload
+cat > /etc/prometheus/prometheus.yml <<'EOF'
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+rule_files: [/usr/share/loopguard/prometheus/loopguard.rules.yml]
+scrape_configs:
+  - job_name: loopguard
+    static_configs: [{targets: ['127.0.0.1:9477']}]
+EOF
+systemctl restart prometheus
+# Whether Prometheus has alert $1 firing (its HTTP API, read with python3).
+firing() {
+  /usr/local/bin/lg-probe http 127.0.0.1:9090 /api/v1/alerts | python3 -c '
+import json, sys
+alerts = json.load(sys.stdin)["data"]["alerts"]
+sys.exit(not any(a["labels"]["alertname"] == sys.argv[1] and a["state"] == "firing" for a in alerts))' "$1" 2>/dev/null
+}
+# Polls a condition for up to two minutes (Prometheus starts slowly here).
+until_long() { local n=0; until "$@"; do n=$((n+1)); [ "$n" -gt 120 ] && return 1; sleep 1; done; }
+
 systemctl start loopguard
 check "systemctl start reaches active through Type=notify" sh -c 'systemctl is-active --quiet loopguard && [ "$(systemctl show -p Type --value loopguard)" = notify ]'
 check "a listed user gets through" says lgt-app connect=ok
@@ -87,6 +109,7 @@ check "from boot with a broken policy file: the unit runs" systemctl is-active -
 check "and enforces the last known good policy" says lgt-mallory connect=EPERM
 check "and says so" sh -c 'journalctl -u loopguard -o cat | grep -q "enforcing the last known good policy"'
 check "status says the file is not the policy in force" sh -c '/usr/sbin/loopguard status | grep -q "the policy file changed since it was applied"'
+check "Prometheus fires LoopguardOnLastKnownGood from the shipped rules" until_long firing LoopguardOnLastKnownGood
 boot_with sed -i 's/port = 99999/port = 7031/; s/"root", "lgt-app"/"root", "lgt-app", "lgt-later"/' /etc/loopguard/policy.toml
 check "from boot with a name that does not resolve yet: the unit runs" systemctl is-active --quiet loopguard
 check "the rest is enforced" says lgt-mallory connect=EPERM
@@ -126,6 +149,8 @@ exposure="$(echo "$score" | grep -o '[0-9]*\.[0-9]' | head -1)"
 check "systemd-analyze security: exposure 5.0 or less" awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 5.0) }'
 check "loopguard neither failed nor restarted" sh -c '! systemctl is-failed --quiet loopguard && [ "$(systemctl show -p NRestarts --value loopguard)" = 0 ]'
 
+rm -r /etc/systemd/system/loopguard.service.d
+systemctl daemon-reload
 dpkg -P loopguard >/dev/null
 check "dpkg -P leaves no pins" test ! -e /sys/fs/bpf/loopguard
 check "dpkg -P leaves no table" sh -c '! nft list tables | grep -q loopguard'

@@ -24,7 +24,8 @@ use crate::{status, vm, workspace_root};
 /// ansible-core and python3-apt run the role in deploy/ansible inside the
 /// guest (`-c local`); python3-cffi-backend is named because debootstrap
 /// does not resolve the virtual package python3-cryptography needs.
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,kmod,iproute2,nftables,udev,procps,passwd,adduser,logrotate,ansible-core,python3-apt,python3-cffi-backend";
+/// prometheus scrapes the daemon and evaluates the shipped alert rules.
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,kmod,iproute2,nftables,udev,procps,passwd,adduser,logrotate,ansible-core,python3-apt,python3-cffi-backend,prometheus";
 
 /// The checks, run as a oneshot unit once the system is up. Each prints
 /// `LG-SYSTEMD-CHECK ok|FAIL <what>` (a failure then the daemon's last 40

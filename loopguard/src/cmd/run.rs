@@ -276,7 +276,19 @@ impl Metrics {
             }
         }
         for (labels, value) in current {
-            let last = self.seen.insert(labels.clone(), value).unwrap_or(0);
+            // The nftables layer counts refusals, whatever the mode: what it
+            // counted while a service was in audit mode stays would-deny
+            // after the switch to enforce (and the other way round). The
+            // baseline is the refusal count, not the action's.
+            let key = if labels.layer == "nft" && labels.action != "allow" {
+                AttemptLabels {
+                    action: "refused".into(),
+                    ..labels.clone()
+                }
+            } else {
+                labels.clone()
+            };
+            let last = self.seen.insert(key, value).unwrap_or(0);
             if value > last {
                 self.attempts.get_or_create(&labels).inc_by(value - last);
             } else {
@@ -539,7 +551,11 @@ impl Daemon {
                 self.applied_layers = state.layers.clone();
                 self.applied_cgroup = state.cgroup.clone();
                 for kind in LayerKind::ALL {
-                    self.set_enforcing(kind, state.layers.contains(&kind));
+                    if state.layers.contains(&kind) {
+                        self.set_enforcing(kind, true);
+                    } else {
+                        self.unset_enforcing(kind);
+                    }
                 }
                 self.remember(state.plan.clone());
                 self.current = Some(state.plan);
@@ -600,6 +616,7 @@ impl Daemon {
             }
         };
         self.metrics.resolved(what);
+        self.note_unresolved(&prepared.unresolved);
         if prepared.plan.id == current.id {
             log::debug!("{what} changed; no service's list did");
             return;
@@ -653,7 +670,7 @@ impl Daemon {
         for l in engine::layers() {
             let kind = l.kind();
             if !self.applied_layers.contains(&kind) {
-                self.set_enforcing(kind, false);
+                self.unset_enforcing(kind);
                 continue;
             }
             match l.still_there(&self.paths, &self.applied_cgroup) {
@@ -721,10 +738,11 @@ impl Daemon {
         let drift = loopguard::health::drift(&self.paths, &state);
         let damaged: Vec<LayerKind> = drift.iter().filter_map(Drift::damaged).collect();
         for kind in LayerKind::ALL {
-            self.set_enforcing(
-                kind,
-                state.layers.contains(&kind) && !damaged.contains(&kind),
-            );
+            if state.layers.contains(&kind) {
+                self.set_enforcing(kind, !damaged.contains(&kind));
+            } else {
+                self.unset_enforcing(kind);
+            }
         }
         if damaged.is_empty() {
             self.repairs_in_a_row = 0;
@@ -763,6 +781,13 @@ impl Daemon {
             Ok(state) => log::info!("repaired: {}", engine::summary(&state, started.elapsed())),
             Err(e) => log::error!("repair failed: {e:#}"),
         }
+    }
+
+    /// A layer the policy in force does not use has no series.
+    fn unset_enforcing(&self, layer: LayerKind) {
+        self.metrics.enforcing.remove(&LayerLabels {
+            layer: layer.to_string(),
+        });
     }
 
     fn set_enforcing(&self, layer: LayerKind, on: bool) {
@@ -991,6 +1016,18 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         on_last_good: false,
         cgroup_gone_said: false,
     };
+    // A missing --cgroup (a slice systemd has not made yet) must not leave
+    // the host unguarded: made now, it is guarded from its first process.
+    if let Some(cgroup) = &daemon.opts.cgroup {
+        match host::make_cgroup(cgroup) {
+            Ok(true) => log::warn!(
+                "cgroup {} did not exist: made it, so that processes placed there are guarded from their start",
+                cgroup.display()
+            ),
+            Ok(false) => {}
+            Err(e) => log::error!("{e}"),
+        }
+    }
     // Read before the start's apply: a change from then on is followed,
     // however late the watchers first run.
     let policy_stamp = stamp(&args.file);
