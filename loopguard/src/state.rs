@@ -242,38 +242,64 @@ impl LastGood {
     const STATE: &'static str = "state.json";
     const NAMES: &'static str = "names.json";
     const TEXT: &'static str = "policy.toml";
+    /// `PLAN-ID HASH NAMES-HASH`: what the files above hold, written last.
+    const ID: &'static str = "id";
 
-    /// Keeps `state` (just applied) as the last known good, with `names`.
-    /// Synced: it must survive the reboot it is for.
+    /// Keeps `state` (just applied and saved) as the last known good, with
+    /// `names`, and the policy file's text when `text_stamp` (its identity
+    /// when it was read) says it is still what was applied. Synced: it must
+    /// survive the reboot it is for. Nothing is written when the last known
+    /// good already holds this plan with these names (a re-apply of the same
+    /// file); the state file is copied, not serialized again.
     pub fn save(
         paths: &InstancePaths,
         state: &State,
         names: &crate::policy::NameMemory,
+        text_stamp: Option<FileStamp>,
     ) -> Result<(), StateError> {
+        use crate::check::timed;
         let dir = &paths.good_dir;
         let err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StateError::Write { path, source }
         };
         private_dir(dir).map_err(err(dir))?;
-        let state_json = serde_json::to_vec(state).map_err(|e| err(dir)(io::Error::other(e)))?;
-        write_synced(&dir.join(Self::STATE), &state_json).map_err(err(&dir.join(Self::STATE)))?;
         let names_json = serde_json::to_vec(names).map_err(|e| err(dir)(io::Error::other(e)))?;
-        write_synced(&dir.join(Self::NAMES), &names_json).map_err(err(&dir.join(Self::NAMES)))?;
-        // The text, for the operator, when the file still holds what was
-        // applied (it may have been edited since it was read).
+        let id_path = dir.join(Self::ID);
+        let id = format!(
+            "{} {} {}\n",
+            state.plan.id,
+            state.plan.hash,
+            crate::compile::source_hash(&String::from_utf8_lossy(&names_json))
+        );
+        if fs::read_to_string(&id_path).is_ok_and(|old| old == id) {
+            return Ok(());
+        }
+        // The id goes first: a crash part way leaves an id that matches
+        // nothing, so the next apply writes everything again.
+        let _ = fs::remove_file(&id_path);
+        let state_path = dir.join(Self::STATE);
+        timed("last known good: state", || {
+            copy_synced(&paths.state_file, &state_path)
+        })
+        .map_err(err(&state_path))?;
+        let names_path = dir.join(Self::NAMES);
+        write_synced(&names_path, &names_json).map_err(err(&names_path))?;
+        // The text, for the operator, when the file is still the one read
+        // (it may have been edited since).
         let text_path = dir.join(Self::TEXT);
-        match fs::read(&state.policy_path) {
-            Ok(text)
-                if crate::compile::source_hash(&String::from_utf8_lossy(&text))
-                    == state.plan.hash =>
-            {
-                write_synced(&text_path, &text).map_err(err(&text_path))?;
+        match text_stamp {
+            Some(stamp) if FileStamp::of(&state.policy_path) == Some(stamp) => {
+                timed("last known good: text", || {
+                    copy_synced(&state.policy_path, &text_path)
+                })
+                .map_err(err(&text_path))?;
             }
             _ => {
                 let _ = fs::remove_file(&text_path);
             }
         }
+        write_synced(&id_path, id.as_bytes()).map_err(err(&id_path))?;
         Ok(())
     }
 
@@ -316,6 +342,55 @@ impl LastGood {
             Err(e) => Err(e),
         }
     }
+}
+
+/// A file's identity and contents, cheaply: modified time (ns), size,
+/// inode. Equal before and after: the same contents (an edit in place
+/// changes the time, a rename over the file the inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStamp {
+    modified: std::time::SystemTime,
+    len: u64,
+    ino: u64,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt as _;
+        let m = fs::metadata(path).ok()?;
+        Some(FileStamp {
+            modified: m.modified().ok()?,
+            len: m.len(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// Copies a file into a root-only one, atomically and durably.
+fn copy_synced(from: &Path, to: &Path) -> io::Result<()> {
+    let tmp = to.with_extension("tmp");
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut src = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let mut dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    io::copy(&mut src, &mut dst)?;
+    dst.sync_all()?;
+    fs::rename(&tmp, to)?;
+    if let Some(dir) = to.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Writes a root-only file atomically and durably: temporary file, fsync,

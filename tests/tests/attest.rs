@@ -410,3 +410,122 @@ fn a_squatter_bound_before_the_guard_is_named_by_apply_status_run_and_scan() {
         tail(&scrape, 1500)
     );
 }
+
+/// Waits until `status` exits 0 (every listed layer attested), within
+/// `secs`; the daemon's log tail on failure.
+fn wait_clean(sb: &Sandbox, d: &Daemon, secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let st = sb.lg(&["status"]);
+        if st.code == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not repaired in {secs} s (status {}: {}); daemon log: {}",
+            st.code,
+            tail(&st.stdout, 500),
+            tail(&d.log(), 1500)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn run_repairs_damage_made_under_the_lock_a_dormant_table_and_a_lost_state() {
+    let u = users();
+    let mut sb = Sandbox::new("att-more");
+    sb.spawn_listener(PORT);
+    let p = sb.policy("p.toml", &policy(&u.alice));
+    let d = sb.start_daemon(&p, &[]);
+    let refused = || sb.probe_outside(Some(&u.bob), &["tcp-to", &to()]) == "connect=ECONNREFUSED";
+    assert!(refused());
+
+    // Damage while the instance lock is held: the event comes while no look
+    // can be made; the look is made once the lock is free.
+    let lock = format!("/run/loopguard/{}.lock", sb.instance);
+    let netns = format!("--net={}", sb.netns_path.display());
+    let held = std::process::Command::new("flock")
+        .args(["-x", &lock, "-c"])
+        .arg(format!(
+            "nsenter {netns} nft flush chain inet {} output; sleep 1",
+            sb.instance
+        ))
+        .status()
+        .expect("flock");
+    assert!(held.success());
+    wait_clean(&sb, &d, 5, "damage made under the lock");
+    assert!(refused());
+
+    // A table switched off keeps its counts: it is dormant all the same.
+    sb.in_netns(&[
+        "nft",
+        "add",
+        "table",
+        "inet",
+        &sb.instance,
+        "{ flags dormant; }",
+    ])
+    .ok();
+    d.wait_log(
+        "the table is dormant",
+        10,
+        "the daemon names the dormant table",
+    );
+    wait_clean(&sb, &d, 5, "a dormant table");
+    assert!(refused());
+
+    // The state taken (not by `remove --force`): the daemon puts back the
+    // policy it enforces.
+    fs::remove_dir_all(format!("/run/loopguard/{}", sb.instance)).expect("rm state");
+    sb.in_netns(&["nft", "flush", "chain", "inet", &sb.instance, "output"])
+        .ok();
+    d.wait_log(
+        "is gone (not by `remove --force`)",
+        10,
+        "the daemon says the state is gone",
+    );
+    wait_clean(&sb, &d, 5, "a lost state");
+    assert!(refused());
+}
+
+#[test]
+fn repairs_that_do_not_hold_back_off_are_said_and_tried_again() {
+    let u = users();
+    let mut sb = Sandbox::new("att-fight");
+    sb.spawn_listener(PORT);
+    let p = sb.policy("p.toml", &policy(&u.alice));
+    let d = sb.start_daemon(&p, &["--layers", "nft"]);
+    // Another tool undoes every repair as it lands (it watches `nft
+    // monitor`), for a few seconds.
+    let fight = format!(
+        "nft monitor rules | while read -r l; do case \"$l\" in *\"inet {t} output\"*) nft flush chain inet {t} output;; esac; done",
+        t = sb.instance
+    );
+    let mut fighter = std::process::Command::new("timeout")
+        .args([
+            "8",
+            "nsenter",
+            &format!("--net={}", sb.netns_path.display()),
+            "sh",
+            "-c",
+            &fight,
+        ])
+        .spawn()
+        .expect("fighter");
+    std::thread::sleep(Duration::from_millis(300));
+    sb.in_netns(&["nft", "flush", "chain", "inet", &sb.instance, "output"])
+        .ok();
+    d.wait_log(
+        "repairs in a row did not hold",
+        10,
+        "the daemon says it backs off",
+    );
+    let _ = fighter.wait();
+    // It stopped: the daemon puts the policy back after its backoff.
+    wait_clean(&sb, &d, 40, "after the backoff");
+    assert_eq!(
+        sb.probe_outside(Some(&u.bob), &["tcp-to", &to()]),
+        "connect=ECONNREFUSED"
+    );
+}

@@ -347,6 +347,26 @@ struct Daemon {
     on_last_good: bool,
     /// The attach cgroup's absence was logged.
     cgroup_gone_said: bool,
+    /// A look at the layers could not be made (the instance lock was held,
+    /// the backoff): the next tick makes it, event or not.
+    look_pending: bool,
+    /// The backoff was said.
+    backoff_said: bool,
+    /// The nftables generation of the last look that found nothing wrong.
+    nft_generation_seen: Option<u32>,
+}
+
+/// The longest wait between repairs that do not hold.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How long to wait before the next repair after `in_a_row` that did not
+/// hold: none for the first three, then 1 s, doubling up to a minute. A
+/// look that finds nothing wrong starts over.
+fn repair_backoff(in_a_row: u32) -> Duration {
+    if in_a_row < 3 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs(1u64 << (in_a_row - 3).min(6)).min(REPAIR_BACKOFF_MAX)
 }
 
 /// How often names that do not resolve, or a file that cannot be applied
@@ -432,6 +452,7 @@ impl Daemon {
                     policy: None,
                     names: None,
                     unresolved: Vec::new(),
+                    source_stamp: None,
                 };
                 if self.commit("last known good", prepared, Instant::now()) {
                     self.on_last_good = true;
@@ -684,7 +705,15 @@ impl Daemon {
                 None => {}
             }
         }
-        if !gone && !nft_changed {
+        // The nftables ruleset generation, every second (one netlink round
+        // trip): an event lost, or one that arrived while a look could not
+        // be made, still shows as a generation not yet looked at.
+        let generation = nft::attest::generation().ok();
+        let nft_moved = self.applied_layers.contains(&LayerKind::Nft)
+            && generation.is_some()
+            && generation != self.nft_generation_seen;
+        let nft_changed = nft_changed || nft_moved;
+        if !gone && !nft_changed && !self.look_pending {
             return;
         }
         // The attach cgroup is gone (systemd removed an emptied slice): no
@@ -712,28 +741,50 @@ impl Daemon {
         } else {
             self.cgroup_gone_said = false;
         }
-        // A damage that a repair did not cure is not retried in a loop.
-        if self
-            .last_repair
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
-            && self.repairs_in_a_row >= 3
-        {
+        // One backoff: a damage that repairs do not cure (another tool
+        // undoing each repair) is put back at most once per REPAIR_BACKOFF
+        // after three in a row, never given up on, and said.
+        let backoff = repair_backoff(self.repairs_in_a_row);
+        if self.last_repair.is_some_and(|t| t.elapsed() < backoff) {
+            if !self.backoff_said {
+                log::error!(
+                    "{} repairs in a row did not hold (something keeps undoing them): the next in {} s, then less and less often, up to every {} s",
+                    self.repairs_in_a_row,
+                    backoff.as_secs(),
+                    REPAIR_BACKOFF_MAX.as_secs()
+                );
+                self.backoff_said = true;
+            }
+            self.look_pending = true;
             return;
         }
         // Under the instance lock, never waiting for it: an apply or remove
-        // from a shell holds it while it changes the layers (no damage), and
-        // the next event or tick looks again.
+        // from a shell holds it while it changes the layers; the next tick
+        // looks again (whatever happened meanwhile).
         let _lock = match engine::try_lock(&self.paths) {
             Ok(Some(l)) => l,
-            Ok(None) => return,
+            Ok(None) => {
+                self.look_pending = true;
+                return;
+            }
             Err(e) => {
                 log::warn!("{e:#}");
+                self.look_pending = true;
                 return;
             }
         };
-        let Ok(Some(state)) = State::load(&self.paths) else {
-            self.check_removed();
-            return;
+        self.look_pending = false;
+        let state = match State::load(&self.paths) {
+            Ok(Some(state)) => state,
+            Ok(None) | Err(_) => {
+                self.check_removed();
+                // The state taken by anything but `remove --force`: what
+                // this daemon enforces is put back.
+                match self.state_of_current() {
+                    Some(s) => s,
+                    None => return,
+                }
+            }
         };
         let drift = loopguard::health::drift(&self.paths, &state);
         let damaged: Vec<LayerKind> = drift.iter().filter_map(Drift::damaged).collect();
@@ -746,6 +797,9 @@ impl Daemon {
         }
         if damaged.is_empty() {
             self.repairs_in_a_row = 0;
+            self.backoff_said = false;
+            // Read before the look: a change after it moves it again.
+            self.nft_generation_seen = generation;
             return;
         }
         for d in &drift {
@@ -776,6 +830,7 @@ impl Daemon {
             policy: None,
             names: None,
             unresolved: Vec::new(),
+            source_stamp: None,
         };
         match engine::apply_locked(&opts, &self.paths, prepared) {
             Ok(state) => log::info!("repaired: {}", engine::summary(&state, started.elapsed())),
@@ -797,6 +852,33 @@ impl Daemon {
                 layer: layer.to_string(),
             })
             .set(i64::from(on));
+    }
+
+    /// The state of the policy this daemon enforces, for a repair when the
+    /// state file was taken (not by `remove --force`, which stops it).
+    fn state_of_current(&self) -> Option<State> {
+        if self.fatal.borrow().is_some() {
+            return None;
+        }
+        let plan = self.current.clone()?;
+        log::error!(
+            "the state of instance {} is gone (not by `remove --force`): putting plan {} back",
+            self.paths.instance,
+            plan.id
+        );
+        Some(State {
+            policy_path: self.file.clone(),
+            cgroup: self.applied_cgroup.clone(),
+            applied_at: String::new(),
+            slot: 0,
+            layers: self.applied_layers.clone(),
+            plan,
+            nft_layout: 0,
+            packet_base: Default::default(),
+            netns_cookie: 0,
+            cgroup_id: 0,
+            nft_generation: None,
+        })
     }
 
     /// Enforcement removed under the daemon (`remove --force`): no state,
@@ -1015,6 +1097,9 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         unresolved: Vec::new(),
         on_last_good: false,
         cgroup_gone_said: false,
+        look_pending: false,
+        backoff_said: false,
+        nft_generation_seen: None,
     };
     // A missing --cgroup (a slice systemd has not made yet) must not leave
     // the host unguarded: made now, it is guarded from its first process.

@@ -75,6 +75,9 @@ pub struct Prepared {
     /// Names a daemon's lenient resolution could not find, and what each
     /// stands for (see [`prepare_lenient`]).
     pub unresolved: Vec<crate::policy::Unresolved>,
+    /// The file's identity when it was read: the last known good keeps its
+    /// text only while it is still that.
+    pub source_stamp: Option<crate::state::FileStamp>,
 }
 
 /// A file `apply` will not enforce.
@@ -141,6 +144,7 @@ pub fn prepare_with(
     force: bool,
     dir: &dyn crate::policy::Directory,
 ) -> anyhow::Result<Result<Prepared, Refused>> {
+    let source_stamp = crate::state::FileStamp::of(file);
     let source = read_policy(file)?;
     let checked = check_source(file, source, Some(dir));
     if let Some(why) = checked.refusal(force) {
@@ -174,6 +178,7 @@ pub fn prepare_with(
         policy: checked.policy,
         names: None,
         unresolved: Vec::new(),
+        source_stamp,
     }))
 }
 
@@ -279,6 +284,7 @@ pub fn apply_locked(
         warnings,
         names,
         unresolved: _,
+        source_stamp,
     } = prepared;
     drop((policy, warnings));
     let mut state = State {
@@ -346,7 +352,7 @@ pub fn apply_locked(
         // apply. Enforcement is in place either way: a failure here is
         // said, not fatal.
         if let Err(e) = timed("keep last known good", || {
-            crate::state::LastGood::save(paths, &state, names)
+            crate::state::LastGood::save(paths, &state, names, source_stamp)
         }) {
             log::warn!("the last known good policy was not kept: {e}");
         }

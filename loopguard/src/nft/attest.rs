@@ -92,6 +92,8 @@ pub struct Tally {
     /// The uids of each uid set, sorted: who a verdict chain lets through
     /// (or refuses). A uid swapped for another keeps the count.
     uids: BTreeMap<String, Vec<u64>>,
+    /// The table is switched off (`flags dormant`): it judges nothing.
+    dormant: bool,
 }
 
 fn elems(obj: &Value) -> usize {
@@ -180,6 +182,14 @@ impl Tally {
                 continue;
             };
             match kind.as_str() {
+                "table" => {
+                    // loopguard sets no table flag; nft 1.0.6 prints
+                    // `dormant` in JSON as a garbled string, so any flag
+                    // counts.
+                    t.dormant = obj
+                        .get("flags")
+                        .is_some_and(|f| !f.is_null() && f != "" && f != &serde_json::json!([]));
+                }
                 "chain" => {
                     t.chains.entry(name(obj, "name")).or_default();
                 }
@@ -205,6 +215,9 @@ impl Tally {
 /// saying how many more there are.
 fn differences(want: &Tally, got: &Tally, max: usize) -> Vec<String> {
     let mut out = Vec::new();
+    if got.dormant && !want.dormant {
+        out.push("the table is dormant, or has flags loopguard never sets (dormant: switched off, it judges nothing)".to_string());
+    }
     let mut compare =
         |what: &str, unit: &str, w: &BTreeMap<String, usize>, g: &BTreeMap<String, usize>| {
             for (k, n) in w {
