@@ -513,10 +513,10 @@ impl Daemon {
         self.unresolved = words;
     }
 
-    /// While names do not resolve, or the policy in force is not the
-    /// file's (the last known good, or a broken edit): the file is tried
-    /// again, and applied when it resolves to something new. Quiet while
-    /// nothing changed (the first failure was said).
+    /// While names do not resolve, or the last known good is enforced
+    /// instead of the file: the file is tried again, and applied when it
+    /// resolves to something new. Quiet while nothing changed (the first
+    /// failure was said).
     fn retry(&mut self) {
         // A squatter that was found is looked for again until it is gone.
         if self.metrics.squatters.get() > 0 {
@@ -524,12 +524,10 @@ impl Daemon {
                 self.look_for_squatters(&plan, false);
             }
         }
-        let on_file = self.current.as_ref().is_some_and(|p| {
-            fs::read(&self.file).is_ok_and(|b| {
-                loopguard::compile::source_hash(&String::from_utf8_lossy(&b)) == p.hash
-            })
-        });
-        if self.unresolved.is_empty() && on_file && !self.on_last_good {
+        // (A broken edit of the file is the file watcher's: it reloads on
+        // the next edit. Reading a large file every few seconds for nothing
+        // would cost its size in memory each time.)
+        if self.unresolved.is_empty() && !self.on_last_good {
             return;
         }
         let started = Instant::now();
