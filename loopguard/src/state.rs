@@ -167,18 +167,24 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 /// replacing what was there.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write as _;
+    create_private(path)?.write_all(bytes)
+}
+
+/// Creates `path` afresh, root-only (0600): whatever was there (a leftover
+/// or a planted file or link) goes first, and the new one is never reached
+/// through a link.
+fn create_private(path: &Path) -> io::Result<fs::File> {
     match fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let mut f = fs::OpenOptions::new()
+    fs::OpenOptions::new()
         .create_new(true)
         .write(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    f.write_all(bytes)
+        .open(path)
 }
 
 /// Opens (creating it 0600) a lock file in a private directory, never
@@ -204,18 +210,7 @@ fn write_atomically(paths: &InstancePaths, path: &Path, state: &State) -> Result
     let tmp = path.with_extension("json.tmp");
     // A leftover (or planted) temporary file or link goes; the new one is
     // created fresh, never followed.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(err)?;
+    let mut file = create_private(&tmp).map_err(err)?;
     let text = serde_json::to_vec(state).map_err(|e| err(io::Error::other(e)))?;
     file.write_all(&text).map_err(err)?;
     // No fsync: the rename is atomic for every reader and survives this
@@ -369,21 +364,11 @@ impl FileStamp {
 /// Copies a file into a root-only one, atomically and durably.
 fn copy_synced(from: &Path, to: &Path) -> io::Result<()> {
     let tmp = to.with_extension("tmp");
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
     let mut src = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(from)?;
-    let mut dst = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
+    let mut dst = create_private(&tmp)?;
     io::copy(&mut src, &mut dst)?;
     dst.sync_all()?;
     fs::rename(&tmp, to)?;
@@ -398,17 +383,7 @@ fn copy_synced(from: &Path, to: &Path) -> io::Result<()> {
 fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
+    let mut file = create_private(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     fs::rename(&tmp, path)?;
