@@ -352,8 +352,6 @@ struct Daemon {
     look_pending: bool,
     /// The backoff was said.
     backoff_said: bool,
-    /// The nftables generation of the last look that found nothing wrong.
-    nft_generation_seen: Option<u32>,
 }
 
 /// The longest wait between repairs that do not hold.
@@ -703,14 +701,11 @@ impl Daemon {
                 None => {}
             }
         }
-        // The nftables ruleset generation, every second (one netlink round
-        // trip): an event lost, or one that arrived while a look could not
-        // be made, still shows as a generation not yet looked at.
-        let generation = nft::attest::generation().ok();
-        let nft_moved = self.applied_layers.contains(&LayerKind::Nft)
-            && generation.is_some()
-            && generation != self.nft_generation_seen;
-        let nft_changed = nft_changed || nft_moved;
+        // An event that arrived while a look could not be made (the
+        // instance lock held, the backoff) leaves a look pending; a lost
+        // event (ENOBUFS) counts as one for this table. Other tables'
+        // changes (docker, firewalld) wake nothing: at 10,000 services a
+        // look at the table's content takes nft seconds.
         if !gone && !nft_changed && !self.look_pending {
             return;
         }
@@ -796,8 +791,6 @@ impl Daemon {
         if damaged.is_empty() {
             self.repairs_in_a_row = 0;
             self.backoff_said = false;
-            // Read before the look: a change after it moves it again.
-            self.nft_generation_seen = generation;
             return;
         }
         for d in &drift {
@@ -1097,7 +1090,6 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         cgroup_gone_said: false,
         look_pending: false,
         backoff_said: false,
-        nft_generation_seen: None,
     };
     // A missing --cgroup (a slice systemd has not made yet) must not leave
     // the host unguarded: made now, it is guarded from its first process.
