@@ -35,6 +35,8 @@ const GUEST_TESTS: &[&str] = &[
     "crash",
     "scan",
     "cgroups",
+    "attest",
+    "start",
 ];
 
 /// Host programs the tests call, copied into the guest with their libraries.
@@ -44,11 +46,15 @@ const GUEST_PROGRAMS: &[&str] = &[
     "/usr/bin/nsenter",
     "/usr/bin/unshare",
     "/usr/sbin/useradd",
+    "/usr/sbin/userdel",
     "/usr/sbin/groupadd",
+    "/usr/sbin/groupdel",
     "/usr/bin/getent",
     "/usr/bin/id",
     "/usr/sbin/bpftool",
     "/usr/sbin/nft",
+    "/usr/bin/flock",
+    "/usr/bin/timeout",
     "/usr/bin/kmod",
 ];
 
