@@ -687,14 +687,37 @@ impl Sandbox {
             let _ = c.wait();
         }
         self.children.clear();
-        if self.netns_path.exists() {
-            let _ = run(Command::new("nsenter")
+        let pins = Path::new("/sys/fs/bpf").join(&self.instance);
+        let removed = if self.netns_path.exists() {
+            // --force: a daemon of a test that failed may still hold the
+            // instance.
+            run(Command::new("nsenter")
                 .arg(format!("--net={}", self.netns_path.display()))
                 .arg(loopguard_bin())
-                .args(["--instance", &self.instance, "remove"]));
-        } else if Path::new("/sys/fs/bpf").join(&self.instance).exists() {
-            let _ =
-                run(Command::new(loopguard_bin()).args(["--instance", &self.instance, "remove"]));
+                .args(["--instance", &self.instance, "remove", "--force"]))
+        } else if pins.exists() {
+            run(Command::new(loopguard_bin()).args([
+                "--instance",
+                &self.instance,
+                "remove",
+                "--force",
+            ]))
+        } else {
+            // Nothing of ours outside a namespace: the host's own nftables
+            // are never touched.
+            run(&mut Command::new("true"))
+        };
+        if !removed.status.success() {
+            // A leftover of a run that was killed, whose namespace is gone
+            // (remove refuses another namespace's instance): its table went
+            // with the namespace; unpinning detaches the programs.
+            eprintln!(
+                "teardown of {}: remove failed ({}); deleting its pins and state",
+                self.instance,
+                String::from_utf8_lossy(&removed.stderr).trim()
+            );
+            let _ = fs::remove_dir_all(&pins);
+            let _ = fs::remove_dir_all(Path::new("/run/loopguard").join(&self.instance));
         }
         let _ = fs::remove_dir_all(Path::new("/var/lib/loopguard").join(&self.instance));
         if self.cgroup.exists() {

@@ -257,7 +257,9 @@ fn sighup_with_a_broken_policy_keeps_the_old_one_then_picks_up_the_fix() {
     let d = sb.start_daemon(&p, &[]);
     assert_eq!(
         sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
-        "connect=EPERM"
+        "connect=EPERM",
+        "{}",
+        tail(&d.log(), 3000)
     );
     std::fs::write(
         &p,
