@@ -691,23 +691,23 @@ impl Sandbox {
         let removed = if self.netns_path.exists() {
             // --force: a daemon of a test that failed may still hold the
             // instance.
-            run(Command::new("nsenter")
+            Some(run(Command::new("nsenter")
                 .arg(format!("--net={}", self.netns_path.display()))
                 .arg(loopguard_bin())
-                .args(["--instance", &self.instance, "remove", "--force"]))
+                .args(["--instance", &self.instance, "remove", "--force"])))
         } else if pins.exists() {
-            run(Command::new(loopguard_bin()).args([
+            Some(run(Command::new(loopguard_bin()).args([
                 "--instance",
                 &self.instance,
                 "remove",
                 "--force",
-            ]))
+            ])))
         } else {
             // Nothing of ours outside a namespace: the host's own nftables
             // are never touched.
-            run(&mut Command::new("true"))
+            None
         };
-        if !removed.status.success() {
+        if let Some(removed) = removed.filter(|r| !r.status.success()) {
             // A leftover of a run that was killed, whose namespace is gone
             // (remove refuses another namespace's instance): its table went
             // with the namespace; unpinning detaches the programs.
