@@ -20,7 +20,6 @@ use serde_json::Value;
 use super::{list_table, ruleset, NftError};
 use crate::compile::Plan;
 
-const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWGEN: u16 = 15;
 const NFT_MSG_GETGEN: u16 = 16;
@@ -30,7 +29,7 @@ const NLM_F_REQUEST: u16 = 1;
 
 /// The nftables ruleset generation of this network namespace.
 pub fn generation() -> io::Result<u32> {
-    let sock = netlink_sys::Socket::new(NETLINK_NETFILTER)?;
+    let sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
     // nlmsghdr (16 bytes) + nfgenmsg (4 bytes: family, version, res_id).
     let mut req = Vec::with_capacity(20);
     req.extend_from_slice(&20u32.to_ne_bytes());
