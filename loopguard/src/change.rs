@@ -3,36 +3,21 @@
 
 use crate::{
     compile::{Plan, PlanService},
+    plan_diff::{CgroupChange, ServiceChange},
     policy::Protocol,
 };
 
 /// What changes from `old` to `new`, one line each.
 pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
     let mut lines = Vec::new();
-    let bind_uids = |p: &Plan, s: &PlanService| s.bind_set.map(|b| p.uid_sets[b as usize].clone());
-    let cgroups = |p: &Plan, s: &PlanService| -> Vec<String> {
-        p.cgroup_sets
-            .get(s.uid_set as usize)
-            .map(|c| {
-                c.iter()
-                    .map(|c| match c.id {
-                        Some(id) => format!("{} (id {id})", c.path),
-                        None => format!("{} (absent)", c.path),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let summary = |p: &Plan, s: &PlanService| {
-        let bind = match bind_uids(p, s) {
+        let bind = match s.bind_set.and_then(|b| p.uid_sets.get(b as usize)) {
             Some(b) => format!(", bind guard of {} uids", b.len()),
             None => String::new(),
         };
-        let cg = cgroups(p, s);
-        let cg = if cg.is_empty() {
-            String::new()
-        } else {
-            format!(" and {} cgroups", cg.len())
+        let cg = match crate::plan_diff::cgroups(p, s).len() {
+            0 => String::new(),
+            n => format!(" and {n} cgroups"),
         };
         format!(
             "{} ({}/{} on {}, {}-list of {} uids{cg}{bind}, {})",
@@ -45,7 +30,7 @@ pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
             s.ports,
             s.addresses,
             s.list,
-            p.uid_sets[s.uid_set as usize].len(),
+            crate::plan_diff::uids(p, s).len(),
             s.mode
         )
     };
@@ -70,53 +55,55 @@ pub fn describe(old: Option<&Plan>, new: &Plan) -> Vec<String> {
             .to_lowercase(),
         );
     }
-    for s in &old.services {
-        if !new.services.iter().any(|n| n.name == s.name) {
-            lines.push(format!("- service {}", summary(old, s)));
-        }
-    }
-    for s in &new.services {
-        match old.services.iter().find(|o| o.name == s.name) {
-            None => lines.push(format!("+ service {}", summary(new, s))),
-            Some(o) => {
-                let old_uids = &old.uid_sets[o.uid_set as usize];
-                let new_uids = &new.uid_sets[s.uid_set as usize];
-                let same = o.ports == s.ports
-                    && o.protocol == s.protocol
-                    && o.addresses == s.addresses
-                    && o.list == s.list
-                    && o.mode == s.mode
-                    && o.log_allowed == s.log_allowed
-                    && old_uids == new_uids
-                    && cgroups(old, o) == cgroups(new, s)
-                    && bind_uids(old, o) == bind_uids(new, s);
-                if !same {
-                    let added: Vec<String> = new_uids
-                        .iter()
-                        .filter(|u| !old_uids.contains(u))
+    let diff = crate::plan_diff::diff(old, new);
+    let cgroup = |path: &str, id: Option<u64>| match id {
+        Some(id) => format!("{path} (id {id})"),
+        None => format!("{path} (absent)"),
+    };
+    for change in &diff.services {
+        match change {
+            ServiceChange::Removed(s) => lines.push(format!("- service {}", summary(old, s))),
+            ServiceChange::Added(s) => lines.push(format!("+ service {}", summary(new, s))),
+            ServiceChange::Changed(d) => {
+                let mut line = format!("~ service {}", summary(new, d.new));
+                let ids = |uids: &[u32]| {
+                    uids.iter()
                         .map(u32::to_string)
-                        .collect();
-                    let removed: Vec<String> = old_uids
-                        .iter()
-                        .filter(|u| !new_uids.contains(u))
-                        .map(u32::to_string)
-                        .collect();
-                    let mut line = format!("~ service {}", summary(new, s));
-                    if !added.is_empty() {
-                        line.push_str(&format!(" +uids {}", added.join(",")));
-                    }
-                    if !removed.is_empty() {
-                        line.push_str(&format!(" -uids {}", removed.join(",")));
-                    }
-                    let (was, now) = (cgroups(old, o), cgroups(new, s));
-                    for c in now.iter().filter(|c| !was.contains(c)) {
-                        line.push_str(&format!(" +cgroup {c}"));
-                    }
-                    for c in was.iter().filter(|c| !now.contains(c)) {
-                        line.push_str(&format!(" -cgroup {c}"));
-                    }
-                    lines.push(line);
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                if !d.uids_added.is_empty() {
+                    line.push_str(&format!(" +uids {}", ids(&d.uids_added)));
                 }
+                if !d.uids_removed.is_empty() {
+                    line.push_str(&format!(" -uids {}", ids(&d.uids_removed)));
+                }
+                let (mut plus, mut minus) = (Vec::new(), Vec::new());
+                for c in &d.cgroups {
+                    match c {
+                        CgroupChange::Listed { path, id } => plus.push(cgroup(path, *id)),
+                        CgroupChange::Unlisted { path, id } => minus.push(cgroup(path, *id)),
+                        CgroupChange::Appeared { path, id } => {
+                            plus.push(cgroup(path, Some(*id)));
+                            minus.push(cgroup(path, None));
+                        }
+                        CgroupChange::Gone { path, id } => {
+                            plus.push(cgroup(path, None));
+                            minus.push(cgroup(path, Some(*id)));
+                        }
+                        CgroupChange::MadeAgain { path, was, now } => {
+                            plus.push(cgroup(path, Some(*now)));
+                            minus.push(cgroup(path, Some(*was)));
+                        }
+                    }
+                }
+                for c in plus {
+                    line.push_str(&format!(" +cgroup {c}"));
+                }
+                for c in minus {
+                    line.push_str(&format!(" -cgroup {c}"));
+                }
+                lines.push(line);
             }
         }
     }

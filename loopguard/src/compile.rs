@@ -679,6 +679,50 @@ impl Plan {
     }
 }
 
+/// Plans built by hand, for other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// A plan with no service.
+    pub(crate) fn empty_plan() -> Plan {
+        Plan {
+            hash: String::new(),
+            id: "empty".into(),
+            file: String::new(),
+            default: Verdict::Allow,
+            mode: Mode::Enforce,
+            log_allowed: false,
+            services: Vec::new(),
+            uid_sets: Vec::new(),
+            cgroup_sets: Vec::new(),
+            port_atoms: Vec::new(),
+            nets: Vec::new(),
+            decisions: Vec::new(),
+            binds: Vec::new(),
+        }
+    }
+
+    /// A TCP allow-list service on loopback port 5432 with uid set `uid_set`.
+    pub(crate) fn service(name: &str, uid_set: u32) -> PlanService {
+        PlanService {
+            name: name.into(),
+            location: String::new(),
+            ports: PortRange {
+                first: 5432,
+                last: 5432,
+            },
+            protocol: Protocol::Tcp,
+            addresses: AddrSet::Loopback,
+            list: ListKind::Allow,
+            mode: Mode::Enforce,
+            log_allowed: false,
+            uid_set,
+            bind_set: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,18 +12,22 @@ pub mod change;
 pub mod check;
 pub mod ci;
 pub mod compile;
+pub mod daemon;
 pub mod diag;
 pub mod ebpf;
 pub mod engine;
 #[doc(hidden)]
 pub mod exercise;
-pub mod health;
 pub mod host;
 pub mod learn;
 pub mod nflog;
 pub mod nft;
 pub mod paths;
+pub mod plan_diff;
 pub mod policy;
 pub mod scan;
 pub mod scope;
 pub mod state;
+
+/// What the kernel enforces, read back: [`engine::health`].
+pub use engine::health;

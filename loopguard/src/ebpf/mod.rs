@@ -1097,3 +1097,11 @@ fn read_counters(
     }
     Ok(read)
 }
+
+/// The pinned ring buffer the programs write audit events to.
+pub fn event_ring(paths: &InstancePaths) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
+    use anyhow::Context as _;
+    let data =
+        MapData::from_pin(paths.maps_dir.join("LG_EVENTS")).context("failed to open LG_EVENTS")?;
+    aya::maps::RingBuf::try_from(Map::RingBuf(data)).context("LG_EVENTS is not a ring buffer")
+}

@@ -18,6 +18,7 @@
 //! one it holds, and its unit tests drive it with fake layers.
 
 mod bpf_layer;
+pub mod health;
 mod layer;
 mod nft_layer;
 
@@ -47,6 +48,72 @@ use crate::{
 /// eBPF flip (a failed flip puts the previous table back).
 pub fn layers() -> Vec<Box<dyn Layer>> {
     vec![Box::new(NftLayer::default()), Box::new(BpfLayer::default())]
+}
+
+/// The engine of one instance, bound to its layers and to where the eBPF
+/// layer attaches: the host's ([`Engine::system`]) or, in tests, fakes
+/// ([`Engine::with_layers`]). Each apply gets fresh layers (a layer keeps
+/// what it staged only for the apply that staged it).
+pub struct Engine {
+    pub paths: InstancePaths,
+    layers: Box<dyn Fn() -> Vec<Box<dyn Layer>>>,
+    attach: fn(Option<&Path>) -> Result<PathBuf, host::HostError>,
+}
+
+impl Engine {
+    /// The host's layers ([`layers`]), attached under its cgroup2 mount.
+    pub fn system(paths: InstancePaths) -> Engine {
+        Engine {
+            paths,
+            layers: Box::new(layers),
+            attach: host::attach_cgroup,
+        }
+    }
+
+    /// Other layers, in commit order, and another way to find the attach
+    /// point (for tests without root: a fake layer and a plain directory).
+    pub fn with_layers(
+        paths: InstancePaths,
+        layers: impl Fn() -> Vec<Box<dyn Layer>> + 'static,
+        attach: fn(Option<&Path>) -> Result<PathBuf, host::HostError>,
+    ) -> Engine {
+        Engine {
+            paths,
+            layers: Box::new(layers),
+            attach,
+        }
+    }
+
+    /// The layers, fresh, in commit order.
+    pub fn layers(&self) -> Vec<Box<dyn Layer>> {
+        (self.layers)()
+    }
+
+    /// See [`warm_up`].
+    pub fn warm_up(&self, want: LayerSet) {
+        for layer in self.layers().iter().filter(|l| want.contains(l.kind())) {
+            layer.warm_up(&self.paths);
+        }
+    }
+
+    /// Where the kernel differs from `state`: see [`health::drift`].
+    pub fn drift(&self, state: &State) -> Vec<health::Drift> {
+        health::drift_of(&self.layers(), &self.paths, state)
+    }
+
+    /// Whether any layer of the instance is in force (or may be: a layer
+    /// that cannot tell counts as in force).
+    pub fn anything_installed(&self) -> bool {
+        self.layers()
+            .iter()
+            .any(|l| !matches!(l.in_force(&self.paths), InForce::Absent))
+    }
+
+    /// See [`apply`].
+    pub fn apply(&self, opts: &Options, prepared: Prepared) -> anyhow::Result<State> {
+        let _lock = lock(&self.paths)?;
+        self.apply_locked(opts, prepared)
+    }
 }
 
 /// How to enforce.
@@ -80,6 +147,22 @@ pub struct Prepared {
     pub source_stamp: Option<crate::state::FileStamp>,
 }
 
+impl Prepared {
+    /// A plan put back as it was recorded (a repair, the last known good):
+    /// nothing is read from a file.
+    pub fn of_state(state: State) -> Prepared {
+        Prepared {
+            plan: state.plan,
+            policy_path: state.policy_path,
+            warnings: String::new(),
+            policy: None,
+            names: None,
+            unresolved: Vec::new(),
+            source_stamp: None,
+        }
+    }
+}
+
 /// A file `apply` will not enforce.
 #[derive(Debug)]
 pub struct Refused {
@@ -100,9 +183,7 @@ impl std::fmt::Display for Refused {
 /// kernel's BTF there, and that transient peak no longer stacks on a large
 /// plan's memory.)
 pub fn warm_up(want: LayerSet, paths: &InstancePaths) {
-    for layer in layers().iter().filter(|l| want.contains(l.kind())) {
-        layer.warm_up(paths);
-    }
+    Engine::system(paths.clone()).warm_up(want);
 }
 
 /// Reads, checks, resolves and compiles a policy file; an unknown name is
@@ -121,8 +202,17 @@ pub fn prepare_lenient(
     force: bool,
     memory: crate::policy::NameMemory,
 ) -> anyhow::Result<Result<Prepared, Refused>> {
-    let system = SystemDirectory;
-    prepare_remembering(file, force, &DaemonDirectory::lenient(&system, memory))
+    prepare_lenient_with(file, force, memory, &SystemDirectory)
+}
+
+/// [`prepare_lenient`] with names resolved through `dir`.
+pub fn prepare_lenient_with(
+    file: &Path,
+    force: bool,
+    memory: crate::policy::NameMemory,
+    dir: &dyn crate::policy::Directory,
+) -> anyhow::Result<Result<Prepared, Refused>> {
+    prepare_remembering(file, force, &DaemonDirectory::lenient(dir, memory))
 }
 
 fn prepare_remembering(
@@ -247,8 +337,7 @@ fn committed_step(kind: LayerKind) -> &'static str {
 
 /// Enforces a prepared policy and records it; returns the new state.
 pub fn apply(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyhow::Result<State> {
-    let _lock = lock(paths)?;
-    apply_locked(opts, paths, prepared)
+    Engine::system(paths.clone()).apply(opts, prepared)
 }
 
 /// [`apply`] for a caller that holds the instance [`lock`] already.
@@ -257,107 +346,115 @@ pub fn apply_locked(
     paths: &InstancePaths,
     prepared: Prepared,
 ) -> anyhow::Result<State> {
-    // Read under the lock: another apply may have finished meanwhile.
-    let previous = timed("load state", || State::load(paths).ok().flatten());
-    if let Some(prev) = &previous {
-        crate::health::same_namespace(paths, prev).map_err(anyhow::Error::msg)?;
-    }
-    // The state is a record, not the truth: when the kernel differs from
-    // it (a crash between the layers' commits, another tool's flush, an
-    // interrupted apply), nothing is updated in place: every layer is
-    // rewritten whole from the new plan.
-    let drift = previous
-        .as_ref()
-        .map(|p| timed("read back", || crate::health::drift(paths, p)))
-        .unwrap_or_default();
-    for d in &drift {
-        log::warn!("recovering: {d}");
-    }
-    let cookie = host::netns_cookie().unwrap_or(0);
-    // The parsed file (a large policy's text is megabytes) is not needed
-    // from here on: freed before the layers load programs and build
-    // batches, it does not add to the peak.
-    let Prepared {
-        plan,
-        policy_path,
-        policy,
-        warnings,
-        names,
-        unresolved: _,
-        source_stamp,
-    } = prepared;
-    drop((policy, warnings));
-    let mut state = State {
-        policy_path,
-        cgroup: opts.cgroup.clone().unwrap_or_default(),
-        applied_at: jiff::Timestamp::now().to_string(),
-        slot: 0,
-        layers: Vec::new(),
-        plan,
-        nft_layout: 0,
-        packet_base: Default::default(),
-        netns_cookie: cookie,
-        cgroup_id: 0,
-        nft_generation: None,
-    };
-    // The journal goes first: whatever happens to this process from here
-    // on, the next command knows an apply of this plan was under way.
-    timed("journal", || state.save_pending(paths))
-        .context("failed to record the apply; nothing changed")?;
-    fault("after-journal");
-    let cgroup = host::attach_cgroup(opts.cgroup.as_deref());
-    let mut all = layers();
-    let result = cgroup
-        .map_err(|e| EnforceError::from(anyhow::Error::new(e)))
-        .and_then(|cgroup| {
-            let ctx = Context {
-                paths,
-                cgroup: &cgroup,
-                previous: previous.as_ref(),
-                trusted: drift.is_empty(),
-                netns_cookie: cookie,
-                cgroups_unjudgeable: cgroups_unjudgeable(&cgroup),
-            };
-            state.cgroup = cgroup.clone();
-            enforce(&mut all, opts.layers, &ctx, &state.plan)
-        });
-    let enforced = match result {
-        Ok(e) => e,
-        Err(failure) => {
-            // A failure before anything in force changed (the usual case:
-            // every step before the commit undoes itself) is no
-            // interrupted apply; after, the journal stays for the next
-            // command to converge.
-            if !failure.changed {
-                let _ = State::clear_pending(paths);
+    Engine::system(paths.clone()).apply_locked(opts, prepared)
+}
+
+impl Engine {
+    /// [`Engine::apply`] for a caller that holds the instance [`lock`].
+    pub fn apply_locked(&self, opts: &Options, prepared: Prepared) -> anyhow::Result<State> {
+        let paths = &self.paths;
+        // Read under the lock: another apply may have finished meanwhile.
+        let previous = timed("load state", || State::load(paths).ok().flatten());
+        if let Some(prev) = &previous {
+            health::same_namespace(paths, prev).map_err(anyhow::Error::msg)?;
+        }
+        // The state is a record, not the truth: when the kernel differs from
+        // it (a crash between the layers' commits, another tool's flush, an
+        // interrupted apply), nothing is updated in place: every layer is
+        // rewritten whole from the new plan.
+        let drift = previous
+            .as_ref()
+            .map(|p| timed("read back", || self.drift(p)))
+            .unwrap_or_default();
+        for d in &drift {
+            log::warn!("recovering: {d}");
+        }
+        let cookie = host::netns_cookie().unwrap_or(0);
+        // The parsed file (a large policy's text is megabytes) is not needed
+        // from here on: freed before the layers load programs and build
+        // batches, it does not add to the peak.
+        let Prepared {
+            plan,
+            policy_path,
+            policy,
+            warnings,
+            names,
+            unresolved: _,
+            source_stamp,
+        } = prepared;
+        drop((policy, warnings));
+        let mut state = State {
+            policy_path,
+            cgroup: opts.cgroup.clone().unwrap_or_default(),
+            applied_at: jiff::Timestamp::now().to_string(),
+            slot: 0,
+            layers: Vec::new(),
+            plan,
+            nft_layout: 0,
+            packet_base: Default::default(),
+            netns_cookie: cookie,
+            cgroup_id: 0,
+            nft_generation: None,
+        };
+        // The journal goes first: whatever happens to this process from here
+        // on, the next command knows an apply of this plan was under way.
+        timed("journal", || state.save_pending(paths))
+            .context("failed to record the apply; nothing changed")?;
+        fault("after-journal");
+        let cgroup = (self.attach)(opts.cgroup.as_deref());
+        let mut all = self.layers();
+        let result = cgroup
+            .map_err(|e| EnforceError::from(anyhow::Error::new(e)))
+            .and_then(|cgroup| {
+                let ctx = Context {
+                    paths,
+                    cgroup: &cgroup,
+                    previous: previous.as_ref(),
+                    trusted: drift.is_empty(),
+                    netns_cookie: cookie,
+                    cgroups_unjudgeable: cgroups_unjudgeable(&cgroup),
+                };
+                state.cgroup = cgroup.clone();
+                enforce(&mut all, opts.layers, &ctx, &state.plan)
+            });
+        let enforced = match result {
+            Ok(e) => e,
+            Err(failure) => {
+                // A failure before anything in force changed (the usual case:
+                // every step before the commit undoes itself) is no
+                // interrupted apply; after, the journal stays for the next
+                // command to converge.
+                if !failure.changed {
+                    let _ = State::clear_pending(paths);
+                }
+                return Err(failure.error);
             }
-            return Err(failure.error);
+        };
+        fault("before-state");
+        // Read after the links were attached: a cgroup made again meanwhile
+        // shows as links elsewhere, not as a lasting "made again".
+        state.cgroup_id = host::cgroup_id(&state.cgroup).unwrap_or(0);
+        state.applied_at = jiff::Timestamp::now().to_string();
+        for layer in &all {
+            if enforced.contains(&layer.kind()) {
+                layer.record(&mut state);
+            }
         }
-    };
-    fault("before-state");
-    // Read after the links were attached: a cgroup made again meanwhile
-    // shows as links elsewhere, not as a lasting "made again".
-    state.cgroup_id = host::cgroup_id(&state.cgroup).unwrap_or(0);
-    state.applied_at = jiff::Timestamp::now().to_string();
-    for layer in &all {
-        if enforced.contains(&layer.kind()) {
-            layer.record(&mut state);
+        state.layers = enforced;
+        timed("save state", || state.save(paths))?;
+        State::clear_pending(paths)?;
+        if let Some(names) = &names {
+            // What a daemon falls back on when it starts with a file it cannot
+            // apply. Enforcement is in place either way: a failure here is
+            // said, not fatal.
+            if let Err(e) = timed("keep last known good", || {
+                crate::state::LastGood::save(paths, &state, names, source_stamp)
+            }) {
+                log::warn!("the last known good policy was not kept: {e}");
+            }
         }
+        Ok(state)
     }
-    state.layers = enforced;
-    timed("save state", || state.save(paths))?;
-    State::clear_pending(paths)?;
-    if let Some(names) = &names {
-        // What a daemon falls back on when it starts with a file it cannot
-        // apply. Enforcement is in place either way: a failure here is
-        // said, not fatal.
-        if let Err(e) = timed("keep last known good", || {
-            crate::state::LastGood::save(paths, &state, names, source_stamp)
-        }) {
-            log::warn!("the last known good policy was not kept: {e}");
-        }
-    }
-    Ok(state)
 }
 
 /// Why [`enforce`] failed, and whether anything in force changed first.
@@ -526,27 +623,35 @@ pub struct Removed {
 
 /// Takes every layer of the instance out of force and deletes its state.
 pub fn remove(paths: &InstancePaths) -> anyhow::Result<Removed> {
-    let _lock = lock(paths)?;
-    if let Some(state) = State::load(paths).ok().flatten() {
-        crate::health::same_namespace(paths, &state).map_err(anyhow::Error::msg)?;
-    }
-    let mut removed = Vec::new();
-    for mut layer in layers() {
-        if layer.remove(paths)? {
-            removed.push(layer.kind());
+    Engine::system(paths.clone()).remove()
+}
+
+impl Engine {
+    /// See [`remove`].
+    pub fn remove(&self) -> anyhow::Result<Removed> {
+        let paths = &self.paths;
+        let _lock = lock(paths)?;
+        if let Some(state) = State::load(paths).ok().flatten() {
+            health::same_namespace(paths, &state).map_err(anyhow::Error::msg)?;
         }
+        let mut removed = Vec::new();
+        for mut layer in self.layers() {
+            if layer.remove(paths)? {
+                removed.push(layer.kind());
+            }
+        }
+        let mut state = paths.state_dir.exists();
+        if state {
+            fs::remove_dir_all(&paths.state_dir)
+                .with_context(|| format!("failed to remove {}", paths.state_dir.display()))?;
+        }
+        state |= crate::state::LastGood::remove(paths)
+            .with_context(|| format!("failed to remove {}", paths.good_dir.display()))?;
+        Ok(Removed {
+            layers: removed,
+            state,
+        })
     }
-    let mut state = paths.state_dir.exists();
-    if state {
-        fs::remove_dir_all(&paths.state_dir)
-            .with_context(|| format!("failed to remove {}", paths.state_dir.display()))?;
-    }
-    state |= crate::state::LastGood::remove(paths)
-        .with_context(|| format!("failed to remove {}", paths.good_dir.display()))?;
-    Ok(Removed {
-        layers: removed,
-        state,
-    })
 }
 
 /// The pid of the instance's running `loopguard run`, if one holds its run

@@ -12,11 +12,8 @@
 //! program and listed by the kernel for that cgroup; the nftables table
 //! holding what the plan renders (unless nothing was committed since).
 
-use crate::{
-    engine::{self, Damage, InForce, LayerKind},
-    paths::InstancePaths,
-    state::State,
-};
+use super::{Damage, Engine, InForce, LayerKind};
+use crate::{paths::InstancePaths, state::State};
 
 /// One way the kernel differs from the state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,8 +98,17 @@ impl std::fmt::Display for Drift {
 /// Where the kernel differs from `state` (empty: it enforces exactly the
 /// state's plan on every layer the state lists).
 pub fn drift(paths: &InstancePaths, state: &State) -> Vec<Drift> {
+    Engine::system(paths.clone()).drift(state)
+}
+
+/// [`drift`] over `layers`.
+pub(super) fn drift_of(
+    layers: &[Box<dyn super::Layer>],
+    paths: &InstancePaths,
+    state: &State,
+) -> Vec<Drift> {
     let mut out = Vec::new();
-    for layer in engine::layers() {
+    for layer in layers {
         let kind = layer.kind();
         let listed = state.layers.contains(&kind);
         match layer.in_force(paths) {

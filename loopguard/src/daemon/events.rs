@@ -1,0 +1,366 @@
+//! Audit events: read from the eBPF ring buffer and from NFLOG, decoded
+//! with the plan that decided them, and written by one writer task to
+//! stdout (journald) and the audit log. The readers hold the plan in force
+//! through the published handle: no lock on the daemon, no plan copied.
+
+use std::{
+    collections::HashMap,
+    io::{self, Write as _},
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use loopguard_common::Event;
+use netlink_sys::Socket;
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+
+use super::{metrics::Metrics, Enforced};
+use crate::{
+    audit::{self, AuditLog, AuditRecord, Clock, EventNames},
+    compile::Plan,
+    paths::InstancePaths,
+    state::State,
+};
+
+/// One audit record as written: its JSON line, and the syslog priority
+/// journald files it under when stdout is the journal (a refusal or lost
+/// events a warning, a would-deny a notice, an allowed attempt info), so
+/// `journalctl -u loopguard -p warning` lists the refusals.
+pub(super) struct EventLine {
+    priority: u8,
+    text: String,
+}
+
+impl EventLine {
+    pub(super) fn of(record: &AuditRecord) -> EventLine {
+        use audit::AuditAction;
+        let priority = match record.action {
+            AuditAction::Deny | AuditAction::Dropped => 4,
+            AuditAction::WouldDeny => 5,
+            AuditAction::Allow => 6,
+        };
+        EventLine {
+            priority,
+            text: record.to_line(),
+        }
+    }
+}
+
+/// What the writer task is asked to do.
+pub(super) enum Write {
+    Lines(Vec<EventLine>),
+    /// logrotate moved the audit log (SIGHUP): write to a new one.
+    Reopen,
+}
+
+/// The one writer of stdout and the audit log.
+pub(super) async fn writer(mut log: Option<AuditLog>, mut rx: mpsc::Receiver<Write>) {
+    // Under systemd (JOURNAL_STREAM), each line with its sd-daemon
+    // priority prefix; elsewhere plain JSON lines.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    while let Some(w) = rx.recv().await {
+        let lines = match w {
+            Write::Lines(lines) => lines,
+            Write::Reopen => {
+                if let Some(log) = log.as_mut() {
+                    if let Err(e) = log.reopen() {
+                        log::error!("audit log: cannot reopen: {e}");
+                    }
+                }
+                continue;
+            }
+        };
+        if lines.is_empty() {
+            continue;
+        }
+        let mut text = String::with_capacity(lines.iter().map(|l| l.text.len() + 4).sum());
+        for l in &lines {
+            if journal {
+                text.push_str(&format!("<{}>", l.priority));
+            }
+            text.push_str(&l.text);
+            text.push('\n');
+        }
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+        if let Some(log) = &mut log {
+            let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+            if let Err(e) = log.write_lines(&texts) {
+                log::error!("audit log: {e}");
+            }
+        }
+    }
+}
+
+/// Names the service of each event: by the id of the plan that decided it
+/// (the eBPF layer stamps each event), among the plan in force and the few
+/// before it.
+pub(super) struct Decoder {
+    paths: InstancePaths,
+    published: watch::Receiver<Arc<Enforced>>,
+    plans: HashMap<u64, Arc<Plan>>,
+    /// A plan id seen in an event and found nowhere: not looked for again
+    /// until another one is.
+    unknown_plan: Option<u64>,
+    names: EventNames,
+    clock: Clock,
+}
+
+impl Decoder {
+    pub(super) fn new(paths: InstancePaths, published: watch::Receiver<Arc<Enforced>>) -> Decoder {
+        Decoder {
+            paths,
+            published,
+            plans: HashMap::new(),
+            unknown_plan: None,
+            names: EventNames::default(),
+            clock: Clock::now(),
+        }
+    }
+
+    /// The plan in force, as published.
+    fn current(&mut self) -> Option<Arc<Plan>> {
+        let plan = self.published.borrow_and_update().plan.clone();
+        if let Some(p) = &plan {
+            self.remember(p.clone());
+        }
+        plan
+    }
+
+    /// Keeps `plan` for decoding events, and at most two others.
+    fn remember(&mut self, plan: Arc<Plan>) {
+        const KEPT: usize = 3;
+        let id = plan.id_number();
+        if self.plans.len() >= KEPT && !self.plans.contains_key(&id) {
+            let current = self.published.borrow().plan.as_ref().map(|p| p.id_number());
+            if let Some(old) = self.plans.keys().copied().find(|k| Some(*k) != current) {
+                self.plans.remove(&old);
+            }
+        }
+        self.plans.insert(id, plan);
+    }
+
+    /// An event decided by a plan this daemon has not seen: another
+    /// process's apply flipped to it; its state, or its journal while it
+    /// has not saved its state yet, holds the plan.
+    fn learn_plan(&mut self, id: u64) {
+        if self.unknown_plan == Some(id) {
+            return;
+        }
+        for (pending, load) in [
+            (false, State::load as fn(&InstancePaths) -> _),
+            (true, State::load_pending),
+        ] {
+            match load(&self.paths) {
+                Ok(Some(s)) if s.plan.id_number() == id => {
+                    log::info!(
+                        "following plan {} ({}), {} another process",
+                        s.plan.id,
+                        s.policy_path.display(),
+                        if pending {
+                            "being applied by"
+                        } else {
+                            "applied by"
+                        }
+                    );
+                    self.remember(Arc::new(s.plan));
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+        log::warn!(
+            "events decided by plan {id:016x}, which neither the state nor the journal holds: recorded without a service"
+        );
+        self.unknown_plan = Some(id);
+    }
+
+    /// The record of one eBPF event.
+    pub(super) fn event(&mut self, ev: &Event) -> EventLine {
+        let current = self.current();
+        if ev.plan_id != 0 && !self.plans.contains_key(&ev.plan_id) {
+            self.learn_plan(ev.plan_id);
+        }
+        // A plan found nowhere is not guessed at: the record says the
+        // policy that decided is not loaded rather than name a service
+        // of another plan.
+        let plan = match ev.plan_id {
+            0 => current.as_deref(),
+            id => self.plans.get(&id).map(Arc::as_ref),
+        };
+        EventLine::of(&audit::record(ev, plan, &self.clock, &mut self.names))
+    }
+
+    /// The record of one NFLOG packet, if it is one of the instance's.
+    pub(super) fn packet(&mut self, ev: &crate::nflog::PacketEvent) -> Option<EventLine> {
+        let current = self.current();
+        audit::packet_record(
+            ev,
+            &self.paths.instance,
+            current.as_deref(),
+            &mut self.names,
+        )
+        .map(|r| EventLine::of(&r))
+    }
+}
+
+/// Events (or NFLOG datagrams) read in one turn of the event loop; a flood
+/// cannot starve signals, repair or the metrics endpoint.
+const EVENTS_PER_WAKEUP: usize = 16 * 1024;
+const DATAGRAMS_PER_WAKEUP: usize = 64;
+
+/// Streams the eBPF layer's events.
+pub(super) async fn read_events(
+    ring: RingBuf<MapData>,
+    mut decoder: Decoder,
+    tx: mpsc::Sender<Write>,
+) {
+    // SAFETY: the ring owns its fd and lives inside the AsyncFd.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::error!("cannot poll the event ring: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        // Drain in bounded batches: memory stays flat however long the
+        // flood, and the writes are large.
+        let mut batches = Vec::new();
+        let mut more = false;
+        {
+            let ring = guard.get_inner_mut();
+            let mut lines = Vec::with_capacity(1024);
+            let mut taken = 0;
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<Event>() {
+                    // SAFETY: the kernel wrote an Event (repr(C), any bits valid).
+                    let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    lines.push(decoder.event(&ev));
+                }
+                if lines.len() == 1024 {
+                    batches.push(std::mem::take(&mut lines));
+                }
+                taken += 1;
+                if taken == EVENTS_PER_WAKEUP {
+                    more = true;
+                    break;
+                }
+            }
+            batches.push(lines);
+        }
+        if more {
+            // Still readable: come back after the others had their turn.
+            tokio::task::yield_now().await;
+        } else {
+            guard.clear_ready();
+        }
+        drop(guard);
+        for lines in batches {
+            if tx.send(Write::Lines(lines)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Refusals of the nftables layer, from NFLOG; gaps in the kernel's
+/// sequence numbers are reported as dropped.
+pub(super) async fn read_packets(
+    sock: Socket,
+    mut decoder: Decoder,
+    metrics: Arc<Metrics>,
+    tx: mpsc::Sender<Write>,
+) {
+    // SAFETY: the socket owns its fd and lives inside the AsyncFd.
+    let Ok(fd) = (unsafe { AsyncFd::register(sock) }) else {
+        return;
+    };
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut next_seq: Option<u32> = None;
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            return;
+        };
+        let mut lines = Vec::new();
+        let mut lost = 0u64;
+        // Whether the socket may hold more than this turn took.
+        let mut more = true;
+        for _ in 0..DATAGRAMS_PER_WAKEUP {
+            let n = match super::watch::recv_nonblocking(guard.get_inner(), &mut buf) {
+                Ok(0) => {
+                    more = false;
+                    break;
+                }
+                Ok(n) => n,
+                // Overflow: the sequence gap says how much was lost.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+                Err(_) => {
+                    more = false;
+                    break;
+                }
+            };
+            for ev in crate::nflog::parse(&buf[..n]) {
+                if let Some(seq) = ev.seq {
+                    if let Some(expected) = next_seq {
+                        lost += u64::from(seq.wrapping_sub(expected));
+                    }
+                    next_seq = Some(seq.wrapping_add(1));
+                }
+                lines.extend(decoder.packet(&ev));
+            }
+        }
+        if more {
+            tokio::task::yield_now().await;
+        } else {
+            guard.clear_ready();
+        }
+        if lost > 0 {
+            metrics.dropped.inc_by(lost);
+            lines.push(EventLine::of(&audit::dropped_record(
+                lost,
+                audit::EventLayer::Packet,
+            )));
+        }
+        if tx.send(Write::Lines(lines)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reports events lost to a full ring, at most twice a second.
+pub(super) async fn report_dropped(
+    paths: InstancePaths,
+    metrics: Arc<Metrics>,
+    tx: mpsc::Sender<Write>,
+) {
+    let Ok(maps) = crate::ebpf::Maps::open_pinned(&paths) else {
+        return;
+    };
+    let mut last = maps.dropped().unwrap_or(0);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = maps.dropped().unwrap_or(last);
+        if now > last {
+            metrics.dropped.inc_by(now - last);
+            let line = EventLine::of(&audit::dropped_record(
+                now - last,
+                audit::EventLayer::Connect,
+            ));
+            if tx.send(Write::Lines(vec![line])).await.is_err() {
+                return;
+            }
+            last = now;
+        }
+    }
+}
