@@ -500,7 +500,7 @@ pub fn record(
         gid: Some(ev.gid),
         pid: Some(ev.pid),
         process: Some(String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned()),
-        unit: cgroup.as_deref().and_then(crate::scan::unit_of),
+        unit: cgroup.as_deref().and_then(crate::host::unit_of),
         cgroup,
         transport: Some(if u32::from(ev.proto) == PROTO_TCP {
             Transport::Tcp

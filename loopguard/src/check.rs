@@ -144,7 +144,7 @@ pub fn check_source(file: &Path, source: String, dir: Option<&dyn Directory>) ->
             // Offline checks are for other hosts: judge against Linux's
             // default port range, not this machine's.
             let ephemeral = match dir {
-                Some(_) => crate::host::ephemeral_ports(),
+                Some(_) => policy::EphemeralPorts::of_host(),
                 None => policy::EphemeralPorts::linux_default(),
             };
             diagnostics.extend(timed("lint", || {

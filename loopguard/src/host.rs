@@ -273,16 +273,15 @@ pub fn netns_cookie() -> Option<u64> {
     (rc == 0).then_some(cookie)
 }
 
-/// The kernel's ephemeral port range and reserved ports; Linux's default
-/// when they cannot be read.
-pub fn ephemeral_ports() -> crate::policy::EphemeralPorts {
-    let read = |p: &str| fs::read_to_string(p).ok();
-    read("/proc/sys/net/ipv4/ip_local_port_range")
-        .and_then(|range| {
-            let reserved = read("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
-            crate::policy::EphemeralPorts::parse(&range, &reserved)
-        })
-        .unwrap_or_else(crate::policy::EphemeralPorts::linux_default)
+/// The systemd unit a cgroup path belongs to: its innermost `.service` or
+/// `.scope` component (`/system.slice/redis-server.service` ->
+/// `redis-server.service`).
+pub fn unit_of(cgroup: &str) -> Option<String> {
+    cgroup
+        .split('/')
+        .rev()
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_string)
 }
 
 /// The id a cgroup2 directory has now (its inode number: the kernel's

@@ -18,7 +18,10 @@ pub mod ebpf;
 pub mod engine;
 #[doc(hidden)]
 pub mod exercise;
+pub mod fault;
+pub mod files;
 pub mod host;
+pub mod layer_kind;
 pub mod learn;
 pub mod nflog;
 pub mod nft;

@@ -1,6 +1,6 @@
 //! One typed diff of two compiled plans, service by service, in linear
 //! time (services keyed by name in a map; sorted uid lists walked side by
-//! side). `apply --dry-run` ([`crate::change`]) and the daemon's
+//! side). `apply --dry-run` and the daemon's
 //! membership log render from it.
 
 use std::collections::HashMap;

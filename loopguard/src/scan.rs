@@ -231,16 +231,7 @@ fn annotate(listeners: &mut [Listener]) {
     }
 }
 
-/// The systemd unit a cgroup path belongs to: its innermost `.service` or
-/// `.scope` component (`/system.slice/redis-server.service` ->
-/// `redis-server.service`).
-pub fn unit_of(cgroup: &str) -> Option<String> {
-    cgroup
-        .split('/')
-        .rev()
-        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
-        .map(str::to_string)
-}
+pub use crate::host::unit_of;
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
 //! What an instance has applied, kept beside its pins so `status` and
 //! `explain` report what the kernel enforces, not what the file says now.
 
+use crate::files::{create_private, private_dir};
 use std::{
     fs, io,
     os::unix::fs::OpenOptionsExt as _,
@@ -20,7 +21,7 @@ pub struct State {
     pub applied_at: String,
     /// Which kernel slot holds this plan.
     pub slot: u32,
-    pub layers: Vec<crate::engine::LayerKind>,
+    pub layers: Vec<crate::layer_kind::LayerKind>,
     pub plan: Plan,
     /// Layout of the nftables table ([`crate::nft::LAYOUT`]; 0: none or
     /// unknown), so a table of another layout is replaced, not updated.
@@ -137,67 +138,6 @@ fn read(path: &Path) -> Result<Option<State>, StateError> {
             path: path.to_path_buf(),
             source,
         })
-}
-
-/// Creates `dir` (and missing parents) mode 0700, and refuses one that is
-/// a symlink or not root's.
-pub fn private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let meta = fs::symlink_metadata(dir)?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(io::Error::other(format!(
-            "{} is not a directory owned by this user (a symlink?); refusing to use it",
-            dir.display()
-        )));
-    }
-    // One made earlier (by an older loopguard, or a unit's
-    // RuntimeDirectory) may be open to others: close it.
-    if meta.mode() & 0o077 != 0 {
-        use std::os::unix::fs::PermissionsExt as _;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
-}
-
-/// Writes a small root-only file (0600, never following a planted link),
-/// replacing what was there.
-pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write as _;
-    create_private(path)?.write_all(bytes)
-}
-
-/// Creates `path` afresh, root-only (0600): whatever was there (a leftover
-/// or a planted file or link) goes first, and the new one is never reached
-/// through a link.
-fn create_private(path: &Path) -> io::Result<fs::File> {
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-}
-
-/// Opens (creating it 0600) a lock file in a private directory, never
-/// through a symlink.
-pub fn open_lock_file(path: &Path) -> io::Result<fs::File> {
-    fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
 }
 
 fn write_atomically(paths: &InstancePaths, path: &Path, state: &State) -> Result<(), StateError> {

@@ -27,7 +27,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         }
         // Who removed it, for the daemon's last words.
         let by = format!("pid {} (uid {})", std::process::id(), nix::unistd::getuid());
-        if let Err(e) = loopguard::state::write_private(&paths.removed_by_file, by.as_bytes()) {
+        if let Err(e) = loopguard::files::write_private(&paths.removed_by_file, by.as_bytes()) {
             log::warn!("cannot record who removed enforcement: {e}");
         }
     }

@@ -170,7 +170,7 @@ fn starter_policy(listeners: &[Listener]) -> String {
     // An unconnected UDP socket on the wildcard at an ephemeral port is
     // most likely a client's (autobound by its first sendto): guarding it
     // would guard a port the kernel hands out again.
-    let ephemeral = loopguard::host::ephemeral_ports().range;
+    let ephemeral = loopguard::policy::EphemeralPorts::of_host().range;
     let (clients, listeners): (Vec<&Listener>, Vec<&Listener>) = listeners.iter().partition(|l| {
         l.protocol == Transport::Udp
             && l.address.is_unspecified()

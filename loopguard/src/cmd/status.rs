@@ -3,14 +3,12 @@
 use std::io::Write as _;
 
 use loopguard::{
-    ebpf::{self, Maps},
-    engine::LayerKind,
-    host, nft,
+    compile::Action,
+    engine::{Engine, InForce, LayerKind},
+    host,
     paths::InstancePaths,
-    policy::Mode,
     state::State,
 };
-use loopguard_common::{COUNT_ALLOWED, COUNT_DENIED, COUNT_WOULD_DENY, DEFAULT_BUCKET, SLOTS};
 use serde::Serialize;
 
 use crate::{exit, Format};
@@ -95,15 +93,13 @@ struct Status {
     squatters: Vec<loopguard::scan::Squatter>,
 }
 
-fn counts(maps: &Maps, slot: u32, bucket: u32) -> Counts {
-    let get = |kind| maps.counter(slot, bucket, kind).unwrap_or(0);
-    Counts {
-        attempts: Actions {
-            allow: Some(get(COUNT_ALLOWED)),
-            deny: get(COUNT_DENIED),
-            would_deny: get(COUNT_WOULD_DENY),
-        },
-        ..Counts::default()
+impl Actions {
+    fn add(&mut self, action: Action, value: u64) {
+        match action {
+            Action::Allow => self.allow = Some(self.allow.unwrap_or(0) + value),
+            Action::Deny => self.deny += value,
+            Action::WouldDeny => self.would_deny += value,
+        }
     }
 }
 
@@ -129,29 +125,19 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     };
     let state = State::load(paths)?;
     if let Some(s) = &state {
-        loopguard::health::same_namespace(paths, s).map_err(anyhow::Error::msg)?;
+        loopguard::engine::health::same_namespace(paths, s).map_err(anyhow::Error::msg)?;
     }
-    let bpf = ebpf::is_installed(paths);
-    let packet_counts = nft::counters(&paths.instance).ok();
-    let installed = bpf || packet_counts.is_some();
-    // Maps that cannot be opened (deleted pins, another ABI) are drift,
-    // which the read-back names; the counts are then unknown.
-    let maps = if bpf {
-        Maps::open_pinned(paths)
-            .map_err(|e| log::warn!("eBPF maps not read: {e}"))
-            .ok()
-    } else {
-        None
-    };
-    let active = maps
-        .as_ref()
-        .and_then(|m| m.config().ok())
-        .map(|c| c.active_slot);
+    let engine = Engine::system(paths.clone());
+    let layers = engine.layers();
+    // The layers whose kernel objects are there.
+    let present: Vec<LayerKind> = layers
+        .iter()
+        .filter(|l| !matches!(l.in_force(paths), InForce::Absent))
+        .map(|l| l.kind())
+        .collect();
+    let installed = !present.is_empty();
 
-    let drift = state
-        .as_ref()
-        .map(|s| loopguard::health::drift(paths, s))
-        .unwrap_or_default();
+    let drift = state.as_ref().map(|s| engine.drift(s)).unwrap_or_default();
     // Nothing in force: no layer the state lists is left enforcing any of
     // the plan.
     let nothing_in_force = !installed
@@ -175,14 +161,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let mut status = Status {
         instance: paths.instance.clone(),
         installed,
-        layers: [
-            (LayerKind::Bpf, bpf),
-            (LayerKind::Nft, packet_counts.is_some()),
-        ]
-        .iter()
-        .filter(|(_, on)| *on)
-        .map(|(l, _)| *l)
-        .collect(),
+        layers: present.clone(),
         enforcing: if installed { enforcing } else { Vec::new() },
         policy_hash: None,
         policy_path: None,
@@ -224,42 +203,26 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         status.cgroup = Some(state.cgroup.display().to_string());
         status.default = Some(plan.default.to_string());
         status.mode = Some(plan.mode.to_string());
-        let slot = active.filter(|s| *s < SLOTS);
-        let packets = packet_counts
-            .clone()
-            .map(|c| c.plus(&state.packet_base))
-            .unwrap_or_default();
-        let refused = packets.refused_by_index(plan);
-        let default_packets = (packets.default_allowed, packets.default_denied);
-        // The nftables layer lets an audit-mode service's packets through:
-        // what it counts for one is would-deny.
-        let refused_packets = |n: u64, mode: Mode| match mode {
-            Mode::Audit => Actions {
-                would_deny: n,
-                ..Actions::default()
-            },
-            Mode::Enforce => Actions {
-                deny: n,
-                ..Actions::default()
-            },
-        };
-        let with_packets = |mut c: Counts, i: usize, mode: Mode| {
-            c.packets = refused_packets(refused.get(i).copied().unwrap_or(0), mode);
-            c
-        };
-        if let (Some(maps), Some(slot)) = (&maps, slot) {
-            status.default_counts = counts(maps, slot, DEFAULT_BUCKET);
+        // What each layer counted, by bucket (the last: the default):
+        // attempts from the eBPF layer, packets from the nftables layer.
+        let mut counts = vec![Counts::default(); plan.services.len() + 1];
+        for layer in &layers {
+            for c in layer
+                .counts(paths, plan, &state.packet_base)
+                .unwrap_or_default()
+            {
+                let Some(at) = counts.get_mut(c.bucket) else {
+                    continue;
+                };
+                match layer.kind() {
+                    LayerKind::Bpf => at.attempts.add(c.action, c.value),
+                    LayerKind::Nft => at.packets.add(c.action, c.value),
+                }
+            }
         }
-        status.default_counts.packets = Actions {
-            allow: Some(default_packets.0),
-            ..refused_packets(default_packets.1, plan.mode)
-        };
+        status.default_counts = counts[plan.services.len()];
         for (i, s) in plan.services.iter().enumerate() {
-            let c = match (&maps, slot) {
-                (Some(maps), Some(slot)) => counts(maps, slot, i as u32),
-                _ => Counts::default(),
-            };
-            let c = with_packets(c, i, s.mode);
+            let c = counts[i];
             status.services.push(ServiceStatus {
                 name: s.name.clone(),
                 location: s.location.clone(),
@@ -330,14 +293,14 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                     "NOT ENFORCING"
                 }
             };
-            if bpf {
+            if present.contains(&LayerKind::Bpf) {
                 layers.push(format!(
                     "bpf (connect4, connect6, sendmsg4, sendmsg6, bind4, bind6 on {}): {}",
                     status.cgroup.as_deref().unwrap_or("?"),
                     attested(LayerKind::Bpf)
                 ));
             }
-            if packet_counts.is_some() {
+            if present.contains(&LayerKind::Nft) {
                 layers.push(format!(
                     "nft (table inet {} on lo): {}",
                     status.instance,

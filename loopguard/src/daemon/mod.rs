@@ -168,10 +168,10 @@ pub fn run(config: Config, paths: &InstancePaths) -> anyhow::Result<Outcome> {
 /// for a daemon holds it shared for a moment: tried again for a little
 /// while before another daemon is assumed.
 fn lock_run(paths: &InstancePaths) -> anyhow::Result<Flock<fs::File>> {
-    crate::state::private_dir(&paths.state_root)
+    crate::files::private_dir(&paths.state_root)
         .with_context(|| format!("failed to create {}", paths.state_root.display()))?;
     let run_lock = &paths.run_lock_file;
-    let mut file = crate::state::open_lock_file(run_lock)
+    let mut file = crate::files::open_lock_file(run_lock)
         .with_context(|| format!("failed to open {}", run_lock.display()))?;
     let mut tries = 0;
     let locked = loop {

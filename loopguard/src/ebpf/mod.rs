@@ -323,7 +323,7 @@ fn reattach(paths: &InstancePaths, hook: &'static str, cgroup: &Path) -> Result<
     // Pinned under a temporary name, then renamed over the old pin (bpffs
     // renames atomically): at every moment a link is pinned for the hook,
     // and the old one detaches only once its pin is replaced.
-    crate::state::private_dir(&paths.links_dir).map_err(pin_err(format!(
+    crate::files::private_dir(&paths.links_dir).map_err(pin_err(format!(
         "failed to create {}",
         paths.links_dir.display()
     )))?;
@@ -442,7 +442,7 @@ fn load_and_attach(
         &paths.progs_dir,
         &paths.links_dir,
     ] {
-        crate::state::private_dir(dir)
+        crate::files::private_dir(dir)
             .map_err(pin_err(format!("failed to create {}", dir.display())))?;
     }
     // Audit events read pid and comm, which socket address programs may
@@ -731,7 +731,7 @@ pub fn stage(maps: &mut Maps, plan: &Plan, previous: Option<&Plan>) -> Result<u3
         |k| k.slot == slot,
         "LG_UIDS",
     )?;
-    crate::engine::fault("mid-stage");
+    crate::fault::at("mid-stage");
     let mut cgroup_levels = 0u32;
     let cgroups: Vec<(CgroupKey, u8)> = plan
         .cgroup_sets

@@ -295,36 +295,14 @@ pub fn try_lock(paths: &InstancePaths) -> anyhow::Result<Option<Flock<fs::File>>
 
 fn lock_with(paths: &InstancePaths, how: FlockArg) -> anyhow::Result<Flock<fs::File>> {
     let root = &paths.state_root;
-    crate::state::private_dir(root)
+    crate::files::private_dir(root)
         .with_context(|| format!("failed to create {}", root.display()))?;
     let path = &paths.lock_file;
-    let file = crate::state::open_lock_file(path)
+    let file = crate::files::open_lock_file(path)
         .with_context(|| format!("failed to open {}", path.display()))?;
     Flock::lock(file, how).map_err(|(_, e)| {
         anyhow::Error::new(e).context(format!("failed to lock {}", path.display()))
     })
-}
-
-/// Aborts the process at a named step when `LOOPGUARD_FAULT` names it
-/// (`STEP`, or `STEP@N` for the N-th time the step is reached, e.g. a
-/// daemon's first reload): crash-consistency tests kill `apply` and `run`
-/// at exact points instead of racing a signal against a clock. The steps:
-/// `after-journal`, `mid-stage` (the eBPF slot half written),
-/// `after-stage`, `after-nft`, `after-flip`, `before-state`.
-pub fn fault(step: &str) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static REACHED: AtomicUsize = AtomicUsize::new(0);
-    let Ok(want) = std::env::var("LOOPGUARD_FAULT") else {
-        return;
-    };
-    let (name, nth) = match want.split_once('@') {
-        Some((name, n)) => (name, n.parse().unwrap_or(1)),
-        None => (want.as_str(), 1),
-    };
-    if name == step && REACHED.fetch_add(1, Ordering::SeqCst) + 1 == nth {
-        eprintln!("loopguard: LOOPGUARD_FAULT={want}: aborting");
-        std::process::abort();
-    }
 }
 
 /// The fault step after a layer's commit.
@@ -400,7 +378,7 @@ impl Engine {
         // on, the next command knows an apply of this plan was under way.
         timed("journal", || state.save_pending(paths))
             .context("failed to record the apply; nothing changed")?;
-        fault("after-journal");
+        crate::fault::at("after-journal");
         let cgroup = (self.attach)(opts.cgroup.as_deref());
         let mut all = self.layers();
         let result = cgroup
@@ -430,7 +408,7 @@ impl Engine {
                 return Err(failure.error);
             }
         };
-        fault("before-state");
+        crate::fault::at("before-state");
         // Read after the links were attached: a cgroup made again meanwhile
         // shows as links elsewhere, not as a lasting "made again".
         state.cgroup_id = host::cgroup_id(&state.cgroup).unwrap_or(0);
@@ -508,12 +486,12 @@ pub fn enforce(
             return Err(e.context(says).into());
         }
     }
-    fault("after-stage");
+    crate::fault::at("after-stage");
     for (n, &i) in chosen.iter().enumerate() {
         if let Err(e) = all[i].commit(ctx, plan) {
             return Err(undo(all, &chosen, n, ctx, e));
         }
-        fault(committed_step(all[i].kind()));
+        crate::fault::at(committed_step(all[i].kind()));
     }
     // Layers no longer wanted go, after the wanted ones are in force.
     let mut in_force: Vec<LayerKind> = chosen.iter().map(|&i| all[i].kind()).collect();
@@ -660,7 +638,7 @@ pub fn daemon_pid(paths: &InstancePaths) -> anyhow::Result<Option<u32>> {
     if !paths.run_lock_file.exists() {
         return Ok(None);
     }
-    let file = crate::state::open_lock_file(&paths.run_lock_file)
+    let file = crate::files::open_lock_file(&paths.run_lock_file)
         .with_context(|| format!("failed to open {}", paths.run_lock_file.display()))?;
     // A shared lock, dropped at once: only a daemon holds it exclusively.
     match Flock::lock(file, FlockArg::LockSharedNonblock) {

@@ -153,6 +153,19 @@ pub struct EphemeralPorts {
 
 impl EphemeralPorts {
     /// Linux's default range, nothing reserved.
+    /// The kernel's ephemeral port range and reserved ports; Linux's
+    /// default when they cannot be read.
+    pub fn of_host() -> EphemeralPorts {
+        let read = |p: &str| std::fs::read_to_string(p).ok();
+        read("/proc/sys/net/ipv4/ip_local_port_range")
+            .and_then(|range| {
+                let reserved =
+                    read("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+                EphemeralPorts::parse(&range, &reserved)
+            })
+            .unwrap_or_else(EphemeralPorts::linux_default)
+    }
+
     pub fn linux_default() -> EphemeralPorts {
         EphemeralPorts {
             range: PortRange {
