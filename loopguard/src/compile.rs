@@ -173,6 +173,13 @@ pub fn source_hash(source: &str) -> String {
     format!("sha256:{:x}", Sha256::digest(source.as_bytes()))
 }
 
+/// Whether the file at `path` holds the source `plan` was compiled from
+/// (`false` too when it cannot be read): the one check of "is the file on
+/// disk the policy applied".
+pub fn file_matches(path: &std::path::Path, plan: &Plan) -> bool {
+    std::fs::read(path).is_ok_and(|b| source_hash(&String::from_utf8_lossy(&b)) == plan.hash)
+}
+
 pub fn compile(policy: &Policy, resolved: &Resolved) -> Result<Plan, CompileError> {
     let too_large = |what, count: usize, max: u32| {
         if count > max as usize {

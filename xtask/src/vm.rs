@@ -135,6 +135,32 @@ struct Binaries {
     tests: Vec<PathBuf>,
 }
 
+/// The guest's test binaries among cargo's messages (`only`: a
+/// comma-separated subset of [`GUEST_TESTS`]).
+fn test_binaries(messages: &[u8], only: Option<&str>) -> Vec<PathBuf> {
+    let mut tests = Vec::new();
+    for msg in cargo_metadata::Message::parse_stream(messages) {
+        let Ok(cargo_metadata::Message::CompilerArtifact(artifact)) = msg else {
+            continue;
+        };
+        let name = artifact.target.name.as_str();
+        let is_test = artifact
+            .target
+            .kind
+            .contains(&cargo_metadata::TargetKind::Test);
+        let chosen = only.is_none_or(|o| o.split(',').any(|t| t == name));
+        if let (true, true, true, Some(exe)) = (
+            is_test,
+            GUEST_TESTS.contains(&name),
+            chosen,
+            artifact.executable,
+        ) {
+            tests.push(exe.into_std_path_buf());
+        }
+    }
+    tests
+}
+
 fn build(root: &Path) -> Result<Binaries> {
     crate::build_bins(root, false)?;
     let out = Command::new("cargo")
@@ -152,29 +178,9 @@ fn build(root: &Path) -> Result<Binaries> {
     if !out.status.success() {
         bail!("building the test binaries failed");
     }
-    let mut tests = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let name = msg["target"]["name"].as_str().unwrap_or_default();
-        let is_test = msg["target"]["kind"]
-            .as_array()
-            .is_some_and(|k| k.iter().any(|x| x == "test"));
-        // LG_VM_ONLY=daemon,scan: a subset, while chasing one failure.
-        let only = std::env::var("LG_VM_ONLY").ok();
-        let chosen = only
-            .as_deref()
-            .is_none_or(|o| o.split(',').any(|t| t == name));
-        if let (true, true, true, Some(exe)) = (
-            is_test,
-            GUEST_TESTS.contains(&name),
-            chosen,
-            msg["executable"].as_str(),
-        ) {
-            tests.push(PathBuf::from(exe));
-        }
-    }
+    // LG_VM_ONLY=daemon,scan: a subset, while chasing one failure.
+    let only = std::env::var("LG_VM_ONLY").ok();
+    let tests = test_binaries(&out.stdout, only.as_deref());
     if tests.len() != GUEST_TESTS.len() && std::env::var_os("LG_VM_ONLY").is_none() {
         bail!("expected test binaries {GUEST_TESTS:?}, found {tests:?}");
     }
@@ -613,4 +619,30 @@ poweroff -f
         bail!("cpio failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod binaries_tests {
+    use super::*;
+
+    #[test]
+    fn test_binaries_are_read_from_cargo_messages() {
+        let line = |name: &str, kind: &str| {
+            format!(
+                r#"{{"reason":"compiler-artifact","package_id":"path+file:///w/tests#loopguard-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{{"kind":["{kind}"],"crate_types":["bin"],"name":"{name}","src_path":"/w/tests/tests/{name}.rs","edition":"2021","doc":false,"doctest":false,"test":true}},"profile":{{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":true}},"features":[],"filenames":["/w/target/debug/deps/{name}-1"],"executable":"/w/target/debug/deps/{name}-1","fresh":true}}"#
+            )
+        };
+        let guest = GUEST_TESTS[0];
+        let out = [
+            line(guest, "test"),
+            line("not-a-guest-test", "test"),
+            line(guest, "bin"),
+            "not json".into(),
+        ]
+        .join("\n");
+        let want = vec![PathBuf::from(format!("/w/target/debug/deps/{guest}-1"))];
+        assert_eq!(test_binaries(out.as_bytes(), None), want);
+        assert_eq!(test_binaries(out.as_bytes(), Some(guest)), want);
+        assert!(test_binaries(out.as_bytes(), Some("other")).is_empty());
+    }
 }

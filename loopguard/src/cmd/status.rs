@@ -173,11 +173,9 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         default_counts: Counts::default(),
         services: Vec::new(),
         plan_id: state.as_ref().map(|s| s.plan.id.clone()),
-        policy_file_matches: state.as_ref().map(|s| {
-            std::fs::read(&s.policy_path).is_ok_and(|b| {
-                loopguard::compile::source_hash(&String::from_utf8_lossy(&b)) == s.plan.hash
-            })
-        }),
+        policy_file_matches: state
+            .as_ref()
+            .map(|s| loopguard::compile::file_matches(&s.policy_path, &s.plan)),
         drift: match &state {
             Some(_) => drift.iter().map(ToString::to_string).collect(),
             None if installed => vec![format!(

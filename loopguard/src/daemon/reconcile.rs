@@ -273,16 +273,17 @@ impl Reconciler {
     }
 
     fn note_file_matches(&self) {
-        let applied = self.enforced.plan.as_ref().map(|p| p.hash.as_str());
-        let matches = applied.is_some() && self.file_hash().as_deref() == applied;
+        let matches = self
+            .enforced
+            .plan
+            .as_ref()
+            .is_some_and(|p| self.file_matches(p));
         self.metrics.file_matches.set(i64::from(matches));
     }
 
-    /// The hash of the policy file's contents now.
-    fn file_hash(&self) -> Option<String> {
-        std::fs::read(&self.sources.policy)
-            .ok()
-            .map(|b| crate::compile::source_hash(&String::from_utf8_lossy(&b)))
+    /// Whether the policy file holds `plan`'s source now.
+    fn file_matches(&self, plan: &Plan) -> bool {
+        crate::compile::file_matches(&self.sources.policy, plan)
     }
 
     fn prepare(&self) -> anyhow::Result<Result<Prepared, engine::Refused>> {
@@ -485,7 +486,7 @@ impl Reconciler {
         };
         // Only the file that is in force is re-resolved: an edit not yet
         // applied (a broken one) is the file watcher's business.
-        if self.file_hash().as_ref() != Some(&current.hash) {
+        if !self.file_matches(&current) {
             log::warn!(
                 "{what} changed, but {} holds edits not in force: not refreshed",
                 self.sources.policy.display()
