@@ -33,6 +33,16 @@ pub fn default_log_path(instance: &str) -> PathBuf {
     Path::new(LOG_DIR).join(format!("{instance}.jsonl"))
 }
 
+/// The audit log the instance's daemon writes (as it recorded at start),
+/// else [`default_log_path`].
+pub fn log_path(paths: &crate::paths::InstancePaths) -> PathBuf {
+    fs::read_to_string(&paths.audit_log_file)
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| default_log_path(&paths.instance), PathBuf::from)
+}
+
 /// Group that may read the audit log, when it exists.
 pub const AUDIT_GROUP: &str = "loopguard-audit";
 

@@ -42,6 +42,10 @@ pub struct InstancePaths {
     /// Who ran `remove --force` under a running daemon
     /// (`<instance>.removed-by`): the daemon names them when it exits.
     pub removed_by_file: PathBuf,
+    /// Where the instance's daemon writes its audit log
+    /// (`<instance>.audit-log`, the path as text, written by `run` at
+    /// start): `audit` and `learn` read that log unless told otherwise.
+    pub audit_log_file: PathBuf,
 }
 
 impl InstancePaths {
@@ -70,6 +74,7 @@ impl InstancePaths {
             lock_file: state_root.join(format!("{instance}.lock")),
             run_lock_file: state_root.join(format!("{instance}.run")),
             removed_by_file: state_root.join(format!("{instance}.removed-by")),
+            audit_log_file: state_root.join(format!("{instance}.audit-log")),
             good_dir: good_root.join(instance),
         }
     }

@@ -43,6 +43,9 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         {
             writeln!(out, "{line}")?;
         }
+        for line in where_it_would_enforce(&args.enforce, paths) {
+            writeln!(out, "{line}")?;
+        }
         writeln!(out, "dry run: nothing changed")?;
         return Ok(exit::OK);
     }
@@ -58,4 +61,44 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         Err(e) => log::warn!("squatters not looked for (sock_diag): {e}"),
     }
     Ok(exit::OK)
+}
+
+/// Where a real apply would enforce: the layers asked for, the cgroup the
+/// eBPF programs attach to (the root: every process on the host), the
+/// nftables table.
+fn where_it_would_enforce(enforce: &EnforceArgs, paths: &InstancePaths) -> Vec<String> {
+    use loopguard::engine::{LayerKind, LayerSet};
+    let mut lines = vec![format!(
+        "would enforce with layers {}{}",
+        match enforce.layers {
+            LayerSet::Both => "bpf+nft",
+            LayerSet::Bpf => "bpf",
+            LayerSet::Nft => "nft",
+        },
+        if enforce.layers.is_several() {
+            " (a layer this host lacks is skipped with a warning)"
+        } else {
+            ""
+        }
+    )];
+    if enforce.layers.contains(LayerKind::Bpf) {
+        lines.push(match host::attach_cgroup(enforce.cgroup.as_deref()) {
+            Ok(c) if host::is_cgroup2_root(&c) => format!(
+                "  bpf: on the cgroup2 root {}: the whole host, every process (--cgroup narrows it)",
+                c.display()
+            ),
+            Ok(c) => format!(
+                "  bpf: on cgroup {}: only processes in its subtree",
+                c.display()
+            ),
+            Err(e) => format!("  bpf: cannot attach: {e}"),
+        });
+    }
+    if enforce.layers.contains(LayerKind::Nft) {
+        lines.push(format!(
+            "  nft: table inet {} in this network namespace: every socket's packets to local addresses",
+            paths.instance
+        ));
+    }
+    lines
 }

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use loopguard::{
-    audit::{default_log_path, AuditAction, AuditRecord},
+    audit::{log_path, AuditAction, AuditRecord},
     paths::InstancePaths,
 };
 
@@ -40,7 +40,8 @@ pub(crate) struct Args {
     /// Only this action (an unknown one is an error, not an empty result).
     #[arg(long, value_enum)]
     action: Option<AuditAction>,
-    /// The audit log [default: /var/log/loopguard/INSTANCE.jsonl].
+    /// The audit log [default: the one the instance's `run` writes, else
+    /// /var/log/loopguard/INSTANCE.jsonl].
     #[arg(long, value_name = "PATH")]
     file: Option<PathBuf>,
 }
@@ -112,10 +113,7 @@ fn human(r: &AuditRecord) -> String {
 }
 
 pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
-    let path = args
-        .file
-        .clone()
-        .unwrap_or_else(|| default_log_path(&paths.instance));
+    let path = args.file.clone().unwrap_or_else(|| log_path(paths));
     let filter = Filter {
         since: args.since.as_deref().map(parse_since).transpose()?,
         service: args.service.clone(),

@@ -38,8 +38,10 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     host::require_root("run")?;
     let config = Config {
         opts: args.enforce.options(),
+        // Absolute: `audit` and `learn` find it from anywhere.
         audit_log: args
             .audit_log
+            .map(|p| std::path::absolute(&p).unwrap_or(p))
             .unwrap_or_else(|| audit::default_log_path(&paths.instance)),
         audit_log_max_bytes: args.audit_log_max_bytes,
         metrics: args.metrics,

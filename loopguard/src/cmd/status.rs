@@ -4,7 +4,7 @@ use std::io::Write as _;
 
 use loopguard::{
     compile::Action,
-    engine::{Engine, InForce, LayerKind},
+    engine::{Engine, LayerKind},
     host,
     paths::InstancePaths,
     state::State,
@@ -130,11 +130,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
     let engine = Engine::system(paths.clone());
     let layers = engine.layers();
     // The layers whose kernel objects are there.
-    let present: Vec<LayerKind> = layers
-        .iter()
-        .filter(|l| !matches!(l.in_force(paths), InForce::Absent))
-        .map(|l| l.kind())
-        .collect();
+    let present = engine.installed();
     let installed = !present.is_empty();
 
     let drift = state.as_ref().map(|s| engine.drift(s)).unwrap_or_default();

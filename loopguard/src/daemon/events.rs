@@ -23,7 +23,7 @@ use crate::{
     audit::{self, AuditLog, AuditRecord, Clock, EventNames},
     compile::Plan,
     paths::InstancePaths,
-    state::State,
+    state::{FileStamp, State},
 };
 
 /// One audit record as written: its JSON line, and the syslog priority
@@ -99,13 +99,16 @@ pub(super) async fn writer(mut log: Option<AuditLog>, mut rx: mpsc::Receiver<Wri
 
 /// Names the service of each event: by the id of the plan that decided it
 /// (the eBPF layer stamps each event), among the plan in force and the few
-/// before it.
+/// before it. It follows the state file itself (a stat per batch), so a
+/// packet after another process's apply is named by the new plan at once.
 pub(super) struct Decoder {
     paths: InstancePaths,
     published: watch::Receiver<Arc<Enforced>>,
+    current: Option<Arc<Plan>>,
     plans: HashMap<u64, Arc<Plan>>,
+    state_seen: Option<FileStamp>,
     /// A plan id seen in an event and found nowhere: not looked for again
-    /// until another one is.
+    /// until the state file changes.
     unknown_plan: Option<u64>,
     names: EventNames,
     clock: Clock,
@@ -116,28 +119,50 @@ impl Decoder {
         Decoder {
             paths,
             published,
+            current: None,
             plans: HashMap::new(),
+            state_seen: None,
             unknown_plan: None,
             names: EventNames::default(),
             clock: Clock::now(),
         }
     }
 
-    /// The plan in force, as published.
-    fn current(&mut self) -> Option<Arc<Plan>> {
-        let plan = self.published.borrow_and_update().plan.clone();
-        if let Some(p) = &plan {
-            self.remember(p.clone());
+    /// Takes up what the daemon published (the plan in force and the ones
+    /// before it) and what the state file says now. Called once per batch.
+    pub(super) fn refresh(&mut self) {
+        if self.current.is_none() || self.published.has_changed().unwrap_or(false) {
+            let enforced = self.published.borrow_and_update().clone();
+            for p in &enforced.recent {
+                self.remember(p.clone());
+            }
+            if let Some(p) = &enforced.plan {
+                self.current = Some(p.clone());
+            }
         }
-        plan
+        let stamp = FileStamp::of(&self.paths.state_file);
+        if stamp.is_none() || stamp == self.state_seen {
+            return;
+        }
+        self.state_seen = stamp;
+        self.unknown_plan = None;
+        match State::load(&self.paths) {
+            Ok(Some(state)) if self.current.as_ref().map(|p| &p.id) != Some(&state.plan.id) => {
+                let plan = Arc::new(state.plan);
+                self.remember(plan.clone());
+                self.current = Some(plan);
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("{e}"),
+        }
     }
 
-    /// Keeps `plan` for decoding events, and at most two others.
+    /// Keeps `plan` for decoding events, and at most three others.
     fn remember(&mut self, plan: Arc<Plan>) {
-        const KEPT: usize = 3;
+        const KEPT: usize = 4;
         let id = plan.id_number();
         if self.plans.len() >= KEPT && !self.plans.contains_key(&id) {
-            let current = self.published.borrow().plan.as_ref().map(|p| p.id_number());
+            let current = self.current.as_ref().map(|p| p.id_number());
             if let Some(old) = self.plans.keys().copied().find(|k| Some(*k) != current) {
                 self.plans.remove(&old);
             }
@@ -146,34 +171,24 @@ impl Decoder {
     }
 
     /// An event decided by a plan this daemon has not seen: another
-    /// process's apply flipped to it; its state, or its journal while it
-    /// has not saved its state yet, holds the plan.
+    /// process's apply flipped to it and has not saved its state yet (or
+    /// crashed before it could): its journal holds the plan.
     fn learn_plan(&mut self, id: u64) {
         if self.unknown_plan == Some(id) {
             return;
         }
-        for (pending, load) in [
-            (false, State::load as fn(&InstancePaths) -> _),
-            (true, State::load_pending),
-        ] {
-            match load(&self.paths) {
-                Ok(Some(s)) if s.plan.id_number() == id => {
-                    log::info!(
-                        "following plan {} ({}), {} another process",
-                        s.plan.id,
-                        s.policy_path.display(),
-                        if pending {
-                            "being applied by"
-                        } else {
-                            "applied by"
-                        }
-                    );
-                    self.remember(Arc::new(s.plan));
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => log::warn!("{e}"),
+        match State::load_pending(&self.paths) {
+            Ok(Some(pending)) if pending.plan.id_number() == id => {
+                log::info!(
+                    "following plan {} ({}), being applied by another process",
+                    pending.plan.id,
+                    pending.policy_path.display()
+                );
+                self.remember(Arc::new(pending.plan));
+                return;
             }
+            Ok(_) => {}
+            Err(e) => log::warn!("{e}"),
         }
         log::warn!(
             "events decided by plan {id:016x}, which neither the state nor the journal holds: recorded without a service"
@@ -183,7 +198,6 @@ impl Decoder {
 
     /// The record of one eBPF event.
     pub(super) fn event(&mut self, ev: &Event) -> EventLine {
-        let current = self.current();
         if ev.plan_id != 0 && !self.plans.contains_key(&ev.plan_id) {
             self.learn_plan(ev.plan_id);
         }
@@ -191,7 +205,7 @@ impl Decoder {
         // policy that decided is not loaded rather than name a service
         // of another plan.
         let plan = match ev.plan_id {
-            0 => current.as_deref(),
+            0 => self.current.as_deref(),
             id => self.plans.get(&id).map(Arc::as_ref),
         };
         EventLine::of(&audit::record(ev, plan, &self.clock, &mut self.names))
@@ -199,11 +213,10 @@ impl Decoder {
 
     /// The record of one NFLOG packet, if it is one of the instance's.
     pub(super) fn packet(&mut self, ev: &crate::nflog::PacketEvent) -> Option<EventLine> {
-        let current = self.current();
         audit::packet_record(
             ev,
             &self.paths.instance,
-            current.as_deref(),
+            self.current.as_deref(),
             &mut self.names,
         )
         .map(|r| EventLine::of(&r))
@@ -238,6 +251,7 @@ pub(super) async fn read_events(
         let mut batches = Vec::new();
         let mut more = false;
         {
+            decoder.refresh();
             let ring = guard.get_inner_mut();
             let mut lines = Vec::with_capacity(1024);
             let mut taken = 0;
@@ -309,6 +323,7 @@ pub(super) async fn read_packets(
                     break;
                 }
             };
+            decoder.refresh();
             for ev in crate::nflog::parse(&buf[..n]) {
                 if let Some(seq) = ev.seq {
                     if let Some(expected) = next_seq {

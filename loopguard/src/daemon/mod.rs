@@ -53,6 +53,9 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct Enforced {
     pub plan: Option<Arc<Plan>>,
+    /// The plan in force and the few before it, newest first: events
+    /// decided just before a reload still name their service.
+    pub recent: Vec<Arc<Plan>>,
     /// The applied state's carried nftables counts.
     pub packet_base: PacketCounts,
     pub layers: Vec<LayerKind>,
@@ -114,6 +117,15 @@ pub fn run(config: Config, paths: &InstancePaths) -> anyhow::Result<Outcome> {
             config.audit_log.display()
         )
     })?;
+    // Where `audit` and `learn` look for the events, unless told otherwise.
+    let recorded = config.audit_log.to_string_lossy().into_owned() + "\n";
+    if let Err(e) = crate::files::write_private(&paths.audit_log_file, recorded.as_bytes()) {
+        log::warn!(
+            "{}: {e}; `loopguard audit` will not find {} by itself",
+            paths.audit_log_file.display(),
+            config.audit_log.display()
+        );
+    }
     let metrics = Arc::new(Metrics::new());
     let (published, published_rx) = tokio::sync::watch::channel(Arc::new(Enforced::default()));
     let sources = Sources {
@@ -297,7 +309,7 @@ async fn serve(
             }
         }
         for trigger in batch {
-            let reloads = matches!(trigger, Trigger::Hangup | Trigger::PolicyFile);
+            let reloads = reconciler.reloads(trigger);
             if reloads {
                 notify_reloading();
             }

@@ -61,22 +61,49 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// while the last known good is enforced, are tried again.
 pub const RETRY_NAMES: Duration = Duration::from_secs(5);
 
-/// The one backoff: none for the first three failures in a row, then 1 s,
-/// doubling up to [`BACKOFF_MAX`]. A success starts over.
-#[derive(Debug, Default)]
+/// The one backoff: `free` failures in a row are tried again at once,
+/// then the wait starts at `first` and doubles up to [`BACKOFF_MAX`]. A
+/// success starts over.
+#[derive(Debug)]
 pub struct Backoff {
+    free: u32,
+    first: Duration,
     in_a_row: u32,
     last: Option<Instant>,
     said: bool,
 }
 
 impl Backoff {
-    /// How long after the last failure the next try waits.
+    /// Repairs: three at once (a race with another tool's change), then
+    /// 1 s, 2 s, ... 60 s.
+    pub fn repairs() -> Backoff {
+        Backoff::new(3, Duration::from_secs(1))
+    }
+
+    /// Refreshes after a cgroup change that did not take (the file holds
+    /// edits not in force, an apply failed): 10 s, 20 s, 40 s, 60 s.
+    pub fn refreshes() -> Backoff {
+        Backoff::new(0, Duration::from_secs(10))
+    }
+
+    pub fn new(free: u32, first: Duration) -> Backoff {
+        Backoff {
+            free,
+            first,
+            in_a_row: 0,
+            last: None,
+            said: false,
+        }
+    }
+
+    /// How long after the last failure the next try waits: nothing while
+    /// fewer than `free` failed in a row, then `first`, doubling.
     pub fn wait(&self) -> Duration {
-        if self.in_a_row < 3 {
+        let free = self.free.max(1);
+        if self.in_a_row < free {
             return Duration::ZERO;
         }
-        Duration::from_secs(1u64 << (self.in_a_row - 3).min(6)).min(BACKOFF_MAX)
+        (self.first * (1u32 << (self.in_a_row - free).min(6))).min(BACKOFF_MAX)
     }
 
     /// Whether a try may be made now.
@@ -179,8 +206,8 @@ impl Reconciler {
             policy_seen,
             accounts_seen,
             cgroups_tried: None,
-            refresh_backoff: Backoff::default(),
-            repair_backoff: Backoff::default(),
+            refresh_backoff: Backoff::refreshes(),
+            repair_backoff: Backoff::repairs(),
             resolved_names,
             unresolved: Vec::new(),
             on_last_good: false,
@@ -214,6 +241,19 @@ impl Reconciler {
             }
         }
         self.reload("start") || self.fall_back()
+    }
+
+    /// Whether `trigger` will reload the policy file (systemd is told
+    /// RELOADING around it).
+    pub fn reloads(&self, trigger: Trigger) -> bool {
+        match trigger {
+            Trigger::Hangup => true,
+            Trigger::PolicyFile => {
+                let now = FileStamp::of(&self.sources.policy);
+                now.is_some() && now != self.policy_seen
+            }
+            _ => false,
+        }
     }
 
     /// One step of the loop: what `trigger` asks for, then what is due.
@@ -466,8 +506,20 @@ impl Reconciler {
     }
 
     fn publish(&mut self, state: State) {
+        const RECENT: usize = 3;
+        let plan = Arc::new(state.plan);
+        let mut recent = vec![plan.clone()];
+        recent.extend(
+            self.enforced
+                .recent
+                .iter()
+                .filter(|p| p.id != plan.id)
+                .take(RECENT - 1)
+                .cloned(),
+        );
         let enforced = Arc::new(Enforced {
-            plan: Some(Arc::new(state.plan)),
+            plan: Some(plan),
+            recent,
             packet_base: state.packet_base,
             layers: state.layers,
             cgroup: state.cgroup,
@@ -542,6 +594,7 @@ impl Reconciler {
         let applied: Vec<Option<u64>> = listed.iter().map(|c| c.id).collect();
         if now == applied {
             self.cgroups_tried = None;
+            self.refresh_backoff.held();
             return;
         }
         let again = self.cgroups_tried.as_ref() == Some(&now);
@@ -701,12 +754,9 @@ impl Reconciler {
             force: true,
         };
         match self.engine.apply_locked(&opts, Prepared::of_state(state)) {
-            Ok(state) => {
-                log::info!("repaired: {}", engine::summary(&state, started.elapsed()));
-                for kind in &state.layers {
-                    self.metrics.set_enforcing(*kind, Some(true));
-                }
-            }
+            // (Enforcing is said by the next look's read-back: the repair's
+            // own nftables commit wakes one, the tick's look the eBPF one.)
+            Ok(state) => log::info!("repaired: {}", engine::summary(&state, started.elapsed())),
             Err(e) => log::error!("repair failed: {e:#}"),
         }
         None
@@ -777,8 +827,9 @@ impl Reconciler {
                         state.plan.id,
                         state.policy_path.display()
                     );
-                    self.publish(state);
                 }
+                // Its cgroup, layers and counts too, whatever the plan.
+                self.publish(state);
             }
             Ok(None) => {}
             Err(e) => log::warn!("{e}"),

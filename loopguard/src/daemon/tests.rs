@@ -26,6 +26,9 @@ use crate::{
     state::State,
 };
 
+/// What a fake layer says when it cannot be asked.
+const UNKNOWN: &str = "unknown";
+
 /// The plan id each fake layer enforces (`None`: nothing of it).
 type World = Rc<RefCell<HashMap<LayerKind, Option<String>>>>;
 
@@ -79,6 +82,8 @@ impl Layer for FakeLayer {
     }
     fn in_force(&self, _: &InstancePaths) -> InForce {
         match self.get() {
+            // The layer's tool fails: nothing is known.
+            Some(id) if id == UNKNOWN => InForce::Unknown,
             Some(id) => InForce::Plan(Some(id)),
             None => InForce::Absent,
         }
@@ -353,6 +358,8 @@ async fn a_lost_layer_is_noticed_and_put_back() {
         r.metric("loopguard_layer_repairs_total{layer=\"nft\"}"),
         Some(1.0)
     );
+    // The repair's own commit sends nftables events: the look reads back.
+    r.daemon.step(Trigger::LayerEvent);
     assert_eq!(
         r.metric("loopguard_layer_enforcing{layer=\"nft\"}"),
         Some(1.0)
@@ -443,4 +450,55 @@ async fn another_process_apply_is_followed() {
     // Whatever woke the loop, the state is followed first.
     r.daemon.step(Trigger::Cgroups);
     assert_eq!(r.uids(), vec![1002]);
+}
+
+#[tokio::test]
+async fn remove_force_stops_the_daemon_even_when_a_layer_cannot_be_asked() {
+    let mut r = rig(&policy("allow_users = [\"alice\"]"));
+    engine(&r.paths, &r.world).remove().expect("remove");
+    fs::write(&r.paths.removed_by_file, "uid 0").expect("note");
+    // `nft` fails now: nothing known of that layer is no sign of a policy.
+    r.world
+        .borrow_mut()
+        .insert(LayerKind::Nft, Some(UNKNOWN.into()));
+    assert!(matches!(
+        r.daemon.step(Trigger::Tick),
+        Some(Stop::Removed(_))
+    ));
+    assert_eq!(r.enforced().1, None);
+}
+
+#[tokio::test]
+async fn another_process_apply_of_the_same_plan_elsewhere_is_followed() {
+    let mut r = rig(&policy("allow_users = [\"alice\"]"));
+    let id = r.plan().id.clone();
+    fs::create_dir_all(r.dir.join("cgroup2")).expect("cgroup");
+    let prepared = crate::engine::prepare_lenient_with(
+        &r.dir.join("policy.toml"),
+        true,
+        Default::default(),
+        &r.users,
+    )
+    .expect("read")
+    .expect("valid");
+    let opts = Options {
+        cgroup: Some(r.dir.join("cgroup2")),
+        layers: LayerSet::Both,
+        force: true,
+    };
+    engine(&r.paths, &r.world)
+        .apply(&opts, prepared)
+        .expect("apply");
+    r.daemon.step(Trigger::Tick);
+    assert_eq!(r.plan().id, id, "the same plan");
+    assert_eq!(r.published.borrow().cgroup, r.dir.join("cgroup2"));
+    // The old cgroup goes: no false "cgroup gone", no repair.
+    fs::remove_dir(r.dir.join("cgroup")).expect("rmdir");
+    r.lose(LayerKind::Bpf);
+    r.daemon.step(Trigger::Tick);
+    assert_eq!(
+        r.enforced().1,
+        Some(id),
+        "a lost layer on the new cgroup is put back"
+    );
 }

@@ -101,12 +101,24 @@ impl Engine {
         health::drift_of(&self.layers(), &self.paths, state)
     }
 
-    /// Whether any layer of the instance is in force (or may be: a layer
-    /// that cannot tell counts as in force).
-    pub fn anything_installed(&self) -> bool {
-        self.layers()
+    /// The layers of the instance whose kernel objects are known to be
+    /// there (eBPF: link pins; nftables: the table), in [`LayerKind`]
+    /// order. A layer that cannot be asked (`nft` failing) is not counted:
+    /// nothing is known of it.
+    pub fn installed(&self) -> Vec<LayerKind> {
+        let mut out: Vec<LayerKind> = self
+            .layers()
             .iter()
-            .any(|l| !matches!(l.in_force(&self.paths), InForce::Absent))
+            .filter(|l| matches!(l.in_force(&self.paths), InForce::Plan(_)))
+            .map(|l| l.kind())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whether any layer is known to be installed (see [`Engine::installed`]).
+    pub fn anything_installed(&self) -> bool {
+        !self.installed().is_empty()
     }
 
     /// See [`apply`].
