@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::{
     audit::{AuditAction, AuditRecord},
-    policy::{ListKind, Policy, Transport},
+    policy::{IdRef, ListKind, Policy, Transport},
 };
 
 /// Who was seen: a user name, or a uid the host could not name.
@@ -32,6 +32,8 @@ impl std::fmt::Display for Who {
 /// How often, and when, one identity reached one destination.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Seen {
+    /// Attempts: one connect (or datagram) once, however many layers
+    /// recorded it (the eBPF hook and the nftables layer both do).
     pub attempts: u64,
     /// Of those, refused in enforce mode (the rest were allowed).
     pub would_deny: u64,
@@ -39,40 +41,89 @@ pub struct Seen {
     pub last: String,
 }
 
+/// What the layers recorded for one identity and destination: counts per
+/// layer (an attempt is one record per layer that judged it).
+#[derive(Clone, Debug, Default)]
+struct Tally {
+    by_layer: BTreeMap<&'static str, (u64, u64)>,
+    first: String,
+    last: String,
+}
+
+impl Tally {
+    /// One attempt once: the count of the layer that recorded the most.
+    fn seen(&self) -> Seen {
+        let most = |f: fn(&(u64, u64)) -> u64| self.by_layer.values().map(f).max().unwrap_or(0);
+        Seen {
+            attempts: most(|c| c.0),
+            would_deny: most(|c| c.1),
+            first: self.first.clone(),
+            last: self.last.clone(),
+        }
+    }
+}
+
 /// One destination the trial saw traffic to: the policy's service that
-/// decided (none: the default), and the port.
+/// decided (none: the default), the port and the address.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Target {
     pub service: Option<String>,
     pub protocol: Transport,
     pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::IpAddr>,
 }
 
 /// Everything observed, by destination and identity.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Observed {
+    /// Attempts, each counted once.
     pub events: u64,
     /// Records that were not attempts (dropped notices) or lacked a
     /// user, port or protocol.
     pub skipped: u64,
     #[serde(serialize_with = "as_list")]
-    pub targets: BTreeMap<Target, BTreeMap<Who, Seen>>,
+    targets: BTreeMap<Target, BTreeMap<Who, Tally>>,
+    /// The uid each user name was seen with.
+    #[serde(skip)]
+    uids: BTreeMap<String, u32>,
 }
 
 fn as_list<S: serde::Serializer>(
-    targets: &BTreeMap<Target, BTreeMap<Who, Seen>>,
+    targets: &BTreeMap<Target, BTreeMap<Who, Tally>>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     #[derive(Serialize)]
     struct Entry<'a> {
         #[serde(flatten)]
         target: &'a Target,
-        seen: Vec<(String, &'a Seen)>,
+        seen: Vec<(String, Seen)>,
     }
-    s.collect_seq(targets.iter().map(|(target, seen)| Entry {
-        target,
-        seen: seen.iter().map(|(w, s)| (w.to_string(), s)).collect(),
+    s.collect_seq(targets.iter().map(|(target, seen)| {
+        Entry {
+            target,
+            seen: seen
+                .iter()
+                .map(|(w, t)| (w.to_string(), t.seen()))
+                .collect(),
+        }
     }))
+}
+
+/// How to learn: what to start from and what to leave out.
+#[derive(Clone, Debug, Default)]
+pub struct Options<'a> {
+    /// The policy to add to (the one in force, or `--policy`); `None`: a
+    /// new policy.
+    pub base: Option<&'a Policy>,
+    /// Users (names or uids) never proposed: a guest who should stay out.
+    pub exclude: Vec<String>,
+    /// Switch audit mode to enforce; otherwise the mode stays as it is (a
+    /// new policy is in audit mode).
+    pub enforce: bool,
+    /// Who a new policy keeps on each (protocol, port) whatever was seen,
+    /// besides root (always kept): the listeners' owners.
+    pub keep: BTreeMap<(Transport, u16), Vec<String>>,
 }
 
 impl Observed {
@@ -90,54 +141,262 @@ impl Observed {
             return;
         };
         let who = match (&r.user, r.uid) {
-            (Some(name), _) => Who::User(name.clone()),
+            (Some(name), uid) => {
+                if let Some(uid) = uid {
+                    self.uids.insert(name.clone(), uid);
+                }
+                Who::User(name.clone())
+            }
             (None, Some(uid)) => Who::Uid(uid),
             (None, None) => {
                 self.skipped += 1;
                 return;
             }
         };
-        self.events += 1;
         let target = Target {
             service: r.service.clone(),
             protocol,
             port,
+            ip: r.ip,
         };
-        let seen = self
+        let tally = self
             .targets
             .entry(target)
             .or_default()
             .entry(who)
-            .or_insert(Seen {
-                attempts: 0,
-                would_deny: 0,
+            .or_insert_with(|| Tally {
+                by_layer: BTreeMap::new(),
                 first: r.timestamp.clone(),
                 last: r.timestamp.clone(),
             });
-        seen.attempts += 1;
+        let before = tally.seen().attempts;
+        let counts = tally.by_layer.entry(r.layer.as_str()).or_default();
+        counts.0 += 1;
         if r.action == AuditAction::WouldDeny {
-            seen.would_deny += 1;
+            counts.1 += 1;
         }
+        self.events += tally.seen().attempts - before;
         // RFC 3339 UTC timestamps of one width order as text.
-        if r.timestamp < seen.first {
-            seen.first = r.timestamp.clone();
+        if r.timestamp < tally.first {
+            tally.first = r.timestamp.clone();
         }
-        if r.timestamp > seen.last {
-            seen.last = r.timestamp.clone();
+        if r.timestamp > tally.last {
+            tally.last = r.timestamp.clone();
         }
     }
 
-    /// A policy that lets through exactly what was seen: one service per
-    /// (service, port), its identities allowed, enforcing. Ports nobody
-    /// tried are not opened; traffic to other ports meets the default
-    /// (allow), as before the trial.
-    pub fn policy(&self, sources: &str) -> String {
+    /// Whether `who` is on `exclude` (by name or uid).
+    fn excluded(&self, who: &Who, exclude: &[String]) -> bool {
+        let uid = match who {
+            Who::User(n) => self.uids.get(n).copied(),
+            Who::Uid(u) => Some(*u),
+        };
+        exclude
+            .iter()
+            .any(|e| *e == who.to_string() || uid.is_some_and(|u| e.parse() == Ok(u)))
+    }
+
+    /// Whether `service`'s allow-list names `who` already (by name or uid).
+    fn listed(&self, service: &crate::policy::Service, who: &Who) -> bool {
+        let uid = match who {
+            Who::User(n) => self.uids.get(n).copied(),
+            Who::Uid(u) => Some(*u),
+        };
+        service.users.ids.iter().any(|id| match (id, who) {
+            (IdRef::Name(n), Who::User(w)) => n == w,
+            (IdRef::Id(i), _) => Some(*i) == uid,
+            _ => false,
+        })
+    }
+
+    /// The service of `policy` that guards what `t` records: the one named
+    /// when it still exists, else (a rename) the one that decides that
+    /// protocol, port and address now.
+    fn guard<'p>(
+        &self,
+        policy: &'p Policy,
+        t: &Target,
+    ) -> Option<(usize, &'p crate::policy::Service)> {
+        if let Some(i) = t
+            .service
+            .as_ref()
+            .and_then(|n| policy.services.iter().position(|s| &s.name == n))
+        {
+            return Some((i, &policy.services[i]));
+        }
+        let ip =
+            t.ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let dest = crate::policy::Destination::in_scope(ip);
+        let i = policy.deciding_service(t.protocol, &dest, t.port)?;
+        Some((i, &policy.services[i]))
+    }
+
+    /// What to change in `base` (none: a new policy) so that what was
+    /// seen gets through, one line per service and identity: additions to
+    /// allow-lists, and what no allow-list can take (a deny-list, the
+    /// default deciding), and who was left out.
+    pub fn proposals(&self, base: Option<&Policy>, exclude: &[String]) -> Vec<Proposal> {
+        let mut out: Vec<Proposal> = Vec::new();
+        for (t, seen) in &self.targets {
+            let guard = base.and_then(|p| self.guard(p, t));
+            for (who, tally) in seen {
+                let s = tally.seen();
+                // What got through needs nothing; a would-deny is what the
+                // file must change to let through.
+                if s.would_deny == 0 {
+                    continue;
+                }
+                let change = if self.excluded(who, exclude) {
+                    Change::Excluded
+                } else {
+                    match guard {
+                        Some((_, svc)) if svc.list == ListKind::Allow && self.listed(svc, who) => {
+                            continue
+                        }
+                        Some((_, svc)) if svc.list == ListKind::Allow => Change::AddToAllowList,
+                        Some(_) => Change::OnDenyList,
+                        None if base.is_some() => Change::NoService,
+                        None => Change::NewService,
+                    }
+                };
+                let service = guard
+                    .map(|(_, s)| s.name.clone())
+                    .or_else(|| t.service.clone());
+                // One line per (service, protocol, port, who): the same
+                // attempt seen on several addresses is added up.
+                if let Some(p) = out.iter_mut().find(|p| {
+                    p.service == service
+                        && p.protocol == t.protocol
+                        && p.port == t.port
+                        && p.who == who.to_string()
+                }) {
+                    p.seen.attempts += s.attempts;
+                    p.seen.would_deny += s.would_deny;
+                    p.seen.first = p.seen.first.clone().min(s.first);
+                    p.seen.last = p.seen.last.clone().max(s.last);
+                    continue;
+                }
+                out.push(Proposal {
+                    service,
+                    service_index: guard.map(|(i, _)| i),
+                    protocol: t.protocol,
+                    port: t.port,
+                    who: who.to_string(),
+                    entry: match who {
+                        Who::User(n) if crate::policy::valid_account_name(n) => {
+                            Some(format!("{n:?}"))
+                        }
+                        Who::User(_) => None,
+                        Who::Uid(u) => Some(u.to_string()),
+                    },
+                    change,
+                    seen: s,
+                });
+            }
+        }
+        // What to add first, then what no list takes, then who was left out.
+        let rank = |c: Change| match c {
+            Change::AddToAllowList | Change::NewService => 0,
+            Change::OnDenyList => 1,
+            Change::NoService => 2,
+            Change::Excluded => 3,
+        };
+        out.sort_by(|a, b| {
+            (rank(a.change), &a.service, a.port, &a.who).cmp(&(
+                rank(b.change),
+                &b.service,
+                b.port,
+                &b.who,
+            ))
+        });
+        out
+    }
+
+    /// `base`'s text with the proposed users added to its allow-lists in
+    /// place (comments and layout kept, each addition with its counts)
+    /// and, with `enforce`, every `mode = "audit"` switched to enforce.
+    pub fn merged(&self, base: &Policy, proposals: &[Proposal], enforce: bool) -> String {
+        let text: &str = &base.source;
+        // (span, replacement), applied from the end.
+        let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+        let mut adds: BTreeMap<usize, Vec<&Proposal>> = BTreeMap::new();
+        for p in proposals
+            .iter()
+            .filter(|p| p.change == Change::AddToAllowList)
+        {
+            if let (Some(i), Some(_)) = (p.service_index, &p.entry) {
+                adds.entry(i).or_default().push(p);
+            }
+        }
+        for (i, props) in adds {
+            let Some(span) = base.services[i].users_span.clone() else {
+                continue;
+            };
+            let mut lines = String::from("[\n");
+            for p in props {
+                lines.push_str(&format!(
+                    "    {}, # learned: {}\n",
+                    p.entry.as_deref().unwrap_or_default(),
+                    p.seen_words()
+                ));
+            }
+            let inner = text.get(span.start + 1..span.end).unwrap_or("]");
+            lines.push_str("    ");
+            lines.push_str(inner.trim_start());
+            edits.push((span, lines));
+        }
+        if enforce {
+            let audit = |span: &Option<std::ops::Range<usize>>| {
+                span.clone()
+                    .filter(|s| text.get(s.clone()).is_some_and(|v| v.contains("audit")))
+            };
+            // The span may hold the quotes or only the word: the word is
+            // swapped either way.
+            let enforce = |span: std::ops::Range<usize>| {
+                let at = text
+                    .get(span.clone())
+                    .and_then(|v| v.find("audit"))
+                    .unwrap_or(0);
+                (
+                    span.start + at..span.start + at + "audit".len(),
+                    "enforce".to_string(),
+                )
+            };
+            edits.extend(audit(&base.mode_span).map(enforce));
+            for svc in &base.services {
+                edits.extend(audit(&svc.mode_span).map(enforce));
+            }
+        }
+        edits.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
+        let mut out = text.to_string();
+        for (span, with) in edits {
+            if out.is_char_boundary(span.start) && out.is_char_boundary(span.end) {
+                out.replace_range(span, &with);
+            }
+        }
+        out
+    }
+
+    /// A new policy that lets through what was seen: one service per
+    /// (protocol, port), its identities allowed, with `opts.keep` (root,
+    /// the listeners' owners) kept. Ports nobody tried are not opened;
+    /// traffic to other ports meets the default (allow), as before the
+    /// trial. In audit mode unless `opts.enforce`.
+    pub fn policy(&self, sources: &str, opts: &Options<'_>) -> String {
         let mut out = format!(
             "# Learned by `loopguard learn` from {} attempts in {sources}: each\n\
-             # service allows exactly the users seen reaching it (counts, first\n\
-             # and last seen beside each). Review, then apply.\n\
-             version = 1\n",
-            self.events
+             # service allows the users seen reaching it (counts, first and last\n\
+             # seen beside each), root and the owners of its listeners. Review,\n\
+             # then apply{}.\n\
+             version = 1\n\
+             mode = \"{}\"\n",
+            self.events,
+            if opts.enforce {
+                ""
+            } else {
+                "; it refuses nothing until `mode = \"enforce\"` (or learn --enforce)"
+            },
+            if opts.enforce { "enforce" } else { "audit" }
         );
         // One service per (protocol, port): two recorded services (a
         // rename across the logs, or a port decided once by a service and
@@ -149,7 +408,8 @@ impl Observed {
             if entry.0.is_none() {
                 entry.0 = t.service.as_ref();
             }
-            for (who, s) in seen {
+            for (who, tally) in seen {
+                let s = tally.seen();
                 let m = entry.1.entry(who).or_insert_with(|| Seen {
                     attempts: 0,
                     would_deny: 0,
@@ -196,7 +456,21 @@ impl Observed {
                 "\n[[service]]\nname = \"{name}\"\nport = {port}\nprotocol = \"{}\"\nallow_users = [\n",
                 protocol.as_str()
             ));
+            let mut listed: Vec<String> = Vec::new();
+            let root = "root".to_string();
+            let kept = opts.keep.get(&(*protocol, *port)).into_iter().flatten();
+            for kept in std::iter::once(&root).chain(kept) {
+                if crate::policy::valid_account_name(kept) && !listed.contains(kept) {
+                    out.push_str(&format!(
+                        "    {kept:?}, # kept: root, or a listener's owner\n"
+                    ));
+                    listed.push(kept.clone());
+                }
+            }
             for (who, s) in seen {
+                if self.excluded(who, &opts.exclude) || listed.contains(&who.to_string()) {
+                    continue;
+                }
                 let entry = match who {
                     Who::User(n) if crate::policy::valid_account_name(n) => format!("{n:?}"),
                     Who::User(_) => continue,
@@ -214,47 +488,13 @@ impl Observed {
         }
         out
     }
-
-    /// What to add to `policy`'s allow-lists so that what was seen gets
-    /// through, one line per service and identity; observations the
-    /// policy's lists cannot take (deny-lists, the default) are said too.
-    pub fn against(&self, policy: &Policy) -> Vec<Proposal> {
-        let mut out = Vec::new();
-        for (t, seen) in &self.targets {
-            let service = t
-                .service
-                .as_ref()
-                .and_then(|n| policy.services.iter().find(|s| &s.name == n));
-            for (who, s) in seen {
-                // What got through already needs nothing; a would-deny
-                // is what the file must change to let through.
-                if s.would_deny == 0 {
-                    continue;
-                }
-                let change = match service {
-                    Some(svc) if svc.list == ListKind::Allow => Change::AddToAllowList,
-                    Some(_) => Change::OnDenyList,
-                    None => Change::NoService,
-                };
-                out.push(Proposal {
-                    service: t.service.clone(),
-                    protocol: t.protocol,
-                    port: t.port,
-                    who: who.to_string(),
-                    change,
-                    seen: s.clone(),
-                });
-            }
-        }
-        out
-    }
 }
 
 /// One (port, protocol) of a learned policy: the first service name
 /// recorded for it, and who was seen.
 type Merged<'a> = (Option<&'a String>, BTreeMap<&'a Who, Seen>);
 
-/// What `learn --policy` proposes for one identity.
+/// What `learn` proposes for one identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Change {
@@ -263,29 +503,48 @@ pub enum Change {
     /// The service's deny-list names it: take it off, or accept the
     /// refusals.
     OnDenyList,
-    /// No service decided (the default did): add a service, or accept.
+    /// No service of the policy guards it (the default decided): add a
+    /// service, or accept.
     NoService,
+    /// A new policy gets a service for it.
+    NewService,
+    /// Left out (`--exclude`): its attempts stay refused once enforced.
+    Excluded,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Proposal {
+    /// The service that guards it now (by name, or by what it matches
+    /// after a rename), else the one the records named.
     pub service: Option<String>,
+    #[serde(skip)]
+    service_index: Option<usize>,
     pub protocol: Transport,
     pub port: u16,
     pub who: String,
+    /// How it is written in a list (`"alice"`, `1007`); `None`: a name no
+    /// list can hold.
+    #[serde(skip)]
+    entry: Option<String>,
     pub change: Change,
     pub seen: Seen,
 }
 
-impl std::fmt::Display for Proposal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let seen = format!(
+impl Proposal {
+    fn seen_words(&self) -> String {
+        format!(
             "{} attempt{}, {} .. {}",
             self.seen.attempts,
             if self.seen.attempts == 1 { "" } else { "s" },
             self.seen.first,
             self.seen.last
-        );
+        )
+    }
+}
+
+impl std::fmt::Display for Proposal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seen = self.seen_words();
         let dest = format!("{}/{}", self.port, self.protocol.as_str());
         match (self.change, &self.service) {
             (Change::AddToAllowList, Some(s)) => {
@@ -296,9 +555,17 @@ impl std::fmt::Display for Proposal {
                 "! {s}: {} is on its deny-list and was seen ({dest}; {seen})",
                 self.who
             ),
+            (Change::Excluded, _) => write!(
+                f,
+                "- {} left out (--exclude): stays refused on {dest} ({seen})",
+                self.who
+            ),
+            (Change::NewService, _) => {
+                write!(f, "+ new service for {dest}: allow {:?} ({seen})", self.who)
+            }
             _ => write!(
                 f,
-                "? {} reached {dest}, which no service guards (the default decided; {seen})",
+                "? {} reached {dest}, which no service of the policy guards (the default decided; {seen})",
                 self.who
             ),
         }
@@ -342,7 +609,7 @@ mod tests {
         o.add(&record("would-deny", "packet", None, "bob", 5432));
         o.add(&record("dropped", "connect", None, "x", 1));
         assert_eq!(o.events, 2);
-        let text = o.policy("log");
+        let text = o.policy("log", &Options::default());
         assert_eq!(text.matches("[[service]]").count(), 1, "{text}");
         assert!(
             text.contains("\"alice\"") && text.contains("\"bob\""),
@@ -358,9 +625,150 @@ mod tests {
         o.add(&record("would-deny", "connect", Some("db"), "alice", 5432));
         o.add(&record("allow", "connect", Some("db"), "bob", 5432));
         o.add(&record("would-deny", "connect", None, "carol", 8080));
-        let text = o.policy("log");
+        let text = o.policy("log", &Options::default());
         let (policy, diags) = crate::policy::load("learned.toml", text.as_str());
         assert!(diags.is_empty(), "{diags:?}\n{text}");
         assert_eq!(policy.expect("parses").services.len(), 2);
+    }
+
+    fn record_with(
+        action: &str,
+        layer: &str,
+        service: Option<&str>,
+        user: &str,
+        uid: u32,
+        port: u16,
+    ) -> AuditRecord {
+        let mut r = record(action, layer, service, user, port);
+        r.uid = Some(uid);
+        r
+    }
+
+    #[test]
+    fn one_attempt_counts_once_whatever_number_of_layers_recorded_it() {
+        let mut o = Observed::default();
+        // Three psql runs, each seen by the eBPF hook and the nftables layer.
+        for _ in 0..3 {
+            o.add(&record("would-deny", "connect", Some("db"), "alice", 5432));
+            o.add(&record("would-deny", "packet", Some("db"), "alice", 5432));
+        }
+        assert_eq!(o.events, 3);
+        let p = o.proposals(None, &[]);
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].seen.attempts, p[0].seen.would_deny), (3, 3));
+        assert!(o
+            .policy("log", &Options::default())
+            .contains("alice\", # 3 attempts"));
+    }
+
+    #[test]
+    fn a_new_policy_keeps_root_and_owners_stays_in_audit_and_leaves_out_the_excluded() {
+        let mut o = Observed::default();
+        o.add(&record("would-deny", "connect", Some("db"), "alice", 5432));
+        o.add(&record("would-deny", "connect", Some("db"), "guest", 5432));
+        let mut opts = Options {
+            exclude: vec!["guest".into()],
+            ..Options::default()
+        };
+        opts.keep
+            .insert((Transport::Tcp, 5432), vec!["postgres".into()]);
+        let text = o.policy("log", &opts);
+        assert!(text.contains("mode = \"audit\""), "{text}");
+        for kept in ["\"root\"", "\"postgres\"", "\"alice\""] {
+            assert!(text.contains(kept), "{kept} missing: {text}");
+        }
+        assert!(!text.contains("guest"), "{text}");
+        let enforced = o.policy(
+            "log",
+            &Options {
+                enforce: true,
+                ..opts
+            },
+        );
+        assert!(enforced.contains("mode = \"enforce\""), "{enforced}");
+        let (policy, diags) = crate::policy::load("learned.toml", enforced.as_str());
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(policy.expect("parses").services[0].users.ids.len(), 3);
+    }
+
+    const BASE: &str = "version = 1\nmode = \"audit\"   # a trial\n\n[[service]]\nname = \"mariadb\"  # renamed from mysql\nport = 3306\nallow_users = [\n    \"root\",   # admin\n    1007,\n]\n\n[[service]]\nname = \"redis\"\nport = 6379\nmode = \"audit\"\nallow_users = [\"redis\"]\n";
+
+    #[test]
+    fn learning_adds_to_the_policy_in_force_in_place() {
+        let (base, diags) = crate::policy::load("p.toml", BASE);
+        assert!(diags.is_empty(), "{diags:?}");
+        let base = base.expect("parses");
+        let mut o = Observed::default();
+        // Recorded under the service's old name: the policy guards the
+        // port under its new one.
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some("mysql"),
+            "alice",
+            1001,
+            3306,
+        ));
+        // Listed already (by uid): not proposed again.
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some("mysql"),
+            "bob",
+            1007,
+            3306,
+        ));
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some("redis"),
+            "guest",
+            1009,
+            6379,
+        ));
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            None,
+            "carol",
+            1010,
+            8080,
+        ));
+        let proposals = o.proposals(Some(&base), &["1009".into()]);
+        let words: Vec<String> = proposals.iter().map(ToString::to_string).collect();
+        assert_eq!(proposals.len(), 3, "{words:#?}");
+        assert!(
+            words[0].starts_with("+ mariadb: allow_users += \"alice\""),
+            "{words:#?}"
+        );
+        assert!(
+            words[1].starts_with("? carol reached 8080/tcp"),
+            "{words:#?}"
+        );
+        assert!(words[2].starts_with("- guest left out"), "{words:#?}");
+        let merged = o.merged(&base, &proposals, false);
+        assert!(
+            merged.contains("# renamed from mysql"),
+            "comments stay: {merged}"
+        );
+        assert!(
+            merged.contains("\"alice\", # learned: 1 attempt"),
+            "{merged}"
+        );
+        assert!(merged.contains("mode = \"audit\"   # a trial"), "{merged}");
+        let (learned, diags) = crate::policy::load("learned.toml", merged.as_str());
+        assert!(diags.is_empty(), "{diags:?}\n{merged}");
+        let learned = learned.expect("parses");
+        assert_eq!(learned.services[0].users.ids.len(), 3, "{merged}");
+        assert_eq!(learned.services[1].users.ids.len(), 1, "guest stays out");
+        let enforced = o.merged(&base, &proposals, true);
+        let (learned, _) = crate::policy::load("learned.toml", enforced.as_str());
+        let learned = learned.expect("parses");
+        assert_eq!(learned.mode, crate::policy::Mode::Enforce, "{enforced}");
+        assert_eq!(
+            learned.services[1].mode,
+            crate::policy::Mode::Enforce,
+            "{enforced}"
+        );
     }
 }

@@ -214,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Remove(args) => cmd::remove::run(args, &paths),
         Command::Diff(args) => cmd::diff::run(args),
         Command::Scan(args) => cmd::scan::run(args, &paths),
-        Command::Learn(args) => cmd::learn::run(args),
+        Command::Learn(args) => cmd::learn::run(args, &paths),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "loopguard", &mut io::stdout());

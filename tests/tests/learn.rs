@@ -29,7 +29,14 @@ fn a_learned_policy_lets_through_exactly_what_the_trial_saw() {
 
     // Changes to the trial policy, named.
     let changes = sb
-        .lg(&["learn", &log, "--policy", trial.to_str().expect("utf-8")])
+        .lg(&[
+            "learn",
+            &log,
+            "--policy",
+            trial.to_str().expect("utf-8"),
+            "--format",
+            "human",
+        ])
         .ok()
         .stdout;
     assert!(
@@ -39,8 +46,12 @@ fn a_learned_policy_lets_through_exactly_what_the_trial_saw() {
     );
     assert!(changes.contains("2 attempts"), "alice's count: {changes}");
 
-    // A learned policy, applied in enforce mode.
-    let learned = sb.lg(&["learn", &log]).ok().stdout;
+    // Counted once each, though both layers recorded every attempt.
+    assert!(!changes.contains("4 attempts"), "{changes}");
+    // Without a log or --policy: the log the daemon writes, added to the
+    // policy in force (in place), the mode switched by --enforce.
+    let learned = sb.lg(&["learn", "--enforce"]).ok().stdout;
+    assert!(learned.contains("name = \"db\""), "{learned}");
     let file = sb.policy("learned.toml", &learned);
     let checked = sb.lg(&["check", file.to_str().expect("utf-8")]);
     assert_eq!(checked.code, 0, "{}\n{learned}", checked.stdout);
@@ -65,6 +76,30 @@ fn a_learned_policy_lets_through_exactly_what_the_trial_saw() {
     assert_eq!(
         sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:7002"]),
         "connect=EPERM",
+        "{learned}"
+    );
+    // One user left out: stays refused.
+    let learned = sb
+        .lg(&[
+            "learn",
+            "--enforce",
+            "--exclude",
+            u.bob.name,
+            "--policy",
+            trial.to_str().expect("utf-8"),
+        ])
+        .ok()
+        .stdout;
+    let file = sb.policy("learned2.toml", &learned);
+    sb.apply(&file, &[]).ok();
+    assert_eq!(
+        sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:7002"]),
+        "connect=EPERM",
+        "{learned}"
+    );
+    assert_eq!(
+        sb.probe(Some(&u.alice), &["tcp", "127.0.0.1:7001"]),
+        "connect=ok",
         "{learned}"
     );
 }

@@ -414,6 +414,9 @@ pub struct Service {
     pub addresses: AddrSet,
     pub list: ListKind,
     pub users: IdList,
+    /// Where the users array (`allow_users` or `deny_users`) is written,
+    /// brackets included: `learn` adds to it in place.
+    pub users_span: Option<Span>,
     pub groups: IdList,
     /// `allow_cgroups`/`deny_cgroups`: processes in these cgroups (or
     /// below) are on the list whatever their uid.
@@ -426,6 +429,8 @@ pub struct Service {
     pub bind: Option<BindGuard>,
     /// Effective mode: the service's own, else the policy's.
     pub mode: Mode,
+    /// Where the service's own `mode` value is written, when it is.
+    pub mode_span: Option<Span>,
     /// Effective: the service's own, else the policy's.
     pub log_allowed: bool,
 }
@@ -473,6 +478,8 @@ pub struct Policy {
     /// Where `default` is set, when it is.
     pub default_span: Option<Span>,
     pub mode: Mode,
+    /// Where the policy's `mode` value is written, when it is.
+    pub mode_span: Option<Span>,
     pub log_allowed: bool,
     pub services: Vec<Service>,
 }

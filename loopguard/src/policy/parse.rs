@@ -171,6 +171,7 @@ impl Parser {
             default,
             default_span: table.get("default").map(span),
             mode,
+            mode_span: table.get("mode").map(span),
             log_allowed,
             services,
         })
@@ -370,11 +371,13 @@ impl Parser {
             addresses: addresses?,
             list: list?,
             users,
+            users_span: users_key.map(span),
             groups,
             cgroups,
             units,
             bind,
             mode,
+            mode_span: table.get("mode").map(span),
             log_allowed,
         })
     }
