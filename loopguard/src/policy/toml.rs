@@ -92,11 +92,6 @@ pub(super) struct Array {
 #[derive(Debug)]
 enum Items {
     Values(Vec<Value>),
-    /// An array of plain decimal integers that fit in a `u32` (the uid
-    /// lists that make up most of a large policy), as (value, start):
-    /// 8 bytes an item instead of 24. The text is the number's digits, so
-    /// its end follows from the value.
-    Uints(Vec<[u32; 2]>),
     /// An array the token loop read (see [`UintArrays`]): its numbers,
     /// shared with every array of the same numbers, and where its text
     /// starts (just after the `[`). Between the numbers there are only
@@ -154,7 +149,6 @@ impl Array {
     pub(super) fn len(&self) -> usize {
         match &self.items {
             Items::Values(v) => v.len(),
-            Items::Uints(v) => v.len(),
             Items::Read { values, .. } => values.len(),
         }
     }
@@ -163,57 +157,45 @@ impl Array {
         self.len() == 0
     }
 
-    /// The numbers of a non-empty array written as plain decimal `u32`s
-    /// only.
-    pub(super) fn plain_uints(&self) -> Option<Cow<'_, [u32]>> {
+    /// The numbers of an array the token loop read (non-empty, plain
+    /// decimal `u32`s only). `None` for any other array, even one of such
+    /// numbers the parser read (a comment inside, or in an inline table).
+    pub(super) fn plain_uints(&self) -> Option<&[u32]> {
         match &self.items {
-            Items::Uints(u) => Some(Cow::Owned(u.iter().map(|&[n, _]| n).collect())),
-            Items::Read { values, .. } => Some(Cow::Borrowed(values)),
+            Items::Read { values, .. } => Some(values),
             Items::Values(_) => None,
         }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = Item<'_>> + '_ {
-        let (values, uints) = match &self.items {
-            Items::Values(v) => (&v[..], &[][..]),
-            Items::Uints(u) => (&[][..], &u[..]),
-            Items::Read { .. } => (&[][..], &[][..]),
-        };
-        let read = match &self.items {
-            Items::Read { values, text, from } => ReadItems {
-                values,
-                text: {
-                    debug_assert!(text.get().is_some(), "items read before the parse ended");
-                    text.get().map_or(&[][..], |t| t.as_bytes())
+        let (values, read) = match &self.items {
+            Items::Values(v) => (
+                &v[..],
+                ReadItems {
+                    values: &[],
+                    text: &[],
+                    at: 0,
                 },
-                at: *from as usize,
-            },
-            _ => ReadItems {
-                values: &[],
-                text: &[],
-                at: 0,
-            },
-        };
-        values
-            .iter()
-            .map(Item::Borrowed)
-            .chain(uints.iter().map(|&[n, start]| {
-                let digits = n.checked_ilog10().unwrap_or(0) + 1;
-                Item::Owned(Value {
-                    pos: Pos {
-                        start,
-                        end: start + digits,
+            ),
+            Items::Read { values, text, from } => (
+                &[][..],
+                ReadItems {
+                    values,
+                    text: {
+                        debug_assert!(text.get().is_some(), "items read before the parse ended");
+                        text.get().map_or(&[][..], |t| t.as_bytes())
                     },
-                    kind: Kind::Integer(i64::from(n)),
-                })
-            }))
-            .chain(read)
+                    at: *from as usize,
+                },
+            ),
+        };
+        values.iter().map(Item::Borrowed).chain(read)
     }
 
     fn last_mut(&mut self) -> Option<&mut Value> {
         match &mut self.items {
             Items::Values(v) => v.last_mut(),
-            Items::Uints(_) | Items::Read { .. } => None,
+            Items::Read { .. } => None,
         }
     }
 
@@ -633,11 +615,9 @@ fn syntax_error(e: &ParseError, len: usize) -> SyntaxError {
 
 /// A value being built: an array or inline table still open.
 enum Open {
-    /// `plain`: every item so far is a plain decimal `u32` (see `Items`).
     Array {
         start: u32,
         items: Vec<Value>,
-        plain: bool,
     },
     Inline {
         start: u32,
@@ -672,8 +652,6 @@ struct Builder<'s> {
     open: Vec<Open>,
     errors: Vec<SyntaxError>,
     scratch: Vec<ParseError>,
-    /// Whether the last scalar was written as a plain decimal `u32`.
-    plain_uint: bool,
     /// Arrays of plain `u32`s read straight from the tokens (see
     /// [`UintArrays`]), in order, by the start of their `[`.
     uint_arrays: std::collections::VecDeque<(u32, Arc<[u32]>)>,
@@ -695,7 +673,6 @@ impl<'s> Builder<'s> {
             open: Vec::new(),
             errors: Vec::new(),
             scratch: Vec::new(),
-            plain_uint: false,
             uint_arrays: std::collections::VecDeque::new(),
             text,
             interned: Interned::default(),
@@ -735,25 +712,10 @@ impl<'s> Builder<'s> {
     }
 
     fn scalar(&mut self, span: toml_parser::Span, encoding: Option<Encoding>) -> Value {
-        // Digits alone, without a leading zero, are a decimal integer in
-        // TOML (a date needs `-`, a float `.` or `e`): most of a large
-        // policy is such uids, so they skip the general decoder.
-        if encoding.is_none() {
-            let text = self.source.get(span).map_or("", |r| r.as_str());
-            if let Some(n) = plain_u32(text.as_bytes()) {
-                self.plain_uint = true;
-                return Value {
-                    pos: Pos::of(span),
-                    kind: Kind::Integer(i64::from(n)),
-                };
-            }
-        }
         let raw = self.raw(span, encoding);
         let mut out: Cow<'s, str> = Cow::Borrowed("");
         let kind = raw.decode_scalar(&mut out, &mut self.scratch);
         let failed = !self.scratch.is_empty();
-        // Every plain `u32` took the path above.
-        self.plain_uint = false;
         self.decode_errors();
         let pos = Pos::inside_quotes(span, encoding);
         let kind = match kind {
@@ -778,11 +740,7 @@ impl<'s> Builder<'s> {
     /// or under the pending keys of the current table.
     fn place(&mut self, value: Value) {
         match self.open.last_mut() {
-            Some(Open::Array { items, plain, .. }) => {
-                *plain &= self.plain_uint && matches!(value.kind, Kind::Integer(_));
-                self.plain_uint = false;
-                items.push(value);
-            }
+            Some(Open::Array { items, .. }) => items.push(value),
             Some(Open::Inline { table, keys, .. }) => {
                 let keys = std::mem::take(keys);
                 let mut table = std::mem::take(table);
@@ -1073,18 +1031,12 @@ impl EventReceiver for Builder<'_> {
         self.open.push(Open::Array {
             start: span.start() as u32,
             items: Vec::new(),
-            plain: true,
         });
         true
     }
 
     fn array_close(&mut self, span: toml_parser::Span, _: &mut dyn ErrorSink) {
-        if let Some(Open::Array {
-            start,
-            mut items,
-            plain,
-        }) = self.open.pop()
-        {
+        if let Some(Open::Array { start, mut items }) = self.open.pop() {
             // An array the token loop read itself reaches the parser as
             // `[]`: its items are waiting in `uint_arrays`.
             while self.uint_arrays.front().is_some_and(|(s, _)| *s < start) {
@@ -1099,13 +1051,6 @@ impl EventReceiver for Builder<'_> {
                         text: self.text.clone(),
                         from: start + 1,
                     }
-                } else if plain && !items.is_empty() {
-                    Items::Uints(
-                        items
-                            .iter()
-                            .map(|v| [v.as_integer().unwrap_or(0) as u32, v.pos.start])
-                            .collect(),
-                    )
                 } else {
                     // Growth leaves up to half of a long array unused.
                     items.shrink_to_fit();
@@ -1411,8 +1356,8 @@ mod tests {
         let root = doc.as_table().expect("table");
         let get = |k: &str| root.get(k).and_then(Value::as_array).expect("array");
         assert!(matches!(get("a").items, Items::Read { .. }));
-        // Read by the parser (a comment inside), still compact.
-        assert!(matches!(get("e").items, Items::Uints(_)));
+        // Read by the parser (a comment inside): values, as any array.
+        assert!(matches!(get("e").items, Items::Values(_)));
         for k in ["b", "c", "d"] {
             assert!(
                 matches!(get(k).items, Items::Values(_)),
