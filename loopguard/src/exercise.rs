@@ -52,7 +52,7 @@ pub fn plan_of(file: &str, text: &str) -> Option<compile::Plan> {
 pub fn policy_text(text: &str) {
     assert!(
         policy::fast_toml_path_agrees(text),
-        "the masked uid-array path reads this text differently"
+        "the token loop's uid arrays read this text differently"
     );
     let (policy, diags) = policy::load("fuzz.toml", text);
     let Some(policy) = policy else {

@@ -569,7 +569,7 @@ impl Parser {
         if let Some(ids) = items.plain_uints() {
             // (uid_t)-1 is refused below, with its span.
             if !ids.contains(&u32::MAX) {
-                let ids = match self.numeric.get(&ids[..]) {
+                let ids = match self.numeric.get(ids) {
                     Some(shared) => shared.clone(),
                     None => {
                         let refs: Vec<IdRef> = ids.iter().map(|&id| IdRef::Id(id)).collect();

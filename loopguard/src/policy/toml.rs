@@ -82,7 +82,7 @@ pub(super) enum Kind {
     Table(Box<Table>),
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) struct Array {
     items: Items,
     /// Made by `[[name]]` headers (and so extendable by them).
@@ -92,11 +92,6 @@ pub(super) struct Array {
 #[derive(Debug)]
 enum Items {
     Values(Vec<Value>),
-    /// An array of plain decimal integers that fit in a `u32` (the uid
-    /// lists that make up most of a large policy), as (value, start):
-    /// 8 bytes an item instead of 24. The text is the number's digits, so
-    /// its end follows from the value.
-    Uints(Vec<[u32; 2]>),
     /// An array the token loop read (see [`UintArrays`]): its numbers,
     /// shared with every array of the same numbers, and where its text
     /// starts (just after the `[`). Between the numbers there are only
@@ -122,6 +117,24 @@ pub(super) enum Item<'a> {
     Owned(Value),
 }
 
+/// Items as values, however they are kept: the two ways of reading a
+/// document compare equal when their values and spans are.
+impl std::fmt::Debug for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let items: Vec<Item<'_>> = self.iter().collect();
+        f.debug_struct("Array")
+            .field("items", &items)
+            .field("of_tables", &self.of_tables)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Item<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Value::fmt(self, f)
+    }
+}
+
 impl std::ops::Deref for Item<'_> {
     type Target = Value;
     fn deref(&self) -> &Value {
@@ -136,7 +149,6 @@ impl Array {
     pub(super) fn len(&self) -> usize {
         match &self.items {
             Items::Values(v) => v.len(),
-            Items::Uints(v) => v.len(),
             Items::Read { values, .. } => values.len(),
         }
     }
@@ -145,57 +157,45 @@ impl Array {
         self.len() == 0
     }
 
-    /// The numbers of a non-empty array written as plain decimal `u32`s
-    /// only.
-    pub(super) fn plain_uints(&self) -> Option<Cow<'_, [u32]>> {
+    /// The numbers of an array the token loop read (non-empty, plain
+    /// decimal `u32`s only). `None` for any other array, even one of such
+    /// numbers the parser read (a comment inside, or in an inline table).
+    pub(super) fn plain_uints(&self) -> Option<&[u32]> {
         match &self.items {
-            Items::Uints(u) => Some(Cow::Owned(u.iter().map(|&[n, _]| n).collect())),
-            Items::Read { values, .. } => Some(Cow::Borrowed(values)),
+            Items::Read { values, .. } => Some(values),
             Items::Values(_) => None,
         }
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = Item<'_>> + '_ {
-        let (values, uints) = match &self.items {
-            Items::Values(v) => (&v[..], &[][..]),
-            Items::Uints(u) => (&[][..], &u[..]),
-            Items::Read { .. } => (&[][..], &[][..]),
-        };
-        let read = match &self.items {
-            Items::Read { values, text, from } => ReadItems {
-                values,
-                text: {
-                    debug_assert!(text.get().is_some(), "items read before the parse ended");
-                    text.get().map_or(&[][..], |t| t.as_bytes())
+        let (values, read) = match &self.items {
+            Items::Values(v) => (
+                &v[..],
+                ReadItems {
+                    values: &[],
+                    text: &[],
+                    at: 0,
                 },
-                at: *from as usize,
-            },
-            _ => ReadItems {
-                values: &[],
-                text: &[],
-                at: 0,
-            },
-        };
-        values
-            .iter()
-            .map(Item::Borrowed)
-            .chain(uints.iter().map(|&[n, start]| {
-                let digits = n.checked_ilog10().unwrap_or(0) + 1;
-                Item::Owned(Value {
-                    pos: Pos {
-                        start,
-                        end: start + digits,
+            ),
+            Items::Read { values, text, from } => (
+                &[][..],
+                ReadItems {
+                    values,
+                    text: {
+                        debug_assert!(text.get().is_some(), "items read before the parse ended");
+                        text.get().map_or(&[][..], |t| t.as_bytes())
                     },
-                    kind: Kind::Integer(i64::from(n)),
-                })
-            }))
-            .chain(read)
+                    at: *from as usize,
+                },
+            ),
+        };
+        values.iter().map(Item::Borrowed).chain(read)
     }
 
     fn last_mut(&mut self) -> Option<&mut Value> {
         match &mut self.items {
             Items::Values(v) => v.last_mut(),
-            Items::Uints(_) | Items::Read { .. } => None,
+            Items::Read { .. } => None,
         }
     }
 
@@ -333,8 +333,7 @@ pub(super) struct SyntaxError {
 }
 
 /// The document's text, for arrays that find their items' spans in it.
-/// Set when the parse is over: while it runs, the text the lexer reads has
-/// its uid arrays masked (see [`find_uint_arrays`]).
+/// Set when the parse is over (the text is shared only then).
 #[derive(Clone, Default)]
 struct Doc(Arc<std::sync::OnceLock<Arc<str>>>);
 
@@ -367,58 +366,30 @@ pub(super) fn parse(text: String) -> (Arc<str>, Option<Value>, Vec<SyntaxError>)
         };
         return (text.into(), None, vec![e]);
     }
-    // The one copy of the text, made before anything else is allocated;
-    // masked and unmasked in place.
-    let mut text: Arc<str> = text.into();
+    let text: Arc<str> = text.into();
     let doc = Doc::default();
-    let (arrays, interned) = find_uint_arrays(text.as_bytes());
-    let read = match ascii_bytes_mut(&mut text) {
-        Some(bytes) if !arrays.is_empty() => {
-            mask(bytes, &arrays);
-            let read = read(&text, &arrays, interned, &doc);
-            if let Some(bytes) = ascii_bytes_mut(&mut text) {
-                unmask(bytes, &arrays);
-            }
-            // When the lexer did not see every masked array as one, the
-            // text is read as written.
-            read.or_else(|| self::read(&text, &[], Interned::default(), &doc))
-        }
-        _ => read(&text, &[], interned, &doc),
-    };
+    let (root, errors) = read(&text, true, &doc);
     doc.set(text.clone());
-    let (root, errors) = read.unwrap_or_else(|| {
-        let e = SyntaxError {
-            message: "internal error: the document was not read".into(),
-            span: 0..0,
-            first: None,
-        };
-        (None, vec![e])
-    });
     (text, root, errors)
 }
 
-/// Whether reading `text` with its uid arrays masked (what [`parse`]
-/// does) gives exactly what reading it as written gives: the document,
-/// every span and every error. The fuzzer asks this of every input.
-pub(super) fn masked_read_agrees(text: &str) -> bool {
+/// Whether reading `text` with the token loop's uid arrays (what
+/// [`parse`] does) gives exactly what reading every token through the
+/// parser gives: the document, every span and every error. The fuzzer
+/// asks this of every input.
+pub(super) fn token_read_agrees(text: &str) -> bool {
     let (_, root, errors) = parse(text.to_string());
     let doc = Doc::default();
-    let plain = read(text, &[], Interned::default(), &doc);
+    let plain = read(text, false, &doc);
     doc.set(text.into());
-    plain.is_some_and(|plain| format!("{plain:?}") == format!("{:?}", (root, errors)))
+    format!("{plain:?}") == format!("{:?}", (root, errors))
 }
 
-/// Reads `source`, whose `arrays` are masked; `None` when the lexer does
-/// not see one of them as `key = [`, one atom, `]` (the `[` was in a
-/// string or a comment, or not a key's value at the top level).
-fn read(
-    source: &str,
-    arrays: &[UintArray],
-    interned: Interned,
-    doc: &Doc,
-) -> Option<(Option<Value>, Vec<SyntaxError>)> {
+/// Reads `source`; with `uint_arrays`, the token loop reads top-level
+/// arrays of plain `u32`s itself (see [`UintArrays`]).
+fn read(source: &str, uint_arrays: bool, doc: &Doc) -> (Option<Value>, Vec<SyntaxError>) {
     let src = Source::new(source);
-    let mut builder = Builder::new(src, doc.clone(), interned);
+    let mut builder = Builder::new(src, doc.clone());
     let mut parse_errors: Vec<ParseError> = Vec::new();
     // Chunks end after a newline outside brackets, so each starts a line
     // of the document: tokens of the whole file are never held at once.
@@ -433,46 +404,10 @@ fn read(
     };
     let mut uints = UintArrays::default();
     let mut after_equals = false;
-    let mut arrays = arrays.iter().peekable();
-    // A masked array whose `[` the lexer returned, and how many of its
-    // comment and newline it has seen.
-    let mut masked: Option<(&UintArray, Token, u8)> = None;
     for token in src.lex() {
-        if let Some((array, open, seen)) = masked.take() {
-            let span = token.span();
-            let (start, close) = (array.open as usize, array.close as usize);
-            match (seen, token.kind()) {
-                (0, TokenKind::Comment) if span.start() == start + 1 && span.end() == close - 1 => {
-                    masked = Some((array, open, 1));
-                }
-                (1, TokenKind::Newline) if span.start() == close - 1 => {
-                    masked = Some((array, open, 2));
-                }
-                (2, TokenKind::RightSquareBracket) if span.start() == close => {
-                    builder
-                        .uint_arrays
-                        .push_back((array.open, array.items.clone()));
-                    chunk.push(open);
-                    chunk.push(token);
-                }
-                _ => return None,
-            }
-            continue;
-        }
-        if let Some(array) = arrays.peek() {
-            if token.span().end() > array.open as usize {
-                let at_open = token.kind() == TokenKind::LeftSquareBracket
-                    && token.span().start() == array.open as usize;
-                if !(at_open && uints.open.is_none() && depth == 0 && after_equals) {
-                    return None;
-                }
-                masked = arrays.next().map(|a| (a, token, 0));
-                after_equals = false;
-                continue;
-            }
-        }
         // `key = [` at the top level: the array may be plain `u32`s.
-        if uints.open.is_none()
+        if uint_arrays
+            && uints.open.is_none()
             && depth == 0
             && after_equals
             && token.kind() == TokenKind::LeftSquareBracket
@@ -521,9 +456,6 @@ fn read(
     if !chunk.is_empty() {
         feed(&mut chunk, &mut builder, &mut parse_errors);
     }
-    if masked.is_some() || arrays.next().is_some() {
-        return None;
-    }
     let mut errors: Vec<SyntaxError> = parse_errors
         .into_iter()
         .map(|e| syntax_error(&e, source.len()))
@@ -539,9 +471,9 @@ fn read(
             },
             kind: Kind::Table(Box::new(builder.root)),
         };
-        Some((Some(root), errors))
+        (Some(root), errors)
     } else {
-        Some((None, errors))
+        (None, errors)
     }
 }
 
@@ -577,165 +509,6 @@ fn intern(interned: &mut Interned, uints: &[u32]) -> Arc<[u32]> {
             interned.insert(shared.clone());
             shared
         }
-    }
-}
-
-/// A `key = [numbers]` array found in the bytes before lexing: where its
-/// `[` and `]` are, its numbers (interned), and the two bytes [`mask`]
-/// replaced.
-struct UintArray {
-    open: u32,
-    close: u32,
-    items: Arc<[u32]>,
-    /// The body spans lines (its newlines are masked too).
-    lines: bool,
-    first: u8,
-    last: u8,
-}
-
-/// Finds, in the raw bytes, every `= [` followed by plain decimal `u32`s
-/// (the grammar [`UintArrays`] reads: commas between, an optional
-/// trailing one, spaces, tabs and newlines around) and `]`, with at
-/// least two bytes between the brackets. Most of a large policy is such
-/// uid lists; masked ([`mask`]), each reaches the lexer as a comment it
-/// skips with memchr instead of three tokens a number. Bytes know nothing
-/// of strings or comments: the lexer confirms every array found
-/// ([`read`]), and the document is read as written when one is not.
-fn find_uint_arrays(text: &[u8]) -> (Vec<UintArray>, Interned) {
-    let mut found = Vec::new();
-    let mut interned = Interned::default();
-    let mut items = Vec::new();
-    // Whether the line so far holds a byte that makes its `=` no
-    // top-level key's (a comment, a string, an inline table or an array,
-    // or a quoted key): such arrays are left to the token path, as one
-    // found here would send the whole document to be read twice ([`read`]
-    // gives up at the first it cannot confirm). Kept from one `=` to the
-    // next, so each byte is looked at once, however long the line.
-    let mut tainted = false;
-    let mut seen = 0;
-    let taints = |b: &u8| matches!(b, b'#' | b'"' | b'\'' | b'{' | b'[');
-    for eq in memchr::memchr_iter(b'=', text) {
-        let since = &text[seen..eq];
-        tainted = match memchr::memrchr(b'\n', since) {
-            Some(nl) => since[nl + 1..].iter().any(taints),
-            None => tainted || since.iter().any(taints),
-        };
-        seen = eq;
-        if tainted {
-            continue;
-        }
-        let mut i = eq + 1;
-        while text.get(i).is_some_and(|&b| b == b' ' || b == b'\t') {
-            i += 1;
-        }
-        if text.get(i) != Some(&b'[') {
-            continue;
-        }
-        let open = i;
-        items.clear();
-        let mut after_comma = true;
-        let mut lines = false;
-        i += 1;
-        let close = loop {
-            match text.get(i) {
-                Some(b' ' | b'\t') => i += 1,
-                Some(b'\n') => {
-                    lines = true;
-                    i += 1;
-                }
-                Some(b'\r') if text.get(i + 1) == Some(&b'\n') => {
-                    lines = true;
-                    i += 2;
-                }
-                Some(b',') if !after_comma => {
-                    after_comma = true;
-                    i += 1;
-                }
-                Some(&first @ b'0'..=b'9') if after_comma => {
-                    // Plain decimal: no leading zero, at most u32::MAX.
-                    let start = i;
-                    let mut n = u64::from(first - b'0');
-                    i += 1;
-                    while let Some(&d) = text.get(i).filter(|d| d.is_ascii_digit()) {
-                        n = n * 10 + u64::from(d - b'0');
-                        i += 1;
-                        if i - start > 10 {
-                            break;
-                        }
-                    }
-                    match u32::try_from(n) {
-                        Ok(n) if i - start <= 10 && (first != b'0' || i - start == 1) => {
-                            items.push(n);
-                        }
-                        _ => break None,
-                    }
-                    after_comma = false;
-                }
-                Some(b']') if !items.is_empty() => break Some(i),
-                _ => break None,
-            }
-        };
-        if let Some(close) = close.filter(|&c| c >= open + 3) {
-            // Offsets fit: the text is under 4 GiB (checked by `parse`).
-            let items = intern(&mut interned, &items);
-            found.push(UintArray {
-                open: open as u32,
-                close: close as u32,
-                items,
-                lines,
-                first: text[open + 1],
-                last: text[close - 1],
-            });
-        }
-    }
-    (found, interned)
-}
-
-/// The text's bytes, to rewrite ASCII bytes with ASCII ones ([`mask`],
-/// [`unmask`]); `None` if the text is shared (it never is here).
-fn ascii_bytes_mut(text: &mut Arc<str>) -> Option<&mut [u8]> {
-    let text = Arc::get_mut(text)?;
-    // SAFETY: the only writers, `mask` and `unmask`, replace ASCII bytes
-    // (inside array bodies of digits, commas and whitespace) with ASCII
-    // bytes, so the text stays UTF-8.
-    Some(unsafe { text.as_bytes_mut() })
-}
-
-/// Turns each found array's body into a comment and a newline: `[1, 2]`
-/// becomes `[#,\n]` (first byte `#`, last a newline; between them,
-/// newlines become `n` and carriage returns `r`, letters no body holds).
-/// The lexer reads `[`, one comment, a newline, `]`; [`unmask`] puts
-/// every byte back.
-fn mask(bytes: &mut [u8], arrays: &[UintArray]) {
-    rewrite(bytes, arrays, [(b'\n', b'n'), (b'\r', b'r')], |_| {
-        (b'#', b'\n')
-    });
-}
-
-fn unmask(bytes: &mut [u8], arrays: &[UintArray]) {
-    rewrite(bytes, arrays, [(b'n', b'\n'), (b'r', b'\r')], |a| {
-        (a.first, a.last)
-    });
-}
-
-/// In each array's body: the inner bytes through `swap` (for bodies that
-/// span lines), then the first and last bytes.
-fn rewrite(
-    bytes: &mut [u8],
-    arrays: &[UintArray],
-    swap: [(u8, u8); 2],
-    ends: impl Fn(&UintArray) -> (u8, u8),
-) {
-    for a in arrays {
-        let (open, close) = (a.open as usize, a.close as usize);
-        if a.lines {
-            for b in &mut bytes[open + 2..close - 1] {
-                if let Some(&(_, to)) = swap.iter().find(|(from, _)| from == b) {
-                    *b = to;
-                }
-            }
-        }
-        (bytes[open + 1], bytes[close - 1]) = ends(a);
     }
 }
 
@@ -842,11 +615,9 @@ fn syntax_error(e: &ParseError, len: usize) -> SyntaxError {
 
 /// A value being built: an array or inline table still open.
 enum Open {
-    /// `plain`: every item so far is a plain decimal `u32` (see `Items`).
     Array {
         start: u32,
         items: Vec<Value>,
-        plain: bool,
     },
     Inline {
         start: u32,
@@ -881,8 +652,6 @@ struct Builder<'s> {
     open: Vec<Open>,
     errors: Vec<SyntaxError>,
     scratch: Vec<ParseError>,
-    /// Whether the last scalar was written as a plain decimal `u32`.
-    plain_uint: bool,
     /// Arrays of plain `u32`s read straight from the tokens (see
     /// [`UintArrays`]), in order, by the start of their `[`.
     uint_arrays: std::collections::VecDeque<(u32, Arc<[u32]>)>,
@@ -893,7 +662,7 @@ struct Builder<'s> {
 }
 
 impl<'s> Builder<'s> {
-    fn new(source: Source<'s>, text: Doc, interned: Interned) -> Builder<'s> {
+    fn new(source: Source<'s>, text: Doc) -> Builder<'s> {
         Builder {
             source,
             root: Table::default(),
@@ -904,10 +673,9 @@ impl<'s> Builder<'s> {
             open: Vec::new(),
             errors: Vec::new(),
             scratch: Vec::new(),
-            plain_uint: false,
             uint_arrays: std::collections::VecDeque::new(),
             text,
-            interned,
+            interned: Interned::default(),
         }
     }
 
@@ -944,25 +712,10 @@ impl<'s> Builder<'s> {
     }
 
     fn scalar(&mut self, span: toml_parser::Span, encoding: Option<Encoding>) -> Value {
-        // Digits alone, without a leading zero, are a decimal integer in
-        // TOML (a date needs `-`, a float `.` or `e`): most of a large
-        // policy is such uids, so they skip the general decoder.
-        if encoding.is_none() {
-            let text = self.source.get(span).map_or("", |r| r.as_str());
-            if let Some(n) = plain_u32(text.as_bytes()) {
-                self.plain_uint = true;
-                return Value {
-                    pos: Pos::of(span),
-                    kind: Kind::Integer(i64::from(n)),
-                };
-            }
-        }
         let raw = self.raw(span, encoding);
         let mut out: Cow<'s, str> = Cow::Borrowed("");
         let kind = raw.decode_scalar(&mut out, &mut self.scratch);
         let failed = !self.scratch.is_empty();
-        // Every plain `u32` took the path above.
-        self.plain_uint = false;
         self.decode_errors();
         let pos = Pos::inside_quotes(span, encoding);
         let kind = match kind {
@@ -987,11 +740,7 @@ impl<'s> Builder<'s> {
     /// or under the pending keys of the current table.
     fn place(&mut self, value: Value) {
         match self.open.last_mut() {
-            Some(Open::Array { items, plain, .. }) => {
-                *plain &= self.plain_uint && matches!(value.kind, Kind::Integer(_));
-                self.plain_uint = false;
-                items.push(value);
-            }
+            Some(Open::Array { items, .. }) => items.push(value),
             Some(Open::Inline { table, keys, .. }) => {
                 let keys = std::mem::take(keys);
                 let mut table = std::mem::take(table);
@@ -1282,18 +1031,12 @@ impl EventReceiver for Builder<'_> {
         self.open.push(Open::Array {
             start: span.start() as u32,
             items: Vec::new(),
-            plain: true,
         });
         true
     }
 
     fn array_close(&mut self, span: toml_parser::Span, _: &mut dyn ErrorSink) {
-        if let Some(Open::Array {
-            start,
-            mut items,
-            plain,
-        }) = self.open.pop()
-        {
+        if let Some(Open::Array { start, mut items }) = self.open.pop() {
             // An array the token loop read itself reaches the parser as
             // `[]`: its items are waiting in `uint_arrays`.
             while self.uint_arrays.front().is_some_and(|(s, _)| *s < start) {
@@ -1308,13 +1051,6 @@ impl EventReceiver for Builder<'_> {
                         text: self.text.clone(),
                         from: start + 1,
                     }
-                } else if plain && !items.is_empty() {
-                    Items::Uints(
-                        items
-                            .iter()
-                            .map(|v| [v.as_integer().unwrap_or(0) as u32, v.pos.start])
-                            .collect(),
-                    )
                 } else {
                     // Growth leaves up to half of a long array unused.
                     items.shrink_to_fit();
@@ -1620,8 +1356,8 @@ mod tests {
         let root = doc.as_table().expect("table");
         let get = |k: &str| root.get(k).and_then(Value::as_array).expect("array");
         assert!(matches!(get("a").items, Items::Read { .. }));
-        // Read by the parser (a comment inside), still compact.
-        assert!(matches!(get("e").items, Items::Uints(_)));
+        // Read by the parser (a comment inside): values, as any array.
+        assert!(matches!(get("e").items, Items::Values(_)));
         for k in ["b", "c", "d"] {
             assert!(
                 matches!(get(k).items, Items::Values(_)),
@@ -1650,66 +1386,20 @@ mod tests {
         assert_eq!(g_text, ["1", "23", "4294967295", "0"], "from {g_start}");
     }
 
-    fn masked_text(text: &str, arrays: &[UintArray]) -> String {
-        let mut bytes = text.as_bytes().to_vec();
-        mask(&mut bytes, arrays);
-        String::from_utf8(bytes).expect("still UTF-8")
-    }
-
     #[test]
-    fn finding_arrays_is_linear_in_a_long_line() {
-        // 200,000 `=` on one line: looking back to the line's start from
-        // each would be quadratic (minutes); each byte is looked at once.
-        let line = "{ a = 1, ".repeat(200_000);
-        let started = std::time::Instant::now();
-        assert!(find_uint_arrays(line.as_bytes()).0.is_empty());
-        let took = started.elapsed();
-        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
-        // After the line ends, arrays are found again.
-        let text = format!("{line}\nx = [1, 2]\n");
-        assert_eq!(find_uint_arrays(text.as_bytes()).0.len(), 1);
-    }
-
-    #[test]
-    fn masked_arrays_are_confirmed_by_the_lexer_or_read_as_written() {
-        // A policy's uid lists: found, masked into a comment each, confirmed.
-        let text = "version = 1\n[[service]]\nname = \"a\"\nallow_users = [1, 2,\r\n\t3, ]\ndeny_users=[40]\nx = [5]\n";
-        let (arrays, interned) = find_uint_arrays(text.as_bytes());
-        assert_eq!(arrays.len(), 2, "[5] is too short to mask");
-        assert_eq!(&arrays[0].items[..], [1, 2, 3]);
-        let masked = masked_text(text, &arrays);
-        assert!(masked.contains("[#, 2,rn\t3,\n]"), "{masked}");
-        assert!(masked.contains("[#\n]"), "{masked}");
-        assert!(read(&masked, &arrays, interned, &Doc::default()).is_some());
-        let mut bytes = masked.into_bytes();
-        unmask(&mut bytes, &arrays);
-        assert_eq!(bytes, text.as_bytes(), "undone exactly");
-        // On a line with a comment, a string, a quoted key or an inline
-        // table before the `=`: not taken from the bytes.
+    fn uid_arrays_in_strings_and_comments_stay_what_they_are() {
         for text in [
             "s = \"x = [1, 2]\"\n",
             "# x = [1, 2]\n",
             "\"k\" = [1, 2]\n",
             "t = { x = [1, 2] }\n",
             "x = [{ y = [1, 2] }]\n",
-        ] {
-            assert!(find_uint_arrays(text.as_bytes()).0.is_empty(), "{text}");
-        }
-        // Found in the bytes, but in a multi-line string or inline table:
-        // not confirmed, so the document is read as written.
-        for text in [
             "m = '''\nx = [1,\n2]\n'''\n",
             "m = \"\"\"\nx = [1, 2]\n\"\"\"\n",
             "t = {\n x = [1, 2] }\n",
+            "a = [1, # c\n 2]\nb = [3, 4]\n",
         ] {
-            let (arrays, interned) = find_uint_arrays(text.as_bytes());
-            assert!(!arrays.is_empty(), "{text}");
-            let masked = masked_text(text, &arrays);
-            assert!(
-                read(&masked, &arrays, interned, &Doc::default()).is_none(),
-                "{text}"
-            );
-            assert!(masked_read_agrees(text), "{text}");
+            assert!(token_read_agrees(text), "{text}");
         }
         let doc =
             ok("a = [1, 2]\ns = \"x = [3, 4]\"\nm = '''\nu = [5,\r\n 6]\n'''\n# c = [7, 8]\n");
