@@ -97,6 +97,10 @@ pub enum ServiceChange {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceDiff {
     pub name: String,
+    /// The service's name before, when it was renamed (what it matches is
+    /// unchanged): access is compared across the rename.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renamed_from: Option<String>,
     pub change: ServiceChange,
     /// What it matches, as `tcp/5432 on loopback` (the new one, or the old
     /// one for a removed service).
@@ -238,6 +242,7 @@ fn bind_change(old: &Service, new: &Service) -> Option<BindDiff> {
 }
 
 fn service_change(old: &Service, new: &Service) -> Option<ServiceDiff> {
+    let renamed_from = (old.name != new.name).then(|| old.name.clone());
     let (was, now) = (list_identities(old), list_identities(new));
     let (mut gains, mut loses, mut list) = (Vec::new(), Vec::new(), None);
     if old.list != new.list {
@@ -253,6 +258,7 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceDiff> {
     }
     let d = ServiceDiff {
         name: new.name.clone(),
+        renamed_from,
         change: ServiceChange::Changed,
         matches: new.describe(),
         gains,
@@ -273,7 +279,8 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceDiff> {
         },
         weakens: false,
     };
-    let unchanged = d.gains.is_empty()
+    let unchanged = d.renamed_from.is_none()
+        && d.gains.is_empty()
         && d.loses.is_empty()
         && d.list.is_none()
         && d.ports.is_none()
@@ -284,9 +291,22 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceDiff> {
     (!unchanged).then_some(d)
 }
 
+/// Whether a changed service's diff says more than its rename.
+fn service_change_beyond_rename(d: &ServiceDiff) -> bool {
+    !(d.gains.is_empty()
+        && d.loses.is_empty()
+        && d.list.is_none()
+        && d.ports.is_none()
+        && d.addresses.is_none()
+        && d.protocol.is_none()
+        && d.mode.is_none()
+        && d.bind.is_none())
+}
+
 fn whole(s: &Service, change: ServiceChange) -> ServiceDiff {
     ServiceDiff {
         name: s.name.clone(),
+        renamed_from: None,
         change,
         matches: s.describe(),
         gains: Vec::new(),
@@ -355,27 +375,50 @@ fn by_name(p: &Policy) -> std::collections::HashMap<&str, &Service> {
 /// (services are matched by name through a map).
 pub fn diff(old: &Policy, new: &Policy) -> AccessDiff {
     let (was, now) = (by_name(old), by_name(new));
-    let mut services = Vec::new();
-    for s in &old.services {
+    // A service gone by name whose match (protocol, ports, addresses) a
+    // new name has: a rename, compared across (each pairs once).
+    let key = |s: &Service| format!("{:?} {} {}", s.protocol, s.ports, s.addresses);
+    let mut gone: std::collections::HashMap<String, Vec<&Service>> =
+        std::collections::HashMap::new();
+    for s in old.services.iter().rev() {
         if !now.contains_key(s.name.as_str()) {
-            services.push(whole(s, ServiceChange::Removed));
+            gone.entry(key(s)).or_default().push(s);
         }
     }
+    let mut renamed = std::collections::HashSet::new();
+    let mut changes = Vec::new();
     for s in &new.services {
         match was.get(s.name.as_str()) {
-            None => services.push(whole(s, ServiceChange::Added)),
-            Some(o) => services.extend(service_change(o, s)),
+            Some(o) => changes.extend(service_change(o, s)),
+            None => match gone.get_mut(&key(s)).and_then(Vec::pop) {
+                Some(o) => {
+                    renamed.insert(o.name.as_str());
+                    changes.extend(service_change(o, s));
+                }
+                None => changes.push(whole(s, ServiceChange::Added)),
+            },
         }
     }
+    let mut services: Vec<ServiceDiff> = old
+        .services
+        .iter()
+        .filter(|s| !now.contains_key(s.name.as_str()) && !renamed.contains(s.name.as_str()))
+        .map(|s| whole(s, ServiceChange::Removed))
+        .collect();
+    services.extend(changes);
     for d in &mut services {
         d.weakens = weakens(d, new.default);
     }
     let default = (old.default != new.default).then_some((old.default, new.default));
     let mode = (old.mode != new.mode).then_some((old.mode, new.mode));
+    // A rename alone changes no one's access.
+    let access_changes = services
+        .iter()
+        .any(|d| d.change != ServiceChange::Changed || service_change_beyond_rename(d));
     AccessDiff {
         old: old.file.clone(),
         new: new.file.clone(),
-        changed: default.is_some() || mode.is_some() || !services.is_empty(),
+        changed: default.is_some() || mode.is_some() || access_changes,
         default,
         mode,
         services,
@@ -387,7 +430,13 @@ impl AccessDiff {
     /// One line per change, for a terminal.
     pub fn human(&self) -> String {
         if !self.changed {
-            return format!("no change in access from {} to {}\n", self.old, self.new);
+            // Renames, if any, are said: the services they are.
+            let mut out = format!("no change in access from {} to {}\n", self.old, self.new);
+            for line in self.lines() {
+                out.push_str(&line);
+                out.push('\n');
+            }
+            return out;
         }
         let mut out = format!("access changes from {} to {}:\n", self.old, self.new);
         for line in self.lines() {
@@ -482,6 +531,12 @@ impl AccessDiff {
                 continue;
             }
             let name = &s.name;
+            if let Some(was) = &s.renamed_from {
+                out.push(format!(
+                    "~ service {was} renamed to {name} (it matches {} as before; its counters follow it)",
+                    s.matches
+                ));
+            }
             if !s.gains.is_empty() {
                 out.push(format!(
                     "+ {name}: {} gain{} access",

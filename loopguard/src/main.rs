@@ -152,6 +152,11 @@ fn main() -> ExitCode {
             log::LevelFilter::Warn
         })
         .format_timestamp(None);
+    // The daemon's lines elsewhere than the journal (a terminal, a file, a
+    // container's log): each with its RFC 3339 time.
+    if daemon {
+        logger.format_timestamp_secs();
+    }
     // Under systemd (stderr is the journal): each record one line with its
     // sd-daemon priority prefix, so `journalctl -p err` finds errors and a
     // multi-line diagnostic stays one entry.

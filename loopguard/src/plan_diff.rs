@@ -134,6 +134,33 @@ fn cgroup_changes(old: &[ResolvedCgroup], new: &[ResolvedCgroup]) -> Vec<CgroupC
     out
 }
 
+/// Services of `new` that are a service of `old` renamed: the name is
+/// gone from `old` and new in `new`, and what it matches (protocol, ports,
+/// addresses) is the same. By new name, the old one; each pairs once.
+pub fn renames(old: &Plan, new: &Plan) -> HashMap<String, String> {
+    let new_names: std::collections::HashSet<&str> =
+        new.services.iter().map(|s| s.name.as_str()).collect();
+    let old_names: std::collections::HashSet<&str> =
+        old.services.iter().map(|s| s.name.as_str()).collect();
+    let key = |s: &PlanService| format!("{:?} {} {}", s.protocol, s.ports, s.addresses);
+    let mut gone: HashMap<_, Vec<&str>> = HashMap::new();
+    for s in old.services.iter().rev() {
+        if !new_names.contains(s.name.as_str()) {
+            gone.entry(key(s)).or_default().push(&s.name);
+        }
+    }
+    let mut out = HashMap::new();
+    for s in &new.services {
+        if old_names.contains(s.name.as_str()) {
+            continue;
+        }
+        if let Some(was) = gone.get_mut(&key(s)).and_then(Vec::pop) {
+            out.insert(s.name.clone(), was.to_string());
+        }
+    }
+    out
+}
+
 /// What differs from `old` to `new`.
 pub fn diff<'a>(old: &'a Plan, new: &'a Plan) -> PlanDiff<'a> {
     let old_by_name: HashMap<&str, &PlanService> =

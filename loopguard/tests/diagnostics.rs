@@ -38,6 +38,11 @@ macro_rules! snapshot {
 }
 
 snapshot!(syntax, "syntax");
+// One missing `]`: one error, where the `]` belongs, with where the array
+// opens; the errors that follow from it are counted, not listed.
+snapshot!(unclosed_array, "unclosed-array");
+// A message is one line: the expected new line is said in words.
+snapshot!(trailing_comma, "trailing-comma");
 snapshot!(unknown_keys, "unknown-keys");
 snapshot!(values, "values");
 snapshot!(lists, "lists");
@@ -128,6 +133,21 @@ fn every_code_is_documented_under_its_name() {
         assert!(
             readme.contains(&format!("### {code}\n")),
             "docs/policy.md has no section for {code}"
+        );
+    }
+}
+
+#[test]
+fn one_missing_bracket_is_one_error_and_messages_are_one_line() {
+    for name in ["unclosed-array", "trailing-comma"] {
+        let path = format!("tests/bad/{name}.toml");
+        let source = std::fs::read_to_string(&path).expect("read bad policy");
+        let (_, diags) = policy::load(&path, source.as_str());
+        assert_eq!(diags.len(), 1, "{name}: {diags:?}");
+        assert!(
+            !diags[0].message.contains('\n'),
+            "{name}: {:?}",
+            diags[0].message
         );
     }
 }

@@ -80,3 +80,28 @@ fn a_file_with_errors_is_exit_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has errors"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_rename_is_a_rename_not_a_removal() {
+    let (code, out) = diff("renamed.toml", "human");
+    assert_eq!(code, 0, "a rename changes no one's access: {out}");
+    assert!(out.starts_with("no change in access"), "{out}");
+    assert!(
+        out.contains("~ service postgres renamed to postgresql"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("OPENS ACCESS") && !out.contains("removed"),
+        "{out}"
+    );
+    // Access is compared across the rename.
+    let (code, out) = diff("renamed-and-opened.toml", "human");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("~ service postgres renamed to pg"), "{out}");
+    assert!(out.contains("+ pg: user guest gains access"), "{out}");
+    assert!(!out.contains("removed"), "{out}");
+    let (_, out) = diff("renamed.toml", "json");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["changed"], false);
+    assert_eq!(v["services"][0]["renamed_from"], "postgres");
+}

@@ -455,3 +455,68 @@ fn counts_carry_over_a_reapply_by_service_name() {
         "default: {tail}"
     );
 }
+
+#[test]
+fn counts_follow_a_renamed_service_on_both_layers() {
+    let u = users();
+    let sb = Sandbox::new("rename-counts");
+    let policy = |name: &str| {
+        format!(
+            "version = 1\ndefault = \"allow\"\n[[service]]\nname = \"{name}\"\nport = 8080\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        )
+    };
+    let p = sb.policy("policy.toml", &policy("mysql"));
+    sb.apply(&p, &[]).ok();
+    for _ in 0..3 {
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+            "connect=EPERM"
+        );
+    }
+    // The same service, renamed: its counters follow it.
+    let p = sb.policy("policy.toml", &policy("mariadb"));
+    let dry = sb.apply(&p, &["--dry-run"]).ok().stdout;
+    assert!(dry.contains("would enforce with layers bpf+nft"), "{dry}");
+    sb.apply(&p, &[]).ok();
+    let status = sb.lg(&["status", "--format", "json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let tail = loopguard_tests::tail(&status, 2000);
+    let s = &v["services"][0];
+    assert_eq!(s["name"], "mariadb", "{tail}");
+    assert_eq!(
+        s["attempts"]["deny"], 3,
+        "eBPF counts follow the rename: {tail}"
+    );
+    // The nftables layer counted no packet: the eBPF layer refused each
+    // connect before one existed.
+    assert_eq!(s["packets"]["deny"], 0, "{tail}");
+}
+
+#[test]
+fn packet_counts_follow_a_renamed_service() {
+    let u = users();
+    let sb = Sandbox::new("rename-packets");
+    let policy = |name: &str| {
+        format!(
+            "version = 1\ndefault = \"allow\"\n[[service]]\nname = \"{name}\"\nport = 8080\nallow_users = [\"{}\"]\n",
+            u.alice.name
+        )
+    };
+    let p = sb.policy("policy.toml", &policy("mysql"));
+    sb.apply(&p, &["--layers", "nft"]).ok();
+    for _ in 0..2 {
+        assert_eq!(
+            sb.probe(Some(&u.bob), &["tcp", "127.0.0.1:8080"]),
+            "connect=ECONNREFUSED"
+        );
+    }
+    let p = sb.policy("policy.toml", &policy("mariadb"));
+    sb.apply(&p, &["--layers", "nft"]).ok();
+    let status = sb.lg(&["status", "--format", "json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&status).expect("status json");
+    let tail = loopguard_tests::tail(&status, 2000);
+    assert_eq!(v["services"][0]["name"], "mariadb", "{tail}");
+    let denied = v["services"][0]["packets"]["deny"].as_u64().unwrap_or(0);
+    assert!(denied >= 2, "nftables counts follow the rename: {tail}");
+}

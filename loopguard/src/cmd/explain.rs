@@ -44,8 +44,12 @@ pub(crate) struct Args {
     unit: Option<String>,
     /// Destination, e.g. 127.0.0.1:5432 or [::1]:6379 (with --bind: the
     /// address to bind, e.g. 0.0.0.0:5432).
-    #[arg(long, value_name = "ADDR:PORT")]
-    to: SocketAddr,
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "last")]
+    to: Option<SocketAddr>,
+    /// The most recent refusal of this uid in the audit log the daemon
+    /// writes ("was that loopguard?"), then its verdict now.
+    #[arg(long, conflicts_with_all = ["to", "bind", "protocol"])]
+    last: bool,
     /// Explain a bind() (who may listen) instead of a connect().
     #[arg(long)]
     bind: bool,
@@ -129,12 +133,33 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
             state.plan
         }
     };
-    let transport = match args.protocol {
+    let mut transport = match args.protocol {
         ProtocolArg::Tcp => Transport::Tcp,
         ProtocolArg::Udp => Transport::Udp,
     };
+    let mut out = std::io::stdout().lock();
+    let to = match (args.to, args.last) {
+        (Some(to), _) => to,
+        (None, _) => {
+            let Some(refusal) = last_refusal(paths, uid)? else {
+                writeln!(
+                    out,
+                    "no refusal of uid {uid} in {}: loopguard refused nothing it recorded (was `loopguard run` running?)",
+                    loopguard::audit::log_path(paths).display()
+                )?;
+                return Ok(exit::OK);
+            };
+            writeln!(out, "{}", refusal_words(&refusal))?;
+            transport = refusal.transport.unwrap_or(Transport::Tcp);
+            let ip = refusal
+                .ip
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+            write!(out, "now: ")?;
+            SocketAddr::new(ip, refusal.port.unwrap_or(0))
+        }
+    };
     let local = LocalTable::read().context("failed to read the kernel's local routing table")?;
-    let (ip, port) = (args.to.ip(), args.to.port());
+    let (ip, port) = (to.ip(), to.port());
     let eval = if args.bind {
         plan.evaluate_bind(uid, transport, ip, port, &local)
     } else {
@@ -151,7 +176,7 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         uid,
         user: dir.user_name(uid),
         cgroup: cgroup.as_ref().map(ToString::to_string),
-        destination: args.to.to_string(),
+        destination: to.to_string(),
         protocol: transport.as_str(),
         in_scope: eval.destination.is_some() || (args.bind && eval.service.is_some()),
         service: service.map(|s| s.name.clone()),
@@ -159,7 +184,6 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         reason: eval.reason.clone(),
         policy_hash: plan.hash.clone(),
     };
-    let mut out = std::io::stdout().lock();
     match args.format {
         Format::Json => {
             serde_json::to_writer_pretty(&mut out, &explanation)?;
@@ -209,6 +233,76 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
+}
+
+/// The last refusal (deny or would-deny, of a connection or datagram) of
+/// `uid` in the instance's audit log (and its rotated PATH.1).
+fn last_refusal(
+    paths: &InstancePaths,
+    uid: u32,
+) -> anyhow::Result<Option<loopguard::audit::AuditRecord>> {
+    use loopguard::audit::{AuditAction, AuditRecord, EventLayer};
+    use std::io::BufRead as _;
+    let log = loopguard::audit::log_path(paths);
+    let rotated = PathBuf::from(format!("{}.1", log.display()));
+    // The current log first: the rotated one holds older records.
+    for path in [log, rotated] {
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let mut last = None;
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.with_context(|| format!("failed to read {}", path.display()))?;
+            // Cheap filter before parsing: the uid must be on the line.
+            if !line.contains(&format!("\"user.id\":{uid}")) {
+                continue;
+            }
+            if let Ok(r) = serde_json::from_str::<AuditRecord>(&line) {
+                if r.uid == Some(uid)
+                    && matches!(r.action, AuditAction::Deny | AuditAction::WouldDeny)
+                    && r.layer != EventLayer::Bind
+                {
+                    last = Some(r);
+                }
+            }
+        }
+        if last.is_some() {
+            return Ok(last);
+        }
+    }
+    Ok(None)
+}
+
+/// `last refusal: 2026-12-07T10:00:00Z, deny by loopguard (connect) of
+/// uid 1005 (guest), process psql (pid 42) -> 127.0.0.1:5432/tcp: ...`
+fn refusal_words(r: &loopguard::audit::AuditRecord) -> String {
+    let who = match (&r.user, r.uid) {
+        (Some(n), Some(u)) => format!("uid {u} ({n})"),
+        (None, Some(u)) => format!("uid {u}"),
+        _ => "?".into(),
+    };
+    let process = match (&r.process, r.pid) {
+        (Some(p), Some(pid)) => format!(", process {p} (pid {pid})"),
+        (None, Some(pid)) => format!(", pid {pid}"),
+        _ => String::new(),
+    };
+    let to = match (r.ip, r.port) {
+        (Some(ip), Some(port)) => SocketAddr::new(ip, port).to_string(),
+        (None, Some(port)) => format!("port {port}"),
+        _ => "?".into(),
+    };
+    format!(
+        "last refusal: {}, {} by loopguard ({} layer) of {who}{process} -> {to}/{}: {}{}",
+        r.timestamp,
+        r.action.as_str(),
+        r.layer.as_str(),
+        r.transport.map_or("?", |t| t.as_str()),
+        r.reason,
+        r.service
+            .as_ref()
+            .map(|s| format!(" (service {s})"))
+            .unwrap_or_default()
+    )
 }
 
 /// A running process's uid (the real one, which the kernel's checks read)

@@ -249,8 +249,19 @@ fn starter_policy(listeners: &[Listener]) -> String {
                 Err(_) => format!("{o:?}"),
             })
             .collect();
+        // Root and the listener's owner, minus root: who may listen here.
+        let binders: Vec<&String> = users.iter().skip(1).collect();
+        let bind_users = binders
+            .iter()
+            .map(|u| u.as_str())
+            .chain(std::iter::once("\"root\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         out.push_str(&format!(
-            "[[service]]\nname = \"{name}\"\nport = {port}\nprotocol = \"{}\"\nallow_users = [{}]\n",
+            "[[service]]\nname = \"{name}\"\nport = {port}\nprotocol = \"{}\"\nallow_users = [{}]\n\
+             # The bind guard: only these may listen on the port, so another user's\n\
+             # program cannot take it while the server restarts (a squatter).\n\
+             # bind_users = [{bind_users}]\n",
             protocol.as_str(),
             users.join(", ")
         ));

@@ -138,6 +138,10 @@ impl Decoder {
             }
             if let Some(p) = &enforced.plan {
                 self.current = Some(p.clone());
+                // The state the daemon read or wrote: nothing new in it.
+                if enforced.state_stamp.is_some() {
+                    self.state_seen = enforced.state_stamp;
+                }
             }
         }
         let stamp = FileStamp::of(&self.paths.state_file);
@@ -246,46 +250,52 @@ pub(super) async fn read_events(
         let Ok(mut guard) = fd.readable_mut().await else {
             return;
         };
-        // Drain in bounded batches: memory stays flat however long the
-        // flood, and the writes are large.
-        let mut batches = Vec::new();
+        decoder.refresh();
+        // Drain in bounded batches, each handed to the writer as it fills:
+        // memory stays flat however long the flood, and the writes are
+        // large. At most EVENTS_PER_WAKEUP before the other tasks
+        // (signals, the reconcile loop, metrics) get a turn.
+        let mut taken = 0;
         let mut more = false;
-        {
-            decoder.refresh();
+        loop {
+            let mut lines = Vec::with_capacity(BATCH);
             let ring = guard.get_inner_mut();
-            let mut lines = Vec::with_capacity(1024);
-            let mut taken = 0;
             while let Some(item) = ring.next() {
                 if item.len() >= size_of::<Event>() {
                     // SAFETY: the kernel wrote an Event (repr(C), any bits valid).
                     let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    drop(item);
                     lines.push(decoder.event(&ev));
                 }
-                if lines.len() == 1024 {
-                    batches.push(std::mem::take(&mut lines));
-                }
                 taken += 1;
-                if taken == EVENTS_PER_WAKEUP {
-                    more = true;
+                if lines.len() == BATCH || taken == EVENTS_PER_WAKEUP {
                     break;
                 }
             }
-            batches.push(lines);
+            let full = lines.len() == BATCH || taken == EVENTS_PER_WAKEUP;
+            if !lines.is_empty() && tx.send(Write::Lines(lines)).await.is_err() {
+                return;
+            }
+            if taken == EVENTS_PER_WAKEUP {
+                more = true;
+                break;
+            }
+            if !full {
+                break;
+            }
         }
         if more {
             // Still readable: come back after the others had their turn.
+            drop(guard);
             tokio::task::yield_now().await;
         } else {
             guard.clear_ready();
         }
-        drop(guard);
-        for lines in batches {
-            if tx.send(Write::Lines(lines)).await.is_err() {
-                return;
-            }
-        }
     }
 }
+
+/// Lines handed to the writer at a time.
+const BATCH: usize = 1024;
 
 /// Refusals of the nftables layer, from NFLOG; gaps in the kernel's
 /// sequence numbers are reported as dropped.

@@ -61,6 +61,9 @@ pub struct Enforced {
     pub layers: Vec<LayerKind>,
     /// The cgroup the eBPF layer is attached to.
     pub cgroup: PathBuf,
+    /// The state file as it was when this was published: a reader that
+    /// sees it unchanged need not read it.
+    pub state_stamp: Option<crate::state::FileStamp>,
 }
 
 /// What changed under the names a policy lists.
@@ -145,6 +148,7 @@ pub fn run(config: Config, paths: &InstancePaths) -> anyhow::Result<Outcome> {
     if !reconciler.start() {
         return Ok(Outcome::NothingToEnforce);
     }
+    log::info!("{}", starting_words(&config, &reconciler.enforced(), paths));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -174,6 +178,36 @@ pub fn run(config: Config, paths: &InstancePaths) -> anyhow::Result<Outcome> {
             Ok(Outcome::Removed)
         }
     }
+}
+
+/// What the daemon enforces and where it reports, said once at start:
+/// the policy, the layers and where they sit, the metrics address, the
+/// audit log.
+fn starting_words(config: &Config, enforced: &Enforced, paths: &InstancePaths) -> String {
+    let mut words = vec![format!("instance {}", paths.instance)];
+    if let Some(plan) = &enforced.plan {
+        words.push(format!("policy {} (plan {})", plan.file, plan.id));
+    }
+    for layer in &enforced.layers {
+        words.push(match layer {
+            LayerKind::Bpf => format!(
+                "layer bpf on cgroup {}{}",
+                enforced.cgroup.display(),
+                if crate::host::is_cgroup2_root(&enforced.cgroup) {
+                    " (the whole host)"
+                } else {
+                    ""
+                }
+            ),
+            LayerKind::Nft => format!("layer nft as table inet {}", paths.instance),
+        });
+    }
+    words.push(match config.metrics {
+        Some(addr) => format!("metrics on http://{addr}/metrics"),
+        None => "no metrics endpoint (--metrics ADDR:PORT)".into(),
+    });
+    words.push(format!("audit log {}", config.audit_log.display()));
+    format!("running: {}", words.join("; "))
 }
 
 /// The instance's run lock: one daemon per instance. A `remove` looking
@@ -238,7 +272,9 @@ async fn serve(
             },
         ));
     }
-    let (write_tx, write_rx) = mpsc::channel(64);
+    // A few batches queued at most: a flood waits for the writer instead
+    // of piling up in memory.
+    let (write_tx, write_rx) = mpsc::channel(4);
     tokio::spawn(events::writer(Some(log), write_rx));
     if crate::ebpf::is_installed(paths) {
         let ring = crate::ebpf::event_ring(paths)?;

@@ -523,6 +523,7 @@ impl Reconciler {
             packet_base: state.packet_base,
             layers: state.layers,
             cgroup: state.cgroup,
+            state_stamp: FileStamp::of(&self.engine.paths.state_file),
         });
         self.enforced = enforced.clone();
         self.published.send_replace(enforced);

@@ -1006,7 +1006,8 @@ fn delete_hash<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Zeroes the new slot's counters, then carries over the counts of services
-/// kept by name (and of the default bucket) from the slot in force. In a
+/// kept by name or renamed (and of the default bucket) from the slot in
+/// force. In a
 /// `pristine` slot, zeros are there already: only counts are written.
 fn write_counters(
     maps: &mut Maps,
@@ -1025,11 +1026,22 @@ fn write_counters(
             .collect(),
         _ => StdHashMap::new(),
     };
+    // A renamed service's counts follow it.
+    let renames = previous
+        .map(|p| crate::plan_diff::renames(p, plan))
+        .unwrap_or_default();
     let buckets: Vec<(u32, Option<u32>)> = plan
         .services
         .iter()
         .enumerate()
-        .map(|(i, s)| (i as u32, old_index.get(s.name.as_str()).copied()))
+        .map(|(i, s)| {
+            let old = old_index.get(s.name.as_str()).or_else(|| {
+                renames
+                    .get(&s.name)
+                    .and_then(|was| old_index.get(was.as_str()))
+            });
+            (i as u32, old.copied())
+        })
         .chain([(DEFAULT_BUCKET, (active < SLOTS).then_some(DEFAULT_BUCKET))])
         .collect();
     // The slot in force, read when anything carries over: the buckets of

@@ -223,6 +223,11 @@ fn change(table: &str, plan: &Plan, previous: Option<&State>) -> NftChange {
     let Some(prev) = table_in_force(previous) else {
         return full_table(table, plan, previous);
     };
+    // A renamed service's counts follow it: read whole, then moved to the
+    // new name (renames are rare; the update in place would drop them).
+    if !crate::plan_diff::renames(&prev.plan, plan).is_empty() {
+        return full_table(table, plan, previous);
+    }
     let update = nft::update(table, &prev.plan, plan);
     let mut base = prev.packet_base.clone();
     if !update.recounted.is_empty() {
@@ -250,7 +255,9 @@ fn change(table: &str, plan: &Plan, previous: Option<&State>) -> NftChange {
 fn full_table(table: &str, plan: &Plan, previous: Option<&State>) -> NftChange {
     let current = nft::counters(table).unwrap_or_default();
     let base = match previous {
-        Some(prev) => current.plus(&prev.packet_base),
+        Some(prev) => current
+            .plus(&prev.packet_base)
+            .renamed(&crate::plan_diff::renames(&prev.plan, plan)),
         None => current,
     };
     NftChange {

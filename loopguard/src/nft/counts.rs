@@ -25,6 +25,17 @@ impl PacketCounts {
         self
     }
 
+    /// Counts of renamed services (`renames`: new name -> old) under their
+    /// new names.
+    pub fn renamed(mut self, renames: &HashMap<String, String>) -> PacketCounts {
+        for (new, old) in renames {
+            if let Some(v) = self.refused.remove(old) {
+                *self.refused.entry(new.clone()).or_insert(0) += v;
+            }
+        }
+        self
+    }
+
     /// Only the services `plan` has (a removed service's count goes).
     pub fn kept_for(mut self, plan: &Plan) -> PacketCounts {
         let names: std::collections::HashSet<&str> =

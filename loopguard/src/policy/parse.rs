@@ -47,21 +47,117 @@ pub fn parse(file: &str, source: String) -> (Arc<str>, Option<Policy>, Vec<Diagn
     };
     let (source, root, errors) = super::toml::parse(source);
     let Some(root) = root else {
-        let diags = errors
-            .into_iter()
-            .map(|e| {
-                let d = Diagnostic::error(Code::Syntax, format!("invalid TOML: {}", e.message))
-                    .primary(e.span, "here");
-                match e.first {
-                    Some(first) => d.secondary(first, "first defined here"),
-                    None => d,
-                }
-            })
-            .collect();
-        return (source, None, diags);
+        return (source.clone(), None, syntax_diagnostics(&source, errors));
     };
     let policy = p.policy(file, source.clone(), &root);
     (source, policy, p.diags)
+}
+
+/// One mistake, one error: the first syntax error (the parser recovers
+/// and reports what follows from it too), said where the mistake is, and
+/// how many more were left unsaid. An array or inline table left open is
+/// said at the end of its last line, with where it opened, rather than at
+/// the next line the parser stumbled on.
+fn syntax_diagnostics(source: &str, mut errors: Vec<super::toml::SyntaxError>) -> Vec<Diagnostic> {
+    errors.sort_by_key(|e| e.span.start);
+    let more = errors.len().saturating_sub(1);
+    let Some(e) = errors.into_iter().next() else {
+        return Vec::new();
+    };
+    let at = e.span.start.min(source.len());
+    let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
+    let at_line_start = source[line_start..at].trim().is_empty();
+    let mut d = match (open_bracket_before(source, at), at_line_start, &e.first) {
+        (Some(open), true, None) => {
+            // The end of the last line with something on it before `at`.
+            let end = source[..line_start].trim_end().len().max(open + 1);
+            let (what, close) = if source.as_bytes().get(open) == Some(&b'{') {
+                ("inline table", '}')
+            } else {
+                ("array", ']')
+            };
+            Diagnostic::error(
+                Code::Syntax,
+                format!("invalid TOML: this {what} is not closed: `{close}` is missing"),
+            )
+            .primary(
+                end.saturating_sub(1)..end,
+                format!("`{close}` expected after this"),
+            )
+            .secondary(open..open + 1, format!("the {what} opens here"))
+        }
+        _ => {
+            let d = Diagnostic::error(Code::Syntax, format!("invalid TOML: {}", e.message))
+                .primary(e.span, "here");
+            match e.first {
+                Some(first) => d.secondary(first, "first defined here"),
+                None => d,
+            }
+        }
+    };
+    if more > 0 {
+        d = d.note(format!(
+            "and {more} more error{} after this one, probably caused by it: fix this one first",
+            if more == 1 { "" } else { "s" }
+        ));
+    }
+    vec![d]
+}
+
+/// Where the innermost array (`[`) or inline table (`{`) still open at
+/// byte `at` of `source` opens, if one is. A small scan: strings and
+/// comments are skipped; a `[` is an array when it follows `=`, `,` or
+/// another open bracket (else it starts a table header).
+fn open_bracket_before(source: &str, at: usize) -> Option<usize> {
+    let bytes = source.as_bytes();
+    let mut open: Vec<usize> = Vec::new();
+    let mut last = b'\n';
+    let mut i = 0;
+    while i < at.min(bytes.len()) {
+        let c = bytes[i];
+        match c {
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' => {
+                // A string (multi-line ones too): to its closing quote.
+                let triple = bytes.get(i..i + 3) == Some(&[c, c, c][..]);
+                let quote: &[u8] = if triple {
+                    &bytes[i..i + 3]
+                } else {
+                    &bytes[i..i + 1]
+                };
+                i += quote.len();
+                while i < bytes.len() && !bytes[i..].starts_with(quote) {
+                    if c == b'"' && bytes[i] == b'\\' {
+                        i += 1;
+                    }
+                    if !triple && bytes[i.min(bytes.len() - 1)] == b'\n' {
+                        break;
+                    }
+                    i += 1;
+                }
+                i += quote.len();
+                last = b'"';
+                continue;
+            }
+            b'[' | b'{' if c == b'{' || !open.is_empty() || matches!(last, b'=' | b',') => {
+                open.push(i);
+            }
+            b']' | b'}' => {
+                open.pop();
+            }
+            _ => {}
+        }
+        if !c.is_ascii_whitespace() {
+            last = c;
+        }
+        i += 1;
+    }
+    open.last().copied()
 }
 
 struct Parser {

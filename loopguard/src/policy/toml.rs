@@ -599,7 +599,9 @@ fn syntax_error(e: &ParseError, len: usize) -> SyntaxError {
         let names: Vec<String> = expected
             .iter()
             .map(|x| match x {
-                toml_parser::Expected::Literal(l) => format!("`{l}`"),
+                // A message is one line: a new line is said in words.
+                toml_parser::Expected::Literal("\n") => "a new line".to_string(),
+                toml_parser::Expected::Literal(l) => format!("`{}`", l.escape_debug()),
                 toml_parser::Expected::Description(d) => (*d).to_string(),
                 _ => "something else".to_string(),
             })
