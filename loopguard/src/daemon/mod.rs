@@ -148,7 +148,7 @@ pub fn run(config: Config, paths: &InstancePaths) -> anyhow::Result<Outcome> {
     if !reconciler.start() {
         return Ok(Outcome::NothingToEnforce);
     }
-    log::info!("{}", starting_words(&config, &reconciler.enforced(), paths));
+    log::info!("{}", starting_words(&config, reconciler.enforced(), paths));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
