@@ -155,7 +155,11 @@ fn main() -> ExitCode {
     // The daemon's lines elsewhere than the journal (a terminal, a file, a
     // container's log): each with its RFC 3339 time.
     if daemon {
-        logger.format_timestamp_secs();
+        logger.format(|buf, record| {
+            use std::io::Write as _;
+            let now = jiff::Timestamp::now().round(jiff::Unit::Second).unwrap_or_else(|_| jiff::Timestamp::now());
+            writeln!(buf, "{now} {} {}", record.level(), record.args())
+        });
     }
     // Under systemd (stderr is the journal): each record one line with its
     // sd-daemon priority prefix, so `journalctl -p err` finds errors and a

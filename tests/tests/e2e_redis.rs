@@ -78,3 +78,116 @@ allow_users = ["{}", "root"]
     // wait_listening's probe, alice's two, and this one.
     assert_eq!(connections, 4, "{info}");
 }
+
+/// The operator's path with a real server: `scan` writes a starter policy,
+/// `run` enforces it in audit mode, three users reach Redis with the real
+/// client, `learn` (one user excluded) adds the two intended ones to the
+/// policy in force, `diff` shows exactly that, and once applied the two
+/// get in and the third is refused with EPERM.
+#[test]
+fn from_scan_to_enforcement_with_redis() {
+    assert!(
+        Path::new(REDIS_SERVER).exists() && Path::new(REDIS_CLI).exists(),
+        "REDIS IS NOT INSTALLED: this end-to-end test needs Debian's redis-server and \
+         redis-tools (`cargo xtask setup` installs them)"
+    );
+    let u = users();
+    let mut sb = Sandbox::new("redis-path");
+    let dir = sb.dir.join("redis");
+    std::fs::create_dir_all(&dir).expect("redis dir");
+    sb.spawn_in_netns(&[
+        REDIS_SERVER,
+        "--bind",
+        "127.0.0.7",
+        "--port",
+        "6391",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        dir.to_str().expect("utf-8"),
+        "--protected-mode",
+        "no",
+    ]);
+    sb.wait_listening("127.0.0.7:6391");
+    // scan: a starter policy in audit mode, with the bind guard suggested.
+    let starter = sb.lg(&["scan", "--format", "toml"]).ok().stdout;
+    assert!(starter.contains("mode = \"audit\""), "{starter}");
+    assert!(starter.contains("port = 6391"), "{starter}");
+    assert!(starter.contains("# bind_users = ["), "{starter}");
+    let policy = sb.policy("policy.toml", &starter);
+    assert_eq!(sb.lg(&["check", policy.to_str().expect("utf-8")]).code, 0);
+    // run, in audit mode: it says what it enforces and where it reports.
+    let d = sb.start_daemon(&policy, &[]);
+    let cli = |user, cmd: &[&str]| {
+        let mut argv = vec![REDIS_CLI, "-h", "127.0.0.7", "-p", "6391"];
+        argv.extend_from_slice(cmd);
+        sb.exec_as(Some(user), &argv)
+    };
+    for who in [&u.alice, &u.bob, &u.carol] {
+        let r = cli(who, &["PING"]);
+        assert_eq!(r.stdout.trim(), "PONG", "audit mode refuses nothing: {}", r.stderr);
+    }
+    d.wait_events(10, "three users' would-deny", |evs| {
+        [&u.alice, &u.bob, &u.carol].iter().all(|w| {
+            evs.iter().any(|e| {
+                e["event.action"] == "would-deny" && e["user.name"] == w.name
+            })
+        })
+    });
+    let said = d.log();
+    assert!(
+        said.contains("running: instance") && said.contains("audit log"),
+        "run says what it enforces at start: {}",
+        loopguard_tests::tail(&said, 1500)
+    );
+    // Off the journal, each line has its RFC 3339 time.
+    assert!(
+        said.lines()
+            .filter(|l| l.contains("running: instance"))
+            .all(|l| l.starts_with("20") && l.contains("Z INFO running:")),
+        "{}",
+        loopguard_tests::tail(&said, 1500)
+    );
+    // `audit` finds the log `run --audit-log` writes, without being told.
+    let audit = sb.lg(&["audit", "--action", "would-deny"]).ok().stdout;
+    assert!(audit.contains(u.carol.name), "{}", loopguard_tests::tail(&audit, 1500));
+    // learn, carol excluded: added to the policy in force, enforcing.
+    let learned = sb.lg(&["learn", "--exclude", u.carol.name, "--enforce"]);
+    assert_eq!(learned.code, 0, "{}", learned.stderr);
+    assert!(learned.stderr.contains(&format!("left out")), "{}", learned.stderr);
+    let new = sb.policy("learned.toml", &learned.stdout);
+    // diff: the two intended users gain access, enforcement is switched on.
+    let diff = sb.lg(&[
+        "diff",
+        policy.to_str().expect("utf-8"),
+        new.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(diff.code, 1, "{}", diff.stdout);
+    for who in [&u.alice, &u.bob] {
+        assert!(
+            diff.stdout.contains(&format!("user {} gain", who.name))
+                || diff.stdout.contains(&format!("user {},", who.name)),
+            "{}",
+            diff.stdout
+        );
+    }
+    assert!(!diff.stdout.contains(u.carol.name), "{}", diff.stdout);
+    // enforce.
+    sb.apply(&new, &[]).ok();
+    for who in [&u.alice, &u.bob] {
+        let r = cli(who, &["PING"]);
+        assert_eq!(r.stdout.trim(), "PONG", "{}: {}", who.name, r.stderr);
+    }
+    let refused = cli(&u.carol, &["PING"]);
+    let said = format!("{}{}", refused.stdout, refused.stderr);
+    assert!(said.contains("Operation not permitted"), "{said}");
+    // "Was that loopguard?"
+    let last = sb.lg(&["explain", "--user", u.carol.name, "--last"]).ok().stdout;
+    assert!(
+        last.starts_with("last refusal: ") && last.contains(":6391/tcp"),
+        "{last}"
+    );
+    assert!(last.contains("now: deny"), "{last}");
+}
