@@ -157,7 +157,9 @@ fn main() -> ExitCode {
     if daemon {
         logger.format(|buf, record| {
             use std::io::Write as _;
-            let now = jiff::Timestamp::now().round(jiff::Unit::Second).unwrap_or_else(|_| jiff::Timestamp::now());
+            let now = jiff::Timestamp::now()
+                .round(jiff::Unit::Second)
+                .unwrap_or_else(|_| jiff::Timestamp::now());
             writeln!(buf, "{now} {} {}", record.level(), record.args())
         });
     }

@@ -19,14 +19,27 @@ fn a_dry_run_says_where_a_real_apply_would_attach() {
         .expect("run loopguard");
     let _ = std::fs::remove_file(&policy);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("would enforce with layers bpf+nft"), "{stdout}");
-    // No --cgroup: the programs would sit on the cgroup2 root.
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
-        stdout.contains("the whole host, every process")
-            || stdout.contains("bpf: cannot attach"),
+        stdout.contains("would enforce with layers bpf+nft"),
         "{stdout}"
     );
-    assert!(stdout.contains("nft: table inet lg-dry-run-where"), "{stdout}");
-    assert!(stdout.trim_end().ends_with("dry run: nothing changed"), "{stdout}");
+    // No --cgroup: the programs would sit on the cgroup2 root.
+    assert!(
+        stdout.contains("the whole host, every process") || stdout.contains("bpf: cannot attach"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("nft: table inet lg-dry-run-where"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.trim_end().ends_with("dry run: nothing changed"),
+        "{stdout}"
+    );
 }

@@ -127,13 +127,17 @@ fn from_scan_to_enforcement_with_redis() {
     };
     for who in [&u.alice, &u.bob, &u.carol] {
         let r = cli(who, &["PING"]);
-        assert_eq!(r.stdout.trim(), "PONG", "audit mode refuses nothing: {}", r.stderr);
+        assert_eq!(
+            r.stdout.trim(),
+            "PONG",
+            "audit mode refuses nothing: {}",
+            r.stderr
+        );
     }
     d.wait_events(10, "three users' would-deny", |evs| {
         [&u.alice, &u.bob, &u.carol].iter().all(|w| {
-            evs.iter().any(|e| {
-                e["event.action"] == "would-deny" && e["user.name"] == w.name
-            })
+            evs.iter()
+                .any(|e| e["event.action"] == "would-deny" && e["user.name"] == w.name)
         })
     });
     let said = d.log();
@@ -152,11 +156,19 @@ fn from_scan_to_enforcement_with_redis() {
     );
     // `audit` finds the log `run --audit-log` writes, without being told.
     let audit = sb.lg(&["audit", "--action", "would-deny"]).ok().stdout;
-    assert!(audit.contains(u.carol.name), "{}", loopguard_tests::tail(&audit, 1500));
+    assert!(
+        audit.contains(u.carol.name),
+        "{}",
+        loopguard_tests::tail(&audit, 1500)
+    );
     // learn, carol excluded: added to the policy in force, enforcing.
     let learned = sb.lg(&["learn", "--exclude", u.carol.name, "--enforce"]);
     assert_eq!(learned.code, 0, "{}", learned.stderr);
-    assert!(learned.stderr.contains(&format!("left out")), "{}", learned.stderr);
+    assert!(
+        learned.stderr.contains(&format!("left out")),
+        "{}",
+        learned.stderr
+    );
     let new = sb.policy("learned.toml", &learned.stdout);
     // diff: the two intended users gain access, enforcement is switched on.
     let diff = sb.lg(&[
@@ -184,7 +196,10 @@ fn from_scan_to_enforcement_with_redis() {
     let said = format!("{}{}", refused.stdout, refused.stderr);
     assert!(said.contains("Operation not permitted"), "{said}");
     // "Was that loopguard?"
-    let last = sb.lg(&["explain", "--user", u.carol.name, "--last"]).ok().stdout;
+    let last = sb
+        .lg(&["explain", "--user", u.carol.name, "--last"])
+        .ok()
+        .stdout;
     assert!(
         last.starts_with("last refusal: ") && last.contains(":6391/tcp"),
         "{last}"

@@ -54,6 +54,10 @@ impl Need {
                 "passwd",
                 "redis-server",
                 "redis-tools",
+                // The clients whose words on EPERM the README quotes.
+                "curl",
+                "python3",
+                "postgresql-client",
             ],
             Need::Demo => &[
                 "nftables",
