@@ -43,3 +43,16 @@ fn a_dry_run_says_where_a_real_apply_would_attach() {
         "{stdout}"
     );
 }
+
+#[test]
+fn the_docs_say_unix_sockets_are_not_guarded_and_what_to_do() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).expect("README");
+    let policy = std::fs::read_to_string(format!("{root}/docs/policy.md")).expect("policy.md");
+    assert!(readme.contains("Unix-domain sockets are not guarded"));
+    assert!(policy.contains("## What is guarded: IP, not Unix-domain sockets"));
+    for doc in [&readme, &policy] {
+        // What to set meanwhile: the socket's mode and group.
+        assert!(doc.contains("unix_socket_permissions") && doc.contains("unixsocketperm"));
+    }
+}

@@ -165,7 +165,7 @@ fn from_scan_to_enforcement_with_redis() {
     let learned = sb.lg(&["learn", "--exclude", u.carol.name, "--enforce"]);
     assert_eq!(learned.code, 0, "{}", learned.stderr);
     assert!(
-        learned.stderr.contains(&format!("left out")),
+        learned.stderr.contains("left out"),
         "{}",
         learned.stderr
     );
