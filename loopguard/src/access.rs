@@ -367,45 +367,23 @@ fn weakens(d: &ServiceDiff, default: Verdict) -> bool {
     }
 }
 
-fn by_name(p: &Policy) -> std::collections::HashMap<&str, &Service> {
-    p.services.iter().map(|s| (s.name.as_str(), s)).collect()
-}
-
 /// The access diff from `old` to `new`. Linear in the number of services
-/// (services are matched by name through a map).
+/// (services are paired by name through a map, then renames by what they
+/// match: [`crate::plan_diff::pair`]).
 pub fn diff(old: &Policy, new: &Policy) -> AccessDiff {
-    let (was, now) = (by_name(old), by_name(new));
+    use crate::plan_diff::{pair, Pair};
     // A service gone by name whose match (protocol, ports, addresses) a
-    // new name has: a rename, compared across (each pairs once).
+    // new name has: a rename, compared across (the pairing the plan diff
+    // uses).
     let key = |s: &Service| format!("{:?} {} {}", s.protocol, s.ports, s.addresses);
-    let mut gone: std::collections::HashMap<String, Vec<&Service>> =
-        std::collections::HashMap::new();
-    for s in old.services.iter().rev() {
-        if !now.contains_key(s.name.as_str()) {
-            gone.entry(key(s)).or_default().push(s);
+    let mut services: Vec<ServiceDiff> = Vec::new();
+    for p in pair(&old.services, &new.services, |s| &s.name, Some(&key)) {
+        match p {
+            Pair::Removed(o) => services.push(whole(o, ServiceChange::Removed)),
+            Pair::Added(s) => services.push(whole(s, ServiceChange::Added)),
+            Pair::Kept { old: o, new: s } => services.extend(service_change(o, s)),
         }
     }
-    let mut renamed = std::collections::HashSet::new();
-    let mut changes = Vec::new();
-    for s in &new.services {
-        match was.get(s.name.as_str()) {
-            Some(o) => changes.extend(service_change(o, s)),
-            None => match gone.get_mut(&key(s)).and_then(Vec::pop) {
-                Some(o) => {
-                    renamed.insert(o.name.as_str());
-                    changes.extend(service_change(o, s));
-                }
-                None => changes.push(whole(s, ServiceChange::Added)),
-            },
-        }
-    }
-    let mut services: Vec<ServiceDiff> = old
-        .services
-        .iter()
-        .filter(|s| !now.contains_key(s.name.as_str()) && !renamed.contains(s.name.as_str()))
-        .map(|s| whole(s, ServiceChange::Removed))
-        .collect();
-    services.extend(changes);
     for d in &mut services {
         d.weakens = weakens(d, new.default);
     }

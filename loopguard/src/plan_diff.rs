@@ -1,7 +1,9 @@
 //! One typed diff of two compiled plans, service by service, in linear
 //! time (services keyed by name in a map; sorted uid lists walked side by
-//! side). `apply --dry-run` and the daemon's
-//! membership log render from it.
+//! side). `apply --dry-run` and the daemon's membership log render from
+//! it; its service pairing ([`pair`]: by name, then renames by what a
+//! service matches) is also what `diff` (the access diff of two policy
+//! files) and the counters' carry-over across a rename use.
 
 use std::collections::HashMap;
 
@@ -134,49 +136,96 @@ fn cgroup_changes(old: &[ResolvedCgroup], new: &[ResolvedCgroup]) -> Vec<CgroupC
     out
 }
 
+/// How one service of two versions (of a plan or a policy) pairs up.
+#[derive(Debug)]
+pub enum Pair<'a, S> {
+    /// Only in the old version.
+    Removed(&'a S),
+    /// Only in the new one.
+    Added(&'a S),
+    /// In both: by name, or renamed (the names differ).
+    Kept { old: &'a S, new: &'a S },
+}
+
+/// Pairs the services of two versions: by name, through a map (linear),
+/// then, with `rename_key`, a service gone by name with a new one whose
+/// key (what it matches: protocol, ports, addresses) is the same, each
+/// once. Removed ones first (in the old order), then the rest in the new
+/// order. The one pairing the dry run, the daemon's membership log and
+/// `diff` share.
+pub fn pair<'a, S>(
+    old: &'a [S],
+    new: &'a [S],
+    name: impl Fn(&S) -> &str,
+    rename_key: Option<&dyn Fn(&S) -> String>,
+) -> Vec<Pair<'a, S>> {
+    let old_by_name: HashMap<&str, &S> = old.iter().map(|s| (name(s), s)).collect();
+    let new_names: std::collections::HashSet<&str> = new.iter().map(|s| name(s)).collect();
+    // Gone by name, by what they match (first ones popped first).
+    let mut gone: HashMap<String, Vec<&S>> = HashMap::new();
+    if let Some(key) = rename_key {
+        for s in old.iter().rev().filter(|s| !new_names.contains(name(s))) {
+            gone.entry(key(s)).or_default().push(s);
+        }
+    }
+    let mut kept_or_added = Vec::new();
+    let mut renamed: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for s in new {
+        match old_by_name.get(name(s)) {
+            Some(o) => kept_or_added.push(Pair::Kept { old: *o, new: s }),
+            None => match rename_key.and_then(|key| gone.get_mut(&key(s))?.pop()) {
+                Some(o) => {
+                    renamed.insert(name(o));
+                    kept_or_added.push(Pair::Kept { old: o, new: s });
+                }
+                None => kept_or_added.push(Pair::Added(s)),
+            },
+        }
+    }
+    let mut out: Vec<Pair<'a, S>> = old
+        .iter()
+        .filter(|s| !new_names.contains(name(s)) && !renamed.contains(name(s)))
+        .map(Pair::Removed)
+        .collect();
+    out.extend(kept_or_added);
+    out
+}
+
+/// What a plan's service matches, as a rename key.
+fn matches(s: &PlanService) -> String {
+    format!("{:?} {} {}", s.protocol, s.ports, s.addresses)
+}
+
 /// Services of `new` that are a service of `old` renamed: the name is
 /// gone from `old` and new in `new`, and what it matches (protocol, ports,
 /// addresses) is the same. By new name, the old one; each pairs once.
 pub fn renames(old: &Plan, new: &Plan) -> HashMap<String, String> {
-    let new_names: std::collections::HashSet<&str> =
-        new.services.iter().map(|s| s.name.as_str()).collect();
-    let old_names: std::collections::HashSet<&str> =
-        old.services.iter().map(|s| s.name.as_str()).collect();
-    let key = |s: &PlanService| format!("{:?} {} {}", s.protocol, s.ports, s.addresses);
-    let mut gone: HashMap<_, Vec<&str>> = HashMap::new();
-    for s in old.services.iter().rev() {
-        if !new_names.contains(s.name.as_str()) {
-            gone.entry(key(s)).or_default().push(&s.name);
-        }
-    }
-    let mut out = HashMap::new();
-    for s in &new.services {
-        if old_names.contains(s.name.as_str()) {
-            continue;
-        }
-        if let Some(was) = gone.get_mut(&key(s)).and_then(Vec::pop) {
-            out.insert(s.name.clone(), was.to_string());
-        }
-    }
-    out
+    pair(&old.services, &new.services, |s| &s.name, Some(&matches))
+        .into_iter()
+        .filter_map(|p| match p {
+            Pair::Kept { old, new } if old.name != new.name => {
+                Some((new.name.clone(), old.name.clone()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// What differs from `old` to `new`.
 pub fn diff<'a>(old: &'a Plan, new: &'a Plan) -> PlanDiff<'a> {
-    let old_by_name: HashMap<&str, &PlanService> =
-        old.services.iter().map(|s| (s.name.as_str(), s)).collect();
-    let new_names: std::collections::HashSet<&str> =
-        new.services.iter().map(|s| s.name.as_str()).collect();
-    let mut services: Vec<ServiceChange<'a>> = old
-        .services
-        .iter()
-        .filter(|s| !new_names.contains(s.name.as_str()))
-        .map(ServiceChange::Removed)
-        .collect();
-    for s in &new.services {
-        let Some(o) = old_by_name.get(s.name.as_str()) else {
-            services.push(ServiceChange::Added(s));
-            continue;
+    let mut services: Vec<ServiceChange<'a>> = Vec::new();
+    // By name: a renamed service is another one to the kernel.
+    for p in pair(&old.services, &new.services, |s| &s.name, None) {
+        let (o, s) = match p {
+            Pair::Removed(o) => {
+                services.push(ServiceChange::Removed(o));
+                continue;
+            }
+            Pair::Added(s) => {
+                services.push(ServiceChange::Added(s));
+                continue;
+            }
+            Pair::Kept { old: o, new: s } => (o, s),
         };
         let (uids_added, uids_removed) = sorted_difference(uids(new, s), uids(old, o));
         let delta = ServiceDelta {
@@ -248,5 +297,38 @@ mod tests {
             (c.uids_added.as_slice(), c.uids_removed.as_slice()),
             (&[2u32][..], &[1u32][..])
         );
+    }
+
+    #[test]
+    fn pairs_by_name_then_renames_by_what_they_match() {
+        let mut old = crate::compile::tests_support::empty_plan();
+        let mut new = crate::compile::tests_support::empty_plan();
+        old.uid_sets.push(vec![1]);
+        new.uid_sets.push(vec![1]);
+        old.services
+            .push(crate::compile::tests_support::service("mysql", 0));
+        old.services
+            .push(crate::compile::tests_support::service("gone", 0));
+        old.services[1].ports.first = 1;
+        new.services
+            .push(crate::compile::tests_support::service("mariadb", 0));
+        assert_eq!(
+            renames(&old, &new),
+            [("mariadb".to_string(), "mysql".to_string())]
+                .into_iter()
+                .collect()
+        );
+        // The plan diff itself goes by name: another service to the kernel.
+        let d = diff(&old, &new);
+        let words: Vec<String> = d
+            .services
+            .iter()
+            .map(|c| match c {
+                ServiceChange::Removed(s) => format!("-{}", s.name),
+                ServiceChange::Added(s) => format!("+{}", s.name),
+                ServiceChange::Changed(d) => format!("~{}", d.new.name),
+            })
+            .collect();
+        assert_eq!(words, ["-mysql", "-gone", "+mariadb"]);
     }
 }

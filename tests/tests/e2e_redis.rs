@@ -164,11 +164,7 @@ fn from_scan_to_enforcement_with_redis() {
     // learn, carol excluded: added to the policy in force, enforcing.
     let learned = sb.lg(&["learn", "--exclude", u.carol.name, "--enforce"]);
     assert_eq!(learned.code, 0, "{}", learned.stderr);
-    assert!(
-        learned.stderr.contains("left out"),
-        "{}",
-        learned.stderr
-    );
+    assert!(learned.stderr.contains("left out"), "{}", learned.stderr);
     let new = sb.policy("learned.toml", &learned.stdout);
     // diff: the two intended users gain access, enforcement is switched on.
     let diff = sb.lg(&[
