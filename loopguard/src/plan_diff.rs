@@ -160,7 +160,7 @@ pub fn pair<'a, S>(
     rename_key: Option<&dyn Fn(&S) -> String>,
 ) -> Vec<Pair<'a, S>> {
     let old_by_name: HashMap<&str, &S> = old.iter().map(|s| (name(s), s)).collect();
-    let new_names: std::collections::HashSet<&str> = new.iter().map(|s| name(s)).collect();
+    let new_names: std::collections::HashSet<&str> = new.iter().map(&name).collect();
     // Gone by name, by what they match (first ones popped first).
     let mut gone: HashMap<String, Vec<&S>> = HashMap::new();
     if let Some(key) = rename_key {
