@@ -127,10 +127,28 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn error(code: Code, message: impl Into<String>) -> Self {
+        // A message is one line of plain text: control characters from the
+        // file (a key or name with a newline or an escape sequence) are
+        // shown escaped, never sent to the terminal.
+        let message: String = message.into();
+        let message = if message.chars().any(char::is_control) {
+            message
+                .chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        } else {
+            message
+        };
         Self {
             severity: Severity::Error,
             code,
-            message: message.into(),
+            message,
             labels: Vec::new(),
             notes: Vec::new(),
         }

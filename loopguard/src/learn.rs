@@ -29,6 +29,16 @@ impl std::fmt::Display for Who {
     }
 }
 
+/// Text from an audit record made safe for one comment line or message:
+/// control characters (a newline would end the comment and start TOML)
+/// become `?`. Records are written by the daemon, but a log is a file, and
+/// process names are chosen by whoever runs them.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// How often, and when, one identity reached one destination.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Seen {
@@ -185,6 +195,22 @@ impl Observed {
         }
     }
 
+    /// How `who` is written in a list: a valid account name quoted, else
+    /// its uid (when a valid one is known), else nothing.
+    fn entry(&self, who: &Who) -> Option<String> {
+        let uid = |u: u32| (u < u32::MAX).then(|| u.to_string());
+        match who {
+            Who::User(n) if crate::policy::valid_account_name(n) => Some(format!("{n:?}")),
+            Who::User(n) => self.uids.get(n).copied().and_then(uid),
+            Who::Uid(u) => uid(*u),
+        }
+    }
+
+    /// The uid an identity stands for, when known.
+    fn uid_of(&self, who: &str) -> Option<u32> {
+        who.parse().ok().or_else(|| self.uids.get(who).copied())
+    }
+
     /// Whether `who` is on `exclude` (by name or uid).
     fn excluded(&self, who: &Who, exclude: &[String]) -> bool {
         let uid = match who {
@@ -217,16 +243,18 @@ impl Observed {
         policy: &'p Policy,
         t: &Target,
     ) -> Option<(usize, &'p crate::policy::Service)> {
-        if let Some(i) = t
-            .service
-            .as_ref()
-            .and_then(|n| policy.services.iter().position(|s| &s.name == n))
-        {
-            return Some((i, &policy.services[i]));
-        }
         let ip =
             t.ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let dest = crate::policy::Destination::in_scope(ip);
+        // The service named, while it still matches what was reached.
+        if let Some(i) = t.service.as_ref().and_then(|n| {
+            policy
+                .services
+                .iter()
+                .position(|s| &s.name == n && s.matches(t.protocol, &dest, t.port))
+        }) {
+            return Some((i, &policy.services[i]));
+        }
         let i = policy.deciding_service(t.protocol, &dest, t.port)?;
         Some((i, &policy.services[i]))
     }
@@ -282,13 +310,8 @@ impl Observed {
                     protocol: t.protocol,
                     port: t.port,
                     who: who.to_string(),
-                    entry: match who {
-                        Who::User(n) if crate::policy::valid_account_name(n) => {
-                            Some(format!("{n:?}"))
-                        }
-                        Who::User(_) => None,
-                        Who::Uid(u) => Some(u.to_string()),
-                    },
+                    entry: self.entry(who),
+                    addable: guard.is_some_and(|(_, svc)| svc.users_span.is_some()),
                     change,
                     seen: s,
                 });
@@ -324,8 +347,17 @@ impl Observed {
             .iter()
             .filter(|p| p.change == Change::AddToAllowList)
         {
-            if let (Some(i), Some(_)) = (p.service_index, &p.entry) {
-                adds.entry(i).or_default().push(p);
+            if let (Some(i), Some(_), true) = (p.service_index, &p.entry, p.addable) {
+                let list = adds.entry(i).or_default();
+                // One entry per identity (a range service seen on several
+                // ports; a user seen by name and by uid).
+                let uid = self.uid_of(&p.who);
+                let same = |q: &&Proposal| {
+                    q.entry == p.entry || uid.is_some() && self.uid_of(&q.who) == uid
+                };
+                if !list.iter().any(same) {
+                    list.push(p);
+                }
             }
         }
         for (i, props) in adds {
@@ -346,25 +378,21 @@ impl Observed {
             edits.push((span, lines));
         }
         if enforce {
-            let audit = |span: &Option<std::ops::Range<usize>>| {
-                span.clone()
-                    .filter(|s| text.get(s.clone()).is_some_and(|v| v.contains("audit")))
-            };
-            // The span may hold the quotes or only the word: the word is
-            // swapped either way.
+            use crate::policy::Mode;
+            // Every mode that reads as audit (an escaped spelling too)
+            // becomes enforce: the value is rewritten whole.
             let enforce = |span: std::ops::Range<usize>| {
-                let at = text
+                let quoted = text
                     .get(span.clone())
-                    .and_then(|v| v.find("audit"))
-                    .unwrap_or(0);
-                (
-                    span.start + at..span.start + at + "audit".len(),
-                    "enforce".to_string(),
-                )
+                    .is_some_and(|v| v.starts_with(['"', '\'']));
+                let word = if quoted { "\"enforce\"" } else { "enforce" };
+                (span, word.to_string())
             };
-            edits.extend(audit(&base.mode_span).map(enforce));
-            for svc in &base.services {
-                edits.extend(audit(&svc.mode_span).map(enforce));
+            if base.mode == Mode::Audit {
+                edits.extend(base.mode_span.clone().map(enforce));
+            }
+            for svc in base.services.iter().filter(|s| s.mode == Mode::Audit) {
+                edits.extend(svc.mode_span.clone().map(enforce));
             }
         }
         edits.sort_by_key(|(span, _)| std::cmp::Reverse(span.start));
@@ -441,7 +469,10 @@ impl Observed {
             } else {
                 ""
             };
-            let base = match service {
+            // A recorded name is used only when it is a valid service name
+            // (ASCII: no quote, newline or multibyte cut can come through).
+            let recorded = service.filter(|s| crate::policy::valid_name(s));
+            let base = match recorded {
                 Some(s) if ports_of.get(s) == Some(&1) => (*s).clone(),
                 Some(s) => format!("{}-{port}{udp}", &s[..s.len().min(20)]),
                 None => format!("port-{port}{udp}"),
@@ -471,17 +502,19 @@ impl Observed {
                 if self.excluded(who, &opts.exclude) || listed.contains(&who.to_string()) {
                     continue;
                 }
-                let entry = match who {
-                    Who::User(n) if crate::policy::valid_account_name(n) => format!("{n:?}"),
-                    Who::User(_) => continue,
-                    Who::Uid(u) => u.to_string(),
+                let Some(entry) = self.entry(who) else {
+                    continue;
                 };
+                if listed.contains(&entry) {
+                    continue;
+                }
+                listed.push(entry.clone());
                 out.push_str(&format!(
                     "    {entry}, # {} attempt{}, {} .. {}\n",
                     s.attempts,
                     if s.attempts == 1 { "" } else { "s" },
-                    s.first,
-                    s.last
+                    one_line(&s.first),
+                    one_line(&s.last)
                 ));
             }
             out.push_str("]\n");
@@ -526,6 +559,9 @@ pub struct Proposal {
     /// list can hold.
     #[serde(skip)]
     entry: Option<String>,
+    /// The guarding service has a users list to add to.
+    #[serde(skip)]
+    addable: bool,
     pub change: Change,
     pub seen: Seen,
 }
@@ -536,8 +572,8 @@ impl Proposal {
             "{} attempt{}, {} .. {}",
             self.seen.attempts,
             if self.seen.attempts == 1 { "" } else { "s" },
-            self.seen.first,
-            self.seen.last
+            one_line(&self.seen.first),
+            one_line(&self.seen.last)
         )
     }
 }
@@ -546,27 +582,36 @@ impl std::fmt::Display for Proposal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let seen = self.seen_words();
         let dest = format!("{}/{}", self.port, self.protocol.as_str());
-        match (self.change, &self.service) {
-            (Change::AddToAllowList, Some(s)) => {
-                write!(f, "+ {s}: allow_users += {:?}  ({dest}; {seen})", self.who)
-            }
+        let who = one_line(&self.who);
+        let service = self.service.as_deref().map(one_line);
+        match (self.change, &service) {
+            (Change::AddToAllowList, Some(s)) if self.entry.is_none() => write!(
+                f,
+                "! {s}: {who} was seen but cannot be written in a list (neither a valid account name nor its uid is known); add it by hand ({dest}; {seen})"
+            ),
+            (Change::AddToAllowList, Some(s)) if !self.addable => write!(
+                f,
+                "! {s}: {who} was seen but not added: the service has no allow_users list to add to ({dest}; {seen})"
+            ),
+            (Change::AddToAllowList, Some(s)) => write!(
+                f,
+                "+ {s}: allow_users += {}  ({dest}; {seen})",
+                self.entry.as_deref().unwrap_or_default()
+            ),
             (Change::OnDenyList, Some(s)) => write!(
                 f,
-                "! {s}: {} is on its deny-list and was seen ({dest}; {seen})",
-                self.who
+                "! {s}: {who} is on its deny-list and was seen ({dest}; {seen})"
             ),
             (Change::Excluded, _) => write!(
                 f,
-                "- {} left out (--exclude): stays refused on {dest} ({seen})",
-                self.who
+                "- {who} left out (--exclude): stays refused on {dest} ({seen})"
             ),
             (Change::NewService, _) => {
-                write!(f, "+ new service for {dest}: allow {:?} ({seen})", self.who)
+                write!(f, "+ new service for {dest}: allow {who:?} ({seen})")
             }
             _ => write!(
                 f,
-                "? {} reached {dest}, which no service of the policy guards (the default decided; {seen})",
-                self.who
+                "? {who} reached {dest}, which no service of the policy guards (the default decided; {seen})"
             ),
         }
     }
@@ -769,6 +814,163 @@ mod tests {
             learned.services[1].mode,
             crate::policy::Mode::Enforce,
             "{enforced}"
+        );
+    }
+
+    #[test]
+    fn what_a_log_says_cannot_write_toml() {
+        // A timestamp with a newline would end the comment and add users.
+        let mut r = record_with("would-deny", "connect", Some("db"), "alice", 1001, 5432);
+        r.timestamp = "2026-11-30T00:00:00Z\n    \"mallory\", \"root\", # ".into();
+        let mut o = Observed::default();
+        o.add(&r);
+        let (base, _) = crate::policy::load(
+            "p.toml",
+            "version = 1\n[[service]]\nname = \"db\"\nport = 5432\nallow_users = [\"postgres\"]\n",
+        );
+        let base = base.expect("parses");
+        let merged = o.merged(&base, &o.proposals(Some(&base), &[]), false);
+        let (learned, diags) = crate::policy::load("l.toml", merged.as_str());
+        assert!(diags.is_empty(), "{diags:?}\n{merged}");
+        assert_eq!(
+            learned.expect("parses").services[0].users.ids.len(),
+            2,
+            "{merged}"
+        );
+        // A recorded service name with a quote is not written as a name,
+        // and a long multibyte one does not panic.
+        let mut o = Observed::default();
+        let evil = "x\"\nallow_groups = [\"wheel\"] #";
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some(evil),
+            "alice",
+            1001,
+            5432,
+        ));
+        let long = "a".to_string() + &"\u{e9}".repeat(10);
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some(&long),
+            "alice",
+            1001,
+            5433,
+        ));
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some(&long),
+            "alice",
+            1001,
+            5434,
+        ));
+        let text = o.policy("log", &Options::default());
+        let (learned, diags) = crate::policy::load("l.toml", text.as_str());
+        assert!(diags.is_empty(), "{diags:?}\n{text}");
+        assert!(!text.contains("wheel") || text.contains("# "), "{text}");
+        assert!(learned
+            .expect("parses")
+            .services
+            .iter()
+            .all(|s| s.groups.ids.is_empty()));
+    }
+
+    #[test]
+    fn a_name_that_now_guards_another_port_is_not_trusted() {
+        // `db` moved to 3306; what was reached on 5432 is `pg`'s now.
+        let (base, _) = crate::policy::load(
+            "p.toml",
+            "version = 1\n[[service]]\nname = \"pg\"\nport = 5432\nallow_users = [\"root\"]\n[[service]]\nname = \"db\"\nport = 3306\nallow_users = [\"root\"]\n",
+        );
+        let base = base.expect("parses");
+        let mut o = Observed::default();
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some("db"),
+            "alice",
+            1001,
+            5432,
+        ));
+        let p = o.proposals(Some(&base), &[]);
+        assert_eq!(p[0].service.as_deref(), Some("pg"), "{p:?}");
+    }
+
+    #[test]
+    fn what_cannot_be_added_is_said_and_nothing_is_added_twice() {
+        let (base, _) = crate::policy::load(
+            "p.toml",
+            "version = 1\n[[service]]\nname = \"grp\"\nport = 7000\nallow_groups = [\"wheel\"]\n[[service]]\nname = \"range\"\nport = \"5432-5433\"\nallow_users = [\"root\"]\n",
+        );
+        let base = base.expect("parses");
+        let mut o = Observed::default();
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some("grp"),
+            "alice",
+            1001,
+            7000,
+        ));
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some("range"),
+            "alice",
+            1001,
+            5432,
+        ));
+        o.add(&record_with(
+            "would-deny",
+            "connect",
+            Some("range"),
+            "alice",
+            1001,
+            5433,
+        ));
+        let mut by_uid = record_with("would-deny", "connect", Some("range"), "alice", 1001, 5433);
+        by_uid.user = None;
+        o.add(&by_uid);
+        let mut bad = record_with("would-deny", "connect", Some("range"), "x", u32::MAX, 5432);
+        bad.user = None;
+        o.add(&bad);
+        let p = o.proposals(Some(&base), &[]);
+        let words: Vec<String> = p.iter().map(ToString::to_string).collect();
+        assert!(
+            words
+                .iter()
+                .any(|w| w.contains("not added: the service has no allow_users")),
+            "{words:#?}"
+        );
+        assert!(
+            words
+                .iter()
+                .any(|w| w.contains("cannot be written in a list")),
+            "{words:#?}"
+        );
+        let merged = o.merged(&base, &p, false);
+        assert_eq!(merged.matches("learned").count(), 1, "{merged}");
+        let (learned, diags) = crate::policy::load("l.toml", merged.as_str());
+        assert!(diags.is_empty(), "{diags:?}\n{merged}");
+        assert!(learned.is_some());
+    }
+
+    #[test]
+    fn enforce_switches_a_mode_however_it_is_spelled() {
+        let (base, _) = crate::policy::load(
+            "p.toml",
+            "version = 1\nmode = \"\\u0061udit\"\n[[service]]\nname = \"db\"\nport = 5432\nallow_users = [\"root\"]\n",
+        );
+        let base = base.expect("parses");
+        assert_eq!(base.mode, crate::policy::Mode::Audit);
+        let merged = Observed::default().merged(&base, &[], true);
+        let (learned, _) = crate::policy::load("l.toml", merged.as_str());
+        assert_eq!(
+            learned.expect("parses").mode,
+            crate::policy::Mode::Enforce,
+            "{merged}"
         );
     }
 }

@@ -41,6 +41,10 @@ snapshot!(syntax, "syntax");
 // One missing `]`: one error, where the `]` belongs, with where the array
 // opens; the errors that follow from it are counted, not listed.
 snapshot!(unclosed_array, "unclosed-array");
+// The same before a table header, the most common layout.
+snapshot!(unclosed_before_header, "unclosed-before-header");
+// An unquoted name inside a closed array is not an unclosed array.
+snapshot!(unquoted_in_array, "unquoted-in-array");
 // A message is one line: the expected new line is said in words.
 snapshot!(trailing_comma, "trailing-comma");
 snapshot!(unknown_keys, "unknown-keys");
@@ -139,7 +143,12 @@ fn every_code_is_documented_under_its_name() {
 
 #[test]
 fn one_missing_bracket_is_one_error_and_messages_are_one_line() {
-    for name in ["unclosed-array", "trailing-comma"] {
+    for name in [
+        "unclosed-array",
+        "unclosed-before-header",
+        "unquoted-in-array",
+        "trailing-comma",
+    ] {
         let path = format!("tests/bad/{name}.toml");
         let source = std::fs::read_to_string(&path).expect("read bad policy");
         let (_, diags) = policy::load(&path, source.as_str());
@@ -149,5 +158,14 @@ fn one_missing_bracket_is_one_error_and_messages_are_one_line() {
             "{name}: {:?}",
             diags[0].message
         );
+    }
+}
+
+#[test]
+fn control_characters_in_names_are_shown_escaped() {
+    let (_, diags) = policy::load("x.toml", "version = 1\n\"a\\nb\" = 1\n\"a\\nb\" = 2\n");
+    assert!(!diags.is_empty());
+    for d in &diags {
+        assert!(!d.message.chars().any(char::is_control), "{:?}", d.message);
     }
 }

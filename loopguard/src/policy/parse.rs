@@ -66,8 +66,13 @@ fn syntax_diagnostics(source: &str, mut errors: Vec<super::toml::SyntaxError>) -
     };
     let at = e.span.start.min(source.len());
     let line_start = source[..at].rfind('\n').map_or(0, |i| i + 1);
-    let at_line_start = source[line_start..at].trim().is_empty();
-    let mut d = match (open_bracket_before(source, at), at_line_start, &e.first) {
+    // The parser stumbled on what starts a new statement (a table header,
+    // a `key =`): the line before it left a bracket open. (An unquoted
+    // value inside a closed array is another mistake: said as it is.)
+    let line = source[line_start..].lines().next().unwrap_or("");
+    let stumbled =
+        source[line_start..at].trim().chars().all(|c| c == '[') && starts_statement(line);
+    let mut d = match (open_bracket_before(source, line_start), stumbled, &e.first) {
         (Some(open), true, None) => {
             // The end of the last line with something on it before `at`.
             let end = source[..line_start].trim_end().len().max(open + 1);
@@ -102,6 +107,24 @@ fn syntax_diagnostics(source: &str, mut errors: Vec<super::toml::SyntaxError>) -
         ));
     }
     vec![d]
+}
+
+/// Whether `line` starts a TOML statement: a table header or `key =`.
+fn starts_statement(line: &str) -> bool {
+    let t = line.trim_start();
+    if t.starts_with('[') {
+        return true;
+    }
+    match t.find('=') {
+        Some(eq) => {
+            let key = t[..eq].trim();
+            !key.is_empty()
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.\"' ".contains(c))
+        }
+        None => false,
+    }
 }
 
 /// Where the innermost array (`[`) or inline table (`{`) still open at
