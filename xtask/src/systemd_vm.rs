@@ -159,6 +159,30 @@ pub(crate) fn systemd_test(series: &str) -> Result<String> {
     }
 }
 
+/// Unmounts every mount point at or below `dir` (deepest first, lazily):
+/// what an interrupted debootstrap left mounted in its target.
+fn unmount_under(dir: &Path) {
+    let Ok(dir) = fs::canonicalize(dir) else {
+        return;
+    };
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // Field 5 is the mount point (octal escapes for spaces and the like).
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        eprintln!(
+            "xtask: unmounting {} (left by an interrupted debootstrap)",
+            p.display()
+        );
+        let _ = Command::new("umount").arg("-l").arg(&p).status();
+    }
+}
+
 /// The cached Debian 12 root file system, made by debootstrap once.
 fn rootfs(work: &Path) -> Result<PathBuf> {
     let base = work.join("systemd-root");
@@ -171,19 +195,24 @@ fn rootfs(work: &Path) -> Result<PathBuf> {
     }
     let tmp = work.join("systemd-root.tmp");
     if tmp.exists() {
+        // A debootstrap that was killed leaves its /proc (and more)
+        // mounted inside: unmounted first, or nothing can be removed.
+        unmount_under(&tmp);
         fs::remove_dir_all(&tmp)?;
     }
     eprintln!(
         "xtask: building a Debian 12 root file system with debootstrap (once; cached in {})",
         base.display()
     );
-    status(
+    let built = status(
         Command::new("debootstrap")
             .args(["--variant=minbase", &format!("--include={PACKAGES}")])
             .arg("bookworm")
             .arg(&tmp)
             .arg("http://deb.debian.org/debian"),
-    )?;
+    );
+    unmount_under(&tmp);
+    built?;
     fs::write(tmp.join(".loopguard-packages"), PACKAGES)?;
     fs::rename(&tmp, &base)?;
     Ok(base)
