@@ -279,15 +279,7 @@ fn service_change(old: &Service, new: &Service) -> Option<ServiceDiff> {
         },
         weakens: false,
     };
-    let unchanged = d.renamed_from.is_none()
-        && d.gains.is_empty()
-        && d.loses.is_empty()
-        && d.list.is_none()
-        && d.ports.is_none()
-        && d.addresses.is_none()
-        && d.protocol.is_none()
-        && d.mode.is_none()
-        && d.bind.is_none();
+    let unchanged = d.renamed_from.is_none() && !service_change_beyond_rename(&d);
     (!unchanged).then_some(d)
 }
 

@@ -60,3 +60,27 @@ fn a_man_page_per_command() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `dpkg -P` leaves none of the packaged instance's files: every path
+/// `InstancePaths` names for it outside the pins is in postrm (a new one
+/// that is not fails here, not in the systemd VM).
+#[test]
+fn postrm_removes_every_file_of_the_packaged_instance() {
+    let postrm = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/debian/postrm"
+    ))
+    .expect("postrm");
+    let p = loopguard::paths::InstancePaths::new(loopguard::paths::DEFAULT_INSTANCE);
+    for path in [
+        &p.state_dir,
+        &p.good_dir,
+        &p.lock_file,
+        &p.run_lock_file,
+        &p.removed_by_file,
+        &p.audit_log_file,
+    ] {
+        let path = path.display().to_string();
+        assert!(postrm.contains(&path), "postrm does not remove {path}");
+    }
+}

@@ -8,23 +8,17 @@ use loopguard_tests::{users, Sandbox};
 const REDIS_SERVER: &str = "/usr/bin/redis-server";
 const REDIS_CLI: &str = "/usr/bin/redis-cli";
 
-#[test]
-fn redis_cli_allowed_and_denied() {
-    assert!(
-        Path::new(REDIS_SERVER).exists() && Path::new(REDIS_CLI).exists(),
-        "REDIS IS NOT INSTALLED: this end-to-end test needs Debian's redis-server and \
-         redis-tools (`cargo xtask setup` installs them)"
-    );
-    let u = users();
-    let mut sb = Sandbox::new("redis");
+/// A Debian redis-server in the sandbox's namespace, on `bind` and `port`,
+/// keeping nothing on disk.
+fn spawn_redis(sb: &mut Sandbox, bind: &str, port: &str) {
     let dir = sb.dir.join("redis");
     std::fs::create_dir_all(&dir).expect("redis dir");
     sb.spawn_in_netns(&[
         REDIS_SERVER,
         "--bind",
-        "127.0.0.7 ::1",
+        bind,
         "--port",
-        "6390",
+        port,
         "--save",
         "",
         "--appendonly",
@@ -34,6 +28,18 @@ fn redis_cli_allowed_and_denied() {
         "--protected-mode",
         "no",
     ]);
+}
+
+#[test]
+fn redis_cli_allowed_and_denied() {
+    assert!(
+        Path::new(REDIS_SERVER).exists() && Path::new(REDIS_CLI).exists(),
+        "REDIS IS NOT INSTALLED: this end-to-end test needs Debian's redis-server and \
+         redis-tools (`cargo xtask setup` installs them)"
+    );
+    let u = users();
+    let mut sb = Sandbox::new("redis");
+    spawn_redis(&mut sb, "127.0.0.7 ::1", "6390");
     sb.wait_listening("127.0.0.7:6390");
     sb.apply_text(&format!(
         r#"version = 1
@@ -93,23 +99,7 @@ fn from_scan_to_enforcement_with_redis() {
     );
     let u = users();
     let mut sb = Sandbox::new("redis-path");
-    let dir = sb.dir.join("redis");
-    std::fs::create_dir_all(&dir).expect("redis dir");
-    sb.spawn_in_netns(&[
-        REDIS_SERVER,
-        "--bind",
-        "127.0.0.7",
-        "--port",
-        "6391",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        dir.to_str().expect("utf-8"),
-        "--protected-mode",
-        "no",
-    ]);
+    spawn_redis(&mut sb, "127.0.0.7", "6391");
     sb.wait_listening("127.0.0.7:6391");
     // scan: a starter policy in audit mode, with the bind guard suggested.
     let starter = sb.lg(&["scan", "--format", "toml"]).ok().stdout;

@@ -238,6 +238,26 @@ impl Rig {
     fn edit(&self, text: &str) {
         fs::write(self.dir.join("policy.toml"), text).expect("edit");
     }
+    /// `loopguard apply` of the file from a shell, attached to `cgroup`
+    /// (a directory of the rig's).
+    fn apply_as_another_process(&self, cgroup: &str) {
+        let prepared = crate::engine::prepare_lenient_with(
+            &self.dir.join("policy.toml"),
+            true,
+            Default::default(),
+            &self.users,
+        )
+        .expect("read")
+        .expect("valid");
+        let opts = Options {
+            cgroup: Some(self.dir.join(cgroup)),
+            layers: LayerSet::Both,
+            force: true,
+        };
+        engine(&self.paths, &self.world)
+            .apply(&opts, prepared)
+            .expect("apply");
+    }
     fn lose(&self, kind: LayerKind) {
         self.world.borrow_mut().insert(kind, None);
     }
@@ -432,21 +452,7 @@ async fn a_state_taken_by_anything_else_is_put_back() {
 async fn another_process_apply_is_followed() {
     let mut r = rig(&policy("allow_users = [\"alice\"]"));
     r.edit(&policy("allow_users = [\"bob\"]"));
-    let other = engine(&r.paths, &r.world);
-    let prepared = crate::engine::prepare_lenient_with(
-        &r.dir.join("policy.toml"),
-        true,
-        Default::default(),
-        &r.users,
-    )
-    .expect("read")
-    .expect("valid");
-    let opts = Options {
-        cgroup: Some(r.dir.join("cgroup")),
-        layers: LayerSet::Both,
-        force: true,
-    };
-    other.apply(&opts, prepared).expect("apply");
+    r.apply_as_another_process("cgroup");
     // Whatever woke the loop, the state is followed first.
     r.daemon.step(Trigger::Cgroups);
     assert_eq!(r.uids(), vec![1002]);
@@ -473,22 +479,7 @@ async fn another_process_apply_of_the_same_plan_elsewhere_is_followed() {
     let mut r = rig(&policy("allow_users = [\"alice\"]"));
     let id = r.plan().id.clone();
     fs::create_dir_all(r.dir.join("cgroup2")).expect("cgroup");
-    let prepared = crate::engine::prepare_lenient_with(
-        &r.dir.join("policy.toml"),
-        true,
-        Default::default(),
-        &r.users,
-    )
-    .expect("read")
-    .expect("valid");
-    let opts = Options {
-        cgroup: Some(r.dir.join("cgroup2")),
-        layers: LayerSet::Both,
-        force: true,
-    };
-    engine(&r.paths, &r.world)
-        .apply(&opts, prepared)
-        .expect("apply");
+    r.apply_as_another_process("cgroup2");
     r.daemon.step(Trigger::Tick);
     assert_eq!(r.plan().id, id, "the same plan");
     assert_eq!(r.published.borrow().cgroup, r.dir.join("cgroup2"));

@@ -143,19 +143,8 @@ fn rig(fail: &[(LayerKind, Step)]) -> Rig {
 
 fn plan(id: &str) -> Plan {
     Plan {
-        hash: String::new(),
         id: id.into(),
-        file: String::new(),
-        default: crate::policy::Verdict::Allow,
-        mode: crate::policy::Mode::Enforce,
-        log_allowed: false,
-        services: Vec::new(),
-        uid_sets: Vec::new(),
-        cgroup_sets: Vec::new(),
-        port_atoms: Vec::new(),
-        nets: Vec::new(),
-        decisions: Vec::new(),
-        binds: Vec::new(),
+        ..compile::tests_support::empty_plan()
     }
 }
 
