@@ -404,6 +404,11 @@ fn read(source: &str, uint_arrays: bool, doc: &Doc) -> (Option<Value>, Vec<Synta
     };
     let mut uints = UintArrays::default();
     let mut after_equals = false;
+    // The line so far is a clean `key =`: only key tokens since its start
+    // (a line that began with something else is the parser's to recover
+    // from, and its recovery must not be second-guessed).
+    let mut line_ok = true;
+    let mut key_seen = false;
     for token in src.lex() {
         // `key = [` at the top level: the array may be plain `u32`s.
         if uint_arrays
@@ -440,9 +445,27 @@ fn read(source: &str, uint_arrays: bool, doc: &Doc) -> (Option<Value>, Vec<Synta
             }
         }
         match token.kind() {
-            TokenKind::Equals => after_equals = true,
+            TokenKind::Equals => {
+                after_equals = line_ok && key_seen;
+                line_ok = false;
+            }
             TokenKind::Whitespace => {}
-            _ => after_equals = false,
+            TokenKind::Newline if depth == 0 => {
+                after_equals = false;
+                line_ok = true;
+                key_seen = false;
+            }
+            TokenKind::Atom
+            | TokenKind::Dot
+            | TokenKind::BasicString
+            | TokenKind::LiteralString => {
+                after_equals = false;
+                key_seen = true;
+            }
+            _ => {
+                after_equals = false;
+                line_ok = false;
+            }
         }
         if push_token(token, &mut depth, &mut chunk) && chunk.len() >= CHUNK_TOKENS {
             feed(&mut chunk, &mut builder, &mut parse_errors);
