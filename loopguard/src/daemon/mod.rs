@@ -305,6 +305,7 @@ async fn serve(
     tokio::spawn(watch::local_routes(tx.clone()));
     tokio::spawn(watch::layers(
         paths.instance.clone(),
+        watch::nft_events(),
         published.clone(),
         tx.clone(),
     ));

@@ -192,20 +192,27 @@ pub(super) async fn cgroups(mut published: watch::Receiver<Arc<Enforced>>, tx: T
 /// nftables`, firewalld reloads), and the attach cgroup removed or made
 /// (inotify on its parent). Unpinning and `bpftool link detach` send no
 /// event: the tick's look finds those.
-pub(super) async fn layers(
-    instance: String,
-    mut published: watch::Receiver<Arc<Enforced>>,
-    tx: Triggers,
-) {
+/// The nftables event socket, bound before the daemon says it is ready:
+/// a change made right after READY=1 is not missed.
+pub(super) fn nft_events() -> Option<Socket> {
     const NFNLGRP_NFTABLES: u32 = 7;
-    let fd = match host::netlink_socket(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1)) {
-        // SAFETY: the socket owns its fd and lives inside the AsyncFd.
-        Ok(sock) => unsafe { AsyncFd::register(sock) }.ok(),
+    match host::netlink_socket(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1)) {
+        Ok(sock) => Some(sock),
         Err(e) => {
             log::error!("cannot watch nftables changes: {e}; the nftables layer is read back only on reloads");
             None
         }
-    };
+    }
+}
+
+pub(super) async fn layers(
+    instance: String,
+    nft_events: Option<Socket>,
+    mut published: watch::Receiver<Arc<Enforced>>,
+    tx: Triggers,
+) {
+    // SAFETY: the socket owns its fd and lives inside the AsyncFd.
+    let fd = nft_events.and_then(|sock| unsafe { AsyncFd::register(sock) }.ok());
     let mut buf = vec![0u8; 64 * 1024];
     let (cgroup_tx, mut cgroup_rx) = mpsc::channel::<()>(1);
     let mut cgroup_watch: Option<(PathBuf, Option<notify::RecommendedWatcher>)> = None;
