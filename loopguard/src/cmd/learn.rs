@@ -152,7 +152,6 @@ pub(crate) fn run(args: Args, paths: &InstancePaths) -> anyhow::Result<u8> {
                 None => observed.policy(
                     &sources.join(", "),
                     &learn::Options {
-                        base: None,
                         exclude: args.exclude.clone(),
                         enforce: args.enforce,
                         keep: keep(),

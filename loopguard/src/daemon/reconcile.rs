@@ -5,11 +5,7 @@
 //! attests, and acts: apply, re-resolve, repair, or stop. Nothing else
 //! changes a layer.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
@@ -835,11 +831,6 @@ impl Reconciler {
             Ok(None) => {}
             Err(e) => log::warn!("{e}"),
         }
-    }
-
-    /// The attach cgroup of the policy in force (watched for removal).
-    pub fn attach_cgroup(&self) -> &Path {
-        &self.enforced.cgroup
     }
 }
 

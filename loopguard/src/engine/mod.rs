@@ -330,15 +330,6 @@ pub fn apply(opts: &Options, paths: &InstancePaths, prepared: Prepared) -> anyho
     Engine::system(paths.clone()).apply(opts, prepared)
 }
 
-/// [`apply`] for a caller that holds the instance [`lock`] already.
-pub fn apply_locked(
-    opts: &Options,
-    paths: &InstancePaths,
-    prepared: Prepared,
-) -> anyhow::Result<State> {
-    Engine::system(paths.clone()).apply_locked(opts, prepared)
-}
-
 impl Engine {
     /// [`Engine::apply`] for a caller that holds the instance [`lock`].
     pub fn apply_locked(&self, opts: &Options, prepared: Prepared) -> anyhow::Result<State> {
